@@ -1,0 +1,25 @@
+"""prh_fast: fast, exact representational-alignment metrics at any scale.
+
+Implements the measurements of *The Platonic Representation Hypothesis* (Huh, Cheung, Wang,
+Isola, ICML 2024) with the reference's semantics (see ``prh_fast.metrics``), without N x N
+matrices. ``import prh_fast`` never touches CUDA.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
+from prh_fast import metrics
+from prh_fast._info import info
+from prh_fast.knn import knn
+from prh_fast.metrics import AlignmentMetrics, SUPPORTED_METRICS, measure
+
+__all__ = [
+    "__version__",
+    "metrics",
+    "knn",
+    "info",
+    "measure",
+    "AlignmentMetrics",
+    "SUPPORTED_METRICS",
+]

@@ -1,0 +1,79 @@
+"""``prh_fast.info()`` / ``prh-fast info``: what was built and what is usable here."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+
+
+def _version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict:
+    """Return a dict describing the build and the runtime (queries CUDA only here)."""
+    import torch
+
+    from prh_fast import __version__, _native
+
+    out = {
+        "prh_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": _version("numpy"),
+        "native": _native.HAS_NATIVE,
+    }
+    if _native.HAS_NATIVE:
+        out["build"] = dict(_native.native().build_info())
+    else:
+        out["native_error"] = str(_native.NATIVE_ERROR)
+    out["cuda_kernels"] = _native.HAS_CUDA_KERNELS
+    out["triton"] = _version("triton") if importlib.util.find_spec("triton") else None
+    out["faiss"] = _version("faiss-cpu") or _version("faiss-gpu") or (
+        "installed" if importlib.util.find_spec("faiss") else None)
+    out["torch_threads"] = torch.get_num_threads()
+    gpus = []
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append(f"{p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    except Exception as exc:  # a broken driver must not break `info`
+        gpus.append(f"error: {exc}")
+    out["gpus"] = gpus
+    out["torch_cuda"] = torch.version.cuda
+    return out
+
+
+def info(file=None) -> dict:
+    """Print what prh_fast was built with and what it can use here; return it as a dict."""
+    import sys
+
+    d = collect()
+    f = file or sys.stdout
+    b = d.get("build", {})
+    lines = [
+        f"prh_fast {d['prh_fast']}  (python {d['python']}, torch {d['torch']}, numpy {d['numpy']})",
+        f"  native CPU kernels : {'yes' if d['native'] else 'NO (' + d.get('native_error', '') + ')'}",
+    ]
+    if b:
+        lines += [
+            f"  OpenMP             : {'yes' if b.get('openmp') else 'no'}"
+            f" ({b.get('omp_max_threads')} threads)",
+            f"  compiler           : {b.get('compiler')}  [{b.get('build_type')}]",
+            f"  CUDA kernels       : "
+            + (f"yes (CUDA {b.get('cuda_version')}, archs {b.get('cuda_archs')})"
+               if b.get("cuda") else "not built"),
+        ]
+    lines += [
+        f"  Triton             : {d['triton'] or 'not installed'}",
+        f"  FAISS              : {d['faiss'] or 'not installed'}",
+        f"  torch CUDA         : {d['torch_cuda'] or 'CPU-only build'}",
+        f"  visible GPUs       : {', '.join(d['gpus']) if d['gpus'] else 'none'}",
+    ]
+    print("\n".join(lines), file=f)
+    return d

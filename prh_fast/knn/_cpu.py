@@ -1,0 +1,44 @@
+"""CPU neighbour search: BLAS tile products + native streaming top-k selection.
+
+For a self search the score matrix is symmetric, so each tile ``X_I X_J^T`` (``J >= I``) is
+computed once and used twice: rows of block ``I`` against keys of ``J``, and (transposed) rows
+of ``J`` against keys of ``I``. The native ``topk_update`` keeps each row's running top-k
+sorted and inserts only scores *strictly* greater than the current k-th; because every query
+row sees its key tiles in increasing index order (block ``J`` receives keys ``0..J-1`` as
+transposes while the outer loop advances, then ``J..`` directly), an equal score never
+displaces a lower index: the tie rule costs nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prh_fast._native import native
+from prh_fast.knn._tiles import square_tile
+
+
+def knn_cpu(X: torch.Tensor, k: int, budget: int):
+    _C = native()
+    n = X.shape[0]
+    dtype = X.dtype
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    vals = np.full((n, k), -np.inf, dtype=np_dtype)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    b = square_tile(n, X.element_size(), budget, buffers=2)
+    tile = torch.empty((b, b), dtype=dtype)
+    tile_t = torch.empty((b, b), dtype=dtype)
+    for i0 in range(0, n, b):
+        i1 = min(n, i0 + b)
+        Xi = X[i0:i1]
+        for j0 in range(i0, n, b):
+            j1 = min(n, j0 + b)
+            S = torch.mm(Xi, X[j0:j1].T, out=tile[: i1 - i0, : j1 - j0])
+            _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
+            if j0 != i0:
+                # A contiguous transposed copy keeps the native reads sequential.
+                St = tile_t[: j1 - j0, : i1 - i0]
+                St.copy_(S.T)
+                _C.topk_update(St.numpy(), j0, i0, vals[j0:j1], idx[j0:j1], True)
+    if (idx < 0).any():
+        raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
+    return torch.from_numpy(idx), torch.from_numpy(vals)

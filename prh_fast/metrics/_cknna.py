@@ -1,0 +1,58 @@
+"""CKNNA in O(N·k) from two neighbour lists (SPEC, "cknna").
+
+``M_P[i, j] = 1`` for ``j`` in row ``i``'s top-k (self excluded), ``M = M_K ∘ M_L``, and the
+similarity is an HSIC estimator of the masked, non-symmetric matrices ``P = M∘K``, ``Q = M∘L``.
+Only the ``N·k`` masked entries are touched; the five sums the estimators need are
+
+``Σ_ij P_ij Q_ji`` (the transpose term: nonzero only where j ∈ M_i and i ∈ M_j), ``1ᵀP1``,
+``1ᵀQ1``, ``1ᵀPQ1`` and ``1ᵀQP1`` (column sums of one times row sums of the other).
+
+The native kernel computes them on CPU; the torch version below runs elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from prh_fast import _native
+
+
+def cknna_terms(ia, sa, ib, sb):
+    """The five float64 sums for lists ``ia [N, ka]`` / scores ``sa`` and ``ib`` / ``sb``."""
+    if ia.device.type == "cpu" and _native.HAS_NATIVE:
+        t = _native.native().cknna_terms(
+            ia.contiguous().numpy(), sa.to(torch.float64).contiguous().numpy(),
+            ib.contiguous().numpy(), sb.to(torch.float64).contiguous().numpy(),
+        )
+        return tuple(float(v) for v in t)
+    return cknna_terms_torch(ia, sa.to(torch.float64), ib, sb.to(torch.float64))
+
+
+def cknna_terms_torch(ia, sa, ib, sb):
+    n = ia.shape[0]
+    dev = ia.device
+    # Entries of P: (i, j=ia[i,t], K_ij) where j also appears in ib[i]; likewise Q.
+    in_b = (ia.unsqueeze(2) == ib.unsqueeze(1)).any(dim=2)
+    in_a = (ib.unsqueeze(2) == ia.unsqueeze(1)).any(dim=2)
+    rows = torch.arange(n, device=dev)
+    p_i = rows.unsqueeze(1).expand_as(ia)[in_b]
+    p_j, p_v = ia[in_b], sa[in_b]
+    q_i = rows.unsqueeze(1).expand_as(ib)[in_a]
+    q_j, q_v = ib[in_a], sb[in_a]
+    zeros = torch.zeros(n, dtype=torch.float64, device=dev)
+    row_p = zeros.index_add(0, p_i, p_v)
+    col_p = zeros.index_add(0, p_j, p_v)
+    row_q = zeros.index_add(0, q_i, q_v)
+    col_q = zeros.index_add(0, q_j, q_v)
+    # Transpose term: for each P entry (i, j), the Q entry (j, i), found by key search.
+    q_key = q_i * n + q_j
+    order = torch.argsort(q_key)
+    q_key, q_vs = q_key[order], q_v[order]
+    want = p_j * n + p_i
+    pos = torch.searchsorted(q_key, want).clamp_max(max(q_key.numel() - 1, 0))
+    if q_key.numel():
+        hit = q_key[pos] == want
+        t_pq = float((p_v[hit] * q_vs[pos[hit]]).sum())
+    else:
+        t_pq = 0.0
+    return (t_pq, float(p_v.sum()), float(q_v.sum()), float(col_p @ row_q),
+            float(col_q @ row_p))
