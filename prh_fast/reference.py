@@ -1,0 +1,366 @@
+"""Readable float64 oracle of the alignment metrics (SPEC-metrics.md), for tests only.
+
+Every function here is a literal, slow transcription of the SPEC: it builds the ``N x N`` Gram
+matrices, dense 0/1 neighbour masks and centring matrices that the fast paths avoid, and runs the
+combinatorial parts (LCS, Levenshtein) as plain Python dynamic programmes. It is the spec the test
+suite compares the fast metrics against ("one op, one place"), so clarity wins over speed: use it
+with small ``N`` (a few hundred; ``N = 1000`` costs about a second per kernel metric).
+
+Computation is always float64 on the CPU, whatever the input dtype or device; a caller that wants
+to compare with a low-precision fast path passes the *same values* (e.g. ``A.double()`` of a
+float16 tensor) so that only the arithmetic differs.
+
+This module imports nothing else from ``prh_fast``; its only helper is the input converter below.
+Names and signatures follow the reference repository's ``AlignmentMetrics``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SUPPORTED_METRICS",
+    "knn",
+    "mutual_knn",
+    "cycle_knn",
+    "lcs_knn",
+    "edit_distance_knn",
+    "hsic_biased",
+    "hsic_unbiased",
+    "cka",
+    "unbiased_cka",
+    "cknna",
+    "svcca",
+    "measure",
+    "longest_common_subsequence",
+    "levenshtein",
+]
+
+SUPPORTED_METRICS = [
+    "cycle_knn",
+    "mutual_knn",
+    "lcs_knn",
+    "cka",
+    "unbiased_cka",
+    "cknna",
+    "svcca",
+    "edit_distance_knn",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+# --------------------------------------------------------------------------------------------
+def _as_float64(x, name: str) -> torch.Tensor:
+    """Torch tensor or NumPy array ``[N, D]`` of any float dtype -> float64 CPU torch tensor."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name}: must be floating point, got dtype {x.dtype}")
+        x = torch.from_numpy(np.array(x, dtype=np.float64))
+    elif isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: must be floating point, got dtype {x.dtype}")
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+    else:
+        raise ValueError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x)}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [N, D] array, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty [N, D] array, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return x
+
+
+def _pair(feats_A, feats_B):
+    A = _as_float64(feats_A, "feats_A")
+    B = _as_float64(feats_B, "feats_B")
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(
+            f"feats_A and feats_B must have the same number of samples, got {A.shape[0]} and "
+            f"{B.shape[0]}"
+        )
+    return A, B
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected {lo} <= {name} <= {hi}, got {value}")
+    return value
+
+
+def _check_topk(topk, n: int, lo: int = 1) -> int:
+    """``lo <= topk <= N - 1``: a point is never its own neighbour."""
+    return _check_int(topk, "topk", lo, n - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# nearest neighbours and the neighbour-set metrics
+# --------------------------------------------------------------------------------------------
+def knn(feats, topk: int) -> torch.Tensor:
+    """``[N, topk]`` LongTensor: row i lists the topk rows j != i by decreasing <x_i, x_j>.
+
+    As the reference: Gram matrix, diagonal set to -1e8, sort each row descending. The sort is
+    stable so equal scores keep ascending column order: ties go to the lower index.
+    """
+    X = _as_float64(feats, "feats")
+    topk = _check_topk(topk, X.shape[0])
+    G = X @ X.T
+    G.fill_diagonal_(-1e8)
+    return torch.argsort(G, dim=1, descending=True, stable=True)[:, :topk]
+
+
+def _knn_pair(feats_A, feats_B, topk):
+    A, B = _pair(feats_A, feats_B)
+    topk = _check_topk(topk, A.shape[0])
+    return knn(A, topk), knn(B, topk), topk
+
+
+def mutual_knn(feats_A, feats_B, topk: int) -> float:
+    """mean_i |set(a_i) ∩ set(b_i)| / topk, via dense N x N 0/1 masks as the reference."""
+    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
+    n = knn_A.shape[0]
+    rows = torch.arange(n).unsqueeze(1)
+    mask_A = torch.zeros(n, n, dtype=torch.float64)
+    mask_B = torch.zeros(n, n, dtype=torch.float64)
+    mask_A[rows, knn_A] = 1.0
+    mask_B[rows, knn_B] = 1.0
+    acc = (mask_A * mask_B).sum(dim=1) / topk
+    return float(acc.mean())
+
+
+def cycle_knn(feats_A, feats_B, topk: int) -> float:
+    """mean_i [ i ∈ ∪_{j ∈ b_i} a_j ]: does A's neighbourhood of a B-neighbour lead back to i?
+
+    As the reference: ``knn_A[knn_B]`` is ``[N, topk, topk]``; row i is a hit if it contains i.
+    """
+    knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
+    n = knn_A.shape[0]
+    cycles = knn_A[knn_B]  # [N, topk, topk]
+    hit = (cycles == torch.arange(n).view(-1, 1, 1)).reshape(n, -1).any(dim=1)
+    return float(hit.double().mean())
+
+
+def longest_common_subsequence(a, b) -> int:
+    """Length of the LCS of two sequences: the textbook O(len(a) * len(b)) table."""
+    a, b = list(a), list(b)
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            if a[i - 1] == b[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    return table[len(a)][len(b)]
+
+
+def levenshtein(a, b) -> int:
+    """Edit distance with unit-cost insert, delete and substitute (Wagner-Fischer table)."""
+    a, b = list(a), list(b)
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        table[i][0] = i
+    for j in range(len(b) + 1):
+        table[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            table[i][j] = min(
+                table[i - 1][j] + 1,  # delete
+                table[i][j - 1] + 1,  # insert
+                table[i - 1][j - 1] + cost,  # substitute / match
+            )
+    return table[len(a)][len(b)]
+
+
+def lcs_knn(feats_A, feats_B, topk: int, normalize: bool = False) -> float:
+    """mean_i LCS(a_i, b_i): the raw mean length in [0, topk] (the reference's quirk).
+
+    ``normalize=True`` divides by topk (the paper's "normalized" reading), range [0, 1].
+    """
+    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
+    lengths = [
+        longest_common_subsequence(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())
+    ]
+    score = sum(lengths) / len(lengths)
+    return score / topk if normalize else score
+
+
+def edit_distance_knn(feats_A, feats_B, topk: int) -> float:
+    """1 - mean_i lev(a_i, b_i) / topk, with lev the Levenshtein distance of the ordered lists."""
+    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
+    dists = [levenshtein(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())]
+    return 1.0 - (sum(dists) / len(dists)) / topk
+
+
+# --------------------------------------------------------------------------------------------
+# HSIC and the kernel metrics
+# --------------------------------------------------------------------------------------------
+def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """trace(K H L H), H = I - 11ᵀ/N (no 1/(N-1)² factor: it cancels in every ratio)."""
+    n = K.shape[0]
+    H = torch.eye(n, dtype=K.dtype) - torch.full((n, n), 1.0 / n, dtype=K.dtype)
+    return torch.trace(K @ H @ L @ H)
+
+
+def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012) unbiased HSIC, literally (K̃, L̃ = K, L with zeroed diagonals):
+
+    [ Σ_ij K̃_ij L̃_ji + (Σ K̃)(Σ L̃) / ((N-1)(N-2)) - 2/(N-2) · 1ᵀ K̃ L̃ 1 ] / (N (N-3)).
+
+    The first term uses L̃ᵀ; that matters for the non-symmetric masked kernels of CKNNA.
+    """
+    n = K.shape[0]
+    if n < 4:
+        raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
+    Kt = K.clone().fill_diagonal_(0)
+    Lt = L.clone().fill_diagonal_(0)
+    value = (
+        (Kt * Lt.T).sum()
+        + Kt.sum() * Lt.sum() / ((n - 1) * (n - 2))
+        - 2.0 * (Kt @ Lt).sum() / (n - 2)
+    )
+    return value / (n * (n - 3))
+
+
+def _ratio(kl: torch.Tensor, kk: torch.Tensor, ll: torch.Tensor) -> float:
+    """kl / (sqrt(kk * ll) + 1e-6); NaN when kk * ll < 0, as torch.sqrt gives in the reference."""
+    return float(kl / (torch.sqrt(kk * ll) + 1e-6))
+
+
+def _rbf_kernel(X: torch.Tensor, sigma: float) -> torch.Tensor:
+    """K_ij = exp(-||x_i - x_j||² / (2 σ²)) from explicit differences (a row block at a time
+    so that the [block, N, D] difference tensor stays small)."""
+    n = X.shape[0]
+    sq = torch.empty(n, n, dtype=X.dtype)
+    block = max(1, 2_000_000 // max(1, n * X.shape[1]))
+    for s in range(0, n, block):
+        diff = X[s : s + block, None, :] - X[None, :, :]
+        sq[s : s + block] = (diff * diff).sum(dim=2)
+    return torch.exp(-sq / (2.0 * sigma**2))
+
+
+def cka(feats_A, feats_B, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
+        unbiased: bool = False) -> float:
+    """hsic(K, L) / (sqrt(hsic(K, K) · hsic(L, L)) + 1e-6).
+
+    kernel_metric 'ip': K = A Aᵀ, L = B Bᵀ; 'rbf': K_ij = exp(-||a_i - a_j||² / (2 σ²)).
+    hsic is hsic_unbiased when ``unbiased`` else hsic_biased.
+    """
+    A, B = _pair(feats_A, feats_B)
+    n = A.shape[0]
+    if kernel_metric == "ip":
+        K, L = A @ A.T, B @ B.T
+    elif kernel_metric == "rbf":
+        if isinstance(rbf_sigma, bool) or not isinstance(rbf_sigma, numbers.Real) or not (
+            math.isfinite(rbf_sigma) and rbf_sigma > 0
+        ):
+            raise ValueError(f"rbf_sigma: expected a positive finite number, got {rbf_sigma!r}")
+        K, L = _rbf_kernel(A, rbf_sigma), _rbf_kernel(B, rbf_sigma)
+    else:
+        raise ValueError(f"kernel_metric: expected 'ip' or 'rbf', got {kernel_metric!r}")
+    if unbiased and n < 4:
+        raise ValueError(f"unbiased CKA needs N >= 4 samples, got N = {n}")
+    hsic = hsic_unbiased if unbiased else hsic_biased
+    return _ratio(hsic(K, L), hsic(K, K), hsic(L, L))
+
+
+def unbiased_cka(*args, **kwargs) -> float:
+    """cka(..., unbiased=True)."""
+    kwargs["unbiased"] = True
+    return cka(*args, **kwargs)
+
+
+def _topk_mask(P: torch.Tensor, topk: int) -> torch.Tensor:
+    """0/1 N x N mask: M[i, j] = 1 iff j is among the topk largest of row i of P with its
+    diagonal set to -inf (self excluded); ties go to the lower index (stable sort)."""
+    n = P.shape[0]
+    Ph = P.clone().fill_diagonal_(float("-inf"))
+    idx = torch.argsort(Ph, dim=1, descending=True, stable=True)[:, :topk]
+    mask = torch.zeros(n, n, dtype=P.dtype)
+    mask[torch.arange(n).unsqueeze(1), idx] = 1.0
+    return mask
+
+
+def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
+          unbiased: bool = True) -> float:
+    """Centred kernel nearest-neighbour alignment.
+
+    With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks, self excluded),
+    sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of the
+    SPEC's "or M itself": the 0/1 mask replaces both masked kernels), hsic = hsic_unbiased when
+    ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
+    topk None means N - 1; topk must be >= 2.
+    """
+    A, B = _pair(feats_A, feats_B)
+    n = A.shape[0]
+    if topk is None:
+        topk = n - 1
+    if isinstance(topk, numbers.Integral) and not isinstance(topk, bool) and topk < 2:
+        raise ValueError(f"topk: CKNNA requires topk >= 2, got {topk}")
+    topk = _check_topk(topk, n, lo=2)
+    if unbiased and n < 4:
+        raise ValueError(f"unbiased CKNNA needs N >= 4 samples, got N = {n}")
+    hsic = hsic_unbiased if unbiased else hsic_biased
+    K, L = A @ A.T, B @ B.T
+
+    def similarity(P, Q):
+        M = _topk_mask(P, topk) * _topk_mask(Q, topk)
+        if distance_agnostic:
+            return hsic(M, M)
+        return hsic(M * P, M * Q)
+
+    return _ratio(similarity(K, L), similarity(K, K), similarity(L, L))
+
+
+def _inv_sqrt(C: torch.Tensor) -> torch.Tensor:
+    """C^{-1/2} of a symmetric positive-definite matrix by eigendecomposition."""
+    w, V = torch.linalg.eigh(C)
+    return V @ torch.diag(w.rsqrt()) @ V.T
+
+
+def svcca(feats_A, feats_B, cca_dim: int = 10) -> float:
+    """SVCCA with an exact SVD.
+
+    1. Standardise each column: (x - mean) / (unbiased std + 1e-8).
+    2. U_A, U_B = the top ``cca_dim`` left singular vectors (full float64 SVD).
+    3. Textbook CCA between U_A and U_B ([N, cca_dim] each): centre, whiten each by the inverse
+       square root of its covariance, take the singular values of the whitened cross-covariance
+       C_AA^{-1/2} C_AB C_BB^{-1/2}: these are the canonical correlations.
+    4. Score: their mean.
+    """
+    A, B = _pair(feats_A, feats_B)
+    n = A.shape[0]
+    cca_dim = _check_int(cca_dim, "cca_dim", 1, min(A.shape[1], B.shape[1], n - 1))
+
+    def top_left_singular(X):
+        X = X - X.mean(dim=0)
+        X = X / (X.std(dim=0, unbiased=True) + 1e-8)
+        U, _, _ = torch.linalg.svd(X, full_matrices=False)
+        return U[:, :cca_dim]
+
+    UA, UB = top_left_singular(A), top_left_singular(B)
+    UA = UA - UA.mean(dim=0)
+    UB = UB - UB.mean(dim=0)
+    C_AA = UA.T @ UA / (n - 1)
+    C_BB = UB.T @ UB / (n - 1)
+    C_AB = UA.T @ UB / (n - 1)
+    T = _inv_sqrt(C_AA) @ C_AB @ _inv_sqrt(C_BB)
+    rho = torch.linalg.svdvals(T)
+    return float(rho.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+def measure(metric: str, *args, **kwargs) -> float:
+    """Call the metric named ``metric`` (one of SUPPORTED_METRICS) with the other arguments."""
+    if metric not in SUPPORTED_METRICS:
+        raise ValueError(f"metric: unknown metric {metric!r}; expected one of {SUPPORTED_METRICS}")
+    return globals()[metric](*args, **kwargs)
