@@ -25,18 +25,20 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
     vals = np.full((n, k), -np.inf, dtype=np_dtype)
     idx = np.full((n, k), -1, dtype=np.int64)
     b = square_tile(n, X.element_size(), budget, buffers=2)
-    tile = torch.empty((b, b), dtype=dtype)
-    tile_t = torch.empty((b, b), dtype=dtype)
+    # Flat buffers viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
+    buf = torch.empty(b * b, dtype=dtype)
+    buf_t = torch.empty(b * b, dtype=dtype)
     for i0 in range(0, n, b):
         i1 = min(n, i0 + b)
         Xi = X[i0:i1]
         for j0 in range(i0, n, b):
             j1 = min(n, j0 + b)
-            S = torch.mm(Xi, X[j0:j1].T, out=tile[: i1 - i0, : j1 - j0])
+            S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            torch.mm(Xi, X[j0:j1].T, out=S)
             _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
             if j0 != i0:
                 # A contiguous transposed copy keeps the native reads sequential.
-                St = tile_t[: j1 - j0, : i1 - i0]
+                St = buf_t[: (j1 - j0) * (i1 - i0)].view(j1 - j0, i1 - i0)
                 St.copy_(S.T)
                 _C.topk_update(St.numpy(), j0, i0, vals[j0:j1], idx[j0:j1], True)
     if (idx < 0).any():

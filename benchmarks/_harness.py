@@ -1,0 +1,125 @@
+"""Shared benchmark harness: timing, environment record, table, atomic JSON.
+
+Every ``bench_<op>.py`` checks correctness first, then times (p20/p50/p80 over repeats; CUDA
+events on GPU), prints a table and writes JSON with shapes, dtypes, device, versions and the
+git revision. Numbers in the README come from these files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                      cwd=Path(__file__).parent, stderr=subprocess.DEVNULL)
+        dirty = subprocess.call(["git", "diff", "--quiet"], cwd=Path(__file__).parent,
+                                stderr=subprocess.DEVNULL)
+        return rev.decode().strip() + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    import numpy
+
+    import prh_fast
+    from prh_fast._info import collect
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    env = {
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "prh_fast": prh_fast.__version__,
+        "git": git_revision(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    info = collect()
+    env["build"] = info.get("build")
+    env["faiss"] = info.get("faiss")
+    env["gpus"] = info.get("gpus")
+    return env
+
+
+def _sync(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, *, repeats: int = 5, warmup: int = 1, device=None, max_seconds: float = 60.0):
+    """Run ``fn`` and return ``(last_result, {"p20","p50","p80","runs"})`` in seconds.
+
+    Stops repeating once ``max_seconds`` of measured time have been spent (at least one run).
+    """
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    spent = 0.0
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if spent > max_seconds:
+            break
+    times.sort()
+
+    def q(p):
+        if len(times) == 1:
+            return times[0]
+        return statistics.quantiles(times, n=100, method="inclusive")[p - 1]
+
+    return result, {"p20": q(20), "p50": q(50), "p80": q(80), "runs": len(times)}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format). Returns and prints the table."""
+    heads = [h for _, h, _ in columns]
+    cells = [[("" if r.get(k) is None else format(r[k], f)) for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, h in enumerate(heads)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(heads, widths)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write ``payload`` atomically to ``<out_dir>/<name>.json`` (temp file + rename)."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

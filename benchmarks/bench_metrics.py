@@ -1,0 +1,89 @@
+"""Every metric, prh_fast against the reference provider (``prh_fast.reference``: the literal
+float64 N x N implementation of the SPEC).
+
+    python benchmarks/bench_metrics.py                 # N in {1024, 4096, 16384}
+    python benchmarks/bench_metrics.py --n 1024 --quick
+
+Correctness is checked first at every size where the reference runs (neighbour metrics equal,
+kernel metrics within 1e-4 relative); then each provider is timed. The reference is skipped
+above ``--ref-max-n`` (its N x N float64 matrices and N^3 products take hours at 16384).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import environment, print_table, timeit, write_json  # noqa: E402
+
+from prh_fast import metrics, reference  # noqa: E402
+
+
+def features(n: int, d: int, seed: int = 0):
+    """Paired float32 features with shared structure (a common latent, two nonlinear maps)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 32, generator=g)
+    A = torch.tanh(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
+    B = torch.relu(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
+    return (torch.nn.functional.normalize(A, dim=1), torch.nn.functional.normalize(B, dim=1))
+
+
+def kwargs_for(metric: str, topk: int) -> dict:
+    return {"topk": topk} if ("knn" in metric or metric == "cknna") else {}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--metrics", nargs="+", default=metrics.SUPPORTED_METRICS)
+    p.add_argument("--ref-max-n", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="one repeat each (smoke test)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+
+    rows = []
+    for n in args.n:
+        A, B = features(n, args.d)
+        for m in args.metrics:
+            kw = kwargs_for(m, args.topk)
+            fast, t_fast = timeit(lambda: metrics.measure(m, A, B, **kw), repeats=repeats)
+            row = {"metric": m, "N": n, "D": args.d, "topk": args.topk, "dtype": "float32",
+                   "prh_fast_s": t_fast["p50"], "prh_fast": t_fast, "value": fast}
+            if n <= args.ref_max_n:
+                ref, t_ref = timeit(lambda: reference.measure(m, A, B, **kw), repeats=1,
+                                    warmup=0)
+                err = abs(fast - ref) / max(abs(ref), 1e-12)
+                exact = "knn" in m
+                ok = (fast == ref) if exact else (err < 1e-4 or math.isnan(fast) and math.isnan(ref))
+                if not ok:
+                    print(f"MISMATCH {m} N={n}: prh_fast={fast!r} reference={ref!r}",
+                          file=sys.stderr)
+                    return 1
+                row.update(reference_s=t_ref["p50"], reference=t_ref, reference_value=ref,
+                           rel_diff=err, speedup=t_ref["p50"] / t_fast["p50"])
+            rows.append(row)
+            print(f"  {m:>18} N={n:>6}: prh_fast {t_fast['p50'] * 1e3:9.1f} ms"
+                  + (f", reference {row['reference_s']:8.2f} s, x{row['speedup']:.0f}"
+                     if "speedup" in row else ""), flush=True)
+    table = print_table(rows, [
+        ("metric", "metric", ""), ("N", "N", "d"), ("value", "value", ".4f"),
+        ("prh_fast_s", "prh_fast (s)", ".4f"), ("reference_s", "reference (s)", ".2f"),
+        ("speedup", "speed-up", ".0f"), ("rel_diff", "rel diff", ".1e"),
+    ])
+    path = write_json("bench_metrics", {"benchmark": "metrics", "env": environment(),
+                                        "args": vars(args), "rows": rows, "table": table},
+                      args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
