@@ -37,6 +37,7 @@ __all__ = [
     "measure",
     "longest_common_subsequence",
     "levenshtein",
+    "FROM_LISTS",
 ]
 
 SUPPORTED_METRICS = [
@@ -124,8 +125,13 @@ def _knn_pair(feats_A, feats_B, topk):
 
 def mutual_knn(feats_A, feats_B, topk: int) -> float:
     """mean_i |set(a_i) ∩ set(b_i)| / topk, via dense N x N 0/1 masks as the reference."""
-    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
-    n = knn_A.shape[0]
+    knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
+    return mutual_knn_from_lists(knn_A, knn_B)
+
+
+def mutual_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
+    """mutual_knn given the two ``[N, topk]`` neighbour lists."""
+    n, topk = knn_A.shape
     rows = torch.arange(n).unsqueeze(1)
     mask_A = torch.zeros(n, n, dtype=torch.float64)
     mask_B = torch.zeros(n, n, dtype=torch.float64)
@@ -136,13 +142,16 @@ def mutual_knn(feats_A, feats_B, topk: int) -> float:
 
 
 def cycle_knn(feats_A, feats_B, topk: int) -> float:
-    """mean_i [ i ∈ ∪_{j ∈ b_i} a_j ]: does A's neighbourhood of a B-neighbour lead back to i?
-
-    As the reference: ``knn_A[knn_B]`` is ``[N, topk, topk]``; row i is a hit if it contains i.
-    """
+    """mean_i [ i ∈ ∪_{j ∈ b_i} a_j ]: does A's neighbourhood of a B-neighbour lead back to i?"""
     knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
+    return cycle_knn_from_lists(knn_A, knn_B)
+
+
+def cycle_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
+    """cycle_knn given the lists. As the reference: ``knn_A[knn_B]`` is ``[N, topk, topk]``;
+    row i is a hit if it contains i."""
     n = knn_A.shape[0]
-    cycles = knn_A[knn_B]  # [N, topk, topk]
+    cycles = knn_A[knn_B]
     hit = (cycles == torch.arange(n).view(-1, 1, 1)).reshape(n, -1).any(dim=1)
     return float(hit.double().mean())
 
@@ -184,7 +193,13 @@ def lcs_knn(feats_A, feats_B, topk: int, normalize: bool = False) -> float:
 
     ``normalize=True`` divides by topk (the paper's "normalized" reading), range [0, 1].
     """
-    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
+    knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
+    return lcs_knn_from_lists(knn_A, knn_B, normalize=normalize)
+
+
+def lcs_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor, normalize: bool = False) -> float:
+    """lcs_knn given the lists."""
+    topk = knn_A.shape[1]
     lengths = [
         longest_common_subsequence(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())
     ]
@@ -194,9 +209,23 @@ def lcs_knn(feats_A, feats_B, topk: int, normalize: bool = False) -> float:
 
 def edit_distance_knn(feats_A, feats_B, topk: int) -> float:
     """1 - mean_i lev(a_i, b_i) / topk, with lev the Levenshtein distance of the ordered lists."""
-    knn_A, knn_B, topk = _knn_pair(feats_A, feats_B, topk)
+    knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
+    return edit_distance_knn_from_lists(knn_A, knn_B)
+
+
+def edit_distance_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
+    """edit_distance_knn given the lists."""
+    topk = knn_A.shape[1]
     dists = [levenshtein(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())]
     return 1.0 - (sum(dists) / len(dists)) / topk
+
+
+FROM_LISTS = {
+    "mutual_knn": mutual_knn_from_lists,
+    "cycle_knn": cycle_knn_from_lists,
+    "lcs_knn": lcs_knn_from_lists,
+    "edit_distance_knn": edit_distance_knn_from_lists,
+}
 
 
 # --------------------------------------------------------------------------------------------
