@@ -1,0 +1,70 @@
+"""Peak memory of whole metric calls at sizes where an N x N matrix would not fit.
+
+    python benchmarks/bench_memory.py        # mutual_knn and cka at N = 50,000, D = 64
+
+Each case runs in a fresh process; peak resident memory (``ru_maxrss``) is reported together
+with the baseline of that process after importing torch and building the inputs, so the
+difference is what the metric itself needed. For scale: one N x N float32 matrix at
+N = 50,000 is 9.3 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import environment, print_table, write_json  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time, torch
+from prh_fast import metrics
+n, d, metric, topk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+g = torch.Generator().manual_seed(0)
+z = torch.randn(n, 16, generator=g)
+A = torch.nn.functional.normalize(torch.tanh(z @ torch.randn(16, d, generator=g))
+                                  + 0.5 * torch.randn(n, d, generator=g), dim=1)
+B = torch.nn.functional.normalize(torch.relu(z @ torch.randn(16, d, generator=g))
+                                  + 0.5 * torch.randn(n, d, generator=g), dim=1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t0 = time.perf_counter()
+kw = {"topk": topk} if ("knn" in metric) else {}
+value = metrics.measure(metric, A, B, **kw)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"value": value, "seconds": dt, "baseline_mib": base, "peak_mib": peak}))
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=50_000)
+    p.add_argument("--d", type=int, default=64)
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--metrics", nargs="+", default=["mutual_knn", "cknna", "cka"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for m in args.metrics:
+        out = subprocess.check_output([sys.executable, "-c", CHILD, str(args.n), str(args.d), m,
+                                       str(args.topk)])
+        r = json.loads(out.decode().strip().splitlines()[-1])
+        r.update(metric=m, N=args.n, D=args.d, topk=args.topk)
+        rows.append(r)
+        print(f"  {m}: peak {r['peak_mib']:.0f} MiB (baseline {r['baseline_mib']:.0f} MiB), "
+              f"{r['seconds']:.2f} s", flush=True)
+    table = print_table(rows, [("metric", "metric", ""), ("N", "N", "d"), ("D", "D", "d"),
+                               ("seconds", "time (s)", ".2f"),
+                               ("baseline_mib", "baseline MiB", ".0f"),
+                               ("peak_mib", "peak MiB", ".0f")])
+    path = write_json("bench_memory", {"benchmark": "memory", "env": environment(),
+                                       "args": vars(args), "rows": rows, "table": table},
+                      args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
