@@ -160,3 +160,25 @@ def test_cuda_matches_oracle(dtype):
     assert_knn_lists_match(idx.cpu(), X.double(), exact=dtype == torch.float64)
     Xt, _ = with_duplicates(781, 3, dtype=dtype)
     assert torch.equal(knn(Xt.cuda(), 16).cpu(), R.knn(Xt, 16))
+
+
+def test_list_helper_accepts_near_ties_and_rejects_wrong_lists():
+    # rows 1 and 2 are near-tied partners of row 0 (scores 1.0 and 1.0 + 1e-9)
+    X = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0 + 1e-9, 0.0, 0.0], [0.0, 1.0, 0.0],
+                      [0.0, 0.6, 0.8]], dtype=torch.float64)
+    ref = R.knn(X, 2)
+    flipped = ref.clone()
+    flipped[0] = torch.tensor([1, 2])  # swaps the near-tie in row 0
+    assert assert_knn_lists_match(ref, X, exact=True) == 0
+    assert assert_knn_lists_match(flipped, X, exact=False) == 1
+    with pytest.raises(AssertionError, match=r"1/5 rows differ.*rows \[0\]"):
+        assert_knn_lists_match(flipped, X, exact=True)
+    assert ref[3].tolist() == [4, 0]
+    wrong = ref.clone()
+    wrong[3] = torch.tensor([0, 4])  # rank 1 holds a 0.0-score row instead of the 0.6 one
+    with pytest.raises(AssertionError, match=r"rows \[3\]"):
+        assert_knn_lists_match(wrong, X, exact=False)
+    selfish = ref.clone()
+    selfish[4, 0] = 4  # lists itself
+    with pytest.raises(AssertionError, match=r"rows \[4\]"):
+        assert_knn_lists_match(selfish, X, exact=False)
