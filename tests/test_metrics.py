@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from _data import DTYPES, KNN_BACKENDS, assert_knn_lists_match, paired_features
+from _data import (DTYPES, KNN_BACKENDS, TIE_EXACT_BACKENDS, assert_knn_lists_match,
+                   paired_features, with_duplicates)
 from prh_fast import metrics
 from prh_fast import reference as R
 from prh_fast.knn import knn
@@ -294,3 +295,22 @@ def test_cuda_inputs_match_oracle(metric, kwargs):
     assert type(got) is float
     want = oracle(metric, 123, 32, 96, torch.float32, _kw_key(kwargs))
     _assert_close_to_oracle(metric, got, want, torch.float32)
+
+
+# ------------------------------------------------------------------------------------- ties
+@pytest.mark.parametrize("backend", TIE_EXACT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric,kwargs", [(m, {"topk": 7}) for m in NEIGHBOUR_METRICS]
+                         + [("cknna", {"topk": 7}), ("cknna", {"topk": 4, "unbiased": False})],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_exact_ties_follow_the_lower_index_rule(metric, kwargs, dtype, backend):
+    # integer-valued rows repeated many times: all inner products are exact in every dtype, so
+    # the fast path sees the same ties as the oracle and must break them the same way
+    A, _ = with_duplicates(150, 5, n_unique=30, seed=1, dtype=dtype)
+    B, _ = with_duplicates(150, 3, n_unique=20, seed=2, dtype=dtype)
+    got = metrics.measure(metric, A, B, backend=backend, **kwargs)
+    want = R.measure(metric, A.double(), B.double(), **kwargs)
+    if metric == "cknna":
+        assert got == pytest.approx(want, rel=1e-8, abs=1e-10)
+    else:
+        assert got == pytest.approx(want, abs=1e-12)
