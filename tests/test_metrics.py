@@ -314,3 +314,15 @@ def test_exact_ties_follow_the_lower_index_rule(metric, kwargs, dtype, backend):
         assert got == pytest.approx(want, rel=1e-8, abs=1e-10)
     else:
         assert got == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_svcca_with_constant_columns(dtype):
+    # a constant column standardises to 0 (std + 1e-8 guards the division): the rank drops by one
+    A, B = features(123, 32, 96, dtype)
+    A = A.clone()
+    A[:, 5] = 0.25
+    got = metrics.svcca(A, B, cca_dim=10)
+    want = R.svcca(A.double(), B.double(), cca_dim=10)
+    rtol, atol = kernel_tolerance("svcca", {}, dtype, 123)
+    assert got == pytest.approx(want, rel=rtol, abs=atol)
