@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from prh_fast import _native
+from prh_fast.metrics._neighbours import row_membership
 
 
 def cknna_terms(ia, sa, ib, sb):
@@ -31,8 +32,8 @@ def cknna_terms_torch(ia, sa, ib, sb):
     n = ia.shape[0]
     dev = ia.device
     # Entries of P: (i, j=ia[i,t], K_ij) where j also appears in ib[i]; likewise Q.
-    in_b = (ia.unsqueeze(2) == ib.unsqueeze(1)).any(dim=2)
-    in_a = (ib.unsqueeze(2) == ia.unsqueeze(1)).any(dim=2)
+    in_b = row_membership(ia, ib)
+    in_a = row_membership(ib, ia)
     rows = torch.arange(n, device=dev)
     p_i = rows.unsqueeze(1).expand_as(ia)[in_b]
     p_j, p_v = ia[in_b], sa[in_b]

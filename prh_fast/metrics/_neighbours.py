@@ -55,7 +55,7 @@ def row_values_torch(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
         r1 = min(n, r0 + rows)
         ac, bc = a[r0:r1], b[r0:r1]
         if metric == "mutual":
-            out[r0:r1] = (ac.unsqueeze(2) == bc.unsqueeze(1)).any(dim=2).sum(dim=1)
+            out[r0:r1] = row_membership(ac, bc).sum(dim=1)
         elif metric == "cycle":
             me = torch.arange(r0, r1, device=a.device).view(-1, 1, 1)
             out[r0:r1] = (a[bc] == me).flatten(1).any(dim=1).long()
@@ -64,6 +64,13 @@ def row_values_torch(metric: str, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
         else:
             out[r0:r1] = _levenshtein_rows(ac, bc)
     return out
+
+
+def row_membership(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[N, kx]`` bool: ``x[i, t]`` occurs in row ``i`` of ``y`` (O(N·k log k), O(N·k) memory)."""
+    ys = y.sort(dim=1).values.contiguous()
+    pos = torch.searchsorted(ys, x.contiguous()).clamp_max_(ys.shape[1] - 1)
+    return ys.gather(1, pos) == x
 
 
 def _lcs_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
