@@ -8,6 +8,11 @@ import torch
 def knn_faiss(X: torch.Tensor, k: int, budget: int):
     import faiss  # imported lazily: optional dependency
 
+    from prh_fast._backend import _log_once
+
+    if X.dtype == torch.float64:
+        _log_once("prh_fast: the faiss backend computes in float32; float64 features lose "
+                  "precision there (use backend='cpu' for float64 search)")
     n = X.shape[0]
     x = np.ascontiguousarray(X.detach().cpu().to(torch.float32).numpy())
     index = faiss.IndexFlatIP(x.shape[1])
