@@ -1,0 +1,379 @@
+"""Alignment between two models: every layer pair in one pass (SPEC, "Pipeline").
+
+The reference recomputes both neighbour lists (or both Gram matrices) for every layer pair.
+Here each layer is prepared once and all ``Lx x Ly`` pairs are scored from those statistics:
+
+- kNN metrics: one neighbour search per layer (``Lx + Ly`` searches), then one batched native
+  call scores every pair (``[Lx, N, k] x [Ly, N, k] -> [Lx, Ly]``).
+- CKNNA: one search per layer (lists + similarities), self-similarities once per layer, the
+  ``O(N·k)`` cross terms per pair.
+- CKA (linear or RBF, biased or unbiased): Gram space or feature space, whichever costs fewer
+  flops. Gram space streams row blocks of every layer's kernel and accumulates all pair sums
+  ``Σ K_p∘L_q`` with one matrix product per block, never holding an ``N x N`` matrix.
+- SVCCA: each layer's top singular subspace once; each pair is an ``r x r`` SVD.
+
+The result keeps the whole score matrix, the best score and pair under the reference's tie
+rule (scan ``i`` then ``j``; keep a pair only if strictly greater than the best so far,
+starting from 0), and timings.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from prh_fast._validate import as_features, check_positive_int, check_topk, compute_dtype
+from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
+from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.metrics._cknna import cknna_terms
+from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
+from prh_fast.metrics._neighbours import neighbour_scores
+from prh_fast.metrics._svcca import _standardised, _top_eig
+
+__all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers"]
+
+_KNN_RAW = {"mutual_knn": "mutual", "cycle_knn": "cycle", "lcs_knn": "lcs",
+            "edit_distance_knn": "edit"}
+
+
+@dataclass
+class AlignmentResult:
+    """Scores of every layer pair of two models for one metric.
+
+    ``scores[i, j]`` is the metric between layer ``i`` of X and layer ``j`` of Y (index
+    ``-1``, when ``concat=True``, is all layers concatenated and sits in row/column 0).
+    """
+
+    metric: str
+    scores: torch.Tensor
+    best_score: float
+    best_pair: tuple | None
+    x_layers: list
+    y_layers: list
+    topk: int | None = None
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "topk": self.topk, "scores": self.scores.tolist(),
+                "best_score": self.best_score, "best_pair": self.best_pair,
+                "x_layers": self.x_layers, "y_layers": self.y_layers, "timings": self.timings}
+
+
+def best_pair(scores: torch.Tensor, x_layers=None, y_layers=None):
+    """The reference's rule: scan ``i`` then ``j``, keep strictly greater scores, start at 0.
+
+    All non-positive (or NaN) scores give ``(0, None)``.
+    """
+    best, pair = 0.0, None
+    x_layers = list(range(scores.shape[0])) if x_layers is None else x_layers
+    y_layers = list(range(scores.shape[1])) if y_layers is None else y_layers
+    for a, i in enumerate(x_layers):
+        for b, j in enumerate(y_layers):
+            s = float(scores[a, b])
+            if s > best:
+                best, pair = s, (i, j)
+    return best, pair
+
+
+def as_layers(feats, name: str) -> list:
+    """``[N, L, D]`` tensor/array or a list of ``[N, D_l]`` -> list of 2-D tensors (views)."""
+    if isinstance(feats, (list, tuple)):
+        if not feats:
+            raise ValueError(f"{name}: expected at least one layer, got an empty list")
+        layers = [as_features(f, f"{name}[{i}]") for i, f in enumerate(feats)]
+    else:
+        t = feats if isinstance(feats, torch.Tensor) else None
+        if t is None:
+            import numpy as np
+
+            if not isinstance(feats, np.ndarray):
+                raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
+                                 f"tensors, got {type(feats).__name__}")
+            t = torch.from_numpy(feats if feats.flags.writeable else feats.copy())
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
+                             f"tensors, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
+        layers = [as_features(t[:, i, :], f"{name}[:, {i}]") for i in range(t.shape[1])]
+        if not layers:
+            raise ValueError(f"{name}: has no layers (shape {tuple(t.shape)})")
+    n = layers[0].shape[0]
+    for i, x in enumerate(layers):
+        if x.shape[0] != n:
+            raise ValueError(f"{name}[{i}] has {x.shape[0]} samples, {name}[0] has {n}")
+    return layers
+
+
+def _prepare_side(layers, normalize, concat):
+    out = list(layers)
+    if concat:
+        out = [torch.cat([x.reshape(x.shape[0], -1) for x in layers], dim=1)] + out
+    if normalize:
+        out = [F.normalize(x.to(compute_dtype(x)), p=2, dim=-1) for x in out]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# per-metric grid scorers: each takes the two lists of prepared layers and returns [Lx, Ly]
+
+
+def _grid_knn(metric, xs, ys, topk, backend, timings, **kw):
+    t0 = time.perf_counter()
+    ka = torch.stack([knn(x, topk, backend=backend) for x in xs])
+    kb = torch.stack([knn(y, topk, backend=backend) for y in ys])
+    timings["knn"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw = neighbour_scores(_KNN_RAW[metric], ka, kb)
+    timings["score"] = time.perf_counter() - t0
+    if metric == "mutual_knn":
+        return raw / topk
+    if metric == "edit_distance_knn":
+        return 1.0 - raw / topk
+    if metric == "lcs_knn" and kw.get("normalize_lcs"):
+        return raw / topk
+    return raw
+
+
+def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False):
+    n = xs[0].shape[0]
+    t0 = time.perf_counter()
+
+    def lists(x):
+        i, s = knn(x, topk, backend=backend, return_scores=True)
+        s = torch.ones_like(s, dtype=torch.float64) if distance_agnostic else s.double()
+        return i, s
+
+    la, lb = [lists(x) for x in xs], [lists(y) for y in ys]
+    timings["knn"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    def sim(p, q):
+        t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1])
+        return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
+
+    self_a = [sim(p, p) for p in la]
+    self_b = [sim(q, q) for q in lb]
+    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
+    for i, p in enumerate(la):
+        for j, q in enumerate(lb):
+            out[i, j] = cka_ratio(sim(p, q), self_a[i], self_b[j])
+    timings["score"] = time.perf_counter() - t0
+    return out
+
+
+def _kernel_block(x, sq, r0, r1, kernel, gamma, zero_diag):
+    """Rows ``r0:r1`` of one layer's kernel: ip (features pre-centred) or RBF."""
+    g = x[r0:r1] @ x.T
+    rows = torch.arange(r1 - r0, device=x.device)
+    if kernel == "rbf":
+        g = (sq[r0:r1].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * g).clamp_min_(0.0)
+        g[rows, rows + r0] = 0.0
+        g = torch.exp(g.mul_(-gamma))
+    if zero_diag:
+        g[rows, rows + r0] = 0.0
+    return g
+
+
+def _grid_cka_gram(xs, ys, kernel, sigma, unbiased, budget):
+    """All pair sums from streamed kernel row blocks; O((Lx+Ly)·block·N) memory."""
+    n = xs[0].shape[0]
+    dtype = xs[0].dtype
+    gamma = 1.0 / (2.0 * sigma**2)
+    sqx = [(x * x).sum(1) for x in xs]
+    sqy = [(y * y).sum(1) for y in ys]
+    lx, ly = len(xs), len(ys)
+    rows = max(1, min(n, budget // (max(1, (lx + ly) * n) * xs[0].element_size() * 2)))
+    S = torch.zeros((lx, ly), dtype=torch.float64)
+    sxx = torch.zeros(lx, dtype=torch.float64)
+    syy = torch.zeros(ly, dtype=torch.float64)
+    rx = torch.empty((lx, n), dtype=torch.float64)
+    ry = torch.empty((ly, n), dtype=torch.float64)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        X = torch.stack([_kernel_block(x, s, r0, r1, kernel, gamma, unbiased)
+                         for x, s in zip(xs, sqx)]).reshape(lx, -1)
+        Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, gamma, unbiased)
+                         for y, s in zip(ys, sqy)]).reshape(ly, -1)
+        S += (X @ Y.T).double().cpu()
+        sxx += (X.double() ** 2).sum(1).cpu()
+        syy += (Y.double() ** 2).sum(1).cpu()
+        rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
+        ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
+        del X, Y
+    tx, ty = rx.sum(1), ry.sum(1)
+
+    def h(s, ra, rb, ta, tb):
+        return hsic_from_sums(n, float(s), float(ta), float(tb), float(ra @ rb),
+                              unbiased=unbiased)
+
+    hx = [h(sxx[i], rx[i], rx[i], tx[i], tx[i]) for i in range(lx)]
+    hy = [h(syy[j], ry[j], ry[j], ty[j], ty[j]) for j in range(ly)]
+    out = torch.empty((lx, ly), dtype=torch.float64)
+    for i in range(lx):
+        for j in range(ly):
+            out[i, j] = cka_ratio(h(S[i, j], rx[i], ry[j], tx[i], ty[j]), hx[i], hy[j])
+    return out
+
+
+def _grid_cka_features(xs, ys, unbiased):
+    """Linear CKA pair by pair in feature space (cheaper when N >> D)."""
+    n = xs[0].shape[0]
+
+    def stats(x):
+        x64 = x.double()
+        k = (x64 * x64).sum(1)
+        s = x64.sum(0)
+        r = x64 @ s - k
+        return {"x": x, "k": k, "sum": float(s @ s - k.sum()), "r": r}
+
+    def h(cross_fro2, a, b):
+        if not unbiased:
+            return cross_fro2
+        return hsic_from_sums(n, cross_fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
+                              float(a["r"] @ b["r"]), unbiased=True)
+
+    sx, sy = [stats(x) for x in xs], [stats(y) for y in ys]
+    fro = lambda a, b: float((a["x"].T @ b["x"]).double().pow(2).sum())  # noqa: E731
+    hx = [h(fro(a, a), a, a) for a in sx]
+    hy = [h(fro(b, b), b, b) for b in sy]
+    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
+    for i, a in enumerate(sx):
+        for j, b in enumerate(sy):
+            out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j])
+    return out
+
+
+def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False,
+              memory_budget=None):
+    if kernel_metric not in ("ip", "rbf"):
+        raise ValueError(f"kernel_metric: expected 'ip' or 'rbf', got {kernel_metric!r}")
+    n = xs[0].shape[0]
+    if unbiased and n < 4:
+        raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    dtype = torch.promote_types(xs[0].dtype, ys[0].dtype)
+    # Centre once per layer (both estimators are shift-invariant; RBF distances too).
+    cen = lambda x: (x.double() - x.double().mean(0, keepdim=True)).to(dtype)  # noqa: E731
+    xs, ys = [cen(x) for x in xs], [cen(y) for y in ys]
+    t0 = time.perf_counter()
+    dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+    gram_cost = n * n * (sum(dx) + sum(dy) + len(xs) * len(ys))
+    feat_cost = n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
+                     + sum(b * b for b in dy))
+    if kernel_metric == "rbf" or gram_cost <= feat_cost:
+        sigma = float(rbf_sigma)
+        if kernel_metric == "rbf" and (not sigma > 0 or math.isinf(sigma)):
+            raise ValueError(f"rbf_sigma: expected a positive finite number, got {rbf_sigma!r}")
+        out = _grid_cka_gram(xs, ys, kernel_metric, sigma, bool(unbiased), budget)
+        timings["space"] = "gram"
+    else:
+        out = _grid_cka_features(xs, ys, bool(unbiased))
+        timings["space"] = "feature"
+    timings["score"] = time.perf_counter() - t0
+    return out
+
+
+def _grid_svcca(xs, ys, timings, cca_dim=10):
+    n = xs[0].shape[0]
+    r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
+        [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
+    t0 = time.perf_counter()
+
+    def basis(x, name):
+        xs_ = _standardised(x, x.dtype)
+        lam, V = _top_eig((xs_.T @ xs_).double(), r, name)
+        return (xs_.double() @ V) / lam.sqrt()  # [N, r] orthonormal, centred columns
+
+    ux = [basis(x, f"x layer {i}") for i, x in enumerate(xs)]
+    uy = [basis(y, f"y layer {j}") for j, y in enumerate(ys)]
+    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
+    for i, a in enumerate(ux):
+        for j, b in enumerate(uy):
+            out[i, j] = float(torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0).mean())
+    timings["score"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
+          *, concat: bool = False, backend: str | None = None, **metric_kwargs
+          ) -> AlignmentResult:
+    """Score every layer pair of two models' features with one metric.
+
+    Args:
+        x_feats, y_feats: ``[N, L, D]`` tensors (or arrays) or lists of ``[N, D_l]``, paired
+            by row.
+        metric: one of ``SUPPORTED_METRICS``.
+        topk: neighbours for the metrics whose name contains "knn" (cknna included).
+        normalize: L2-normalise each layer's rows first (the reference's default).
+        concat: also score all layers concatenated, as index ``-1`` (the paper's variant).
+        backend: neighbour-search backend (see ``prh_fast.knn``).
+        **metric_kwargs: the metric's own options (``kernel_metric``, ``rbf_sigma``,
+            ``unbiased``, ``distance_agnostic``, ``cca_dim``, ``memory_budget``).
+    """
+    if metric not in SUPPORTED_METRICS:
+        raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+    t_all = time.perf_counter()
+    lx_raw, ly_raw = as_layers(x_feats, "x_feats"), as_layers(y_feats, "y_feats")
+    n = lx_raw[0].shape[0]
+    if ly_raw[0].shape[0] != n:
+        raise ValueError(f"x_feats and y_feats must have the same number of samples, got "
+                         f"{n} and {ly_raw[0].shape[0]}")
+    if lx_raw[0].device != ly_raw[0].device:
+        raise ValueError("x_feats and y_feats must be on the same device")
+    timings: dict = {}
+    t0 = time.perf_counter()
+    xs, ys = _prepare_side(lx_raw, normalize, concat), _prepare_side(ly_raw, normalize, concat)
+    timings["prepare"] = time.perf_counter() - t0
+    x_idx = ([-1] if concat else []) + list(range(len(lx_raw)))
+    y_idx = ([-1] if concat else []) + list(range(len(ly_raw)))
+    uses_topk = "knn" in metric
+    k = None
+    if metric in _KNN_RAW:
+        k = check_topk(topk, n)
+        normalize_lcs = bool(metric_kwargs.pop("normalize_lcs", False))
+        _no_extra(metric, metric_kwargs)
+        scores = _grid_knn(metric, xs, ys, k, backend, timings, normalize_lcs=normalize_lcs)
+    elif metric == "cknna":
+        unbiased = bool(metric_kwargs.pop("unbiased", True))
+        agnostic = bool(metric_kwargs.pop("distance_agnostic", False))
+        _no_extra(metric, metric_kwargs)
+        if unbiased and n < 4:
+            raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
+        k = check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2)
+        scores = _grid_cknna(xs, ys, k, backend, timings, unbiased=unbiased,
+                             distance_agnostic=agnostic)
+    elif metric in ("cka", "unbiased_cka"):
+        if metric == "unbiased_cka":
+            metric_kwargs["unbiased"] = True
+        allowed = {"kernel_metric", "rbf_sigma", "unbiased", "memory_budget"}
+        _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a not in allowed})
+        scores = _grid_cka(xs, ys, timings, **metric_kwargs)
+    else:  # svcca
+        _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a != "cca_dim"})
+        scores = _grid_svcca(xs, ys, timings, **metric_kwargs)
+    best, pair = best_pair(scores, x_idx, y_idx)
+    timings["total"] = time.perf_counter() - t_all
+    return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
+                           x_layers=x_idx, y_layers=y_idx, topk=k if uses_topk else None,
+                           timings=timings)
+
+
+def _no_extra(metric, extra):
+    if extra:
+        raise ValueError(f"{metric}: unexpected keyword argument(s) {sorted(extra)}")
+
+
+def compute_score(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10,
+                  normalize: bool = True):
+    """The reference's ``compute_score``: ``(best_score, (i, j))`` over all layer pairs.
+
+    ``topk`` is passed to exactly the metrics whose name contains "knn" (cknna included), as
+    the reference does; all-non-positive scores give ``(0, None)``.
+    """
+    res = align(x_feats, y_feats, metric=metric, topk=topk, normalize=normalize)
+    return res.best_score, res.best_pair
