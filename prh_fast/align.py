@@ -55,11 +55,18 @@ class AlignmentResult:
     y_layers: list
     topk: int | None = None
     timings: dict = field(default_factory=dict)
+    #: With ``null_permutations=P``: ``mean``, ``std``, ``z`` (``[Lx, Ly]`` tensors),
+    #: ``best_mean``, ``best_std``, ``best_z`` (the maximum over pairs under each shuffle).
+    null: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "topk": self.topk, "scores": self.scores.tolist(),
-                "best_score": self.best_score, "best_pair": self.best_pair,
-                "x_layers": self.x_layers, "y_layers": self.y_layers, "timings": self.timings}
+        d = {"metric": self.metric, "topk": self.topk, "scores": self.scores.tolist(),
+             "best_score": self.best_score, "best_pair": self.best_pair,
+             "x_layers": self.x_layers, "y_layers": self.y_layers, "timings": self.timings}
+        if self.null is not None:
+            d["null"] = {a: (v.tolist() if isinstance(v, torch.Tensor) else v)
+                         for a, v in self.null.items()}
+        return d
 
 
 def best_pair(scores: torch.Tensor, x_layers=None, y_layers=None):
@@ -119,21 +126,31 @@ def _prepare_side(layers, normalize, concat):
 # per-metric grid scorers: each takes the two lists of prepared layers and returns [Lx, Ly]
 
 
+def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Neighbour lists of the samples reordered by ``perm`` (``Y'[i] = Y[perm[i]]``):
+    ``knn(Y')[i] = perm⁻¹[knn(Y)[perm[i]]]`` — O(N·k), no new search."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv[lists[..., perm, :]]
+
+
 def _grid_knn(metric, xs, ys, topk, backend, timings, **kw):
     t0 = time.perf_counter()
     ka = torch.stack([knn(x, topk, backend=backend) for x in xs])
     kb = torch.stack([knn(y, topk, backend=backend) for y in ys])
     timings["knn"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    raw = neighbour_scores(_KNN_RAW[metric], ka, kb)
-    timings["score"] = time.perf_counter() - t0
-    if metric == "mutual_knn":
-        return raw / topk
-    if metric == "edit_distance_knn":
-        return 1.0 - raw / topk
-    if metric == "lcs_knn" and kw.get("normalize_lcs"):
-        return raw / topk
-    return raw
+
+    def score(perm=None):
+        raw = neighbour_scores(_KNN_RAW[metric], ka, kb if perm is None else _relabel(kb, perm))
+        if metric == "mutual_knn":
+            return raw / topk
+        if metric == "edit_distance_knn":
+            return 1.0 - raw / topk
+        if metric == "lcs_knn" and kw.get("normalize_lcs"):
+            return raw / topk
+        return raw
+
+    return score
 
 
 def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False):
@@ -147,20 +164,25 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
 
     la, lb = [lists(x) for x in xs], [lists(y) for y in ys]
     timings["knn"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
 
     def sim(p, q):
         t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1])
         return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
 
+    # Self-similarities are invariant to a relabelling of the samples: computed once.
     self_a = [sim(p, p) for p in la]
     self_b = [sim(q, q) for q in lb]
-    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
-    for i, p in enumerate(la):
+
+    def score(perm=None):
+        out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
         for j, q in enumerate(lb):
-            out[i, j] = cka_ratio(sim(p, q), self_a[i], self_b[j])
-    timings["score"] = time.perf_counter() - t0
-    return out
+            if perm is not None:
+                q = (_relabel(q[0], perm), q[1][perm])
+            for i, p in enumerate(la):
+                out[i, j] = cka_ratio(sim(p, q), self_a[i], self_b[j])
+        return out
+
+    return score
 
 
 def _kernel_block(x, sq, r0, r1, kernel, gamma, zero_diag):
@@ -257,7 +279,6 @@ def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False
     # Centre once per layer (both estimators are shift-invariant; RBF distances too).
     cen = lambda x: (x.double() - x.double().mean(0, keepdim=True)).to(dtype)  # noqa: E731
     xs, ys = [cen(x) for x in xs], [cen(y) for y in ys]
-    t0 = time.perf_counter()
     dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
     gram_cost = n * n * (sum(dx) + sum(dy) + len(xs) * len(ys))
     feat_cost = n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
@@ -271,7 +292,6 @@ def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False
     else:
         out = _grid_cka_features(xs, ys, bool(unbiased))
         timings["space"] = "feature"
-    timings["score"] = time.perf_counter() - t0
     return out
 
 
@@ -279,7 +299,6 @@ def _grid_svcca(xs, ys, timings, cca_dim=10):
     n = xs[0].shape[0]
     r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
         [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
-    t0 = time.perf_counter()
 
     def basis(x, name):
         xs_ = _standardised(x, x.dtype)
@@ -292,7 +311,6 @@ def _grid_svcca(xs, ys, timings, cca_dim=10):
     for i, a in enumerate(ux):
         for j, b in enumerate(uy):
             out[i, j] = float(torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0).mean())
-    timings["score"] = time.perf_counter() - t0
     return out
 
 
@@ -300,8 +318,8 @@ def _grid_svcca(xs, ys, timings, cca_dim=10):
 
 
 def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
-          *, concat: bool = False, backend: str | None = None, **metric_kwargs
-          ) -> AlignmentResult:
+          *, concat: bool = False, backend: str | None = None, null_permutations: int = 0,
+          seed: int = 0, **metric_kwargs) -> AlignmentResult:
     """Score every layer pair of two models' features with one metric.
 
     Args:
@@ -312,6 +330,12 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         normalize: L2-normalise each layer's rows first (the reference's default).
         concat: also score all layers concatenated, as index ``-1`` (the paper's variant).
         backend: neighbour-search backend (see ``prh_fast.knn``).
+        null_permutations: ``P > 0`` also scores ``P`` random pairings of the samples (Y's rows
+            shuffled) and returns, per pair, the null mean, standard deviation and z-score,
+            plus the same for the best score (the maximum over pairs under each shuffle) —
+            a maximum over many layer pairs inflates raw scores. For kNN metrics a shuffle only
+            relabels the lists (O(N·k) per shuffle, no new search); kernel metrics rescore.
+        seed: seed of the shuffles.
         **metric_kwargs: the metric's own options (``kernel_metric``, ``rbf_sigma``,
             ``unbiased``, ``distance_agnostic``, ``cca_dim``, ``memory_budget``).
     """
@@ -337,7 +361,7 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         k = check_topk(topk, n)
         normalize_lcs = bool(metric_kwargs.pop("normalize_lcs", False))
         _no_extra(metric, metric_kwargs)
-        scores = _grid_knn(metric, xs, ys, k, backend, timings, normalize_lcs=normalize_lcs)
+        scorer = _grid_knn(metric, xs, ys, k, backend, timings, normalize_lcs=normalize_lcs)
     elif metric == "cknna":
         unbiased = bool(metric_kwargs.pop("unbiased", True))
         agnostic = bool(metric_kwargs.pop("distance_agnostic", False))
@@ -345,22 +369,56 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         if unbiased and n < 4:
             raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
         k = check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2)
-        scores = _grid_cknna(xs, ys, k, backend, timings, unbiased=unbiased,
+        scorer = _grid_cknna(xs, ys, k, backend, timings, unbiased=unbiased,
                              distance_agnostic=agnostic)
     elif metric in ("cka", "unbiased_cka"):
         if metric == "unbiased_cka":
             metric_kwargs["unbiased"] = True
         allowed = {"kernel_metric", "rbf_sigma", "unbiased", "memory_budget"}
         _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a not in allowed})
-        scores = _grid_cka(xs, ys, timings, **metric_kwargs)
+        scorer = lambda perm=None: _grid_cka(  # noqa: E731
+            xs, _permuted(ys, perm), timings, **metric_kwargs)
     else:  # svcca
         _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a != "cca_dim"})
-        scores = _grid_svcca(xs, ys, timings, **metric_kwargs)
+        scorer = lambda perm=None: _grid_svcca(  # noqa: E731
+            xs, _permuted(ys, perm), timings, **metric_kwargs)
+    t0 = time.perf_counter()
+    scores = scorer()
+    timings["score"] = time.perf_counter() - t0
     best, pair = best_pair(scores, x_idx, y_idx)
+    null = None
+    P = check_positive_int(null_permutations, "null_permutations", minimum=0)
+    if P:
+        t0 = time.perf_counter()
+        null = _null_stats(scorer, scores, best, n, P, seed, xs[0].device)
+        timings["null"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
     return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
                            x_layers=x_idx, y_layers=y_idx, topk=k if uses_topk else None,
-                           timings=timings)
+                           timings=timings, null=null)
+
+
+def _permuted(layers, perm):
+    return layers if perm is None else [x[perm] for x in layers]
+
+
+def _null_stats(scorer, scores, best, n, P, seed, device):
+    g = torch.Generator().manual_seed(int(seed))
+    draws = []
+    for _ in range(P):
+        perm = torch.randperm(n, generator=g).to(device)
+        draws.append(scorer(perm))
+    d = torch.stack(draws)  # [P, Lx, Ly]
+    mean = d.mean(0)
+    std = d.std(0, unbiased=True) if P > 1 else torch.zeros_like(mean)
+    maxes = d.flatten(1).max(1).values
+    bmean = float(maxes.mean())
+    bstd = float(maxes.std(unbiased=True)) if P > 1 else 0.0
+    with torch.no_grad():
+        z = (scores - mean) / std
+    return {"permutations": P, "seed": int(seed), "mean": mean, "std": std, "z": z,
+            "best_mean": bmean, "best_std": bstd,
+            "best_z": (best - bmean) / bstd if bstd > 0 else float("nan")}
 
 
 def _no_extra(metric, extra):
