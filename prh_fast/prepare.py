@@ -1,0 +1,206 @@
+"""Outlier clipping of a model's features before alignment (SPEC-metrics.md, "Pipeline" step 2).
+
+Drop-in for the reference's ``prepare_features`` (``measure_alignment.py``), which calls
+``remove_outliers(feats.float(), q=q, exact=exact)``: find a threshold ``t`` from the absolute
+values, then clamp every value to ``[-t, t]``.
+
+- exact mode: ``t = sorted(|x|)[int(q * M)]`` over all ``M`` values of the model tensor (all
+  layers at once). The reference sorts everything; here the element is *selected*
+  (``torch.kthvalue`` up to ``2**24`` values, above that a chunked radix select on the float bit
+  patterns that needs O(chunk) extra memory), so there is no size limit.
+- approximate mode: ``t = mean_i quantile(|x_i|, q)``, each sample's (row's) q-quantile over its
+  ``L * D`` values with linear interpolation, exactly as
+  ``torch.quantile(x.abs().flatten(1), q, dim=1).mean()``, but without ``torch.quantile``'s
+  ``2**24``-element input cap (the two order statistics around the rank are selected per row, in
+  row chunks).
+
+A list of per-layer tensors gets one threshold per layer, as the reference's loop over the list.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+from prh_fast._validate import as_features
+
+__all__ = ["prepare_features", "remove_outliers"]
+
+# Values handled per chunk: bounds the temporary |x| copies (64 MB in float32) and is also the
+# largest input torch.quantile accepts, below which kthvalue is the cheapest selection.
+_CHUNK = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+def _row_chunks(x: torch.Tensor, chunk: int):
+    """Yield ``x`` (first dim = rows) as flat contiguous pieces of about ``chunk`` values."""
+    per_row = max(1, x[0].numel())
+    rows = max(1, chunk // per_row)
+    for r0 in range(0, x.shape[0], rows):
+        yield x[r0:r0 + rows].reshape(-1)
+
+
+def _kth_abs_radix(x: torch.Tensor, k: int, chunk: int = _CHUNK) -> torch.Tensor:
+    """0-based ``k``-th smallest ``|x|`` of a float32/float64 tensor, as a 0-d tensor.
+
+    MSB-first radix select on the bit patterns: for non-negative IEEE floats the integer bit
+    pattern is monotone in the value, so stripping the sign bit gives ``|x|`` as an integer key.
+    Each pass histograms the next 16-bit digit of the keys that share the prefix found so far
+    (2 passes for float32, 4 for float64) and keeps the bucket holding rank ``k``. Memory is one
+    chunk plus a 65536-bin histogram; the result is the exact element, ties included.
+    """
+    if x.dtype == torch.float32:
+        itype, nbits = torch.int32, 32
+    elif x.dtype == torch.float64:
+        itype, nbits = torch.int64, 64
+    else:
+        raise TypeError(f"_kth_abs_radix: expected float32 or float64, got {x.dtype}")
+    absmask = (1 << (nbits - 1)) - 1  # clears the sign bit (so -0.0 and 0.0 are both key 0)
+    prefix, rank, hi = 0, int(k), nbits
+    for shift in range(nbits - 16, -1, -16):
+        counts = torch.zeros(1 << 16, dtype=torch.int64, device=x.device)
+        for piece in _row_chunks(x, chunk):
+            keys = piece.view(itype) & absmask
+            if hi < nbits:
+                keys = keys[(keys >> hi) == prefix]
+            counts += torch.bincount(((keys >> shift) & 0xFFFF).long(), minlength=1 << 16)
+        cum = counts.cumsum(0)
+        digit = int((cum <= rank).sum())  # first bucket whose cumulative count exceeds rank
+        if digit > 0:
+            rank -= int(cum[digit - 1])
+        prefix = (prefix << 16) | digit
+        hi = shift
+    return torch.tensor(prefix, dtype=itype, device=x.device).view(x.dtype)
+
+
+def _exact_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
+    m = x.numel()
+    # The reference indexes the sorted values with int(q * feats.numel()) (a Python float
+    # product); reproduce that expression, clamped so q close to 1 cannot run off the end.
+    k = min(int(q * m), m - 1)
+    if m <= _CHUNK:
+        return x.abs().reshape(-1).kthvalue(k + 1).values
+    return _kth_abs_radix(x, k)
+
+
+def _approx_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x.abs().flatten(1), q, dim=1).mean()`` without the input-size cap.
+
+    Mirrors ATen's quantile arithmetic so results are bit-identical where torch.quantile works:
+    ``rank = q * (P - 1)`` with ``q`` a tensor of the input dtype, ``below = v[floor(rank)]``,
+    ``above = v[ceil(rank)]``, ``lerp(below, above, rank - floor(rank))``. When a row has more
+    than ``2**24`` values a float32 rank can no longer address every position, so the rank is
+    then computed in float64 (torch.quantile cannot be compared there: it refuses such inputs).
+    """
+    n = x.shape[0]
+    p = x[0].numel()
+    last = p - 1
+    rank_dtype = x.dtype if p <= _CHUNK else torch.float64
+    ranks = torch.full((), q, dtype=rank_dtype, device=x.device) * last
+    r_below = int(ranks.long())
+    r_above = int(ranks.ceil().long())
+    weight = (ranks - r_below).to(x.dtype)
+    rows = max(1, _CHUNK // max(1, p))
+    per_sample = []
+    for r0 in range(0, n, rows):
+        a = x[r0:r0 + rows].reshape(-1, p).abs()
+        below = a.kthvalue(r_below + 1, dim=1).values
+        above = below if r_above == r_below else a.kthvalue(r_above + 1, dim=1).values
+        per_sample.append(torch.lerp(below, above, weight))
+    return torch.cat(per_sample).mean()
+
+
+def remove_outliers(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:
+    """Clamp one float tensor (rows = samples) to ``[-t, t]``; see the module docstring.
+
+    ``x`` must already be float32/float64 and validated; returns a new tensor (or ``x`` itself
+    when ``q == 1``, as the reference).
+    """
+    if q == 1:
+        return x
+    t = _exact_threshold(x, q) if exact else _approx_threshold(x, q)
+    return torch.clamp(x, -t, t)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def _check_q(q) -> float:
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise ValueError(f"q: expected a number in (0, 1], got {q!r}")
+    q = float(q)
+    if not (0.0 < q <= 1.0):  # also rejects NaN
+        raise ValueError(f"q: expected a number in (0, 1], got {q}")
+    return q
+
+
+def _cast(t: torch.Tensor) -> torch.Tensor:
+    # The reference casts with .float(); float64 is kept as float64 here (more precision, never
+    # less: SPEC "computation is float32 or better").
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _as_3d(feats, name: str) -> torch.Tensor:
+    if isinstance(feats, np.ndarray):
+        if not np.issubdtype(feats.dtype, np.floating):
+            raise ValueError(f"{name}: expected a floating-point array, got dtype {feats.dtype}")
+        feats = torch.from_numpy(feats if feats.flags.writeable else feats.copy())
+    if not isinstance(feats, torch.Tensor):
+        raise ValueError(f"{name}: expected a [N, L, D] tensor/array or a list of [N, D] "
+                         f"tensors, got {type(feats).__name__}")
+    if not feats.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {feats.dtype}")
+    if feats.dim() != 3:
+        raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] tensors, got "
+                         f"a {feats.dim()}-D tensor of shape {tuple(feats.shape)}")
+    if feats.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty [N, L, D] tensor, got shape "
+                         f"{tuple(feats.shape)}")
+    if not bool(torch.isfinite(feats).all()):
+        bad = int((~torch.isfinite(feats)).sum())
+        raise ValueError(f"{name}: contains {bad} NaN or Inf value(s)")
+    return feats
+
+
+def prepare_features(feats, q: float = 0.95, exact: bool = False):
+    """Clip a model's features to the ``q`` outlier threshold (reference ``prepare_features``).
+
+    Args:
+        feats: a ``[N, L, D]`` tensor (one threshold over all ``N * L * D`` values) or a
+            list/tuple of per-layer ``[N, D_l]`` tensors (one threshold per layer). Torch
+            tensors (any device, any float dtype, any strides) or NumPy arrays.
+        q: the quantile, in ``(0, 1]``; ``q = 1`` means no clipping.
+        exact: exact mode ``t = sorted(|x|)[int(q * M)]``; otherwise the mean over samples of
+            each sample's linear-interpolation q-quantile of ``|x|``.
+
+    Returns:
+        The same structure (tensor -> tensor on the same device, NumPy array -> NumPy array,
+        list -> list, tuple -> tuple), clamped to ``[-t, t]``, in float32 like the reference's
+        ``.float()`` -- except that float64 input stays float64. With ``q = 1`` the cast input is
+        returned (the input object itself when it is already float32/float64), as the reference.
+
+    Raises:
+        ValueError (naming ``q`` or ``feats``): ``q`` outside ``(0, 1]``; NaN/Inf values; a
+        rank other than 3 (tensor) or 2 (list items); an empty tensor or list; list layers with
+        different numbers of samples.
+    """
+    q = _check_q(q)
+    exact = bool(exact)
+    if isinstance(feats, (list, tuple)):
+        if len(feats) == 0:
+            raise ValueError("feats: expected at least one layer, got an empty list")
+        was_numpy = [isinstance(f, np.ndarray) for f in feats]
+        layers = [as_features(f, f"feats[{i}]") for i, f in enumerate(feats)]
+        n = layers[0].shape[0]
+        for i, x in enumerate(layers):
+            if x.shape[0] != n:
+                raise ValueError(f"feats[{i}] has {x.shape[0]} samples, feats[0] has {n}")
+        out = [remove_outliers(_cast(x), q, exact) for x in layers]
+        out = [o.numpy() if np_in else o for o, np_in in zip(out, was_numpy)]
+        return tuple(out) if isinstance(feats, tuple) else out
+    was_numpy = isinstance(feats, np.ndarray)
+    x = remove_outliers(_cast(_as_3d(feats, "feats")), q, exact)
+    return x.numpy() if was_numpy else x
