@@ -1,0 +1,189 @@
+"""Profile prh_fast against a user's checkout of the reference implementation.
+
+``prh-fast bench --against PATH`` imports the reference's ``metrics.py``
+(``AlignmentMetrics.measure(name, A, B, **kw)``) and, when present, ``measure_alignment.py``
+(``compute_score(x_feats, y_feats, metric, topk, normalize)``) from ``PATH``, runs both
+implementations on the same features — generated paired features with shared structure, or the
+user's own feature files — and reports times and differences side by side, per metric and for
+a layer grid.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prh_fast import metrics as fast_metrics
+from prh_fast.align import compute_score as fast_compute_score
+
+__all__ = ["load_reference", "profile_against", "ProfileReport"]
+
+
+@dataclass
+class ReferenceModules:
+    path: Path
+    metrics: object  # the module with AlignmentMetrics
+    measure_alignment: object | None  # the module with compute_score, if importable
+    measure_alignment_error: str | None = None
+
+
+@contextlib.contextmanager
+def _on_path(path: Path):
+    sys.path.insert(0, str(path))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(path))
+
+
+def _import_file(name: str, file: Path):
+    spec = importlib.util.spec_from_file_location(f"_prh_reference_{name}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_reference(path) -> ReferenceModules:
+    """Import the reference's ``metrics.py`` (required) and ``measure_alignment.py`` (optional)
+    from a checkout at ``path``; errors name the file and what is missing."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"--against: {root} is not a folder (expected a checkout of the "
+                         "reference repository)")
+    mfile = root / "metrics.py"
+    if not mfile.is_file():
+        raise ValueError(f"--against: {mfile} not found (the reference keeps AlignmentMetrics "
+                         "in metrics.py at the repository root)")
+    with _on_path(root):
+        try:
+            m = _import_file("metrics", mfile)
+        except Exception as exc:
+            raise ValueError(f"--against: importing {mfile} failed: {exc!r}") from exc
+        if not hasattr(m, "AlignmentMetrics") or not hasattr(m.AlignmentMetrics, "measure"):
+            raise ValueError(f"--against: {mfile} has no AlignmentMetrics.measure")
+        ma, err = None, None
+        afile = root / "measure_alignment.py"
+        if afile.is_file():
+            try:
+                ma = _import_file("measure_alignment", afile)
+                if not hasattr(ma, "compute_score"):
+                    ma, err = None, f"{afile} has no compute_score"
+            except Exception as exc:  # heavy optional deps of the reference may be missing
+                err = f"importing {afile} failed: {exc!r}"
+        else:
+            err = f"{afile} not found"
+    return ReferenceModules(root, m, ma, err)
+
+
+def paired_features(n: int, layers: int, d: int, seed: int = 0):
+    """Two [N, L, D] float32 feature tensors sharing a latent (not pure noise)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 16, generator=g)
+
+    def model():
+        h = z @ torch.randn(16, d, generator=g)
+        out = torch.empty(n, layers, d)
+        for i in range(layers):
+            h = torch.tanh(h @ (torch.randn(d, d, generator=g) / d**0.5) + 0.3 * h)
+            out[:, i] = h + 0.5 * torch.randn(n, d, generator=g)
+        return out
+
+    return model(), model()
+
+
+def _time(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _as_float(v):
+    if isinstance(v, torch.Tensor):
+        return float(v.item())
+    return float(v)
+
+
+@dataclass
+class ProfileReport:
+    rows: list = field(default_factory=list)
+    grid: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"{'metric':>18} | {'reference':>10} | {'prh_fast':>10} | {'speed-up':>8} | "
+                 f"{'ref value':>10} | {'prh value':>10} | {'abs diff':>8}"]
+        lines.append("-" * len(lines[0]))
+        for r in self.rows:
+            if r.get("error"):
+                lines.append(f"{r['metric']:>18} | reference failed: {r['error']}")
+                continue
+            lines.append(
+                f"{r['metric']:>18} | {r['reference_s']:9.3f}s | {r['prh_fast_s']:9.3f}s | "
+                f"{r['speedup']:7.1f}x | {r['reference_value']:10.5f} | {r['prh_fast_value']:10.5f}"
+                f" | {r['abs_diff']:8.1e}")
+        for g in self.grid:
+            if g.get("error"):
+                lines.append(f"grid {g['metric']}: reference failed: {g['error']}")
+                continue
+            same = "same pair" if g["same_pair"] else "DIFFERENT pair"
+            lines.append(
+                f"grid {g['shape']} {g['metric']}: reference {g['reference_s']:.2f}s "
+                f"{g['reference_best']}, prh_fast {g['prh_fast_s']:.3f}s {g['prh_fast_best']} "
+                f"-> {g['speedup']:.1f}x, {same}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int = 256,
+                    layers: int = 4, topk: int = 10, metrics=None, grid_metrics=None,
+                    normalize: bool = True) -> ProfileReport:
+    """Time the reference at ``path`` and prh_fast on the same features, side by side.
+
+    Per metric: the last layers of ``x_feats``/``y_feats`` (L2-normalised when ``normalize``).
+    Grid: ``compute_score`` over all layer pairs, for each of ``grid_metrics``.
+    """
+    ref = load_reference(path)
+    if x_feats is None or y_feats is None:
+        x_feats, y_feats = paired_features(n, layers, d)
+    report = ProfileReport()
+    A, B = x_feats[:, -1], y_feats[:, -1]
+    if normalize:
+        A, B = F.normalize(A.float(), dim=-1), F.normalize(B.float(), dim=-1)
+    names = list(metrics or fast_metrics.SUPPORTED_METRICS)
+    for m in names:
+        kw = {"topk": topk} if "knn" in m else {}
+        fast, t_fast = _time(lambda: fast_metrics.measure(m, A, B, **kw))
+        row = {"metric": m, "prh_fast_s": t_fast, "prh_fast_value": fast}
+        try:
+            val, t_ref = _time(lambda: ref.metrics.AlignmentMetrics.measure(m, A, B, **kw))
+            val = _as_float(val)
+            row.update(reference_s=t_ref, reference_value=val, speedup=t_ref / t_fast,
+                       abs_diff=abs(val - fast) if not (math.isnan(val) and math.isnan(fast))
+                       else 0.0)
+        except Exception as exc:
+            row["error"] = repr(exc)
+        report.rows.append(row)
+    if ref.measure_alignment is None:
+        report.notes.append(f"layer grid skipped: {ref.measure_alignment_error}")
+        return report
+    for m in list(grid_metrics or ["mutual_knn"]):
+        g = {"metric": m, "shape": f"{x_feats.shape[1]}x{y_feats.shape[1]}"}
+        fb, t_fast = _time(lambda: fast_compute_score(x_feats, y_feats, m, topk, normalize))
+        try:
+            rb, t_ref = _time(lambda: ref.measure_alignment.compute_score(
+                x_feats, y_feats, m, topk, normalize))
+            g.update(reference_s=t_ref, prh_fast_s=t_fast, speedup=t_ref / t_fast,
+                     reference_best=(_as_float(rb[0]), rb[1]), prh_fast_best=fb,
+                     same_pair=tuple(rb[1] or ()) == tuple(fb[1] or ()))
+        except Exception as exc:
+            g["error"] = repr(exc)
+        report.grid.append(g)
+    return report

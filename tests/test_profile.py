@@ -1,0 +1,46 @@
+"""Profiling against a reference checkout, with a stand-in module of the reference's shape."""
+from pathlib import Path
+
+import pytest
+
+from prh_fast.profile import load_reference, paired_features, profile_against
+
+FAKE = Path(__file__).parent / "fixtures" / "fake_reference"
+
+
+def test_profile_against_stand_in_matches():
+    X, Y = paired_features(96, 3, 24, seed=1)
+    rep = profile_against(FAKE, x_feats=X.double(), y_feats=Y.double(), topk=5,
+                          grid_metrics=["mutual_knn", "cka"])
+    assert [r["metric"] for r in rep.rows][:2] == ["cycle_knn", "mutual_knn"]
+    for r in rep.rows:
+        assert "error" not in r, r
+        assert r["abs_diff"] < 1e-6, r  # two reference metrics return float32 tensors
+        assert r["reference_s"] > 0 and r["prh_fast_s"] > 0
+    assert len(rep.grid) == 2
+    for g in rep.grid:
+        assert "error" not in g, g
+        assert g["same_pair"], g
+        assert g["prh_fast_best"][0] == pytest.approx(g["reference_best"][0], rel=1e-9)
+    text = rep.table()
+    assert "mutual_knn" in text and "same pair" in text
+
+
+def test_missing_checkout_and_missing_metrics(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_reference(tmp_path / "nope")
+    with pytest.raises(ValueError, match="metrics.py"):
+        load_reference(tmp_path)
+
+
+def test_grid_skipped_without_measure_alignment(tmp_path):
+    (tmp_path / "metrics.py").write_text((FAKE / "metrics.py").read_text())
+    rep = profile_against(tmp_path, n=64, d=8, layers=2, topk=3, metrics=["mutual_knn"])
+    assert rep.rows[0]["abs_diff"] < 1e-6
+    assert rep.grid == [] and "measure_alignment.py not found" in rep.notes[0]
+
+
+def test_broken_reference_import_is_reported(tmp_path):
+    (tmp_path / "metrics.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ValueError, match="importing"):
+        load_reference(tmp_path)
