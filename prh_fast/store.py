@@ -1,0 +1,274 @@
+"""The reference's ``.pt`` feature files (SPEC-metrics.md, "Reference feature files").
+
+A model's features are stored as ``torch.save({"feats": Tensor[N, L, D] or a list of
+[N, D_l] tensors, "num_params": int, ...})``; language models add ``"mask"``, ``"loss"`` and
+``"bpb"``. These helpers read such files as they are (every key kept), write them atomically, and
+turn every failure into an error that names the file.
+
+Loading is safe by default (``torch.load(weights_only=True)``, which refuses arbitrary pickled
+objects); ``trust=True`` allows the unsafe fallback for files holding other Python objects.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+
+__all__ = ["load_features", "save_features", "feature_info", "check_same_samples"]
+
+
+# --------------------------------------------------------------------------------------------
+# validation of the loaded object
+# --------------------------------------------------------------------------------------------
+def _layers_n(feats, where: str) -> list:
+    """Check ``feats`` and return ``[(N, D_l), ...]`` per layer; ValueError naming ``where``."""
+    if isinstance(feats, torch.Tensor):
+        if feats.dim() != 3:
+            raise ValueError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] "
+                             f"tensors, got a {feats.dim()}-D tensor of shape "
+                             f"{tuple(feats.shape)}")
+        if not feats.is_floating_point():
+            raise ValueError(f"{where}: 'feats' must be floating point, got {feats.dtype}")
+        n, nl, d = feats.shape
+        if nl == 0:
+            raise ValueError(f"{where}: 'feats' has no layers (shape {tuple(feats.shape)})")
+        return [(n, d)] * nl
+    if isinstance(feats, (list, tuple)):
+        if len(feats) == 0:
+            raise ValueError(f"{where}: 'feats' is an empty list of layers")
+        dims = []
+        for i, f in enumerate(feats):
+            if not isinstance(f, torch.Tensor):
+                raise ValueError(f"{where}: 'feats'[{i}] must be a tensor, got "
+                                 f"{type(f).__name__}")
+            if f.dim() != 2:
+                raise ValueError(f"{where}: 'feats'[{i}] must be a [N, D] tensor, got a "
+                                 f"{f.dim()}-D tensor of shape {tuple(f.shape)}")
+            if not f.is_floating_point():
+                raise ValueError(f"{where}: 'feats'[{i}] must be floating point, got {f.dtype}")
+            dims.append(tuple(f.shape))
+        for i, (n, _) in enumerate(dims):
+            if n != dims[0][0]:
+                raise ValueError(f"{where}: 'feats'[{i}] has {n} samples, 'feats'[0] has "
+                                 f"{dims[0][0]}")
+        return dims
+    raise ValueError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] tensors, "
+                     f"got {type(feats).__name__}")
+
+
+def _check_record(obj, where: str) -> list:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a dict with a 'feats' key, got {type(obj).__name__}")
+    if "feats" not in obj:
+        keys = ", ".join(repr(k) for k in obj) or "none"
+        raise ValueError(f"{where}: no 'feats' key (keys: {keys})")
+    return _layers_n(obj["feats"], where)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def _is_unsupported_type(err: Exception) -> bool:
+    # torch.load(weights_only=True) wraps every unpickling failure in the same UnpicklingError;
+    # a refused class shows up as "Unsupported global", while garbage bytes show up as
+    # "Unsupported operand" / invalid opcodes and are corruption, not a trust question.
+    return isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err)
+
+
+def _load(path, map_location, trust: bool, mmap: bool = False):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such feature file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a feature file")
+    kw = {"map_location": map_location}
+    if mmap:
+        kw["mmap"] = True
+    try:
+        try:
+            return torch.load(path, weights_only=True, **kw)
+        except Exception as err:  # noqa: BLE001  (torch.load raises many types on bad input)
+            if mmap and not _is_unsupported_type(err):
+                # mmap needs the zip format; old-style (legacy) files load without it.
+                kw.pop("mmap")
+                return torch.load(path, weights_only=True, **kw)
+            raise
+    except Exception as err:  # noqa: BLE001
+        if not _is_unsupported_type(err):
+            raise ValueError(f"{path}: corrupt or truncated feature file "
+                             f"({type(err).__name__}: {_first_line(err)})") from err
+        if not trust:
+            raise ValueError(
+                f"{path}: holds Python objects that the safe loader refuses "
+                f"({_first_global(err)}); loading it would run code from the file. Pass "
+                f"trust=True only if you trust its source.") from err
+    kw.pop("mmap", None)
+    try:
+        return torch.load(path, weights_only=False, **kw)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{path}: corrupt or truncated feature file "
+                         f"({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    return lines[0][:200] if lines else ""
+
+
+def _first_global(err: Exception) -> str:
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return f"unsupported global {m.group(1)}" if m else "unsupported type"
+
+
+def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
+    """Read a reference feature file ``torch.save({"feats": ..., "num_params": ..., ...})``.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: passed to ``torch.load`` (default ``"cpu"``).
+        trust: when the safe loader (``weights_only=True``) refuses a type in the file, retry
+            with ``weights_only=False`` (runs code from the file) instead of raising.
+
+    Returns:
+        The stored dict as it is: ``"feats"`` (a ``[N, L, D]`` tensor or a list of ``[N, D_l]``
+        tensors, dtype unchanged) and every other key (``"num_params"``, ``"mask"``, ...).
+
+    Raises:
+        FileNotFoundError: no such file (the message names it).
+        ValueError (naming the file): corrupt or truncated file; a refused type without
+        ``trust``; not a dict; no ``"feats"``; feats of the wrong type, rank or dtype; list
+        layers with different numbers of samples.
+    """
+    obj = _load(path, map_location, trust)
+    _check_record(obj, os.fspath(path))
+    return obj
+
+
+def feature_info(path, *, trust: bool = False) -> dict:
+    """Summary of a feature file (or of an already-loaded record dict).
+
+    Returns ``{"n", "num_layers", "dims", "dtype", "layout", "keys", "num_params"}``: samples,
+    layers, the width of every layer, the feats dtype (as a string like ``"torch.float32"``),
+    ``"tensor"`` or ``"list"``, all keys of the record, and ``num_params`` (None when absent).
+    Files in the zip format are memory-mapped, so the features are not read into memory.
+    """
+    if isinstance(path, dict):
+        obj, where = path, "record"
+    else:
+        where = os.fspath(path)
+        obj = _load(path, "cpu", trust, mmap=True)
+    dims = _check_record(obj, where)
+    feats = obj["feats"]
+    first = feats if isinstance(feats, torch.Tensor) else feats[0]
+    return {
+        "n": dims[0][0],
+        "num_layers": len(dims),
+        "dims": [d for _, d in dims],
+        "dtype": str(first.dtype),
+        "layout": "tensor" if isinstance(feats, torch.Tensor) else "list",
+        "keys": list(obj.keys()),
+        "num_params": obj.get("num_params"),
+    }
+
+
+def check_same_samples(paths_or_dicts) -> int:
+    """Check that every model has the same number of samples ``N`` and return it.
+
+    ``paths_or_dicts``: feature files and/or loaded record dicts (as from ``load_features``).
+    Raises ValueError naming the first file whose ``N`` differs from the first one's.
+    """
+    items = list(paths_or_dicts)
+    if not items:
+        raise ValueError("paths_or_dicts: expected at least one feature file or record")
+    first_n = first_name = None
+    for i, item in enumerate(items):
+        name = f"paths_or_dicts[{i}]" if isinstance(item, dict) else os.fspath(item)
+        if isinstance(item, dict):
+            n = _check_record(item, name)[0][0]
+        else:
+            n = feature_info(item)["n"]
+        if first_n is None:
+            first_n, first_name = n, name
+        elif n != first_n:
+            raise ValueError(f"{name}: has N = {n} samples, but {first_name} has N = {first_n}; "
+                             f"alignment needs the same (paired) samples for every model")
+    return first_n
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+def _compact(t):
+    """A tensor that owns exactly its data: torch.save writes a view's whole storage."""
+    if isinstance(t, torch.Tensor) and (
+            not t.is_contiguous() or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+        return t.contiguous().clone()
+    return t
+
+
+def _umask() -> int:
+    # Read without changing it where possible (os.umask(x) changes it process-wide).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def save_features(path, feats, **extra) -> None:
+    """Write ``{"feats": feats, **extra}`` in the reference format, atomically.
+
+    ``feats``: a ``[N, L, D]`` float tensor or a list of ``[N, D_l]`` float tensors (saved as
+    they are, dtype and device kept; views are compacted so only their own data is written).
+    ``extra``: other keys, e.g. ``num_params=...``, ``mask=...``.
+
+    The record goes to a temporary file in the target's folder, is flushed and fsynced, then
+    renamed over ``path`` (``os.replace``), so ``path`` is never half-written: after a failure
+    the old file (if any) is intact and no temporary file is left. Parent folders are created.
+    """
+    path = os.fspath(path)
+    if isinstance(feats, tuple):
+        feats = list(feats)
+    _layers_n(feats, path)
+    if isinstance(feats, list):
+        feats = [_compact(f) for f in feats]
+    else:
+        feats = _compact(feats)
+    record = {"feats": feats, **extra}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX; not possible on every platform)
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
