@@ -25,7 +25,7 @@ import torch
 
 from prh_fast._validate import as_features
 
-__all__ = ["prepare_features", "remove_outliers"]
+__all__ = ["prepare_features"]
 
 # Values handled per chunk: bounds the temporary |x| copies (64 MB in float32) and is also the
 # largest input torch.quantile accepts, below which kthvalue is the cheapest selection.
@@ -113,7 +113,7 @@ def _approx_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
     return torch.cat(per_sample).mean()
 
 
-def remove_outliers(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:
+def _clip(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:
     """Clamp one float tensor (rows = samples) to ``[-t, t]``; see the module docstring.
 
     ``x`` must already be float32/float64 and validated; returns a new tensor (or ``x`` itself
@@ -198,9 +198,9 @@ def prepare_features(feats, q: float = 0.95, exact: bool = False):
         for i, x in enumerate(layers):
             if x.shape[0] != n:
                 raise ValueError(f"feats[{i}] has {x.shape[0]} samples, feats[0] has {n}")
-        out = [remove_outliers(_cast(x), q, exact) for x in layers]
+        out = [_clip(_cast(x), q, exact) for x in layers]
         out = [o.numpy() if np_in else o for o, np_in in zip(out, was_numpy)]
         return tuple(out) if isinstance(feats, tuple) else out
     was_numpy = isinstance(feats, np.ndarray)
-    x = remove_outliers(_cast(_as_3d(feats, "feats")), q, exact)
+    x = _clip(_cast(_as_3d(feats, "feats")), q, exact)
     return x.numpy() if was_numpy else x
