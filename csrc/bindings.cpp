@@ -1,0 +1,272 @@
+// The only pybind11 file: validates every argument (std::invalid_argument -> ValueError naming
+// the argument) and hands raw pointers to the kernels. No torch: CPU entry points take NumPy
+// arrays; CUDA entry points take device pointers and a stream as integers.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+#include "build_info.h"
+
+namespace prh_fast {
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s << (d ? ", " : "") << a.shape(d);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+void check_ndim(const py::array& a, int nd, const char* name, const char* what) {
+  if (a.ndim() != nd)
+    fail(std::string(name) + ": expected a " + std::to_string(nd) + "-D array " + what +
+         ", got " + std::to_string(a.ndim()) + "-D with shape " + shape_str(a));
+}
+
+template <typename T>
+void check_dtype(const py::array& a, const char* name, const char* tname) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    fail(std::string(name) + ": expected dtype " + tname + ", got " +
+         std::string(py::str(a.dtype())));
+}
+
+void check_c_contiguous(const py::array& a, const char* name) {
+  if (!(a.flags() & py::array::c_style)) fail(std::string(name) + ": must be C-contiguous");
+}
+
+// Every neighbour index must lie in [0, N): indices address memory in the kernels.
+void check_indices(const int64_t* p, int64_t count, int64_t N, const char* name) {
+  for (int64_t t = 0; t < count; ++t)
+    if (p[t] < 0 || p[t] >= N)
+      fail(std::string(name) + ": neighbour index " + std::to_string(p[t]) +
+           " out of range [0, " + std::to_string(N) + ")");
+}
+
+py::array_t<int64_t> lists_arg(const py::array& a, int nd, const char* name, const char* what) {
+  check_ndim(a, nd, name, what);
+  check_dtype<int64_t>(a, name, "int64");
+  check_c_contiguous(a, name);
+  return py::array_t<int64_t>::ensure(a);
+}
+
+// --------------------------------------------------------------------------------------------
+
+template <typename T>
+void topk_update_typed(const py::array& scores, int64_t row0, int64_t col0, py::array& vals,
+                       py::array& idx, bool exclude_self) {
+  check_dtype<T>(vals, "vals", sizeof(T) == 4 ? "float32 (same as scores)"
+                                              : "float64 (same as scores)");
+  const int64_t rows = scores.shape(0), cols = scores.shape(1), k = vals.shape(1);
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if (scores.strides(0) % item || scores.strides(1) % item)
+    fail("scores: strides must be multiples of the item size");
+  const T* s = static_cast<const T*>(scores.data());
+  T* v = static_cast<T*>(vals.mutable_data());
+  int64_t* ix = static_cast<int64_t*>(idx.mutable_data());
+  int64_t nans;
+  {
+    py::gil_scoped_release release;
+    nans = topk_update_cpu<T>(s, rows, cols, scores.strides(0) / item, scores.strides(1) / item,
+                              row0, col0, v, ix, static_cast<int>(k), exclude_self);
+  }
+  if (nans) fail("scores: contains " + std::to_string(nans) + " NaN value(s)");
+}
+
+void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array vals,
+                 py::array idx, bool exclude_self) {
+  check_ndim(scores, 2, "scores", "[rows, cols]");
+  check_ndim(vals, 2, "vals", "[rows, k]");
+  check_ndim(idx, 2, "idx", "[rows, k]");
+  check_dtype<int64_t>(idx, "idx", "int64");
+  check_c_contiguous(vals, "vals");
+  check_c_contiguous(idx, "idx");
+  if (!vals.writeable() || !idx.writeable()) fail("vals, idx: must be writeable");
+  if (vals.shape(0) != scores.shape(0) || idx.shape(0) != scores.shape(0))
+    fail("vals, idx: must have one row per row of scores (" + std::to_string(scores.shape(0)) +
+         "), got " + shape_str(vals) + " and " + shape_str(idx));
+  if (vals.shape(1) != idx.shape(1)) fail("vals and idx: must have the same shape");
+  if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
+  if (row0 < 0 || col0 < 0) fail("row0, col0: must be >= 0");
+  if (scores.dtype().is(py::dtype::of<float>()))
+    topk_update_typed<float>(scores, row0, col0, vals, idx, exclude_self);
+  else if (scores.dtype().is(py::dtype::of<double>()))
+    topk_update_typed<double>(scores, row0, col0, vals, idx, exclude_self);
+  else
+    fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
+}
+
+py::array_t<double> neighbour_scores(const std::string& metric, const py::array& knn_a,
+                                     const py::array& knn_b) {
+  const SetMetric m = parse_set_metric(metric);
+  auto a = lists_arg(knn_a, 3, "knn_a", "[L, N, k] of neighbour lists");
+  auto b = lists_arg(knn_b, 3, "knn_b", "[L, N, k] of neighbour lists");
+  if (a.shape(1) != b.shape(1) || a.shape(2) != b.shape(2))
+    fail("knn_a and knn_b: must share N and k, got " + shape_str(a) + " and " + shape_str(b));
+  const int64_t La = a.shape(0), Lb = b.shape(0), N = a.shape(1), k = a.shape(2);
+  if (La < 1 || Lb < 1 || N < 1) fail("knn_a, knn_b: need at least one layer and one row");
+  if (k < 1) fail("k: neighbour lists must hold at least 1 entry, got k = 0");
+  check_indices(a.data(), La * N * k, N, "knn_a");
+  check_indices(b.data(), Lb * N * k, N, "knn_b");
+  py::array_t<double> out({La, Lb});
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    neighbour_scores_cpu(m, a.data(), La, b.data(), Lb, N, static_cast<int>(k), o);
+  }
+  return out;
+}
+
+py::array_t<int64_t> neighbour_row_values(const std::string& metric, const py::array& knn_a,
+                                          const py::array& knn_b) {
+  const SetMetric m = parse_set_metric(metric);
+  auto a = lists_arg(knn_a, 2, "knn_a", "[N, k] of neighbour lists");
+  auto b = lists_arg(knn_b, 2, "knn_b", "[N, k] of neighbour lists");
+  if (a.shape(0) != b.shape(0) || a.shape(1) != b.shape(1))
+    fail("knn_a and knn_b: must have the same shape, got " + shape_str(a) + " and " +
+         shape_str(b));
+  const int64_t N = a.shape(0), k = a.shape(1);
+  if (N < 1) fail("knn_a: needs at least one row");
+  if (k < 1) fail("k: neighbour lists must hold at least 1 entry, got k = 0");
+  check_indices(a.data(), N * k, N, "knn_a");
+  check_indices(b.data(), N * k, N, "knn_b");
+  py::array_t<int64_t> out(N);
+  int64_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    neighbour_rows_cpu(m, a.data(), b.data(), N, static_cast<int>(k), o);
+  }
+  return out;
+}
+
+py::tuple cknna_terms(const py::array& knn_a, const py::array& score_a, const py::array& knn_b,
+                      const py::array& score_b) {
+  auto ia = lists_arg(knn_a, 2, "knn_a", "[N, ka] of neighbour lists");
+  auto ib = lists_arg(knn_b, 2, "knn_b", "[N, kb] of neighbour lists");
+  check_ndim(score_a, 2, "score_a", "[N, ka] of similarities");
+  check_ndim(score_b, 2, "score_b", "[N, kb] of similarities");
+  check_dtype<double>(score_a, "score_a", "float64");
+  check_dtype<double>(score_b, "score_b", "float64");
+  check_c_contiguous(score_a, "score_a");
+  check_c_contiguous(score_b, "score_b");
+  const int64_t N = ia.shape(0), ka = ia.shape(1), kb = ib.shape(1);
+  if (ib.shape(0) != N) fail("knn_a and knn_b: must have the same number of rows N");
+  if (score_a.shape(0) != N || score_a.shape(1) != ka)
+    fail("score_a: must have the shape of knn_a " + shape_str(ia) + ", got " + shape_str(score_a));
+  if (score_b.shape(0) != N || score_b.shape(1) != kb)
+    fail("score_b: must have the shape of knn_b " + shape_str(ib) + ", got " + shape_str(score_b));
+  if (N < 1) fail("knn_a: needs at least one row");
+  if (ka < 1 || kb < 1) fail("k: neighbour lists must hold at least 1 entry");
+  check_indices(ia.data(), N * ka, N, "knn_a");
+  check_indices(ib.data(), N * kb, N, "knn_b");
+  double out[5];
+  {
+    py::gil_scoped_release release;
+    cknna_terms_cpu(ia.data(), static_cast<const double*>(score_a.data()), static_cast<int>(ka),
+                    ib.data(), static_cast<const double*>(score_b.data()), static_cast<int>(kb),
+                    N, out);
+  }
+  return py::make_tuple(out[0], out[1], out[2], out[3], out[4]);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = PRH_FAST_VERSION;
+#ifdef PRH_FAST_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = PRH_FAST_CUDA_ARCHS;
+  d["cuda_version"] = PRH_FAST_CUDA_VERSION;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = "";
+  d["cuda_version"] = py::none();
+#endif
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["omp_max_threads"] = omp_threads();
+  d["compiler"] = PRH_FAST_COMPILER;
+  d["cxx_flags"] = PRH_FAST_CXX_FLAGS;
+  d["build_type"] = PRH_FAST_BUILD_TYPE;
+  return d;
+}
+
+#ifdef PRH_FAST_WITH_CUDA
+template <typename T>
+T* dev_ptr(std::uintptr_t p, const char* name) {
+  if (p == 0) fail(std::string(name) + ": null device pointer");
+  return reinterpret_cast<T*>(p);
+}
+
+void cuda_neighbour_scores(const std::string& metric, std::uintptr_t a, std::uintptr_t b,
+                           int64_t La, int64_t Lb, int64_t N, int64_t k, std::uintptr_t out,
+                           std::uintptr_t stream) {
+  const SetMetric m = parse_set_metric(metric);
+  if (La < 1 || Lb < 1 || N < 1) fail("La, Lb, N: must be >= 1");
+  if (k < 1) fail("k: must be >= 1");
+  neighbour_scores_cuda(m, dev_ptr<const int64_t>(a, "knn_a"), La,
+                        dev_ptr<const int64_t>(b, "knn_b"), Lb, N, static_cast<int>(k),
+                        dev_ptr<double>(out, "out"), stream);
+}
+
+void cuda_cknna_terms(std::uintptr_t ia, std::uintptr_t sa, std::uintptr_t ib,
+                      std::uintptr_t sb, int64_t N, int64_t ka, int64_t kb, std::uintptr_t out,
+                      std::uintptr_t workspace, std::uintptr_t stream) {
+  if (N < 1) fail("N: must be >= 1");
+  if (ka < 1 || kb < 1) fail("k: must be >= 1");
+  cknna_terms_cuda(dev_ptr<const int64_t>(ia, "knn_a"), dev_ptr<const double>(sa, "score_a"),
+                   static_cast<int>(ka), dev_ptr<const int64_t>(ib, "knn_b"),
+                   dev_ptr<const double>(sb, "score_b"), static_cast<int>(kb), N,
+                   dev_ptr<double>(out, "out"), dev_ptr<void>(workspace, "workspace"), stream);
+}
+#endif
+
+}  // namespace
+}  // namespace prh_fast
+
+PYBIND11_MODULE(_C, m) {
+  using namespace prh_fast;
+  m.doc() = "prh_fast native kernels (C++17/OpenMP; CUDA when built). No torch dependency.";
+  m.def("topk_update", &topk_update, py::arg("scores"), py::arg("row0"), py::arg("col0"),
+        py::arg("vals"), py::arg("idx"), py::arg("exclude_self"),
+        "Merge a [rows, cols] score tile (any strides) into running top-k lists, in place.\n"
+        "Rows are queries row0.., columns keys col0..; lists sorted by score desc, ties by\n"
+        "index asc; empty slots hold -inf / -1. Keys must arrive in increasing index order.");
+  m.def("neighbour_scores", &neighbour_scores, py::arg("metric"), py::arg("knn_a"),
+        py::arg("knn_b"),
+        "[La, Lb] means over rows of a per-row raw value between [La, N, k] and [Lb, N, k]\n"
+        "lists: 'mutual' (|a∩b|), 'cycle' (i ∈ ∪ a_j for j in b_i), 'lcs', 'edit' (Levenshtein).");
+  m.def("neighbour_row_values", &neighbour_row_values, py::arg("metric"), py::arg("knn_a"),
+        py::arg("knn_b"), "Per-row raw values [N] (int64) for one pair of [N, k] lists.");
+  m.def("cknna_terms", &cknna_terms, py::arg("knn_a"), py::arg("score_a"), py::arg("knn_b"),
+        py::arg("score_b"),
+        "CKNNA sums (Σ P_ij Q_ji, 1ᵀP1, 1ᵀQ1, 1ᵀPQ1, 1ᵀQP1) for P = M∘K, Q = M∘L.");
+  m.def("build_info", &build_info, "What this module was compiled with.");
+  m.def("set_num_threads", &set_omp_threads, py::arg("n"), "Set the OpenMP thread count.");
+#ifdef PRH_FAST_WITH_CUDA
+  m.attr("has_cuda_kernels") = true;
+  m.def("cuda_neighbour_scores", &cuda_neighbour_scores, py::arg("metric"), py::arg("knn_a_ptr"),
+        py::arg("knn_b_ptr"), py::arg("La"), py::arg("Lb"), py::arg("N"), py::arg("k"),
+        py::arg("out_ptr"), py::arg("stream"),
+        "CUDA version of neighbour_scores on device pointers (out: float64 [La, Lb]).");
+  m.def("cuda_cknna_workspace_bytes", &cknna_workspace_bytes, py::arg("N"));
+  m.def("cuda_cknna_terms", &cuda_cknna_terms, py::arg("knn_a_ptr"), py::arg("score_a_ptr"),
+        py::arg("knn_b_ptr"), py::arg("score_b_ptr"), py::arg("N"), py::arg("ka"),
+        py::arg("kb"), py::arg("out_ptr"), py::arg("workspace_ptr"), py::arg("stream"),
+        "CUDA version of cknna_terms (out: float64[5] on the device).");
+#else
+  m.attr("has_cuda_kernels") = false;
+#endif
+}
