@@ -9,10 +9,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
-from prh_fast import metrics
+from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search
 from prh_fast._info import info
 from prh_fast.align import AlignmentResult, align, compute_score
-from prh_fast.knn import knn
 from prh_fast.metrics import AlignmentMetrics, SUPPORTED_METRICS, measure
 from prh_fast.prepare import prepare_features
 from prh_fast.store import load_features, save_features

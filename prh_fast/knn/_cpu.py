@@ -24,7 +24,11 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     vals = np.full((n, k), -np.inf, dtype=np_dtype)
     idx = np.full((n, k), -1, dtype=np.int64)
-    b = square_tile(n, X.element_size(), budget, buffers=2)
+    # Tiles of 256..1024 rows: small enough that the symmetric saving is real (about half the
+    # products at 8+ blocks), large enough for BLAS to run at full speed (measured on 2 cores:
+    # N=4096, D=768 takes 0.097 s with 512-row tiles, 0.135 s with 2048, 0.163 s unblocked).
+    b = square_tile(n, X.element_size(), budget, buffers=2,
+                    maximum=min(1024, max(256, -(-n // 8))))
     # Flat buffers viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
     buf = torch.empty(b * b, dtype=dtype)
     buf_t = torch.empty(b * b, dtype=dtype)
