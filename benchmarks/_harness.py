@@ -123,3 +123,16 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (``VmHWM``).
+
+    Not ``getrusage().ru_maxrss``: on Linux that keeps the high-water mark of the process image
+    before ``exec``, so a child spawned from a large parent reports the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")

@@ -5,7 +5,7 @@
 
 Correctness first: every backend's lists are compared with the native backend's (FAISS may
 order exact ties differently; the count of differing rows is reported). Peak memory of each
-backend is measured in a fresh subprocess (``ru_maxrss``) when ``--memory`` is given.
+backend is measured in a fresh subprocess (``VmHWM``) when ``--memory`` is given.
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def features(n: int, d: int, seed: int = 0):
 def peak_memory(backend: str, n: int, d: int, k: int) -> float:
     """Peak resident memory (MiB) of a fresh process that runs one search."""
     code = (
-        "import resource, sys; sys.path.insert(0, %r);"
-        "from bench_knn import features; from prh_fast.knn import knn;"
+        "import sys; sys.path.insert(0, %r);"
+        "from bench_knn import features; from _harness import peak_rss_mib;"
+        "from prh_fast.knn import knn;"
         "X = features(%d, %d); knn(X, %d, backend=%r);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "print(peak_rss_mib())"
     ) % (str(Path(__file__).resolve().parent), n, d, k, backend)
     out = subprocess.check_output([sys.executable, "-c", code])
     return float(out.decode().strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_memory.py        # mutual_knn and cka at N = 50,000, D = 64
 
-Each case runs in a fresh process; peak resident memory (``ru_maxrss``) is reported together
+Each case runs in a fresh process; peak resident memory (``VmHWM``) is reported together
 with the baseline of that process after importing torch and building the inputs, so the
 difference is what the metric itself needed. For scale: one N x N float32 matrix at
 N = 50,000 is 9.3 GiB.
@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import environment, print_table, write_json  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[5])
+from _harness import peak_rss_mib
 from prh_fast import metrics
 n, d, metric, topk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
@@ -28,12 +30,12 @@ A = torch.nn.functional.normalize(torch.tanh(z @ torch.randn(16, d, generator=g)
                                   + 0.5 * torch.randn(n, d, generator=g), dim=1)
 B = torch.nn.functional.normalize(torch.relu(z @ torch.randn(16, d, generator=g))
                                   + 0.5 * torch.randn(n, d, generator=g), dim=1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = peak_rss_mib()
 t0 = time.perf_counter()
 kw = {"topk": topk} if ("knn" in metric) else {}
 value = metrics.measure(metric, A, B, **kw)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_rss_mib()
 print(json.dumps({"value": value, "seconds": dt, "baseline_mib": base, "peak_mib": peak}))
 """
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     rows = []
     for m in args.metrics:
         out = subprocess.check_output([sys.executable, "-c", CHILD, str(args.n), str(args.d), m,
-                                       str(args.topk)])
+                                       str(args.topk), str(Path(__file__).resolve().parent)])
         r = json.loads(out.decode().strip().splitlines()[-1])
         r.update(metric=m, N=args.n, D=args.d, topk=args.topk)
         rows.append(r)
