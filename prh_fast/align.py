@@ -134,10 +134,16 @@ def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return inv[lists[..., perm, :]]
 
 
-def _grid_knn(metric, xs, ys, topk, backend, timings, **kw):
+def _knn_side(xs, topk, backend):
+    """One side's neighbour lists, ``[L, N, k]``: one search per layer."""
+    return torch.stack([knn(x, topk, backend=backend) for x in xs])
+
+
+def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None, **kw):
+    # x_cache / y_cache: lists from _knn_side computed earlier (model grids reuse them).
     t0 = time.perf_counter()
-    ka = torch.stack([knn(x, topk, backend=backend) for x in xs])
-    kb = torch.stack([knn(y, topk, backend=backend) for y in ys])
+    ka = _knn_side(xs, topk, backend) if x_cache is None else x_cache
+    kb = _knn_side(ys, topk, backend) if y_cache is None else y_cache
     timings["knn"] = time.perf_counter() - t0
 
     def score(perm=None):
@@ -153,25 +159,35 @@ def _grid_knn(metric, xs, ys, topk, backend, timings, **kw):
     return score
 
 
-def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False):
+def _cknna_sim(n, p, q, unbiased):
+    t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1])
+    return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
+
+
+def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False):
+    """One side's ``(lists, self_sims)``: per layer the (indices, similarities) of the search
+    and ``sim(K, K)`` (invariant to a relabelling of the samples, so computed once)."""
     n = xs[0].shape[0]
-    t0 = time.perf_counter()
 
     def lists(x):
         i, s = knn(x, topk, backend=backend, return_scores=True)
         s = torch.ones_like(s, dtype=torch.float64) if distance_agnostic else s.double()
         return i, s
 
-    la, lb = [lists(x) for x in xs], [lists(y) for y in ys]
+    la = [lists(x) for x in xs]
+    return la, [_cknna_sim(n, p, p, unbiased) for p in la]
+
+
+def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False,
+                x_cache=None, y_cache=None):
+    n = xs[0].shape[0]
+    t0 = time.perf_counter()
+    la, self_a = x_cache or _cknna_side(xs, topk, backend, unbiased, distance_agnostic)
+    lb, self_b = y_cache or _cknna_side(ys, topk, backend, unbiased, distance_agnostic)
     timings["knn"] = time.perf_counter() - t0
 
     def sim(p, q):
-        t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1])
-        return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
-
-    # Self-similarities are invariant to a relabelling of the samples: computed once.
-    self_a = [sim(p, p) for p in la]
-    self_b = [sim(q, q) for q in lb]
+        return _cknna_sim(n, p, q, unbiased)
 
     def score(perm=None):
         out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
@@ -355,33 +371,57 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
     timings["prepare"] = time.perf_counter() - t0
     x_idx = ([-1] if concat else []) + list(range(len(lx_raw)))
     y_idx = ([-1] if concat else []) + list(range(len(ly_raw)))
-    uses_topk = "knn" in metric
-    k = None
+    k, opts = _metric_options(metric, n, topk, metric_kwargs)
+    res = _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations,
+                          seed, timings)
+    timings["total"] = time.perf_counter() - t_all
+    return res
+
+
+def _metric_options(metric, n, topk, metric_kwargs):
+    """Validate ``topk`` and the metric's options: ``(k, opts)``; ``k`` is None for metrics
+    that take no ``topk``. ``opts`` is what ``_align_prepared`` and the ``*_side`` caches take."""
+    kw = dict(metric_kwargs)
     if metric in _KNN_RAW:
         k = check_topk(topk, n)
-        normalize_lcs = bool(metric_kwargs.pop("normalize_lcs", False))
-        _no_extra(metric, metric_kwargs)
-        scorer = _grid_knn(metric, xs, ys, k, backend, timings, normalize_lcs=normalize_lcs)
-    elif metric == "cknna":
-        unbiased = bool(metric_kwargs.pop("unbiased", True))
-        agnostic = bool(metric_kwargs.pop("distance_agnostic", False))
-        _no_extra(metric, metric_kwargs)
-        if unbiased and n < 4:
+        opts = {"normalize_lcs": bool(kw.pop("normalize_lcs", False))}
+        _no_extra(metric, kw)
+        return k, opts
+    if metric == "cknna":
+        opts = {"unbiased": bool(kw.pop("unbiased", True)),
+                "distance_agnostic": bool(kw.pop("distance_agnostic", False))}
+        _no_extra(metric, kw)
+        if opts["unbiased"] and n < 4:
             raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
-        k = check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2)
-        scorer = _grid_cknna(xs, ys, k, backend, timings, unbiased=unbiased,
-                             distance_agnostic=agnostic)
-    elif metric in ("cka", "unbiased_cka"):
+        return check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2), opts
+    if metric in ("cka", "unbiased_cka"):
         if metric == "unbiased_cka":
-            metric_kwargs["unbiased"] = True
+            kw["unbiased"] = True
         allowed = {"kernel_metric", "rbf_sigma", "unbiased", "memory_budget"}
-        _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a not in allowed})
+        _no_extra(metric, {a: v for a, v in kw.items() if a not in allowed})
+        return None, kw
+    _no_extra(metric, {a: v for a, v in kw.items() if a != "cca_dim"})  # svcca
+    return None, kw
+
+
+def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations, seed,
+                    timings, x_cache=None, y_cache=None) -> AlignmentResult:
+    """Score prepared (clipped, normalised) layers. ``x_cache`` / ``y_cache``: each side's
+    neighbour data from ``_knn_side`` / ``_cknna_side`` (same ``k`` and options), so a grid of
+    models searches each model's layers once."""
+    n = xs[0].shape[0]
+    if metric in _KNN_RAW:
+        scorer = _grid_knn(metric, xs, ys, k, backend, timings, x_cache=x_cache,
+                           y_cache=y_cache, **opts)
+    elif metric == "cknna":
+        scorer = _grid_cknna(xs, ys, k, backend, timings, x_cache=x_cache, y_cache=y_cache,
+                             **opts)
+    elif metric in ("cka", "unbiased_cka"):
         scorer = lambda perm=None: _grid_cka(  # noqa: E731
-            xs, _permuted(ys, perm), timings, **metric_kwargs)
+            xs, _permuted(ys, perm), timings, **opts)
     else:  # svcca
-        _no_extra(metric, {a: v for a, v in metric_kwargs.items() if a != "cca_dim"})
         scorer = lambda perm=None: _grid_svcca(  # noqa: E731
-            xs, _permuted(ys, perm), timings, **metric_kwargs)
+            xs, _permuted(ys, perm), timings, **opts)
     t0 = time.perf_counter()
     scores = scorer()
     timings["score"] = time.perf_counter() - t0
@@ -392,10 +432,9 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         t0 = time.perf_counter()
         null = _null_stats(scorer, scores, best, n, P, seed, xs[0].device)
         timings["null"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
     return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
-                           x_layers=x_idx, y_layers=y_idx, topk=k if uses_topk else None,
-                           timings=timings, null=null)
+                           x_layers=x_idx, y_layers=y_idx,
+                           topk=k if "knn" in metric else None, timings=timings, null=null)
 
 
 def _permuted(layers, perm):
