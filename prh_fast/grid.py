@@ -1,0 +1,675 @@
+"""Alignment over a grid of models (SPEC-metrics.md, "Pipeline" step 5).
+
+``align_models`` scores every (x model, y model) pair over all their layer pairs, as the
+reference's ``measure_alignment.py`` does, but
+
+- each model's features are loaded once (the reference reloads the y model for every pair);
+- for the neighbour metrics (the ``*_knn`` ones and CKNNA) each model's layers are searched
+  once and every pair is scored from the cached lists, so a grid of ``M`` models of ``L``
+  layers costs ``M·L`` searches instead of ``2·Mx·My·Lx·Ly``;
+- a symmetric metric scores each unordered pair once and mirrors it (not ``cycle_knn``, which
+  is asymmetric, nor unbiased CKNNA, whose ``1ᵀK̃L̃1`` term is not symmetric for the masked,
+  non-symmetric kernels);
+- the whole ``Lx x Ly`` matrix of every pair is kept.
+
+Orientation. The reference calls ``compute_score(y_feats, x_feats)`` for grid entry ``[i, j]``:
+the metric's first argument is the *y* model, its tie rule scans the y model's layers first,
+and the stored pair is ``(y layer, x layer)``. ``reference_order=True`` (the default) scores
+pairs that way, which only changes ``cycle_knn``'s value (and the pick among exactly tied
+pairs); ``GridResult`` itself always reads x first: ``indices[a, b] = (x layer, y layer)``.
+``GridResult.save`` writes the ``.npy`` exactly as the reference does (see ``save``).
+
+``Alignment`` is the reference's scoring class over local feature files (no downloads).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prh_fast import store
+from prh_fast.align import (
+    _KNN_RAW,
+    _align_prepared,
+    _cknna_side,
+    _knn_side,
+    _metric_options,
+    _prepare_side,
+    as_layers,
+    best_pair,
+)
+from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.prepare import prepare_features
+
+__all__ = ["align_models", "GridResult", "Alignment", "output_stem"]
+
+logger = logging.getLogger("prh_fast")
+
+#: Prepared layers kept in memory for the kernel metrics (CKA, SVCCA), which need the features
+#: of both models of a pair; beyond this the least recently used model is dropped and reloaded.
+DEFAULT_CACHE_BYTES = 4 * 2**30
+
+
+def output_stem(metric: str, topk) -> str:
+    """The reference's file name (without ``.npy``): ``<metric>_k<topk>`` when the metric's
+    name contains "knn" (cknna included), else ``<metric>``."""
+    return f"{metric}_k{topk}" if "knn" in metric else metric
+
+
+def _symmetric(metric: str, opts: dict) -> bool:
+    if metric == "cycle_knn":
+        return False
+    if metric == "cknna" and opts.get("unbiased", True):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# models: names, sources, loading, per-model caches
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Model:
+    name: str
+    source: object  # a path (str) or in-memory features / record dict
+    key: object  # identity: the resolved path, or id() of the in-memory object
+
+    @property
+    def where(self) -> str:
+        return self.source if isinstance(self.source, str) else f"model {self.name!r}"
+
+
+def _is_path(x) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def _names_for_paths(paths) -> list:
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    # Same stem in different folders: name by the path below the common folder.
+    root = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return [os.path.splitext(os.path.relpath(os.path.abspath(p), root))[0] for p in paths]
+
+
+def _as_models(models, arg: str) -> list:
+    if isinstance(models, (str, os.PathLike)):
+        raise ValueError(f"{arg}: expected a dict name -> features/path or a list of paths, "
+                         f"got a single path {os.fspath(models)!r}")
+    if isinstance(models, dict):
+        items = [(str(k), v) for k, v in models.items()]
+    elif isinstance(models, (list, tuple)):
+        bad = [m for m in models if not _is_path(m)]
+        if bad:
+            raise ValueError(f"{arg}: a list must hold feature-file paths (use a dict "
+                             f"name -> features for loaded ones), got {type(bad[0]).__name__}")
+        items = list(zip(_names_for_paths(models), models))
+    else:
+        raise ValueError(f"{arg}: expected a dict name -> features/path or a list of paths, "
+                         f"got {type(models).__name__}")
+    if not items:
+        raise ValueError(f"{arg}: no models given")
+    out = []
+    for name, src in items:
+        if _is_path(src):
+            src = os.fspath(src)
+            out.append(_Model(name, src, os.path.realpath(src)))
+        else:
+            out.append(_Model(name, src, ("obj", id(src))))
+    names = [m.name for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{arg}: duplicate model names {dup}")
+    return out
+
+
+def _feats_of(obj):
+    return obj["feats"] if isinstance(obj, dict) and "feats" in obj else obj
+
+
+def _n_in_memory(m: _Model) -> int:
+    f = _feats_of(m.source)
+    if isinstance(f, (list, tuple)):
+        if not f:
+            raise ValueError(f"{m.where}: has no layers")
+        f = f[0]
+    if not hasattr(f, "shape") or len(f.shape) < 2:
+        raise ValueError(f"{m.where}: expected a [N, L, D] tensor or a list of [N, D] tensors, "
+                         f"got {type(f).__name__}")
+    return int(f.shape[0])
+
+
+def _check_n(models) -> int:
+    """Same N everywhere; the error names the first file (or model) that differs."""
+    files, seen = [], set()
+    for m in models:
+        if isinstance(m.source, str) and m.key not in seen:
+            seen.add(m.key)
+            files.append(m.source)
+    n_ref, where_ref = None, None
+    if files:
+        n_ref, where_ref = store.check_same_samples(files), files[0]
+    for m in models:
+        if isinstance(m.source, str):
+            continue
+        n = _n_in_memory(m)
+        if n_ref is None:
+            n_ref, where_ref = n, m.where
+        elif n != n_ref:
+            raise ValueError(f"{m.where}: has N = {n} samples, but {where_ref} has N = {n_ref}; "
+                             f"alignment needs the same (paired) samples for every model")
+    return n_ref
+
+
+class _ModelCache:
+    """Loads a model's features once, prepares them (clip, normalise) and keeps what pairs need:
+    the neighbour data of every layer for the neighbour metrics (small: ``L·N·k``), or the
+    prepared layers (LRU, ``cache_bytes``) for the kernel metrics."""
+
+    def __init__(self, *, q=None, exact=False, normalize=True, backend=None, device=None,
+                 cache_bytes=DEFAULT_CACHE_BYTES):
+        self.q, self.exact, self.normalize = q, bool(exact), bool(normalize)
+        self.backend, self.device = backend, device
+        self.cache_bytes = int(cache_bytes)
+        self._layers: OrderedDict = OrderedDict()
+        self._sides: dict = {}
+        self.timings = {"load": 0.0, "prepare": 0.0, "neighbours": 0.0}
+        self.counts = {"loads": 0, "searched_models": 0}
+
+    def layers(self, m: _Model) -> list:
+        if m.key in self._layers:
+            self._layers.move_to_end(m.key)
+            return self._layers[m.key]
+        t0 = time.perf_counter()
+        if isinstance(m.source, str):
+            feats = store.load_features(m.source, map_location=self.device or "cpu")["feats"]
+        else:
+            feats = _feats_of(m.source)
+            if self.device is not None and isinstance(feats, torch.Tensor):
+                feats = feats.to(self.device)
+            elif self.device is not None and isinstance(feats, (list, tuple)):
+                feats = [f.to(self.device) if isinstance(f, torch.Tensor) else f for f in feats]
+        self.counts["loads"] += 1
+        t1 = time.perf_counter()
+        self.timings["load"] += t1 - t0
+        try:
+            if self.q is not None:
+                feats = prepare_features(feats, q=self.q, exact=self.exact)
+            layers = _prepare_side(as_layers(feats, m.name), self.normalize, False)
+        except ValueError as err:
+            msg = str(err)
+            raise ValueError(msg if m.where in msg else f"{m.where}: {msg}") from err
+        self.timings["prepare"] += time.perf_counter() - t1
+        self._layers[m.key] = layers
+        while len(self._layers) > 1 and sum(
+                x.numel() * x.element_size() for v in self._layers.values() for x in v
+        ) > self.cache_bytes:
+            self._layers.popitem(last=False)
+        return layers
+
+    def side(self, m: _Model, metric: str, k: int, opts: dict):
+        """``(stand_ins, data)``: the model's neighbour data for ``metric`` and shape-only
+        stand-ins for its layers (``[N, 0]`` tensors: the scorers read only ``N``, the number
+        of layers and the device from them). The features themselves are not kept."""
+        kind = "cknna" if metric == "cknna" else "knn"
+        ckey = (m.key, kind, k, tuple(sorted(opts.items())) if kind == "cknna" else ())
+        if ckey not in self._sides:
+            layers = self.layers(m)
+            t0 = time.perf_counter()
+            if kind == "cknna":
+                data = _cknna_side(layers, k, self.backend, **opts)
+            else:
+                data = _knn_side(layers, k, self.backend)
+            self.timings["neighbours"] += time.perf_counter() - t0
+            self.counts["searched_models"] += 1
+            stand = [torch.empty((layers[0].shape[0], 0), device=layers[0].device)
+                     for _ in layers]
+            self._sides[ckey] = (stand, data)
+            self._layers.pop(m.key, None)  # lists are all a neighbour metric needs
+        return self._sides[ckey]
+
+
+def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutations, seed):
+    """One model pair: ``(matrix [Lx, Ly] numpy, best, (i, j) or None, null dict or None)``."""
+    a, b = (my, mx) if reference_order else (mx, my)
+    timings: dict = {}
+    if metric in _KNN_RAW or metric == "cknna":
+        xa, ca = cache.side(a, metric, k, opts)
+        xb, cb = cache.side(b, metric, k, opts)
+    else:
+        xa, xb = cache.layers(a), cache.layers(b)
+        ca = cb = None
+    if xa[0].shape[0] != xb[0].shape[0]:
+        raise ValueError(f"{my.where}: has N = {xb[0].shape[0]} samples, but {mx.where} has "
+                         f"N = {xa[0].shape[0]}")
+    res = _align_prepared(metric, xa, xb, list(range(len(xa))), list(range(len(xb))), k, opts,
+                          cache.backend, null_permutations, seed, timings,
+                          x_cache=ca, y_cache=cb)
+    mat = res.scores.detach().cpu().double().numpy()
+    if reference_order:
+        mat = mat.T
+    best, pair = _best(mat, reference_order)
+    null = None
+    if res.null is not None:
+        null = {a: res.null[a] for a in ("best_mean", "best_std", "best_z")}
+    return mat, best, pair, null, timings.get("score", 0.0)
+
+
+def _best(mat: np.ndarray, reference_order: bool):
+    """Best score and ``(x layer, y layer)`` of an x-oriented matrix under the reference's tie
+    rule; with ``reference_order`` the scan runs over y layers first, as the reference's."""
+    if reference_order:
+        best, pair = best_pair(mat.T)
+        return best, (None if pair is None else (pair[1], pair[0]))
+    return best_pair(mat)
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+def _atomic_write(path: str, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then ``os.replace`` it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+@dataclass
+class GridResult:
+    """Best scores of every (x model, y model) pair.
+
+    Attributes:
+        scores: ``[Mx, My]`` float64, the best score over layer pairs (0 when none is positive).
+        indices: ``[Mx, My, 2]`` int64, ``(x layer, y layer)`` of the best pair; ``(-1, -1)``
+            where there is none (all scores non-positive; the reference's ``None``).
+        pair_scores: ``(x_name, y_name) -> [Lx, Ly]`` float64 matrix of every layer pair.
+        x_names, y_names, metric, topk: what was compared (``topk`` as given).
+        timings: seconds (load, prepare, neighbours, score, total) and counts.
+        options: q, exact, normalize, reference_order and whether the symmetric shortcut ran.
+        null: with ``null_permutations``: ``best_mean``, ``best_std``, ``best_z`` ``[Mx, My]``.
+    """
+
+    metric: str
+    topk: object
+    x_names: list
+    y_names: list
+    scores: np.ndarray
+    indices: np.ndarray
+    pair_scores: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    null: dict | None = None
+
+    @property
+    def stem(self) -> str:
+        return output_stem(self.metric, self.topk)
+
+    def best(self, x_name: str, y_name: str):
+        """``(score, (i, j) or None)`` of one model pair, as ``compute_score`` returns it."""
+        a, b = self.x_names.index(x_name), self.y_names.index(y_name)
+        i, j = (int(v) for v in self.indices[a, b])
+        return float(self.scores[a, b]), (None if i < 0 else (i, j))
+
+    def reference_arrays(self) -> dict:
+        """``{"scores", "indices"}`` exactly as the reference's ``np.save`` stores them:
+        ``indices`` float64 holding ``compute_score(y_feats, x_feats)``'s tuple, i.e.
+        ``(y layer, x layer)``, and NaN where that tuple was ``None``."""
+        idx = self.indices[..., ::-1].astype(np.float64)
+        idx[self.indices[..., 0] < 0] = np.nan
+        return {"scores": self.scores.astype(np.float64), "indices": idx}
+
+    def to_dict(self) -> dict:
+        def pair(v):
+            return None if v[0] < 0 else [int(v[0]), int(v[1])]
+
+        d = {"metric": self.metric, "topk": self.topk, "x_names": self.x_names,
+             "y_names": self.y_names,
+             "scores": [[_jsonable(float(s)) for s in row] for row in self.scores],
+             "indices": [[pair(v) for v in row] for row in self.indices],
+             "pair_scores": [{"x": x, "y": y, "scores": [[_jsonable(float(s)) for s in r]
+                                                         for r in m]}
+                             for (x, y), m in self.pair_scores.items()],
+             "timings": self.timings, "options": self.options}
+        if self.null is not None:
+            d["null"] = {a: [[_jsonable(float(s)) for s in r] for r in v]
+                         for a, v in self.null.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GridResult":
+        def arr(rows):
+            return np.array([[np.nan if s is None else s for s in r] for r in rows],
+                            dtype=np.float64).reshape(len(d["x_names"]), len(d["y_names"]))
+
+        idx = np.array([[[-1, -1] if v is None else v for v in r] for r in d["indices"]],
+                       dtype=np.int64).reshape(len(d["x_names"]), len(d["y_names"]), 2)
+        pairs = {(p["x"], p["y"]): np.array([[np.nan if s is None else s for s in r]
+                                             for r in p["scores"]], dtype=np.float64)
+                 for p in d.get("pair_scores", [])}
+        null = d.get("null")
+        return cls(metric=d["metric"], topk=d["topk"], x_names=list(d["x_names"]),
+                   y_names=list(d["y_names"]), scores=arr(d["scores"]), indices=idx,
+                   pair_scores=pairs, timings=d.get("timings", {}),
+                   options=d.get("options", {}),
+                   null=None if null is None else {a: arr(v) for a, v in null.items()})
+
+    def paths(self, output_dir) -> dict:
+        base = os.path.join(os.fspath(output_dir), self.stem)
+        return {"npy": base + ".npy", "json": base + ".json", "csv": base + ".csv"}
+
+    def save(self, output_dir) -> dict:
+        """Write ``<stem>.npy`` (the reference's ``np.save(path, {"scores", "indices"})``, a
+        pickled dict; see ``reference_arrays``), ``<stem>.json`` (everything, x-oriented
+        indices, ``null`` for no pair) and ``<stem>.csv`` (one row per pair: x, y, score, i, j
+        with i the x layer), each atomically. ``stem`` is ``output_stem(metric, topk)``.
+        Returns the paths."""
+        p = self.paths(output_dir)
+        ref = self.reference_arrays()
+        _atomic_write(p["npy"], lambda f: np.save(f, ref, allow_pickle=True))
+        text = json.dumps(self.to_dict(), indent=1)
+        _atomic_write(p["json"], lambda f: f.write(text.encode()))
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["x", "y", "score", "i", "j"])
+        for a, x in enumerate(self.x_names):
+            for b, y in enumerate(self.y_names):
+                i, j = (int(v) for v in self.indices[a, b])
+                w.writerow([x, y, repr(float(self.scores[a, b]))]
+                           + (["", ""] if i < 0 else [i, j]))
+        _atomic_write(p["csv"], lambda f: f.write(buf.getvalue().encode()))
+        return p
+
+    @classmethod
+    def load(cls, output_dir, metric: str, topk=10, *, x_names=None,
+             y_names=None) -> "GridResult":
+        """Read a saved grid: the ``.json`` when present, else the reference's ``.npy`` (which
+        holds no names: ``x_names`` / ``y_names`` label it, or ``x0, x1, ...``)."""
+        base = os.path.join(os.fspath(output_dir), output_stem(metric, topk))
+        if os.path.exists(base + ".json"):
+            with open(base + ".json") as f:
+                return cls.from_dict(json.load(f))
+        d = np.load(base + ".npy", allow_pickle=True).item()
+        scores = np.asarray(d["scores"], dtype=np.float64)
+        ref_idx = np.asarray(d["indices"], dtype=np.float64)
+        idx = np.where(np.isnan(ref_idx), -1, ref_idx)[..., ::-1].astype(np.int64)
+        mx, my = scores.shape
+        return cls(metric=metric, topk=topk,
+                   x_names=list(x_names) if x_names else [f"x{a}" for a in range(mx)],
+                   y_names=list(y_names) if y_names else [f"y{b}" for b in range(my)],
+                   scores=scores, indices=idx, options={"loaded_from": base + ".npy"})
+
+    def table(self, width: int = 10) -> str:
+        """The best-score matrix as text (rows: x models, columns: y models)."""
+        def cut(s, w):
+            return s if len(s) <= w else s[: w - 1] + "~"
+
+        rw = min(32, max(len(n) for n in self.x_names))
+        head = " " * rw + " " + " ".join(f"{cut(y, width):>{width}}" for y in self.y_names)
+        rows = [head]
+        for a, x in enumerate(self.x_names):
+            rows.append(f"{cut(x, rw):<{rw}} " + " ".join(
+                f"{self.scores[a, b]:>{width}.4f}" for b in range(len(self.y_names))))
+        return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+# --------------------------------------------------------------------------------------------
+def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normalize: bool = True,
+                 q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
+                 progress: bool = True, backend=None, reference_order: bool = True,
+                 null_permutations: int = 0, seed: int = 0, device=None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, **metric_kwargs) -> GridResult:
+    """Align every (x model, y model) pair: the reference's ``measure_alignment.py`` grid.
+
+    Args:
+        x_models, y_models: dicts name -> feature file (``.pt``, reference format) or name ->
+            already loaded features (``[N, L, D]`` tensor, list of ``[N, D_l]``, or a record
+            dict with ``"feats"``); or lists of feature files (name = file stem).
+        metric, topk, normalize: as in ``align`` (``topk`` goes to the "knn" metrics, cknna
+            included).
+        q, exact: outlier clipping (``prepare_features(feats, q, exact)``) of each model before
+            scoring; ``None`` (default) skips it. The reference always clips with q = 0.95.
+        output_dir: when given, the result is saved there (``GridResult.save``); an existing
+            result is loaded and returned instead of recomputed unless ``force_remake``.
+        progress: a tqdm bar over model pairs (shown only on a terminal).
+        backend: neighbour-search backend (see ``prh_fast.knn``).
+        reference_order: score each pair as the reference's ``compute_score(y_feats,
+            x_feats)`` (metric's first argument = the y model; ties scan y layers first). Only
+            ``cycle_knn``'s values depend on it. ``False``: the metric reads x first.
+        null_permutations, seed: as in ``align``; the result's ``null`` holds each pair's
+            ``best_mean``, ``best_std`` and ``best_z``.
+        device: where features are loaded (``map_location``; default CPU, or the input's).
+        cache_bytes: memory for prepared layers kept between pairs for the kernel metrics.
+        **metric_kwargs: the metric's own options, as in ``align``.
+
+    Raises:
+        ValueError naming the file (or model): bad or unreadable features, a number of samples
+        N that differs from the other models'; FileNotFoundError for a missing file.
+    """
+    if metric not in SUPPORTED_METRICS:
+        raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+    t_all = time.perf_counter()
+    xm, ym = _as_models(x_models, "x_models"), _as_models(y_models, "y_models")
+    if output_dir is not None and not force_remake:
+        stem = output_stem(metric, topk)
+        npy = os.path.join(os.fspath(output_dir), stem + ".npy")
+        if os.path.exists(npy):
+            res = GridResult.load(output_dir, metric, topk, x_names=[m.name for m in xm],
+                                  y_names=[m.name for m in ym])
+            if (res.x_names != [m.name for m in xm] or res.y_names != [m.name for m in ym]
+                    or res.scores.shape != (len(xm), len(ym))):
+                raise ValueError(f"{npy}: exists but holds a grid of other models "
+                                 f"({len(res.x_names)} x {len(res.y_names)}); pass "
+                                 f"force_remake=True to overwrite it")
+            logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
+                           "recomputes)", npy)
+            return res
+    n = _check_n(xm + ym)
+    k, opts = _metric_options(metric, n, topk, metric_kwargs)
+    symmetric = _symmetric(metric, opts)
+    cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
+                        cache_bytes=cache_bytes)
+    mx_, my_ = len(xm), len(ym)
+    scores = np.zeros((mx_, my_), dtype=np.float64)
+    indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
+    nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
+             if null_permutations else None)
+    pair_scores: dict = {}
+    done: dict = {}  # (x key, y key) -> (a, b) of a computed pair
+    t_score, computed, mirrored = 0.0, 0, 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=mx_ * my_, desc=f"align {metric}", unit="pair",
+               disable=not progress or not sys.stderr.isatty())
+    try:
+        for a, x in enumerate(xm):
+            for b, y in enumerate(ym):
+                src = done.get((y.key, x.key)) if symmetric else None
+                if src is not None:
+                    # (y, x) was scored with y as the x model: the same pair, transposed.
+                    mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
+                    best, pair = _best(mat, reference_order)
+                    null = None if nulls is None else {
+                        s: float(v[src]) for s, v in nulls.items()}
+                    mirrored += 1
+                else:
+                    mat, best, pair, null, ts = _score_pair(
+                        cache, x, y, metric, k, opts, reference_order, null_permutations, seed)
+                    t_score += ts
+                    computed += 1
+                done[(x.key, y.key)] = (a, b)
+                pair_scores[(x.name, y.name)] = mat
+                scores[a, b] = best
+                if pair is not None:
+                    indices[a, b] = pair
+                if nulls is not None and null is not None:
+                    for s in nulls:
+                        nulls[s][a, b] = null[s]
+                bar.update(1)
+    finally:
+        bar.close()
+    timings = dict(cache.timings)
+    timings.update(score=t_score, total=time.perf_counter() - t_all, pairs=mx_ * my_,
+                   computed=computed, mirrored=mirrored, **cache.counts)
+    res = GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
+                     y_names=[m.name for m in ym], scores=scores, indices=indices,
+                     pair_scores=pair_scores, timings=timings,
+                     options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
+                              "reference_order": bool(reference_order),
+                              "symmetric_shortcut": symmetric, "k": k,
+                              "x_sources": [m.source if isinstance(m.source, str) else None
+                                            for m in xm],
+                              "y_sources": [m.source if isinstance(m.source, str) else None
+                                            for m in ym],
+                              "metric_kwargs": {a: v for a, v in opts.items()
+                                                if isinstance(v, (bool, int, float, str))}},
+                     null=nulls)
+    if output_dir is not None:
+        res.save(output_dir)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# the reference's scoring class, on local files
+# --------------------------------------------------------------------------------------------
+class Alignment:
+    """Score new features against a set of reference models' features, as the reference's
+    ``Alignment`` class, from local feature files (nothing is downloaded).
+
+    Args:
+        features: a folder of ``.pt`` feature files (searched recursively) or a list of files;
+            model name = file stem.
+        metric, topk: defaults for ``score``.
+        data: the paired data set, for ``get_data``: a dict of lists (``"image"``, ``"text"``)
+            or a JSONL file whose records have ``"image"`` and ``"text"`` fields.
+
+    Each reference model is loaded once and, for the neighbour metrics, searched once per
+    ``(topk, q, normalize)``; later ``score`` calls reuse its lists.
+    """
+
+    def __init__(self, features, *, metric=None, topk=None, data=None, backend=None,
+                 device=None):
+        if _is_path(features) and os.path.isdir(features):
+            paths = sorted(str(p) for p in Path(features).rglob("*.pt"))
+            if not paths:
+                raise ValueError(f"{os.fspath(features)}: no .pt feature files in this folder")
+        elif _is_path(features):
+            paths = [os.fspath(features)]
+        else:
+            paths = [os.fspath(p) for p in features]
+        self._models = _as_models(paths, "features")
+        self.n = _check_n(self._models)
+        self.metric, self.topk = metric, topk
+        self.backend, self.device = backend, device
+        self._data = data
+        self._caches: dict = {}
+
+    @property
+    def models(self) -> list:
+        return [m.name for m in self._models]
+
+    @property
+    def paths(self) -> dict:
+        return {m.name: m.source for m in self._models}
+
+    def score(self, features, metric=None, topk=None, normalize: bool = True, q=None,
+              **metric_kwargs) -> dict:
+        """``{model_name: (score, (i, j))}``: ``compute_score(features, model)`` for every
+        reference model, ``i`` a layer of ``features`` and ``j`` one of the model's (``None``
+        when no score is positive). ``features``: ``[N, L, D]`` tensor, list of ``[N, D_l]``,
+        or a feature file; ``q`` clips both sides first (``prepare_features``)."""
+        metric = metric or self.metric or "mutual_knn"
+        topk = topk if topk is not None else (self.topk if self.topk is not None else 10)
+        if metric not in SUPPORTED_METRICS:
+            raise ValueError(f"metric: unknown metric {metric!r}; supported: "
+                             f"{SUPPORTED_METRICS}")
+        if _is_path(features):
+            src = _Model(Path(features).stem, os.fspath(features),
+                         os.path.realpath(features))
+            n = store.feature_info(src.source)["n"]
+        else:
+            src = _Model("features", features, ("obj", id(features)))
+            n = _n_in_memory(src)
+        if n != self.n:
+            m = self._models[0]
+            raise ValueError(f"features: has N = {n} samples, but reference model {m.name!r} "
+                             f"({m.source}) has N = {self.n}")
+        k, opts = _metric_options(metric, n, topk, metric_kwargs)
+        ckey = (q, bool(normalize))
+        cache = self._caches.get(ckey)
+        if cache is None:
+            cache = self._caches[ckey] = _ModelCache(q=q, normalize=normalize,
+                                                     backend=self.backend, device=self.device)
+        out = {}
+        try:
+            for m in self._models:
+                _, best, pair, _, _ = _score_pair(cache, src, m, metric, k, opts, False, 0, 0)
+                out[m.name] = (best, pair)
+        finally:
+            # The query's own cache entries are not worth keeping (its object may change).
+            cache._layers.pop(src.key, None)
+            for key in [c for c in cache._sides if c[0] == src.key]:
+                del cache._sides[key]
+        return out
+
+    def get_data(self, modality: str) -> list:
+        """The paired data set's ``"image"`` or ``"text"`` column (from ``data=``)."""
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality: expected 'image' or 'text', got {modality!r}")
+        if self._data is None:
+            raise ValueError("no local paired data set was given: pass Alignment(..., data=) a "
+                             "dict of lists or a JSONL file with 'image' and 'text' fields "
+                             "(prh_fast downloads nothing)")
+        data = self._data
+        if _is_path(data):
+            path = os.fspath(data)
+            rows = []
+            with open(path) as f:
+                for ln, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{path}:{ln}: not JSON ({err.msg})") from err
+            missing = [ln for ln, r in enumerate(rows, 1) if modality not in r]
+            if missing:
+                raise ValueError(f"{path}: record {missing[0]} has no {modality!r} field")
+            return [r[modality] for r in rows]
+        if isinstance(data, dict):
+            if modality not in data:
+                raise ValueError(f"data: has no {modality!r} column (columns: "
+                                 f"{sorted(data)})")
+            return list(data[modality])
+        raise ValueError(f"data: expected a dict of lists or a JSONL path, got "
+                         f"{type(data).__name__}")

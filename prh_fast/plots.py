@@ -1,0 +1,139 @@
+"""Heatmaps of alignment results (matplotlib's ``Agg`` canvas on a bare ``Figure``: no pyplot,
+so a user's backend and open figures are left alone; matplotlib is imported only when a plot is
+made, so ``import prh_fast`` never needs it).
+
+- ``plot_grid(grid_result, path)``: model x model best scores, one annotated cell per pair.
+- ``plot_layers(scores, path, x_name, y_name, metric, best_pair=None)``: layer x layer scores of
+  one model pair with the best pair outlined.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["plot_grid", "plot_layers"]
+
+#: Annotate each cell with its value up to this many rows / columns.
+MAX_ANNOTATED = 20
+
+
+def _figure(w, h):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install matplotlib") from err
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path) -> str:
+    """PNG to a temporary file beside ``path``, then ``os.replace`` (never half-written)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _heatmap(ax, fig, mat, label):
+    finite = mat[np.isfinite(mat)]
+    vmin = float(finite.min()) if finite.size else 0.0
+    vmax = float(finite.max()) if finite.size else 1.0
+    if vmax <= vmin:
+        vmax = vmin + 1e-9
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=vmin, vmax=vmax,
+                   aspect="auto", interpolation="nearest")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb.set_label(label)
+    return im, vmin, vmax
+
+
+def _annotate(ax, mat, vmin, vmax, digits):
+    mid = (vmin + vmax) / 2
+    for a in range(mat.shape[0]):
+        for b in range(mat.shape[1]):
+            v = mat[a, b]
+            if not np.isfinite(v):
+                continue
+            # dark text on the bright end of viridis, white on the dark end
+            ax.text(b, a, f"{v:.{digits}f}", ha="center", va="center", fontsize=8,
+                    color="black" if v > mid else "white")
+
+
+def _metric_label(metric, topk):
+    return f"{metric} (k={topk})" if topk is not None and "knn" in metric else metric
+
+
+def plot_grid(grid_result, path) -> str:
+    """Heatmap of ``grid_result.scores`` (rows: x models, columns: y models), written to
+    ``path`` as PNG; returns the path."""
+    mat = np.asarray(grid_result.scores, dtype=np.float64)
+    mx, my = mat.shape
+    xn, yn = list(grid_result.x_names), list(grid_result.y_names)
+    longest = max(len(s) for s in xn + yn)
+    w = min(40.0, 2.5 + 0.65 * my + 0.07 * longest)
+    h = min(40.0, 1.8 + 0.5 * mx + 0.07 * longest)
+    fig, ax = _figure(w, h)
+    label = _metric_label(grid_result.metric, grid_result.topk)
+    _, vmin, vmax = _heatmap(ax, fig, mat, label)
+    ax.set_xticks(range(my))
+    ax.set_xticklabels(yn, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticks(range(mx))
+    ax.set_yticklabels(xn, fontsize=9)
+    ax.set_xlabel("y models")
+    ax.set_ylabel("x models")
+    if mx <= MAX_ANNOTATED and my <= MAX_ANNOTATED:
+        _annotate(ax, mat, vmin, vmax, 3 if max(mx, my) <= 10 else 2)
+    ax.set_title(f"best layer-pair alignment: {label}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_layers(scores, path, x_name: str, y_name: str, metric: str, best_pair=None,
+                topk=None) -> str:
+    """Heatmap of one model pair's ``[Lx, Ly]`` layer scores (rows: x layers), the best pair
+    ``(i, j)`` outlined in red; written to ``path`` as PNG; returns the path."""
+    from matplotlib.patches import Rectangle
+
+    if hasattr(scores, "detach"):
+        scores = scores.detach().cpu().numpy()
+    mat = np.asarray(scores, dtype=np.float64)
+    lx, ly = mat.shape
+    w = min(30.0, 3.0 + 0.32 * ly)
+    h = min(30.0, 2.2 + 0.28 * lx)
+    fig, ax = _figure(max(w, 4.5), max(h, 3.5))
+    label = _metric_label(metric, topk)
+    _, vmin, vmax = _heatmap(ax, fig, mat, label)
+    ax.set_xlabel(f"{y_name} layer")
+    ax.set_ylabel(f"{x_name} layer")
+    step_x = max(1, int(np.ceil(ly / 24)))
+    step_y = max(1, int(np.ceil(lx / 24)))
+    ax.set_xticks(range(0, ly, step_x))
+    ax.set_yticks(range(0, lx, step_y))
+    if lx <= 12 and ly <= 12:
+        _annotate(ax, mat, vmin, vmax, 2)
+    title = f"{x_name} vs {y_name}: {label}"
+    if best_pair is not None and best_pair[0] is not None and int(best_pair[0]) >= 0:
+        i, j = int(best_pair[0]), int(best_pair[1])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
+                           linewidth=2.0))
+        title += f"\nbest {mat[i, j]:.3f} at layers ({i}, {j})"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
