@@ -1,4 +1,4 @@
-"""Command line: ``prh-fast info`` and ``prh-fast example``."""
+"""Command line: ``prh-fast info``, ``prh-fast example`` and ``prh-fast align``."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,115 @@ def _cmd_example(args) -> int:
     return 0
 
 
+class _UserError(Exception):
+    """Bad input on the command line: reported in one line, exit code 2, no traceback."""
+
+
+def _discover(input_dir, pool, side):
+    """Every ``*.pt`` under ``input_dir`` whose name contains ``pool-<pool>`` (the reference's
+    ``<input_dir>/<dataset>/<subset>/<model>_pool-<pool>_prompt-<bool>.pt``); all ``*.pt``
+    files, with a note, when none does."""
+    import os
+    from pathlib import Path
+
+    if not os.path.isdir(input_dir):
+        raise _UserError(f"--input_dir {input_dir}: no such folder (or give --x/--y files)")
+    files = sorted(str(p) for p in Path(input_dir).rglob("*.pt"))
+    if not files:
+        raise _UserError(f"--input_dir {input_dir}: no .pt feature files found")
+    picked = [f for f in files if f"pool-{pool}" in os.path.basename(f)]
+    if not picked:
+        print(f"note: no file under {input_dir} has 'pool-{pool}' in its name; using all "
+              f"{len(files)} .pt files for {side}")
+        return files
+    return picked
+
+
+def _named(files) -> dict:
+    """Model name -> file: the stem without the reference's ``_pool-<p>_prompt-<b>`` suffix
+    (the plain stem when that would make two names equal)."""
+    import re
+
+    from prh_fast.grid import _names_for_paths
+
+    stems = _names_for_paths(files)
+    short = [re.sub(r"_pool-[^_/]+(_prompt-[^/]*)?$", "", s) or s for s in stems]
+    names = short if len(set(short)) == len(short) else stems
+    return dict(zip(names, files))
+
+
+def _cmd_align(args) -> int:
+    """The reference's measure_alignment.py over local feature files."""
+    try:
+        return _align(args)
+    except _UserError as err:
+        print(f"prh-fast align: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"prh-fast align: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _align(args) -> int:
+    import os
+
+    from prh_fast.grid import align_models, output_stem
+
+    if not 0.0 < args.q <= 1.0:
+        raise _UserError(f"--q: expected a number in (0, 1], got {args.q}")
+    if args.topk < 1:
+        raise _UserError(f"--topk: expected a positive integer, got {args.topk}")
+    x_files = args.x or _discover(args.input_dir, args.pool_x, "x")
+    y_files = args.y or _discover(args.input_dir, args.pool_y, "y")
+    missing = [f for f in x_files + y_files if not os.path.isfile(f)]
+    if missing:
+        raise _UserError(f"{missing[0]}: no such feature file"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    out_dir = args.output_dir
+    if not (args.x and args.y):
+        # Keep runs of different modalities / pools apart, as the reference's folders do.
+        out_dir = os.path.join(out_dir, f"{args.modality_x}_pool-{args.pool_x}_"
+                                        f"{args.modality_y}_pool-{args.pool_y}")
+    k = f" (topk {args.topk})" if "knn" in args.metric else ""
+    print(f"{args.metric}{k}: {len(x_files)} x model(s) vs {len(y_files)} y model(s)")
+    res = align_models(_named(x_files), _named(y_files), metric=args.metric, topk=args.topk,
+                       q=None if args.q >= 1.0 else args.q, exact=args.precise,
+                       output_dir=out_dir, force_remake=args.force_remake,
+                       progress=not args.no_progress, backend=args.backend,
+                       null_permutations=args.null_permutations)
+    print(res.table())
+    if res.null is not None:
+        print("best-score z against shuffled pairings:")
+        from prh_fast.grid import GridResult
+
+        z = GridResult(metric=res.metric, topk=res.topk, x_names=res.x_names,
+                       y_names=res.y_names, scores=res.null["best_z"], indices=res.indices)
+        print(z.table())
+    paths = res.paths(out_dir)
+    written = [paths["npy"], paths["json"], paths["csv"]]
+    if args.heatmap:
+        from prh_fast.plots import plot_grid, plot_layers
+
+        stem = output_stem(res.metric, res.topk)
+        written.append(plot_grid(res, os.path.join(out_dir, stem + ".png")))
+        layer_dir = os.path.join(out_dir, stem + "_layers")
+        for (x, y), mat in res.pair_scores.items():
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{x}__{y}")
+            plot_layers(mat, os.path.join(layer_dir, safe + ".png"), x, y, res.metric,
+                        best_pair=res.best(x, y)[1], topk=res.topk)
+        if res.pair_scores:
+            written.append(os.path.join(layer_dir, "*.png") + f" ({len(res.pair_scores)})")
+    t = res.timings
+    if res.options.get("resumed_from"):
+        print("existing result loaded (--force_remake recomputes):\n  "
+              + "\n  ".join(written))
+        return 0
+    print(f"{t.get('computed', 0)} pair(s) scored, {t.get('mirrored', 0)} mirrored, "
+          f"{t.get('total', 0.0):.2f} s")
+    print("wrote:\n  " + "\n  ".join(written))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prh-fast", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -55,6 +164,33 @@ def main(argv=None) -> int:
     pe.add_argument("--topk", type=int, default=10)
     pe.add_argument("--seed", type=int, default=0)
     pe.set_defaults(func=_cmd_example)
+    from prh_fast.metrics import SUPPORTED_METRICS
+
+    pa = sub.add_parser("align", help="align a grid of models' feature files "
+                        "(the reference's measure_alignment.py)")
+    pa.add_argument("--metric", default="mutual_knn", choices=SUPPORTED_METRICS)
+    pa.add_argument("--topk", type=int, default=10, help="neighbours (the *knn metrics, cknna)")
+    pa.add_argument("--pool_x", default="avg", help="pooling in the x files' names (pool-<p>)")
+    pa.add_argument("--pool_y", default="cls", help="pooling in the y files' names (pool-<p>)")
+    pa.add_argument("--modality_x", default="language", help="names the output folder")
+    pa.add_argument("--modality_y", default="vision", help="names the output folder")
+    pa.add_argument("--input_dir", default="./results/features",
+                    help="folder searched for *.pt feature files")
+    pa.add_argument("--output_dir", default="./results/alignment")
+    pa.add_argument("--precise", action="store_true", help="exact outlier threshold")
+    pa.add_argument("--force_remake", action="store_true",
+                    help="recompute even if the output exists")
+    pa.add_argument("--q", type=float, default=0.95,
+                    help="outlier clipping quantile; 1 disables clipping")
+    pa.add_argument("--x", nargs="+", metavar="FILE", help="x feature files (no discovery)")
+    pa.add_argument("--y", nargs="+", metavar="FILE", help="y feature files (no discovery)")
+    pa.add_argument("--heatmap", action="store_true",
+                    help="also write PNG heatmaps (grid and every pair's layers)")
+    pa.add_argument("--null-permutations", type=int, default=0, metavar="P",
+                    help="also score P shuffled pairings of the samples (z-scores)")
+    pa.add_argument("--backend", default=None, help="neighbour-search backend")
+    pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.set_defaults(func=_cmd_align)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -494,6 +494,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                                  f"force_remake=True to overwrite it")
             logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
                            "recomputes)", npy)
+            res.options = {**res.options, "resumed_from": npy}
             return res
     n = _check_n(xm + ym)
     k, opts = _metric_options(metric, n, topk, metric_kwargs)
