@@ -525,8 +525,15 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                         s: float(v[src]) for s, v in nulls.items()}
                     mirrored += 1
                 else:
-                    mat, best, pair, null, ts = _score_pair(
-                        cache, x, y, metric, k, opts, reference_order, null_permutations, seed)
+                    try:
+                        mat, best, pair, null, ts = _score_pair(
+                            cache, x, y, metric, k, opts, reference_order, null_permutations,
+                            seed)
+                    except ValueError as err:
+                        msg = str(err)
+                        if x.where in msg or y.where in msg:
+                            raise
+                        raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
                     t_score += ts
                     computed += 1
                 done[(x.key, y.key)] = (a, b)
