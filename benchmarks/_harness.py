@@ -136,3 +136,15 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def finish(name: str, benchmark: str, args, rows: list, columns: list, *, footer: str = "") -> Path:
+    """Print the table (and an optional footer line), write ``<name>.json`` with the
+    environment, the arguments and the rows, and say where it went."""
+    table = print_table(rows, columns)
+    if footer:
+        print(footer)
+    path = write_json(name, {"benchmark": benchmark, "env": environment(), "args": vars(args),
+                             "rows": rows, "table": table}, getattr(args, "out", None))
+    print(f"wrote {path}")
+    return path

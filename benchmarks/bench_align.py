@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, print_table, timeit, write_json  # noqa: E402
+from _harness import finish, timeit  # noqa: E402
 
 from prh_fast import reference  # noqa: E402
 from prh_fast.align import align, best_pair  # noqa: E402
@@ -94,15 +94,11 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {spec} {m:>18}: prh_fast {t['p50']:.2f} s, reference {ref_total:.1f} s "
                   f"({row['reference']}), x{row['speedup']:.0f}", flush=True)
-    table = print_table(rows, [
+    finish("bench_align", "align", args, rows, [
         ("grid", "grid", ""), ("N", "N", "d"), ("metric", "metric", ""),
         ("prh_fast_s", "prh_fast (s)", ".2f"), ("reference_s", "reference (s)", ".1f"),
         ("reference", "reference time", ""), ("speedup", "speed-up", ".0f"),
     ])
-    path = write_json("bench_align", {"benchmark": "align", "env": environment(),
-                                      "args": vars(args), "rows": rows, "table": table},
-                      args.out)
-    print(f"wrote {path}")
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, print_table, timeit, write_json  # noqa: E402
+from _harness import finish, timeit  # noqa: E402
 
 from prh_fast._backend import faiss_available  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
@@ -73,16 +73,11 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {b:>6} N={n:>6} D={d:>4}: {t['p50']:.3f} s ({gflops:.0f} GFLOP/s "
                       f"equiv.), differing rows vs first backend: {diff_rows}", flush=True)
-    table = print_table(rows, [
+    finish("bench_knn_cpu", "knn_cpu", args, rows, [
         ("backend", "backend", ""), ("N", "N", "d"), ("D", "D", "d"), ("k", "k", "d"),
         ("seconds", "time (s)", ".3f"), ("gflops", "GFLOP/s*", ".0f"),
         ("peak_mib", "peak MiB", ".0f"), ("rows_differing", "rows != cpu", "d"),
-    ])
-    print("* 2·N²·D / time: the dense-product work a brute-force search would do")
-    path = write_json("bench_knn_cpu", {"benchmark": "knn_cpu", "env": environment(),
-                                        "args": vars(args), "rows": rows, "table": table},
-                      args.out)
-    print(f"wrote {path}")
+    ], footer="* 2·N²·D / time: the dense-product work a brute-force search would do")
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, print_table, write_json  # noqa: E402
+from _harness import finish  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -57,14 +57,11 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"  {m}: peak {r['peak_mib']:.0f} MiB (baseline {r['baseline_mib']:.0f} MiB), "
               f"{r['seconds']:.2f} s", flush=True)
-    table = print_table(rows, [("metric", "metric", ""), ("N", "N", "d"), ("D", "D", "d"),
-                               ("seconds", "time (s)", ".2f"),
-                               ("baseline_mib", "baseline MiB", ".0f"),
-                               ("peak_mib", "peak MiB", ".0f")])
-    path = write_json("bench_memory", {"benchmark": "memory", "env": environment(),
-                                       "args": vars(args), "rows": rows, "table": table},
-                      args.out)
-    print(f"wrote {path}")
+    finish("bench_memory", "memory", args, rows, [
+        ("metric", "metric", ""), ("N", "N", "d"), ("D", "D", "d"),
+        ("seconds", "time (s)", ".2f"), ("baseline_mib", "baseline MiB", ".0f"),
+        ("peak_mib", "peak MiB", ".0f"),
+    ])
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import environment, print_table, timeit, write_json  # noqa: E402
+from _harness import finish, timeit  # noqa: E402
 
 from prh_fast import metrics, reference  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
@@ -85,16 +85,12 @@ def main(argv=None) -> int:
             print(f"  {m:>18} N={n:>6}: prh_fast {t_fast['p50'] * 1e3:9.1f} ms"
                   + (f", reference {row['reference_s']:8.2f} s, x{row['speedup']:.0f}"
                      if "speedup" in row else ""), flush=True)
-    table = print_table(rows, [
+    finish("bench_metrics", "metrics", args, rows, [
         ("metric", "metric", ""), ("N", "N", "d"), ("value", "value", ".4f"),
         ("prh_fast_s", "prh_fast (s)", ".4f"), ("reference_s", "reference (s)", ".2f"),
         ("speedup", "speed-up", ".0f"), ("rel_diff", "rel diff", ".1e"),
         ("rows_differing_from_float64", "near-tie rows", "d"),
     ])
-    path = write_json("bench_metrics", {"benchmark": "metrics", "env": environment(),
-                                        "args": vars(args), "rows": rows, "table": table},
-                      args.out)
-    print(f"wrote {path}")
     return 0
 
 
