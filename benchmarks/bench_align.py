@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import finish, timeit  # noqa: E402
 
 from prh_fast import reference  # noqa: E402
-from prh_fast.align import align, best_pair  # noqa: E402
+from prh_fast._align import align, best_pair  # noqa: E402
 from prh_fast.metrics import SUPPORTED_METRICS  # noqa: E402
 
 

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
 from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search
 from prh_fast._info import info
-from prh_fast.align import AlignmentResult, align, compute_score
+from prh_fast._align import AlignmentResult, align, compute_score
 from prh_fast.metrics import AlignmentMetrics, SUPPORTED_METRICS, measure
+from prh_fast.grid import Alignment, GridResult, align_models
 from prh_fast.prepare import prepare_features
 from prh_fast.store import load_features, save_features
 
@@ -24,6 +25,9 @@ __all__ = [
     "align",
     "AlignmentResult",
     "compute_score",
+    "align_models",
+    "Alignment",
+    "GridResult",
     "prepare_features",
     "load_features",
     "save_features",

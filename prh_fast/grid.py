@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from prh_fast import store
-from prh_fast.align import (
+from prh_fast._align import (
     _KNN_RAW,
     _align_prepared,
     _cknna_side,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from prh_fast import metrics as fast_metrics
-from prh_fast.align import compute_score as fast_compute_score
+from prh_fast._align import compute_score as fast_compute_score
 
 __all__ = ["load_reference", "profile_against", "ProfileReport"]
 

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 import importlib
 from prh_fast import reference, store
-from prh_fast.align import align
+from prh_fast._align import align
 from prh_fast.grid import Alignment, GridResult, align_models, output_stem
 from prh_fast.prepare import prepare_features
 
-# `prh_fast.align` the attribute is the function (re-exported); the module is in sys.modules
-align_mod = importlib.import_module("prh_fast.align")
+# the layer-grid module is private (prh_fast._align); prh_fast.align is the function
+align_mod = importlib.import_module("prh_fast._align")
 
 N = 80
 
