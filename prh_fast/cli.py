@@ -1,4 +1,4 @@
-"""Command line: ``prh-fast info``, ``prh-fast example`` and ``prh-fast align``."""
+"""Command line: ``prh-fast info | example | align | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -153,6 +153,43 @@ def _align(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    """Time prh_fast against a checkout of the reference implementation, side by side."""
+    from prh_fast.profile import profile_against
+
+    try:
+        x = y = None
+        if args.x or args.y:
+            if not (args.x and args.y):
+                raise ValueError("--x and --y: give both feature files, or neither")
+            from prh_fast.store import load_features
+
+            x = _as_nld(load_features(args.x)["feats"], args.x)
+            y = _as_nld(load_features(args.y)["feats"], args.y)
+        report = profile_against(args.against, x_feats=x, y_feats=y, n=args.n, d=args.d,
+                                 layers=args.layers, topk=args.topk, metrics=args.metrics,
+                                 grid_metrics=args.grid_metrics)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"prh-fast bench: error: {err}", file=sys.stderr)
+        return 2
+    src = f"{args.x} vs {args.y}" if args.x else (
+        f"generated paired features N={args.n}, D={args.d}, {args.layers} layers")
+    print(f"reference: {args.against}\nfeatures: {src}; topk {args.topk}\n")
+    print(report.table())
+    return 0
+
+
+def _as_nld(feats, path):
+    """Feature files hold [N, L, D] tensors or per-layer lists; profiling needs [N, L, D]."""
+    import torch
+
+    if isinstance(feats, (list, tuple)):
+        if len({f.shape[1] for f in feats}) != 1:
+            raise ValueError(f"{path}: layers of different widths; profiling needs [N, L, D]")
+        feats = torch.stack(list(feats), dim=1)
+    return feats.float()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prh-fast", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -191,6 +228,19 @@ def main(argv=None) -> int:
     pa.add_argument("--backend", default=None, help="neighbour-search backend")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_align)
+    pb = sub.add_parser("bench", help="time prh_fast against a reference checkout, side by side")
+    pb.add_argument("--against", required=True, metavar="PATH",
+                    help="checkout of the reference repository (metrics.py, measure_alignment.py)")
+    pb.add_argument("--x", metavar="FILE", help="x feature file (.pt); default: generated")
+    pb.add_argument("--y", metavar="FILE", help="y feature file (.pt)")
+    pb.add_argument("--n", type=int, default=1024, help="samples of the generated features")
+    pb.add_argument("--d", type=int, default=256, help="width of the generated features")
+    pb.add_argument("--layers", type=int, default=4, help="layers of the generated features")
+    pb.add_argument("--topk", type=int, default=10)
+    pb.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)
+    pb.add_argument("--grid-metrics", nargs="+", choices=SUPPORTED_METRICS,
+                    default=["mutual_knn"], help="metrics timed over the whole layer grid")
+    pb.set_defaults(func=_cmd_bench)
     args = p.parse_args(argv)
     return args.func(args)
 

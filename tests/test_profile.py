@@ -44,3 +44,24 @@ def test_broken_reference_import_is_reported(tmp_path):
     (tmp_path / "metrics.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(ValueError, match="importing"):
         load_reference(tmp_path)
+
+
+def test_cli_bench_against_stand_in(tmp_path):
+    import subprocess
+    import sys
+
+
+    from prh_fast.store import save_features
+
+    X, Y = paired_features(80, 2, 12, seed=3)
+    save_features(tmp_path / "x.pt", X, num_params=1)
+    save_features(tmp_path / "y.pt", Y, num_params=1)
+    out = subprocess.run([sys.executable, "-m", "prh_fast.cli", "bench", "--against", str(FAKE),
+                          "--x", str(tmp_path / "x.pt"), "--y", str(tmp_path / "y.pt"),
+                          "--topk", "5", "--metrics", "mutual_knn", "cka"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "mutual_knn" in out.stdout and "same pair" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "prh_fast.cli", "bench", "--against",
+                          str(tmp_path / "missing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a folder" in bad.stderr
