@@ -56,7 +56,7 @@ def py_row(metric, a_layer, b_layer, i):
     return py_lev(a, b)
 
 
-CASES = [(5, 1), (5, 3), (17, 3), (17, 10), (123, 10), (123, 40), (1000, 3), (1000, 40)]
+CASES = [(n, k) for n in (5, 17, 123, 1000) for k in (1, 3, 10, 40) if k < n]
 
 
 @pytest.mark.parametrize("metric", ["mutual", "cycle", "lcs", "edit"])
@@ -192,3 +192,103 @@ def test_build_info_records_the_build():
     import prh_fast
 
     assert info["version"] == prh_fast.__version__
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = np.random.default_rng(7)
+    n = 300
+    a = random_lists(rng, 3, n, 40)
+    b = random_lists(rng, 2, n, 40)
+    b[1] = share(a[0], b[1], 25)
+    ia, ib = a[0], share(a[0], b[0][:, :33], 20)
+    sa, sb = rng.standard_normal((n, 40)), rng.standard_normal((n, 33))
+    before = _C.build_info()["omp_max_threads"]
+    try:
+        got = {}
+        for threads in (1, 2, 3):
+            _C.set_num_threads(threads)
+            assert _C.build_info()["omp_max_threads"] == threads or not _C.build_info()["openmp"]
+            got[threads] = ([_C.neighbour_scores(m, a, b) for m in ("mutual", "cycle", "lcs", "edit")],
+                            _C.cknna_terms(ia, sa, ib, sb))
+    finally:
+        _C.set_num_threads(before)
+    for threads in (2, 3):
+        for x, y in zip(got[1][0], got[threads][0]):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(got[threads][1], got[1][1], rtol=1e-12, atol=0)
+
+
+def test_topk_update_all_ties_keeps_lowest_indices_across_tiles():
+    n, k = 23, 5
+    S = np.ones((n, n), dtype=np.float32)
+    vals = np.full((n, k), -np.inf, dtype=np.float32)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    for c0 in range(0, n, 4):
+        _C.topk_update(S.T[:, c0 : c0 + 4], 0, c0, vals, idx, True)  # a genuine transposed view
+    for i in range(n):
+        assert idx[i].tolist() == [j for j in range(n) if j != i][:k]
+    assert (vals == 1).all()
+
+
+def test_topk_update_partial_lists_and_strict_insert():
+    # fewer keys than k: the tail keeps its empty slots (-inf, -1); -inf scores never enter
+    vals = np.full((2, 4), -np.inf)
+    idx = np.full((2, 4), -1, dtype=np.int64)
+    tile = np.array([[0.5, -np.inf, 0.5], [3.0, 2.0, 1.0]])
+    _C.topk_update(tile, 0, 0, vals, idx, True)
+    assert idx.tolist() == [[2, -1, -1, -1], [0, 2, -1, -1]]
+    assert vals[0, 0] == 0.5 and vals[1, :2].tolist() == [3.0, 1.0] and np.isneginf(vals[1, 2])
+    # a later tile with an equal score goes after the existing equal entry
+    _C.topk_update(np.array([[0.5], [3.0]]), 0, 3, vals, idx, False)
+    assert idx.tolist() == [[2, 3, -1, -1], [0, 3, 2, -1]]
+
+
+def test_more_bad_inputs():
+    a = np.zeros((5, 2), dtype=np.int64)
+    a[:, 0], a[:, 1] = (np.arange(5) + 1) % 5, (np.arange(5) + 2) % 5
+    s = np.ones((5, 2))
+    with pytest.raises(ValueError, match="knn_a.*C-contiguous"):
+        _C.neighbour_scores("mutual", np.asfortranarray(np.stack([a, a])), np.stack([a, a]))
+    with pytest.raises(ValueError, match="knn_b"):
+        _C.neighbour_row_values("lcs", a, a[:, :1].copy())
+    with pytest.raises(ValueError, match="rows N"):
+        _C.cknna_terms(a, s, a[:4].copy(), s[:4].copy())
+    bad = a.copy()
+    bad[3, 1] = -7
+    with pytest.raises(ValueError, match="knn_b.*out of range"):
+        _C.cknna_terms(a, s, bad, s)
+    bad[3, 1] = 1 << 40
+    with pytest.raises(ValueError, match="knn_a.*out of range"):
+        _C.cknna_terms(bad, s, a, s)
+    with pytest.raises(ValueError, match="k"):
+        _C.cknna_terms(a[:, :0].copy(), s[:, :0].copy(), a, s)
+    with pytest.raises(ValueError, match="knn_a"):
+        _C.cknna_terms(a.astype(np.float64), s, a, s)
+    with pytest.raises(ValueError, match="3-D"):
+        _C.neighbour_scores("edit", a, a)
+    with pytest.raises(ValueError, match="idx"):
+        _C.topk_update(np.zeros((5, 3)), 0, 0, np.zeros((5, 2)), np.zeros((5, 2), np.int32), True)
+    with pytest.raises(ValueError, match="k"):
+        _C.topk_update(np.zeros((5, 3)), 0, 0, np.zeros((5, 0)), np.zeros((5, 0), np.int64), True)
+    with pytest.raises(ValueError, match="vals"):
+        _C.topk_update(np.zeros((5, 3)), 0, 0, np.zeros((2, 5)).T, np.zeros((5, 2), np.int64), True)
+
+
+def test_cuda_entry_points_validate_before_touching_the_device():
+    if not _C.has_cuda_kernels:
+        assert not hasattr(_C, "cuda_neighbour_scores")
+        return
+    info = _C.build_info()
+    assert info["cuda_archs"] and info["cuda_version"]
+    assert _C.cuda_cknna_workspace_bytes(10) == 4 * 10 * 8
+    # sizes and pointers are checked first, so these raise without any GPU or driver
+    with pytest.raises(ValueError, match="metric"):
+        _C.cuda_neighbour_scores("nope", 1, 1, 1, 1, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="k"):
+        _C.cuda_neighbour_scores("mutual", 1, 1, 1, 1, 1, 0, 1, 0)
+    with pytest.raises(ValueError, match="knn_a"):
+        _C.cuda_neighbour_scores("mutual", 0, 1, 1, 1, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="N"):
+        _C.cuda_cknna_terms(1, 1, 1, 1, 0, 1, 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="workspace"):
+        _C.cuda_cknna_terms(1, 1, 1, 1, 4, 1, 1, 1, 0, 0)

@@ -40,7 +40,8 @@ void cknna_terms_cpu(const int64_t* ia, const double* sa, int ka, const int64_t*
   // Rows are processed in chunks: the per-row work runs in parallel and records each row's
   // masked entries; the column scatter then runs serially in row order. Every sum therefore
   // has a fixed order: results are bit-identical whatever the thread count.
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / m_max));
+  // A chunk holds at most 2^20 masked entries (24 MiB of scratch), whatever N is.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 20) / m_max));
   std::vector<int64_t> js(chunk * m_max);
   std::vector<double> ps(chunk * m_max), qs(chunk * m_max);
   std::vector<int> count(chunk);
