@@ -3,8 +3,8 @@
 // For layers p of A ([La, N, k]) and q of B ([Lb, N, k]), out[p, q] = mean over rows i of
 //   mutual: |set(a_i) ∩ set(b_i)|      cycle: [i ∈ ∪_{j ∈ b_i} a_j]
 //   lcs:    LCS(a_i, b_i)              edit:  Levenshtein(a_i, b_i)
-// The per-row logic is in common/rowops.h, shared with the CUDA kernels. Lists longer than
-// kLinearScanMaxK get per-layer sorted copies so membership tests are binary searches.
+// The per-row logic is in common/rowops.h, shared with the CUDA kernels. Long lists get
+// per-layer sorted copies so membership tests are binary searches (thresholds: rowops.h).
 #include <algorithm>
 #include <numeric>
 #include <stdexcept>
@@ -45,12 +45,27 @@ void set_omp_threads(int n) {
 }
 
 void sorted_copies(const int64_t* lists, int64_t rows, int k, int64_t* sv, int32_t* sp) {
+  // Fast path: pack (value, position) into one 64-bit key, so the sort moves plain integers.
+  // Needs k <= 2^16 and values < 2^47 (neighbour indices are validated to lie in [0, N)).
+  constexpr int kPosBits = 16;
+  bool packable = k <= (1 << kPosBits);
+  for (int64_t t = 0; packable && t < rows * k; ++t) packable = lists[t] < (int64_t(1) << 47);
 #pragma omp parallel
   {
-    std::vector<int32_t> order(k);
+    std::vector<int32_t> order(packable ? 0 : k);
+    std::vector<uint64_t> keys(packable ? k : 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t* a = lists + r * k;
+      if (packable) {
+        for (int t = 0; t < k; ++t) keys[t] = (uint64_t(a[t]) << kPosBits) | uint64_t(t);
+        std::sort(keys.begin(), keys.end());
+        for (int t = 0; t < k; ++t) {
+          sv[r * k + t] = static_cast<int64_t>(keys[t] >> kPosBits);
+          sp[r * k + t] = static_cast<int32_t>(keys[t] & ((uint64_t(1) << kPosBits) - 1));
+        }
+        continue;
+      }
       std::iota(order.begin(), order.end(), 0);
       std::sort(order.begin(), order.end(), [a](int32_t x, int32_t y) { return a[x] < a[y]; });
       for (int t = 0; t < k; ++t) {
@@ -79,6 +94,16 @@ Sorted make_sorted(const int64_t* lists, int64_t rows, int k, bool wanted) {
   return s;
 }
 
+// Sorted copies of the A-lists: cycle looks up other rows' lists (see rowops.h for the
+// thresholds); lcs looks up b's entries in a; edit keeps linear look-ups (bit-parallel form up
+// to k = 64, then the O(k^2) DP, which needs none). Sorted B-lists serve only mutual's merge.
+bool want_sorted_a(SetMetric m, int k) {
+  if (m == SetMetric::Cycle) return k > kLinearScanMaxK;
+  if (m == SetMetric::Edit) return false;
+  return k > kLinearPairMaxK;
+}
+bool want_sorted_b(SetMetric m, int k) { return m == SetMetric::Mutual && k > kLinearPairMaxK; }
+
 // Raw value of row i for one pair of layers. `a_layer`/`b_layer` point at [N, k] lists.
 inline int64_t row_value(SetMetric m, int64_t i, const int64_t* a_layer, const int64_t* b_layer,
                          const Sorted& sa, int64_t a_off, const Sorted& sb, int64_t b_off, int k,
@@ -95,7 +120,7 @@ inline int64_t row_value(SetMetric m, int64_t i, const int64_t* a_layer, const i
     case SetMetric::Lcs:
       return lcs_distinct(a, sa.vals(a_off + i * k), sa.pos(a_off + i * k), b, k, scratch);
     case SetMetric::Edit:
-      return levenshtein(a, b, k, scratch);
+      return edit_distance(a, sa.vals(a_off + i * k), sa.pos(a_off + i * k), b, k, scratch);
   }
   return 0;
 }
@@ -104,9 +129,8 @@ inline int64_t row_value(SetMetric m, int64_t i, const int64_t* a_layer, const i
 
 void neighbour_scores_cpu(SetMetric m, const int64_t* a, int64_t La, const int64_t* b,
                           int64_t Lb, int64_t N, int k, double* out) {
-  const bool big = k > kLinearScanMaxK;
-  const Sorted sa = make_sorted(a, La * N, k, big && m != SetMetric::Edit);
-  const Sorted sb = make_sorted(b, Lb * N, k, big && m == SetMetric::Mutual);
+  const Sorted sa = make_sorted(a, La * N, k, want_sorted_a(m, k));
+  const Sorted sb = make_sorted(b, Lb * N, k, want_sorted_b(m, k));
   for (int64_t p = 0; p < La; ++p) {
     for (int64_t q = 0; q < Lb; ++q) {
       const int64_t a_off = p * N * k, b_off = q * N * k;
@@ -125,9 +149,8 @@ void neighbour_scores_cpu(SetMetric m, const int64_t* a, int64_t La, const int64
 
 void neighbour_rows_cpu(SetMetric m, const int64_t* a, const int64_t* b, int64_t N, int k,
                         int64_t* out) {
-  const bool big = k > kLinearScanMaxK;
-  const Sorted sa = make_sorted(a, N, k, big && m != SetMetric::Edit);
-  const Sorted sb = make_sorted(b, N, k, big && m == SetMetric::Mutual);
+  const Sorted sa = make_sorted(a, N, k, want_sorted_a(m, k));
+  const Sorted sb = make_sorted(b, N, k, want_sorted_b(m, k));
 #pragma omp parallel
   {
     std::vector<int> scratch(k + 1);

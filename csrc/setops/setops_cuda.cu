@@ -30,7 +30,7 @@ __global__ void setops_kernel(int metric, const int64_t* __restrict__ a, const i
       case 0: v = count_common_linear(ai, bi, k); break;
       case 1: v = cycle_hit(i, bi, a_layer, nullptr, nullptr, k); break;
       case 2: v = lcs_distinct(ai, nullptr, nullptr, bi, k, scratch); break;
-      default: v = levenshtein(ai, bi, k, scratch); break;
+      default: v = edit_distance(ai, nullptr, nullptr, bi, k, scratch); break;
     }
     local += static_cast<unsigned long long>(v);
   }
