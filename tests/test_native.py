@@ -294,3 +294,25 @@ def test_cuda_entry_points_validate_before_touching_the_device():
         _C.cuda_cknna_terms(1, 1, 1, 1, 0, 1, 1, 1, 1, 0)
     with pytest.raises(ValueError, match="workspace"):
         _C.cuda_cknna_terms(1, 1, 1, 1, 4, 1, 1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_update_column_major_tiles_match_row_major(dtype):
+    # > 64 rows: several row blocks on the column-major path, a row offset, ties, self excluded
+    rng = np.random.default_rng(3)
+    n, rows, row0, k = 200, 150, 30, 7
+    S = rng.integers(0, 20, size=(n, n)).astype(dtype)
+    ST = np.ascontiguousarray(S.T)  # ST.T is S as a column-major view
+    out = []
+    for source in (S, ST.T):
+        vals = np.full((rows, k), -np.inf, dtype=dtype)
+        idx = np.full((rows, k), -1, dtype=np.int64)
+        for c0 in range(0, n, 33):
+            _C.topk_update(source[row0 : row0 + rows, c0 : c0 + 33], row0, c0, vals, idx, True)
+        out.append((vals, idx))
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    for r in range(rows):
+        i = row0 + r
+        assert out[0][1][r].tolist() == sorted((j for j in range(n) if j != i),
+                                               key=lambda j: (-S[i, j], j))[:k]
