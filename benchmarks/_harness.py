@@ -11,7 +11,6 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -114,14 +113,11 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """Write ``payload`` atomically to ``<out_dir>/<name>.json`` (temp file + rename)."""
-    out_dir = Path(out_dir or RESULTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    from prh_fast._io import atomic_write
+
+    path = Path(out_dir or RESULTS) / f"{name}.json"
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
 

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from prh_fast import store
+from prh_fast._io import atomic_write
 from prh_fast._align import (
     _KNN_RAW,
     _align_prepared,
@@ -277,27 +277,6 @@ def _best(mat: np.ndarray, reference_order: bool):
 # --------------------------------------------------------------------------------------------
 # result
 # --------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write) -> None:
-    """``write(f)`` into a temporary file beside ``path``, then ``os.replace`` it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _jsonable(v):
     if isinstance(v, float) and not np.isfinite(v):
         return None
@@ -395,9 +374,9 @@ class GridResult:
         Returns the paths."""
         p = self.paths(output_dir)
         ref = self.reference_arrays()
-        _atomic_write(p["npy"], lambda f: np.save(f, ref, allow_pickle=True))
+        atomic_write(p["npy"], lambda f: np.save(f, ref, allow_pickle=True))
         text = json.dumps(self.to_dict(), indent=1)
-        _atomic_write(p["json"], lambda f: f.write(text.encode()))
+        atomic_write(p["json"], lambda f: f.write(text.encode()))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["x", "y", "score", "i", "j"])
@@ -406,7 +385,7 @@ class GridResult:
                 i, j = (int(v) for v in self.indices[a, b])
                 w.writerow([x, y, repr(float(self.scores[a, b]))]
                            + (["", ""] if i < 0 else [i, j]))
-        _atomic_write(p["csv"], lambda f: f.write(buf.getvalue().encode()))
+        atomic_write(p["csv"], lambda f: f.write(buf.getvalue().encode()))
         return p
 
     @classmethod

@@ -8,10 +8,10 @@ made, so ``import prh_fast`` never needs it).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import numpy as np
+
+from prh_fast._io import atomic_write
 
 __all__ = ["plot_grid", "plot_layers"]
 
@@ -32,23 +32,8 @@ def _figure(w, h):
 
 def _save(fig, path) -> str:
     """PNG to a temporary file beside ``path``, then ``os.replace`` (never half-written)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
+                                                   bbox_inches="tight"))
 
 
 def _heatmap(ax, fig, mat, label):

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 
 import torch
+
+from prh_fast._io import atomic_write
 
 __all__ = ["load_features", "save_features", "feature_info", "check_same_samples"]
 
@@ -210,20 +211,6 @@ def _compact(t):
     return t
 
 
-def _umask() -> int:
-    # Read without changing it where possible (os.umask(x) changes it process-wide).
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def save_features(path, feats, **extra) -> None:
     """Write ``{"feats": feats, **extra}`` in the reference format, atomically.
 
@@ -244,31 +231,4 @@ def save_features(path, feats, **extra) -> None:
     else:
         feats = _compact(feats)
     record = {"feats": feats, **extra}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give it the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX; not possible on every platform)
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    atomic_write(path, lambda f: torch.save(record, f))

@@ -1,0 +1,59 @@
+"""Atomic file writes: every file prh_fast writes goes through ``atomic_write``.
+
+The content is written to a temporary file beside the target, flushed and fsynced, given the
+mode a plain ``open()`` would have produced, renamed over the target (``os.replace``), and the
+folder is fsynced so the rename survives a crash. A failure at any point leaves the previous
+file untouched and no temporary file behind.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _umask() -> int:
+    # Read without changing it where possible (os.umask(x) changes it process-wide).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def atomic_write(path, write) -> str:
+    """Call ``write(f)`` on a binary file object, then move the result to ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX; not possible on every platform)
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return path
