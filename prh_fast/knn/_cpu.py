@@ -27,11 +27,10 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
     # Tiles of 256..1024 rows: small enough that the symmetric saving is real (about half the
     # products at 8+ blocks), large enough for BLAS to run at full speed (measured on 2 cores:
     # N=4096, D=768 takes 0.097 s with 512-row tiles, 0.135 s with 2048, 0.163 s unblocked).
-    b = square_tile(n, X.element_size(), budget, buffers=2,
+    b = square_tile(n, X.element_size(), budget, buffers=1,
                     maximum=min(1024, max(256, -(-n // 8))))
-    # Flat buffers viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
+    # One flat buffer viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
     buf = torch.empty(b * b, dtype=dtype)
-    buf_t = torch.empty(b * b, dtype=dtype)
     for i0 in range(0, n, b):
         i1 = min(n, i0 + b)
         Xi = X[i0:i1]
@@ -41,10 +40,10 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
             torch.mm(Xi, X[j0:j1].T, out=S)
             _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
             if j0 != i0:
-                # A contiguous transposed copy keeps the native reads sequential.
-                St = buf_t[: (j1 - j0) * (i1 - i0)].view(j1 - j0, i1 - i0)
-                St.copy_(S.T)
-                _C.topk_update(St.numpy(), j0, i0, vals[j0:j1], idx[j0:j1], True)
+                # The transposed view goes in as is: the native kernel walks column-major tiles
+                # in row blocks (measured: as fast as a transposed copy at N = 4096, 9% faster
+                # at N = 16384, and no second tile buffer).
+                _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True)
     if (idx < 0).any():
         raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
     return torch.from_numpy(idx), torch.from_numpy(vals)
