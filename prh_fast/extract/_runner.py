@@ -1,0 +1,232 @@
+"""The extraction loop: batches in sample order, a progress bar, durable batches, resume.
+
+``extract_text`` and ``extract_images`` take a model (a name or path, or an already loaded
+encoder) and paired data (a source string or a loaded :class:`PairedDataset`), and write the
+reference's feature file ``<features_dir>/<data set>/<model>_pool-<pool>_prompt-<bool>.pt``.
+A finished file whose recorded settings match is reused; an unfinished one resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+
+import torch
+
+from prh_fast.extract._writer import STORAGE_DTYPES, PtWriter
+
+__all__ = ["extract_text", "extract_images", "feature_path", "safe_name", "TEXT_POOLINGS"]
+
+TEXT_POOLINGS = ("avg", "last", "prompt")
+
+
+def safe_name(name: str) -> str:
+    """A model or data-set name usable as a file name (the reference replaces '/' by '_')."""
+    s = str(name).rstrip("/\\").replace("/", "_").replace("\\", "_")
+    s = "".join(c if (c.isalnum() or c in "-_.+") else "_" for c in s)
+    return s.lstrip(".") or "model"
+
+
+def feature_path(features_dir, data_name: str, model_name: str, pool: str,
+                 prompt: bool = False) -> str:
+    """The reference's feature-file layout."""
+    parts = [safe_name(p) for p in str(data_name).split("/") if p]
+    return os.path.join(os.fspath(features_dir), *parts,
+                        f"{safe_name(model_name)}_pool-{pool}_prompt-{bool(prompt)}.pt")
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _subset(n, total: int, where: str) -> int:
+    if n is None:
+        return total
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    if n > total:
+        raise ValueError(f"n: {n} samples requested but {where} has only {total}")
+    return n
+
+
+def _digest(items) -> str:
+    h = hashlib.sha1()
+    for it in items:
+        h.update(str(it).encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _existing_matches(path: str, fingerprint: dict) -> bool:
+    """A finished feature file whose recorded job fingerprint equals ``fingerprint``."""
+    if not os.path.isfile(path):
+        return False
+    from prh_fast.extract._writer import _canon
+
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not reused
+        return False
+    return isinstance(rec, dict) and _canon(rec.get("job", {})) == _canon(fingerprint)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="sample", disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def _version() -> str:
+    from prh_fast import __version__
+
+    return __version__
+
+
+def _run(encode, n: int, batch_size: int, writer, desc: str, progress: bool):
+    done = writer.rows_done
+    bar = _progress(n, done, desc, progress)
+    try:
+        for start in range(done, n, batch_size):
+            stop = min(n, start + batch_size)
+            layers, extras = encode(range(start, stop))
+            writer.append(layers, extras)
+            bar.update(stop - start)
+    finally:
+        bar.close()
+
+
+def _load_data(data, caption_level=None, split=None):
+    if isinstance(data, str):
+        from prh_fast.extract._data import load_pairs
+
+        return load_pairs(data, split=split, caption_level=caption_level)
+    for attr in ("name", "captions", "images"):
+        if not hasattr(data, attr):
+            raise TypeError(f"data: expected a source name or a PairedDataset, got "
+                            f"{type(data).__name__}")
+    return data
+
+
+def extract_text(model, data, *, pool: str = "avg", features_dir="./results/features",
+                 out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
+                 storage_dtype: str = "float32", caption_level=None, split=None,
+                 force: bool = False, progress: bool = True) -> str:
+    """Hidden states of a language model for the captions of ``data``; returns the file path.
+
+    ``model``: a name or path understood by :func:`load_text_model`, or a loaded encoder.
+    ``pool``: "avg" (mean over valid tokens), "last" (last valid token) or "prompt" (the
+    paper's prompt around the caption, last token). The file also records the mean next-token
+    loss (nats per predicted token) and bits per byte (total nats / ln 2 / UTF-8 bytes of the
+    scored text) for causal LMs.
+    """
+    if pool not in TEXT_POOLINGS:
+        raise ValueError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
+    batch_size = _check_batch_size(batch_size)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
+                         f"got {storage_dtype!r}")
+    ds = _load_data(data, caption_level, split)
+    n = _subset(n, len(ds), f"data set {ds.name!r}")
+    captions = ds.captions(range(n))
+    enc = model if hasattr(model, "encode") else None
+    name = enc.name if enc is not None else str(model)
+    path = os.fspath(out) if out is not None else feature_path(
+        features_dir, ds.name, name, pool, prompt=(pool == "prompt"))
+    fingerprint = {"model": name, "pool": pool, "data": ds.name, "n": n,
+                   "captions_sha1": _digest(captions), "storage_dtype": storage_dtype,
+                   "kind": "text"}
+    if not force and _existing_matches(path, fingerprint):
+        return path
+    writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
+    if enc is None:
+        from prh_fast.extract._text import load_text_model
+
+        enc = load_text_model(name, device=device, dtype=dtype)
+
+    def encode(idx):
+        tb = enc.encode([captions[i] for i in idx], pool=pool)
+        extras = {"n_bytes": tb.n_bytes.to(torch.int64)}
+        if tb.nll_sum is not None:
+            extras["nll_sum"] = tb.nll_sum.to(torch.float64)
+            extras["n_tokens"] = tb.n_tokens.to(torch.int64)
+        return tb.feats, extras
+
+    t0 = time.perf_counter()
+    _run(encode, n, batch_size, writer, f"{safe_name(name)} [{pool}]", progress)
+    ex = writer.extras()
+    meta = _meta(enc, ds, n, pool, storage_dtype, fingerprint, time.perf_counter() - t0)
+    if "nll_sum" in ex:
+        nll = float(ex["nll_sum"].sum())
+        tokens = int(ex["n_tokens"].sum())
+        nbytes = int(ex["n_bytes"].sum())
+        meta["loss"] = nll / max(tokens, 1)
+        meta["bpb"] = nll / math.log(2) / max(nbytes, 1)
+        meta["sample_loss"] = (ex["nll_sum"] / ex["n_tokens"].clamp_min(1)).to(torch.float32)
+    meta["prompt"] = pool == "prompt"
+    return writer.finish(meta)
+
+
+def extract_images(model, data, *, pool: str = "cls", features_dir="./results/features",
+                   out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
+                   storage_dtype: str = "float32", split=None, force: bool = False,
+                   progress: bool = True) -> str:
+    """Per-layer features of a vision model for the images of ``data``; returns the file path.
+
+    ``pool``: "cls" (class token after each block), "avg" (mean of patch tokens; for CNNs the
+    global average of each stage) or "auto" (cls where the model has a class token, else avg).
+    """
+    batch_size = _check_batch_size(batch_size)
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
+                         f"got {storage_dtype!r}")
+    ds = _load_data(data, None, split)
+    n = _subset(n, len(ds), f"data set {ds.name!r}")
+    enc = model if hasattr(model, "encode") else None
+    name = enc.name if enc is not None else str(model)
+    path = os.fspath(out) if out is not None else feature_path(features_dir, ds.name, name,
+                                                                pool, prompt=False)
+    ids = ds.meta.get("ids") if isinstance(getattr(ds, "meta", None), dict) else None
+    fingerprint = {"model": name, "pool": pool, "data": ds.name, "n": n,
+                   "images_sha1": _digest(list(ids)[:n]) if ids is not None else None,
+                   "storage_dtype": storage_dtype, "kind": "vision"}
+    if not force and _existing_matches(path, fingerprint):
+        return path
+    writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
+    if enc is None:
+        from prh_fast.extract._vision import load_vision_model
+
+        enc = load_vision_model(name, device=device, dtype=dtype, pool=pool)
+
+    def encode(idx):
+        return enc.encode(ds.images(list(idx))), None
+
+    t0 = time.perf_counter()
+    _run(encode, n, batch_size, writer, f"{safe_name(name)} [{pool}]", progress)
+    meta = _meta(enc, ds, n, getattr(enc, "pool", pool), storage_dtype, fingerprint,
+                 time.perf_counter() - t0)
+    return writer.finish(meta)
+
+
+def _meta(enc, ds, n, pool, storage_dtype, fingerprint, seconds) -> dict:
+    dims = [int(d) for d in getattr(enc, "dims", [])]
+    return {
+        "num_params": int(getattr(enc, "num_params", 0)),
+        "model": getattr(enc, "name", None),
+        "model_source": str(getattr(enc, "source", "")),
+        "pool": pool,
+        "dataset": ds.name,
+        "dataset_meta": {k: v for k, v in getattr(ds, "meta", {}).items() if k != "ids"},
+        "n": int(n),
+        "num_layers": len(dims),
+        "dims": dims,
+        "dtype": storage_dtype,
+        "compute_dtype": str(getattr(enc, "dtype", "")).replace("torch.", ""),
+        "device": str(getattr(enc, "device", "")),
+        "seconds": round(float(seconds), 3),
+        "prh_fast_version": _version(),
+        "job": fingerprint,
+    }

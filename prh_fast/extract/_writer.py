@@ -1,0 +1,166 @@
+"""Resumable writers for extracted features.
+
+A writer receives batches of per-layer features in sample order and produces one feature file
+(or store) at the end. Every batch is made durable before the next one is computed, so an
+interrupted extraction resumes from the last complete batch instead of starting over.
+
+The interface (``rows_done``, ``append``, ``finish``) is the one the sharded store's writer
+implements too, so the extraction loop does not care which format it fills.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+from prh_fast._io import atomic_write
+
+__all__ = ["PtWriter", "STORAGE_DTYPES"]
+
+log = logging.getLogger("prh_fast")
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PART = re.compile(r"^part-(\d{12})-(\d{12})\.pt$")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, torch.dtype):
+        return str(o).replace("torch.", "")
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _canon(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, default=_json_default)
+
+
+class PtWriter:
+    """Write a reference-format ``.pt`` feature file batch by batch.
+
+    Batches are kept as atomic part files in ``<path>.partial/`` next to a ``job.json`` that
+    records the job's ``fingerprint`` (model, data, pooling, ...). Re-opening the same path with
+    the same fingerprint resumes after the last complete part; a different fingerprint is an
+    error unless ``overwrite=True``. ``finish`` concatenates the parts into
+    ``{"feats": [N, L, D] (or a list of [N, D_l] when widths differ), "num_params", ...}``,
+    writes it atomically with :func:`prh_fast.store.save_features`, and removes the parts.
+
+    ``extras`` passed to :meth:`append` are per-sample 1-D tensors (for example token losses)
+    kept with the batch, so statistics over the whole data set survive an interruption too.
+    """
+
+    def __init__(self, path, *, fingerprint: dict, dtype: str = "float32",
+                 overwrite: bool = False):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+        self.path = os.fspath(path)
+        self.dtype = STORAGE_DTYPES[dtype]
+        self.partial = self.path + ".partial"
+        self.fingerprint = dict(fingerprint)
+        job = os.path.join(self.partial, "job.json")
+        if overwrite and os.path.isdir(self.partial):
+            shutil.rmtree(self.partial)
+        if os.path.isdir(self.partial) and os.path.isfile(job):
+            try:
+                with open(job) as fh:
+                    old = json.load(fh)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{job}: unreadable job record ({err}); remove "
+                                 f"{self.partial} or pass overwrite=True") from None
+            if _canon(old) != _canon(self.fingerprint):
+                changed = sorted(k for k in set(old) | set(self.fingerprint)
+                                 if _canon({k: old.get(k)}) != _canon({k: self.fingerprint.get(k)}))
+                raise ValueError(f"{self.path}: an unfinished extraction with different settings "
+                                 f"is in {self.partial} (differs in: {', '.join(changed)}); "
+                                 f"pass overwrite=True (CLI: --force) to start over")
+        else:
+            os.makedirs(self.partial, exist_ok=True)
+            atomic_write(job, lambda fh: fh.write(_canon(self.fingerprint).encode()))
+        self._parts = self._scan()
+
+    # ------------------------------------------------------------------------------------------
+    def _scan(self) -> list:
+        """Complete, contiguous parts from row 0; anything after a gap or unreadable is dropped."""
+        found = []
+        for name in os.listdir(self.partial):
+            m = _PART.match(name)
+            if m:
+                found.append((int(m.group(1)), int(m.group(2)), name))
+            elif name.endswith(".tmp") or ".tmp" in name:
+                os.remove(os.path.join(self.partial, name))   # debris of an interrupted write
+        found.sort()
+        parts, row = [], 0
+        for start, stop, name in found:
+            full = os.path.join(self.partial, name)
+            if start != row:
+                log.warning("prh_fast.extract: dropping %s (expected a part starting at row %d)",
+                            full, row)
+                os.remove(full)
+                continue
+            parts.append((start, stop, full))
+            row = stop
+        return parts
+
+    @property
+    def rows_done(self) -> int:
+        return self._parts[-1][1] if self._parts else 0
+
+    def append(self, layers, extras: dict | None = None) -> None:
+        if not layers:
+            raise ValueError("layers: expected at least one [B, D] tensor")
+        b = int(layers[0].shape[0])
+        for i, t in enumerate(layers):
+            if t.dim() != 2 or t.shape[0] != b:
+                raise ValueError(f"layers[{i}]: expected [{b}, D], got {tuple(t.shape)}")
+        extras = dict(extras or {})
+        for k, v in extras.items():
+            if v.dim() != 1 or v.shape[0] != b:
+                raise ValueError(f"extras[{k!r}]: expected [{b}], got {tuple(v.shape)}")
+        start = self.rows_done
+        stop = start + b
+        payload = {"layers": [t.detach().to("cpu", self.dtype).contiguous() for t in layers],
+                   "extras": {k: v.detach().cpu() for k, v in extras.items()}}
+        full = os.path.join(self.partial, f"part-{start:012d}-{stop:012d}.pt")
+        atomic_write(full, lambda fh: torch.save(payload, fh))
+        self._parts.append((start, stop, full))
+
+    def _load_parts(self):
+        for start, stop, full in self._parts:
+            try:
+                yield torch.load(full, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable part is reported the same way
+                raise ValueError(f"{full}: unreadable part of an unfinished extraction ({err}); "
+                                 f"delete it to recompute rows {start}..{stop}") from None
+
+    def extras(self) -> dict:
+        """Per-sample extras of every row written so far, concatenated."""
+        out: dict = {}
+        for part in self._load_parts():
+            for k, v in part["extras"].items():
+                out.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def finish(self, meta: dict) -> str:
+        from prh_fast.store import save_features
+
+        if not self._parts:
+            raise ValueError(f"{self.path}: nothing was extracted (no rows written)")
+        per_layer = None
+        for part in self._load_parts():
+            if per_layer is None:
+                per_layer = [[t] for t in part["layers"]]
+            elif len(part["layers"]) != len(per_layer):
+                raise ValueError(f"{self.partial}: parts disagree on the number of layers")
+            else:
+                for acc, t in zip(per_layer, part["layers"]):
+                    acc.append(t)
+        layers = [torch.cat(ts) for ts in per_layer]
+        dims = {t.shape[1] for t in layers}
+        feats = torch.stack(layers, dim=1) if len(dims) == 1 else layers
+        save_features(self.path, feats, **meta)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return self.path
