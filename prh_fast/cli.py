@@ -241,6 +241,9 @@ def main(argv=None) -> int:
     pb.add_argument("--grid-metrics", nargs="+", choices=SUPPORTED_METRICS,
                     default=["mutual_knn"], help="metrics timed over the whole layer grid")
     pb.set_defaults(func=_cmd_bench)
+    from prh_fast.cli_extract import add_parsers as _extract_parsers
+
+    _extract_parsers(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

