@@ -83,8 +83,10 @@ def _named(files) -> dict:
 
 def _cmd_align(args) -> int:
     """The reference's measure_alignment.py over local feature files."""
+    from prh_fast.distributed.launch import run_align_command  # torchrun: every rank
+
     try:
-        return _align(args)
+        return run_align_command(_align, args)
     except _UserError as err:
         print(f"prh-fast align: error: {err}", file=sys.stderr)
         return 2
@@ -96,7 +98,8 @@ def _cmd_align(args) -> int:
 def _align(args) -> int:
     import os
 
-    from prh_fast.grid import align_models, output_stem
+    from prh_fast.distributed import align_models  # one process: prh_fast.grid's
+    from prh_fast.grid import output_stem
 
     if not 0.0 < args.q <= 1.0:
         raise _UserError(f"--q: expected a number in (0, 1], got {args.q}")

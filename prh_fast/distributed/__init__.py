@@ -19,10 +19,12 @@ from prh_fast.distributed._env import (
     shard_range,
     world,
 )
+from prh_fast.distributed._grid import align_models
 from prh_fast.distributed._knn import knn, shard
 
 __all__ = [
     "DistributedError",
+    "align_models",
     "default_timeout",
     "init_from_env",
     "knn",
