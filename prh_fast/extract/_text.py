@@ -223,9 +223,10 @@ def _resolve(name_or_path: str, hub) -> tuple:
     from huggingface_hub import constants
 
     tried.append(f"Hugging Face cache {constants.HF_HUB_CACHE} (no complete copy of {name!r})")
-    if hub == "status":
-        why = "would have to be downloaded"
-    elif hub is False:
+    if hub == "status":  # short reason for check_available's listing
+        raise ModelNotAvailableError(f"not cached locally ({constants.HF_HUB_CACHE} has no "
+                                     f"complete copy); would have to be downloaded")
+    if hub is False:
         why = "hub downloads are off (hub=False)"
     elif hub is None and _offline_env():
         why = "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set"
