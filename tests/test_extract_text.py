@@ -336,6 +336,21 @@ def test_dtype_option(saved):
     torch.testing.assert_close(tb.feats[1], ref.feats[1], rtol=0.05, atol=0.05)
 
 
+def test_device_options(saved):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
+            load_text_model(saved["gpt2"], device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        load_text_model(saved["gpt2"], device="gpu:zero")
+    pytest.importorskip("accelerate")
+    auto = load_text_model(saved["llama"], device="auto")  # accelerate's device_map="auto"
+    ref = load_text_model(saved["llama"])
+    a, b = auto.encode(TEXTS, pool="last"), ref.encode(TEXTS, pool="last")
+    for fa, fb in zip(a.feats, b.feats):
+        torch.testing.assert_close(fa, fb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.nll_sum, b.nll_sum, rtol=1e-6, atol=1e-6)
+
+
 def test_encode_errors(encoders):
     enc = encoders["gpt2"]
     with pytest.raises(ValueError, match="pool"):

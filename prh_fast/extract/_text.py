@@ -314,6 +314,8 @@ def _converted_gguf(gguf_path: str) -> str:
         with open(os.path.join(tmp, _CACHE_MARKER), "w") as f:
             json.dump({"source": os.path.abspath(gguf_path), "size": os.stat(gguf_path).st_size},
                       f)
+        if os.path.isdir(target) and not os.path.isfile(os.path.join(target, _CACHE_MARKER)):
+            shutil.rmtree(target)  # not ours (no marker): replace it
         try:
             os.rename(tmp, target)
         except OSError:
@@ -359,8 +361,9 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
     """Load a transformers causal LM or encoder for :meth:`TextEncoder.encode`.
 
     ``name_or_path``: a packaged alias, a save_pretrained folder, a ``.gguf`` file, or a hub
-    id (see the module docstring for the search order). ``dtype``: compute dtype (default
-    float32). ``hub``: None = download only when the hub answers and no offline variable is
+    id (see the module docstring for the search order). ``device``: a torch device, or
+    "auto" to spread a large model over the visible GPUs (accelerate's ``device_map="auto"``).
+    ``dtype``: compute dtype (default float32; features are returned in float32 anyway). ``hub``: None = download only when the hub answers and no offline variable is
     set, True = allowed, False = never. ``padding_side``: "right" (default) or "left".
     """
     if padding_side not in ("left", "right"):
@@ -368,10 +371,14 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
     if hub not in (None, True, False):
         raise ValueError(f"hub: expected None, True or False, got {hub!r}")
     dt = _parse_dtype(dtype)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: not a torch device: {device!r}") from e
+    dev = None
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: not a torch device or 'auto': {device!r}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available")
     kind, where = _resolve(name_or_path, hub)
     transformers = _import_transformers()
     if kind == "gguf":
@@ -382,8 +389,11 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
     config = transformers.AutoConfig.from_pretrained(where, **common)
     causal = _is_causal(config, transformers)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(where, **common, **_dtype_kw(transformers, dt))
-    model.to(dev).eval()
+    extra = {"device_map": "auto"} if dev is None else {}
+    model = auto.from_pretrained(where, **common, **extra, **_dtype_kw(transformers, dt))
+    if dev is not None:
+        model.to(dev)
+    model.eval()
     source = where if local else f"hub:{where}"
     return TextEncoder(model, tok, name=os.fspath(name_or_path), source=source, causal=causal,
                        padding_side=padding_side)
@@ -429,7 +439,9 @@ class TextEncoder:
             pid = tokenizer.eos_token_id
         self._pad_id = int(pid) if pid is not None else 0
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        p = next(model.parameters())
+        # Inputs go where the embeddings are (with device_map="auto" layers may sit elsewhere).
+        emb = model.get_input_embeddings()
+        p = emb.weight if emb is not None else next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.num_params = int(sum(t.numel() for t in model.parameters()))
         self.max_length = _max_positions(model.config, tokenizer)
@@ -478,22 +490,24 @@ class TextEncoder:
         if self.causal:
             kwargs["use_cache"] = False
         out = self.model(**kwargs)
-        valid = mask.to(self.device).bool()
-        B = input_ids.shape[0]
-        rows = torch.arange(B, device=self.device)
-        last = self._last_index(mask).to(self.device)
+        valid_cpu = mask.bool()
+        rows = torch.arange(input_ids.shape[0])
+        last = self._last_index(mask)
         feats = []
         for h in out.hidden_states:
+            valid = valid_cpu.to(h.device)  # hidden states may sit on several devices
             if pool == "avg":
-                # where(), not a product: a fully masked pad position can hold NaN.
+                # Sum in float32 whatever the compute dtype; where(), not a product with the
+                # mask: a fully masked pad position can hold NaN.
                 s = torch.where(valid[..., None], h.float(), 0.0).sum(1)
                 f = s / valid.sum(1, keepdim=True).float()
             else:
-                f = h[rows, last].float()
+                f = h[rows.to(h.device), last.to(h.device)].float()
             feats.append(f.cpu().contiguous())
         nll = ntok = None
         if self.causal:
-            nll, ntok = self._nll(out.logits, input_ids.to(self.device), valid)
+            lg = out.logits
+            nll, ntok = self._nll(lg, input_ids.to(lg.device), valid_cpu.to(lg.device))
         n_bytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.int64)
         return TextBatch(feats=feats, nll_sum=nll, n_tokens=ntok, n_bytes=n_bytes)
 
