@@ -329,7 +329,7 @@ def _converted_gguf(gguf_path: str) -> str:
     return target
 
 
-def _is_causal(config, transformers) -> bool:
+def _is_causal(config) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"name_or_path: encoder-decoder models ({config.model_type}) are not "
                          f"supported; pass a causal LM or an encoder")
@@ -363,8 +363,9 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
     ``name_or_path``: a packaged alias, a save_pretrained folder, a ``.gguf`` file, or a hub
     id (see the module docstring for the search order). ``device``: a torch device, or
     "auto" to spread a large model over the visible GPUs (accelerate's ``device_map="auto"``).
-    ``dtype``: compute dtype (default float32; features are returned in float32 anyway). ``hub``: None = download only when the hub answers and no offline variable is
-    set, True = allowed, False = never. ``padding_side``: "right" (default) or "left".
+    ``dtype``: compute dtype (default float32; features are returned in float32 anyway).
+    ``hub``: None = download only when the hub answers and no offline variable is set,
+    True = allowed, False = never. ``padding_side``: "right" (default) or "left".
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
@@ -387,7 +388,7 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
     common = {"local_files_only": local, "trust_remote_code": bool(trust_remote_code)}
     tok = transformers.AutoTokenizer.from_pretrained(where, **common)
     config = transformers.AutoConfig.from_pretrained(where, **common)
-    causal = _is_causal(config, transformers)
+    causal = _is_causal(config)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     extra = {"device_map": "auto"} if dev is None else {}
     model = auto.from_pretrained(where, **common, **extra, **_dtype_kw(transformers, dt))
