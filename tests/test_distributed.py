@@ -154,7 +154,140 @@ def _worker_knn(folder):
     dist.destroy_process_group()
 
 
-TASKS = {"knn": _worker_knn}
+def _grid_models(n=60, seed=11):
+    """Three models sharing a latent: an [N, L, D] tensor, a list of layers of different widths
+    and a record dict, as align_models takes them."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 6, generator=g)
+
+    def layer(d):
+        return torch.tanh(z @ torch.randn(6, d, generator=g)) + 0.4 * torch.randn(n, d, generator=g)
+
+    return {"m0": torch.stack([layer(12) for _ in range(3)], dim=1),
+            "m1": [layer(8), layer(10)],
+            "m2": {"feats": torch.stack([layer(6) for _ in range(4)], dim=1), "num_params": 1}}
+
+
+#: (metric, options) run by the grid workers; x = all three models, y = a permutation of them.
+GRID_CASES = [
+    ("mutual_knn", {"topk": 5}),
+    ("cycle_knn", {"topk": 4}),
+    ("cka", {}),
+    ("cknna", {"topk": 6, "null_permutations": 2}),
+    ("svcca", {"cca_dim": 3}),
+]
+
+
+def _y_of(models):
+    return {"m2": models["m2"], "m0": models["m0"], "m1": models["m1"]}
+
+
+def _grid_summary(res):
+    return {"scores": res.scores, "indices": res.indices, "pairs": dict(res.pair_scores),
+            "null": res.null, "timings": res.timings, "x": res.x_names, "y": res.y_names}
+
+
+def _worker_grid(folder):
+    import torch.distributed as dist
+
+    from prh_fast.distributed import align_models, init_from_env, world
+
+    init_from_env()
+    rank, _ = world()
+    models = _grid_models()
+    out = {}
+    for metric, opts in GRID_CASES:
+        res = align_models(models, _y_of(models), metric=metric, progress=False, **opts)
+        out[metric] = _grid_summary(res)
+    torch.save(out, os.path.join(folder, f"grid_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _grid_files(folder):
+    from prh_fast.store import save_features
+
+    models = _grid_models()
+    files = []
+    for name, f in models.items():
+        path = os.path.join(folder, "feats", f"{name}.pt")
+        if not os.path.exists(path):
+            save_features(path, f["feats"] if isinstance(f, dict) else f)
+        files.append(path)
+    return files
+
+
+def _worker_grid_resume(folder):
+    """cycle_knn over feature files into folder/out; rank DIE_RANK dies (os._exit) when it
+    starts its pair number DIE_AT (environment), leaving the pairs done so far as parts."""
+    import prh_fast.grid as g
+    from prh_fast.distributed import DistributedError, align_models, init_from_env, world
+
+    init_from_env()
+    rank, _ = world()
+    die_rank = int(os.environ.get("DIE_RANK", "-1"))
+    die_at = int(os.environ.get("DIE_AT", "0"))
+    real, calls = g._score_pair, [0]
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        if rank == die_rank and calls[0] == die_at:
+            os._exit(3)  # a rank killed mid-job: no cleanup, no goodbye
+        return real(*a, **kw)
+
+    g._score_pair = counted  # test instrumentation only
+    files = _grid_files(folder)
+    try:
+        res = align_models(files, files[::-1], metric="cycle_knn", topk=4, progress=False,
+                           output_dir=os.path.join(folder, "out"))
+    except DistributedError as err:
+        with open(os.path.join(folder, f"error_rank{rank}.txt"), "w") as f:
+            f.write(str(err))
+        os._exit(7)
+    torch.save({"summary": _grid_summary(res), "calls": calls[0]},
+               os.path.join(folder, f"resume_rank{rank}.pt"))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()  # (left to the interpreter's exit, gloo may abort)
+
+
+def _expected_rows(start, stop, layers=3, d=4):
+    r = torch.arange(start, stop, dtype=torch.float32).unsqueeze(1)
+    return [r * (l + 1) + torch.arange(d, dtype=torch.float32) / 10 for l in range(layers)]
+
+
+def _worker_extract(folder):
+    """Extraction of 23 samples split by range with the real PtWriter; rank DIE_RANK dies after
+    writing its first batch (environment)."""
+    from prh_fast.distributed import init_from_env, run_sharded, world
+    from prh_fast.extract._writer import PtWriter
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_from_env()
+    rank, _ = world()
+    die_rank = int(os.environ.get("DIE_RANK", "-1"))
+    called = []
+
+    def extract_range(start, stop, path):
+        called.append((start, stop))
+        w = PtWriter(path, fingerprint={"model": "stand-in", "rows": [start, stop]})
+        for a in range(start + w.rows_done, stop, 3):
+            b = min(stop, a + 3)
+            w.append(_expected_rows(a, b), {"loss": torch.arange(a, b, dtype=torch.float64)})
+            if rank == die_rank:
+                os._exit(3)
+        w.finish({"num_params": 5, "loss": w.extras()["loss"]})
+
+    out = run_sharded(23, extract_range, os.path.join(folder, "feats.pt"))
+    with open(os.path.join(folder, f"extract_rank{rank}.json"), "w") as f:
+        json.dump({"out": out, "called": called}, f)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+TASKS = {"knn": _worker_knn, "grid": _worker_grid, "grid_resume": _worker_grid_resume,
+         "extract": _worker_extract}
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +351,172 @@ def test_knn_equals_single_process(tmp_path, world):
         assert "k:" in o["bad_k"]
     for r, o in enumerate(outs[:-1]):
         assert f"rank {world - 1}" in o["bad"]
+
+
+def _assert_grid_equal(got, ref, what):
+    assert got["x"] == ref.x_names and got["y"] == ref.y_names, what
+    np.testing.assert_array_equal(got["scores"], ref.scores, err_msg=what)
+    np.testing.assert_array_equal(got["indices"], ref.indices, err_msg=what)
+    assert list(got["pairs"]) == list(ref.pair_scores), what
+    for key, mat in ref.pair_scores.items():
+        np.testing.assert_array_equal(got["pairs"][key], mat, err_msg=f"{what} {key}")
+    if ref.null is None:
+        assert got["null"] is None
+    else:
+        for key, v in ref.null.items():
+            np.testing.assert_array_equal(got["null"][key], v, err_msg=f"{what} null {key}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_grid_equals_single_process(tmp_path, world):
+    from prh_fast.grid import align_models
+
+    _run_task("grid", tmp_path, world)
+    outs = [torch.load(tmp_path / f"grid_rank{r}.pt", weights_only=False) for r in range(world)]
+    models = _grid_models()
+    torch.set_num_threads(1)  # the workers' thread count (OMP_NUM_THREADS=1)
+    try:
+        for metric, opts in GRID_CASES:
+            ref = align_models(models, _y_of(models), metric=metric, progress=False, **opts)
+            for r, o in enumerate(outs):
+                _assert_grid_equal(o[metric], ref, f"{metric} rank {r}")
+                assert o[metric]["timings"]["world_size"] == world
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    # The symmetric metric computed each unordered pair once, over all ranks together.
+    t = outs[0]["mutual_knn"]["timings"]
+    assert t["computed"] == 6 and t["mirrored"] == 3
+    assert outs[0]["cycle_knn"]["timings"]["computed"] == 9
+
+
+def test_killed_rank_fails_loudly_and_restart_resumes(tmp_path):
+    from prh_fast.grid import align_models
+
+    files = _grid_files(str(tmp_path))  # written once, so both runs see the same files
+    # Rank 1 of 2 dies when it starts its second pair (of 4; rank 0 has 5).
+    res = _run_task("grid_resume", tmp_path, 2, extra_env={"DIE_RANK": "1", "DIE_AT": "2"},
+                    check=False)
+    assert res[1][0] == 3
+    assert res[0][0] == 7, res[0]
+    msg = (tmp_path / "error_rank0.txt").read_text()
+    assert "rank 0 of 2" in msg and "[1]" in msg and "resumes" in msg, msg
+    parts = sorted(os.listdir(tmp_path / "out" / ".cycle_knn_k4.parts"))
+    assert len(parts) == 6, parts  # rank 0's five pairs and rank 1's first
+    assert not (tmp_path / "out" / "cycle_knn_k4.npy").exists()
+    # The same command again: only the three missing pairs are computed.
+    _run_task("grid_resume", tmp_path, 2)
+    outs = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert outs[0]["calls"] == 0 and outs[1]["calls"] == 3
+    assert outs[0]["summary"]["timings"]["resumed"] == 6
+    assert not (tmp_path / "out" / ".cycle_knn_k4.parts").exists()
+    torch.set_num_threads(1)
+    try:
+        ref = align_models(files, files[::-1], metric="cycle_knn", topk=4, progress=False)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    for o in outs:
+        _assert_grid_equal(o["summary"], ref, "resumed cycle_knn")
+    saved = np.load(tmp_path / "out" / "cycle_knn_k4.npy", allow_pickle=True).item()
+    np.testing.assert_array_equal(saved["scores"], ref.scores)
+
+
+def _cli_args(files, out):
+    return ["align", "--x", *files, "--y", *files, "--metric", "mutual_knn", "--topk", "5",
+            "--output_dir", out, "--no-progress"]
+
+
+def test_cli_align_under_torchrun_environment(tmp_path):
+    from prh_fast.cli import main
+
+    files = _grid_files(str(tmp_path))
+    res = _launch(lambda r: [sys.executable, "-m", "prh_fast.cli",
+                             *_cli_args(files, str(tmp_path / "dist"))], 2)
+    for rc, o, e in res:
+        assert rc == 0, e[-3000:]
+    assert "wrote:" in res[0][1] and res[1][1] == ""  # one report, from rank 0
+    assert main(_cli_args(files, str(tmp_path / "one"))) == 0
+    a = np.load(tmp_path / "dist" / "mutual_knn_k5.npy", allow_pickle=True).item()
+    b = np.load(tmp_path / "one" / "mutual_knn_k5.npy", allow_pickle=True).item()
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    assert (tmp_path / "dist" / "mutual_knn_k5.csv").read_text() == \
+        (tmp_path / "one" / "mutual_knn_k5.csv").read_text()
+    # A bad argument is reported by every rank the same way (exit 2), no hang.
+    res = _launch(lambda r: [sys.executable, "-m", "prh_fast.cli", *_cli_args(
+        files + [str(tmp_path / "missing.pt")], str(tmp_path / "bad"))], 2)
+    assert [rc for rc, _, _ in res] == [2, 2]
+    assert all("missing.pt" in e for _, _, e in res)
+
+
+_DYING_CLI = """
+import os, sys
+import prh_fast.grid as g
+real, calls = g._score_pair, [0]
+def counted(*a, **kw):  # rank 1 is killed when it starts its second pair
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 2 and os.environ.get("DIE"):
+        os._exit(3)
+    return real(*a, **kw)
+g._score_pair = counted
+from prh_fast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_killed_rank_message_and_resume(tmp_path):
+    files = _grid_files(str(tmp_path))
+    script = tmp_path / "dying_cli.py"
+    script.write_text(_DYING_CLI)
+    args = ["align", "--x", *files, "--y", *files[::-1], "--metric", "cycle_knn", "--topk",
+            "4", "--output_dir", str(tmp_path / "out"), "--no-progress"]
+    res = _launch(lambda r: [sys.executable, str(script), *args], 2, extra_env={"DIE": "1"})
+    assert res[1][0] == 3
+    rc, out, err = res[0]
+    assert rc == 1, err[-3000:]
+    assert "prh-fast align: error: rank 0 of 2" in err and "[1]" in err, err[-3000:]
+    assert "Traceback" not in err
+    res = _launch(lambda r: [sys.executable, str(script), *args], 2)
+    assert [r[0] for r in res] == [0, 0], res[0][2][-3000:]
+    assert "3 pair(s) scored" in res[0][1]  # the six finished pairs were not redone
+
+
+def test_real_torchrun_launch(tmp_path):
+    files = _grid_files(str(tmp_path))
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "prh_fast.cli",
+           *_cli_args(files, str(tmp_path / "out"))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PRH_FAST_DIST_TIMEOUT="30",
+               PRH_FAST_DIST_BACKEND="gloo")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = np.load(tmp_path / "out" / "mutual_knn_k5.npy", allow_pickle=True).item()
+    assert saved["scores"].shape == (3, 3)
+    np.testing.assert_array_equal(np.diag(saved["scores"]), np.ones(3))
+
+
+def test_extraction_by_range_resumes_and_merges(tmp_path):
+    from prh_fast.store import load_features
+
+    res = _run_task("extract", tmp_path, 3, extra_env={"DIE_RANK": "1"}, check=False)
+    assert res[1][0] == 3 and res[0][0] != 0 and res[2][0] != 0
+    assert "rank" in res[0][2] and "[1]" in res[0][2], res[0][2][-2000:]
+    assert not (tmp_path / "feats.pt").exists()
+    _run_task("extract", tmp_path, 3)
+    runs = [json.loads((tmp_path / f"extract_rank{r}.json").read_text()) for r in range(3)]
+    # Ranks 0 and 2 had finished their parts: not extracted again. Rank 1 resumed its own.
+    assert runs[0]["called"] == [] and runs[2]["called"] == [] and runs[1]["called"] == [[8, 16]]
+    rec = load_features(tmp_path / "feats.pt")
+    want = torch.stack(_expected_rows(0, 23), dim=1)
+    assert torch.equal(rec["feats"], want)
+    assert torch.equal(rec["loss"], torch.arange(23, dtype=torch.float64))
+    assert rec["num_params"] == 5
+    assert not (tmp_path / "feats.pt.ranges").exists()
+    # One process (no process group): the whole range, same file.
+    one = tmp_path / "one"
+    one.mkdir()
+    _launch(lambda r: [sys.executable, HERE, "extract", str(one)], 1)
+    assert torch.equal(load_features(one / "feats.pt")["feats"], want)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from prh_fast.distributed._env import (
     shard_range,
     world,
 )
+from prh_fast.distributed._extract import part_path, run_sharded
 from prh_fast.distributed._grid import align_models
+from prh_fast.distributed._store import merge_parts
 from prh_fast.distributed._knn import knn, shard
 
 __all__ = [
@@ -29,6 +31,9 @@ __all__ = [
     "init_from_env",
     "knn",
     "launched_by_torchrun",
+    "merge_parts",
+    "part_path",
+    "run_sharded",
     "shard",
     "shard_range",
     "world",

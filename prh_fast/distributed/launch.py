@@ -25,7 +25,6 @@ def run_align_command(run, args) -> int:
     import torch.distributed as dist
 
     created = init_from_env()
-    ok = False
     try:
         rank = dist.get_rank()
         if rank != 0:
@@ -36,11 +35,12 @@ def run_align_command(run, args) -> int:
                 rc = run(args)
         else:
             rc = run(args)
-        ok = True
         return rc
     except DistributedError as err:
         print(f"prh-fast align: error: {err}", file=sys.stderr)
         return 1
     finally:
-        if created and ok:
+        if created:
+            # Also after a failure: a group left to the interpreter's exit can abort the
+            # process (gloo's threads), which would hide the exit code and the message.
             dist.destroy_process_group()

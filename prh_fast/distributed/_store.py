@@ -1,0 +1,111 @@
+"""The one place this package touches feature storage: reference ``.pt`` files, and the sharded
+store (``prh_fast.store.open_store`` / ``StoreWriter``) when it is installed.
+
+Only the store's public API is used (``open_store(path)`` with ``.n``, ``.num_layers``,
+``.dims``, ``.meta``, ``.layer(l, rows=slice)``; ``StoreWriter(path)`` with ``.rows_done``,
+``.append(list_of_layer_tensors)``, ``.finish(meta)``), looked up when called, so this module
+works before and after the store lands.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["store_api", "merge_parts"]
+
+#: Rows copied per step when merging store parts.
+MERGE_CHUNK = 65536
+
+
+def store_api():
+    """``(open_store, StoreWriter)`` from ``prh_fast.store``, or ``None`` before it exists."""
+    try:
+        from prh_fast import store
+    except ImportError:  # pragma: no cover - prh_fast.store always exists in some form
+        return None
+    o, w = getattr(store, "open_store", None), getattr(store, "StoreWriter", None)
+    return None if o is None or w is None else (o, w)
+
+
+def _merge_pt(parts, out_path, meta):
+    from prh_fast.store import load_features, save_features
+
+    recs = [load_features(p) for p in parts]
+    layers_of = []
+    for p, r in zip(parts, recs):
+        f = r["feats"]
+        layers_of.append(list(f) if isinstance(f, (list, tuple)) else list(f.unbind(1)))
+    nl = {len(x) for x in layers_of}
+    if len(nl) != 1:
+        raise ValueError(f"{parts[0]}: parts disagree on the number of layers ({sorted(nl)})")
+    layers = []
+    for l in range(nl.pop()):
+        ts = [x[l] for x in layers_of]
+        if len({t.shape[1] for t in ts}) != 1:
+            raise ValueError(f"{parts[0]}: parts disagree on the width of layer {l}")
+        layers.append(torch.cat(ts))
+    feats = (torch.stack(layers, dim=1) if len({t.shape[1] for t in layers}) == 1 else layers)
+    ns = [x[0].shape[0] for x in layers_of]
+    extra = {}
+    for key, v in recs[0].items():
+        if key == "feats":
+            continue
+        vals = [r.get(key) for r in recs]
+        if all(isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n
+               for x, n in zip(vals, ns)):
+            # Per-sample values (masks, token losses): concatenated in row order.
+            extra[key] = torch.cat(vals)
+        else:
+            # Everything else (num_params, settings) is taken from the first part.
+            extra[key] = v
+    extra.update(meta or {})
+    save_features(out_path, feats, **extra)
+    return out_path
+
+
+def _merge_store(parts, out_path, meta):
+    api = store_api()
+    if api is None:
+        raise ValueError(f"{parts[0]}: a store folder, but prh_fast.store has no open_store / "
+                         f"StoreWriter here; pass merge= to run_sharded")
+    open_store, StoreWriter = api
+    try:
+        w = StoreWriter(out_path)
+    except TypeError as err:
+        raise ValueError(f"{out_path}: StoreWriter needs more arguments than a path ({err}); "
+                         f"pass merge= to run_sharded") from None
+    row = 0
+    merged_meta = {}
+    for p in parts:
+        s = open_store(p)
+        merged_meta = merged_meta or dict(getattr(s, "meta", {}) or {})
+        for a in range(0, s.n, MERGE_CHUNK):
+            b = min(s.n, a + MERGE_CHUNK)
+            if row + (b - a) <= w.rows_done:  # already copied by an interrupted merge
+                row += b - a
+                continue
+            if row < w.rows_done:
+                raise ValueError(f"{out_path}: an interrupted merge stopped inside a chunk "
+                                 f"({w.rows_done} rows); remove it and rerun")
+            w.append([s.layer(l, rows=slice(a, b)) for l in range(s.num_layers)])
+            row += b - a
+    merged_meta.update(meta or {})
+    w.finish(merged_meta)
+    return out_path
+
+
+def merge_parts(parts, out_path, meta=None):
+    """Concatenate the row-range parts ``parts`` (in order) into ``out_path``: ``.pt`` files
+    into one reference ``.pt`` file; store folders into one store (with the store package)."""
+    if not parts:
+        raise ValueError(f"{out_path}: no parts to merge (no rows were extracted)")
+    if all(os.path.isfile(p) for p in parts):
+        return _merge_pt(parts, out_path, meta)
+    if all(os.path.isdir(p) for p in parts):
+        return _merge_store(parts, out_path, meta)
+    missing = [p for p in parts if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: part missing (the extraction callable did not "
+                                f"write it)")
+    raise ValueError(f"{parts[0]}: parts mix files and folders")
