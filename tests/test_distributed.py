@@ -519,5 +519,79 @@ def test_extraction_by_range_resumes_and_merges(tmp_path):
     assert torch.equal(load_features(one / "feats.pt")["feats"], want)
 
 
+class _FakeStore:
+    """Stand-in for the sharded store's reader, over a folder holding ``rows.pt``."""
+
+    def __init__(self, path):
+        rec = torch.load(os.path.join(path, "rows.pt"))
+        self.layers, self.meta = rec["layers"], rec["meta"]
+        self.n, self.num_layers = self.layers[0].shape[0], len(self.layers)
+        self.dims = [t.shape[1] for t in self.layers]
+
+    def layer(self, l, rows=slice(None)):
+        return self.layers[l][rows]
+
+
+class _FakeWriter:
+    """Stand-in for ``StoreWriter``: appends go to disk at once, so a new writer on the same
+    path resumes (``rows_done``)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self.chunks = sorted(f for f in os.listdir(path) if f.startswith("chunk-"))
+
+    @property
+    def rows_done(self):
+        return sum(torch.load(os.path.join(self.path, f))[0].shape[0] for f in self.chunks)
+
+    def append(self, layers):
+        name = f"chunk-{len(self.chunks):04d}.pt"
+        torch.save(layers, os.path.join(self.path, name))
+        self.chunks.append(name)
+
+    def finish(self, meta):
+        parts = [torch.load(os.path.join(self.path, f)) for f in self.chunks]
+        layers = [torch.cat([p[l] for p in parts]) for l in range(len(parts[0]))]
+        torch.save({"layers": layers, "meta": meta}, os.path.join(self.path, "rows.pt"))
+
+
+def test_merge_parts_pt_and_store(tmp_path, monkeypatch):
+    import prh_fast.store as store
+    from prh_fast.distributed import _store as adapter
+    from prh_fast.distributed import merge_parts
+    from prh_fast.store import load_features, save_features
+
+    # .pt parts: [n, L, D] and per-layer lists, per-sample extras concatenated.
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_features(a, torch.stack(_expected_rows(0, 4), dim=1), num_params=3,
+                  mask=torch.ones(4, 2))
+    save_features(b, _expected_rows(4, 9), num_params=3, mask=torch.zeros(5, 2))
+    merge_parts([str(a), str(b)], str(tmp_path / "ab.pt"), {"note": "x"})
+    rec = load_features(tmp_path / "ab.pt")
+    assert torch.equal(rec["feats"], torch.stack(_expected_rows(0, 9), dim=1))
+    assert torch.equal(rec["mask"], torch.cat([torch.ones(4, 2), torch.zeros(5, 2)]))
+    assert rec["num_params"] == 3 and rec["note"] == "x"
+    with pytest.raises(ValueError, match="no parts"):
+        merge_parts([], str(tmp_path / "none.pt"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        merge_parts([str(a), str(tmp_path / "gone.pt")], str(tmp_path / "x.pt"))
+    # Store parts through the store's public API (a stand-in here), in chunks, resumable.
+    for name, (s0, s1) in {"p0": (0, 7), "p1": (7, 10)}.items():
+        os.makedirs(tmp_path / name)
+        torch.save({"layers": _expected_rows(s0, s1), "meta": {"model": "m"}},
+                   tmp_path / name / "rows.pt")
+    monkeypatch.setattr(store, "open_store", _FakeStore, raising=False)
+    monkeypatch.setattr(store, "StoreWriter", _FakeWriter, raising=False)
+    monkeypatch.setattr(adapter, "MERGE_CHUNK", 3)
+    out = str(tmp_path / "merged")
+    w = _FakeWriter(out)  # an interrupted earlier merge had copied the first chunk
+    w.append([t[:3] for t in _expected_rows(0, 7)])
+    merge_parts([str(tmp_path / "p0"), str(tmp_path / "p1")], out, {"n": 10})
+    got = _FakeStore(out)
+    assert [torch.equal(x, y) for x, y in zip(got.layers, _expected_rows(0, 10))] == [True] * 3
+    assert got.meta == {"model": "m", "n": 10}
+
+
 if __name__ == "__main__":
     TASKS[sys.argv[1]](sys.argv[2])
