@@ -302,8 +302,12 @@ def test_hf_saved_dataset(tmp_path):
     feats = datasets.Features({"picture": datasets.Image(), "sentences":
                                datasets.Sequence(datasets.Value("string")),
                                "caption": datasets.Value("string")})
-    d = datasets.Dataset.from_dict({"picture": imgs, "sentences": [[c, "other"] for c in caps],
-                                    "caption": caps}, features=feats)
+    cols = feats.encode_batch({"picture": imgs, "sentences": [[c, "other"] for c in caps],
+                               "caption": caps})
+    # built with an explicit fingerprint: no hashing of the table (dill) needed
+    d = datasets.Dataset(datasets.table.InMemoryTable.from_pydict(
+        cols, schema=feats.arrow_schema),
+                         info=datasets.DatasetInfo(features=feats), fingerprint="prh-test")
     datasets.DatasetDict({"test": d, "train": d}).save_to_disk(str(tmp_path / "dd"))
     d.save_to_disk(str(tmp_path / "single"))
     ds = load_pairs(str(tmp_path / "dd"), split="test")
