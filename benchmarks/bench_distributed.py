@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         ref, t1 = timeit(lambda: knn(X, args.k), repeats=args.repeats, max_seconds=60)
         rows.append({"n": n, "d": args.d, "k": args.k, "world": 1, "mode": "single process",
                      "threads": torch.get_num_threads(), "p50_s": t1["p50"],
-                     "vs_single": 1.0, "rows_differing": 0})
+                     "vs_single": 1.0, "rows_differing": 0, "load_1min": os.getloadavg()[0]})
         for world in args.world:
             for mode in args.modes:
                 threads = max(1, cores // world)
@@ -120,10 +120,12 @@ def main(argv=None) -> int:
                 rows.append({"n": n, "d": args.d, "k": args.k, "world": world, "mode": mode,
                              "threads": threads, "p50_s": got["t"]["p50"],
                              "vs_single": got["t"]["p50"] / t1["p50"],
-                             "rows_differing": diff, "launch_wall_s": wall})
+                             "rows_differing": diff, "launch_wall_s": wall,
+                             "load_1min": os.getloadavg()[0]})
     cols = [("n", "N", "d"), ("d", "D", "d"), ("world", "procs", "d"), ("mode", "mode", "s"),
             ("threads", "threads/proc", "d"), ("p50_s", "p50 s", ".4f"),
-            ("vs_single", "time / single", ".2f"), ("rows_differing", "rows != single", "d")]
+            ("vs_single", "time / single", ".2f"), ("rows_differing", "rows != single", "d"),
+            ("load_1min", "load avg", ".1f")]
     finish("bench_distributed", "distributed kNN overhead, CPU gloo, loopback", args, rows,
            cols, footer=f"(machine: {cores} cores; same cores in total for every row; measures "
                         f"overhead, not scaling; 1-min load average {load_before:.2f} before, "
