@@ -420,3 +420,13 @@ def test_packaged_efficientnet_lite0():
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
     assert entropy.mean() < 0.8 * math.log(1000)
     assert p.max(-1).values.min() > 0.02
+    # a photograph: matplotlib's sample of Grace Hopper in uniform (ImageNet classes 652
+    # military uniform, 400 academic gown, 667 mortarboard, 457 bow tie, 834 suit)
+    import matplotlib
+
+    photo = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    if os.path.isfile(photo):
+        with torch.no_grad():
+            p = enc.model(enc._pixels([Image.open(photo).convert("RGB")])).softmax(-1)[0]
+        top5 = set(p.topk(5).indices.tolist())
+        assert len(top5 & {652, 400, 667, 457, 834}) >= 2 and p.max() > 0.15

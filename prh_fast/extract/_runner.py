@@ -132,7 +132,7 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
     ds = _load_data(data, caption_level, split)
     n = _subset(n, len(ds), f"data set {ds.name!r}")
     captions = ds.captions(range(n))
-    enc = model if hasattr(model, "encode") else None
+    enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
     name = enc.name if enc is not None else str(model)
     path = os.fspath(out) if out is not None else feature_path(
         features_dir, ds.name, name, pool, prompt=(pool == "prompt"))
@@ -185,7 +185,7 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
                          f"got {storage_dtype!r}")
     ds = _load_data(data, None, split)
     n = _subset(n, len(ds), f"data set {ds.name!r}")
-    enc = model if hasattr(model, "encode") else None
+    enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
     name = enc.name if enc is not None else str(model)
     path = os.fspath(out) if out is not None else feature_path(features_dir, ds.name, name,
                                                                 pool, prompt=False)
