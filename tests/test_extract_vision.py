@@ -151,6 +151,21 @@ def test_checkpoint_file_with_architecture(tmp_path):
         load_vision_model(path)
 
 
+def test_timm_name_with_cached_weights(tmp_path, monkeypatch):
+    # A timm name whose weights are in the local hub cache loads them from there, offline.
+    torch.manual_seed(2)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    path = str(tmp_path / "cached.safetensors")
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), path)
+    monkeypatch.setattr(_vision, "_timm_cached_file", lambda name: path)
+    enc = load_vision_model("test_vit.r160_in1k", pool="avg")
+    assert enc.source == path and enc.name == "test_vit.r160_in1k"
+    for k, v in model.state_dict().items():
+        assert torch.equal(enc.model.state_dict()[k], v)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", torch.float16])
 def test_low_precision_compute_returns_float32(timm_vits, dtype):
     enc = load_vision_model(timm_vits["cls"], pool="cls", dtype=dtype)
@@ -193,7 +208,7 @@ def test_timm_efficientnet_every_block_and_head(tmp_path):
     for f, w in zip(feats, want):
         torch.testing.assert_close(f, w, rtol=1e-5, atol=1e-6)
     assert load_vision_model(str(tmp_path / "eff"), pool="auto").pool == "avg"
-    with pytest.raises(ValueError, match="pool: .*convolutional"):
+    with pytest.raises(ValueError, match="pool: .*feature maps"):
         load_vision_model(str(tmp_path / "eff"), pool="cls")
 
 

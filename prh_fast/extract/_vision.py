@@ -168,7 +168,7 @@ class ImageEncoder:
         if pool == "auto":
             return "cls" if tokens and self.has_class_token else "avg"
         if pool == "cls" and not (tokens and self.has_class_token):
-            what = ("is a convolutional network" if not tokens else
+            what = ("gives feature maps, not tokens (a convolutional network)" if not tokens else
                     f"has no class token ({self.num_prefix_tokens} prefix tokens)")
             raise ValueError(f"pool: {self.name!r} {what}, so 'cls' has no token to take; use "
                              f"pool='avg' (mean of the {'patch tokens' if tokens else 'positions'}"
