@@ -376,7 +376,8 @@ def test_packaged_mapping_checks(tmp_path, monkeypatch):
     # A random-initialised tf_efficientnet_lite0 stands in for the package file: its batch
     # norms carry default statistics (refused), and a reshaped tensor breaks the mapping.
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    sd = {f"_p.{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(model.state_dict().items())}
+    sd = {f"_p.{i}.{k.rsplit('.', 1)[-1]}": v
+          for i, (k, v) in enumerate(model.state_dict().items())}
     path = str(tmp_path / "lite0.pth")
     torch.save(sd, path)
     monkeypatch.setattr(_vision, "_packaged_file", lambda alias: path)
