@@ -14,8 +14,9 @@ def test_auto_on_cpu_prefers_native():
     assert _backend.resolve_knn_backend("auto", torch.device("cpu")) == expected
 
 
-def test_auto_on_cuda_is_torch():
-    assert _backend.resolve_knn_backend("auto", torch.device("cuda")) == "torch"
+def test_auto_on_cuda_is_triton_when_it_can_run_else_torch():
+    can = _backend.triton_unavailable(torch.device("cuda")) is None
+    assert _backend.resolve_knn_backend("auto", torch.device("cuda")) == ("triton" if can else "torch")
 
 
 def test_unknown_backend_names_argument():

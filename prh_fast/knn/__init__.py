@@ -12,13 +12,19 @@ Backends (``backend=`` or ``PRH_FAST_BACKEND``):
 - ``"torch"``: pure torch tiles + ``topk`` with an exact tie fix; runs on CPU and CUDA.
 - ``"faiss"``: FAISS flat inner-product search (float32 only; ties at the k-th place follow
   FAISS's order, not the lower-index rule).
+- ``"triton"`` (also ``"cuda"``): the fused GPU kernel (``_triton.py``): tensor-core tile
+  products with an on-chip running top-k, never an ``N x N`` tile in memory. Exact by default
+  (certified candidates re-scored in float32: the lists equal the float32 lists);
+  ``exact=False`` is the faster approximate mode (bf16 products, no re-score, logged).
+- ``"auto"``: ``cpu`` for CPU tensors (``torch`` for a cross search), ``triton`` for CUDA
+  tensors when Triton can run, else ``torch`` (one log line).
 """
 from __future__ import annotations
 
 import torch
 
 from prh_fast._backend import resolve_knn_backend
-from prh_fast._validate import as_features, check_topk, compute_dtype
+from prh_fast._validate import as_features, check_positive_int, check_topk, compute_dtype
 
 __all__ = ["knn", "DEFAULT_MEMORY_BUDGET"]
 
@@ -27,23 +33,59 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = None,
-        return_scores: bool = False):
+        return_scores: bool = False, keys=None, exact: bool = True,
+        precision: str | None = None):
     """Indices ``[N, k]`` (int64, on ``X``'s device) of each row's ``k`` nearest other rows.
 
     Args:
         X: ``[N, D]`` torch tensor (any float dtype, CPU or CUDA) or NumPy array.
-        k: number of neighbours, ``1 <= k <= N - 1``.
-        backend: ``"auto"`` (default), ``"cpu"``, ``"torch"`` or ``"faiss"``.
+        k: number of neighbours, ``1 <= k <= N - 1`` (``<= M`` for a cross search).
+        backend: ``"auto"`` (default), ``"cpu"``, ``"torch"``, ``"faiss"``, ``"triton"`` or
+            ``"cuda"`` (see the module docstring).
         memory_budget: bytes of scratch for score tiles (default 256 MiB).
         return_scores: also return the ``[N, k]`` inner products, in the compute dtype
             (float64 for float64 input, float32 otherwise).
+        keys: ``[M, D]`` keys for a cross search: each row of ``X`` gets its ``k`` best keys
+            (nothing excluded). ``torch`` and ``triton`` backends.
+        exact: ``False`` lets the triton backend skip the float32 re-score (approximate lists
+            and scores, logged once). The other backends are always exact.
+        precision: product format of the triton candidate pass: ``"auto"`` (default: tf32
+            for float32 features when exact, bf16 when fast; the features' own format for
+            bf16/fp16), ``"tf32"``, ``"bf16"``, ``"fp16"`` (fp16 features) or ``"fp32"``.
+            In exact mode it changes only the speed, never the lists. Ignored elsewhere.
     """
     X = as_features(X, "X")
-    k = check_topk(k, X.shape[0], "k")
+    if keys is not None:
+        keys = as_features(keys, "keys")
+        if keys.shape[1] != X.shape[1]:
+            raise ValueError(f"keys: expected {X.shape[1]} columns like X, got shape "
+                             f"{tuple(keys.shape)}")
+        if keys.device != X.device:
+            raise ValueError(f"keys: must be on X's device ({X.device}), got {keys.device}")
+        k = check_positive_int(k, "k", minimum=1, maximum=keys.shape[0])
+    else:
+        k = check_topk(k, X.shape[0], "k")
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact: expected True or False, got {exact!r}")
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
-    name = resolve_knn_backend(backend, X.device)
+    name = resolve_knn_backend(backend, X.device, cross=keys is not None)
+    if name == "triton":
+        from prh_fast.knn._triton import knn_triton
+
+        idx, vals = knn_triton(X, k, budget, keys=keys, exact=exact, precision=precision)
+        return (idx, vals) if return_scores else idx
+    if precision is not None:
+        from prh_fast.knn._triton import product_format
+
+        product_format(X.dtype, precision, exact)  # a bad name is still an error
+    if keys is not None:
+        cd = torch.promote_types(compute_dtype(X), compute_dtype(keys))
+        from prh_fast.knn._torch import knn_torch
+
+        idx, vals = knn_torch(X.to(cd).contiguous(), k, budget, keys=keys.to(cd).contiguous())
+        return (idx, vals) if return_scores else idx
     Xc = X.to(compute_dtype(X)).contiguous()
     if name == "cpu":
         from prh_fast.knn._cpu import knn_cpu as impl
