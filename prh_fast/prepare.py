@@ -35,6 +35,10 @@ _CHUNK = 1 << 24
 # --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
+#: torch.quantile's rank arithmetic changed in 2.14 (see ``_approx_threshold``).
+_RANK_IN_FLOAT64 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
 def _row_chunks(x: torch.Tensor, chunk: int):
     """Yield ``x`` (first dim = rows) as flat contiguous pieces of about ``chunk`` values."""
     per_row = max(1, x[0].numel())
@@ -94,12 +98,19 @@ def _approx_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
     ``above = v[ceil(rank)]``, ``lerp(below, above, rank - floor(rank))``. When a row has more
     than ``2**24`` values a float32 rank can no longer address every position, so the rank is
     then computed in float64 (torch.quantile cannot be compared there: it refuses such inputs).
+    torch >= 2.14 multiplies ``q`` (rounded to the input dtype) by ``P - 1`` in float64 and
+    casts the weight back to the input dtype; older releases multiply in the input dtype. Both
+    are followed, by version, so results stay bit-identical to the installed torch.quantile.
     """
     n = x.shape[0]
     p = x[0].numel()
     last = p - 1
-    rank_dtype = x.dtype if p <= _CHUNK else torch.float64
-    ranks = torch.full((), q, dtype=rank_dtype, device=x.device) * last
+    if p > _CHUNK:
+        ranks = torch.full((), q, dtype=torch.float64, device=x.device) * last
+    elif _RANK_IN_FLOAT64:
+        ranks = torch.full((), q, dtype=x.dtype, device=x.device).double() * last
+    else:
+        ranks = torch.full((), q, dtype=x.dtype, device=x.device) * last
     r_below = int(ranks.long())
     r_above = int(ranks.ceil().long())
     weight = (ranks - r_below).to(x.dtype)
