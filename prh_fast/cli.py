@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     from prh_fast.cli_extract import add_parsers as _extract_parsers
 
     _extract_parsers(sub)
+    from prh_fast.cli_store import add_parsers as _store_parsers
+    _store_parsers(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,56 @@
+"""Conversion between reference ``.pt`` feature files and store folders."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from prh_fast.store import _pt
+from prh_fast.store._sharded import StoreWriter, _dtype_name, _load_index, is_store, open_store
+
+__all__ = ["pt_to_store", "store_to_pt"]
+
+
+def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = None,
+                overwrite: bool = False, trust: bool = False, progress: bool = False) -> str:
+    """Write the reference feature file ``pt_path`` as a store folder ``store_path``.
+
+    ``dtype``: storage dtype (default: the file's own). Every other key of the record is kept:
+    tensors in ``extras.safetensors``, the rest in the index's metadata. The features are read
+    memory-mapped (zip-format files), so the file need not fit in memory twice.
+    """
+    from tqdm.auto import tqdm
+
+    pt_path, store_path = os.fspath(pt_path), os.fspath(store_path)
+    if not overwrite and is_store(store_path) and _load_index(store_path)["complete"]:
+        raise ValueError(f"{store_path}: a finished store is already there; pass "
+                         f"overwrite=True to replace it")
+    rec = _pt._load(pt_path, "cpu", trust, mmap=True)
+    dims = _pt._check_record(rec, pt_path)
+    feats = rec["feats"]
+    layers = list(feats.unbind(1)) if isinstance(feats, torch.Tensor) else list(feats)
+    layout = "tensor" if isinstance(feats, torch.Tensor) else "list"
+    name = _dtype_name(dtype if dtype is not None else layers[0].dtype)
+    n = dims[0][0]
+    if n == 0:
+        raise ValueError(f"{pt_path}: has no samples (N = 0)")
+    w = StoreWriter(store_path, dims=[d for _, d in dims], dtype=name, shard_rows=shard_rows,
+                    layout=layout, overwrite=overwrite)
+    step = w._index["shard_rows"]
+    with tqdm(total=n, initial=w.rows_done, unit="row", desc=f"convert {pt_path}",
+              disable=not progress, leave=False) as bar:
+        for a in range(w.rows_done, n, step):
+            b = min(n, a + step)
+            w.append([t[a:b] for t in layers])
+            bar.update(b - a)
+    extra = {k: v for k, v in rec.items() if k != "feats"}
+    return w.finish(extra)
+
+
+def store_to_pt(store_path, pt_path) -> str:
+    """Write a store folder as one reference ``.pt`` file (features in memory once)."""
+    s = open_store(store_path)
+    rec = s.to_record()
+    feats = rec.pop("feats")
+    _pt.save_features(pt_path, feats, **rec)
+    return os.fspath(pt_path)
