@@ -14,7 +14,9 @@ Here each layer is prepared once and all ``Lx x Ly`` pairs are scored from those
 
 The result keeps the whole score matrix, the best score and pair under the reference's tie
 rule (scan ``i`` then ``j``; keep a pair only if strictly greater than the best so far,
-starting from 0), and timings.
+starting from 0), and timings. With an approximate neighbour search (``backend="faiss-ivf"``
+etc.) it also carries ``ann_report``: each layer's measured recall and, per layer pair, the
+error of the metric on the recall sample (``ann_pair_report``).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.metrics._cknna import cknna_terms
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
-from prh_fast.metrics._neighbours import neighbour_scores
+from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import _standardised, _top_eig
 
-__all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers"]
+__all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers",
+           "ann_pair_report"]
 
 _KNN_RAW = {"mutual_knn": "mutual", "cycle_knn": "cycle", "lcs_knn": "lcs",
             "edit_distance_knn": "edit"}
@@ -58,11 +61,16 @@ class AlignmentResult:
     #: With ``null_permutations=P``: ``mean``, ``std``, ``z`` (``[Lx, Ly]`` tensors),
     #: ``best_mean``, ``best_std``, ``best_z`` (the maximum over pairs under each shuffle).
     null: dict | None = None
+    #: With an approximate neighbour search: ``ann_pair_report``'s dict (recall of every
+    #: layer, and per layer pair the metric from approximate vs exact lists on the sample).
+    ann_report: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"metric": self.metric, "topk": self.topk, "scores": self.scores.tolist(),
              "best_score": self.best_score, "best_pair": self.best_pair,
              "x_layers": self.x_layers, "y_layers": self.y_layers, "timings": self.timings}
+        if self.ann_report is not None:
+            d["ann_report"] = self.ann_report
         if self.null is not None:
             d["null"] = {a: (v.tolist() if isinstance(v, torch.Tensor) else v)
                          for a, v in self.null.items()}
@@ -134,27 +142,42 @@ def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return inv[lists[..., perm, :]]
 
 
-def _knn_side(xs, topk, backend):
-    """One side's neighbour lists, ``[L, N, k]``: one search per layer."""
-    return torch.stack([knn(x, topk, backend=backend) for x in xs])
+def _knn_side(xs, topk, backend, reports=None):
+    """One side's neighbour lists, ``[L, N, k]``: one search per layer. ``reports``: a list
+    that receives each layer's ``AnnReport`` (``None`` for an exact search)."""
+    out = []
+    for x in xs:
+        idx, rep = knn(x, topk, backend=backend, return_report=True)
+        out.append(idx)
+        if reports is not None:
+            reports.append(rep)
+    return torch.stack(out)
 
 
-def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None, **kw):
+def _from_raw(metric, raw, topk, normalize_lcs=False):
+    """A neighbour metric's value from ``neighbour_scores``' raw per-row mean."""
+    if metric == "mutual_knn":
+        return raw / topk
+    if metric == "edit_distance_knn":
+        return 1.0 - raw / topk
+    if metric == "lcs_knn" and normalize_lcs:
+        return raw / topk
+    return raw
+
+
+def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None, ann=None,
+              **kw):
     # x_cache / y_cache: lists from _knn_side computed earlier (model grids reuse them).
+    # ann: a dict that receives both sides' search reports ("x", "y").
+    ann = {} if ann is None else ann
     t0 = time.perf_counter()
-    ka = _knn_side(xs, topk, backend) if x_cache is None else x_cache
-    kb = _knn_side(ys, topk, backend) if y_cache is None else y_cache
+    ka = _knn_side(xs, topk, backend, ann.setdefault("x", [])) if x_cache is None else x_cache
+    kb = _knn_side(ys, topk, backend, ann.setdefault("y", [])) if y_cache is None else y_cache
     timings["knn"] = time.perf_counter() - t0
 
     def score(perm=None):
         raw = neighbour_scores(_KNN_RAW[metric], ka, kb if perm is None else _relabel(kb, perm))
-        if metric == "mutual_knn":
-            return raw / topk
-        if metric == "edit_distance_knn":
-            return 1.0 - raw / topk
-        if metric == "lcs_knn" and kw.get("normalize_lcs"):
-            return raw / topk
-        return raw
+        return _from_raw(metric, raw, topk, kw.get("normalize_lcs"))
 
     return score
 
@@ -164,13 +187,16 @@ def _cknna_sim(n, p, q, unbiased):
     return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
 
 
-def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False):
+def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, reports=None):
     """One side's ``(lists, self_sims)``: per layer the (indices, similarities) of the search
-    and ``sim(K, K)`` (invariant to a relabelling of the samples, so computed once)."""
+    and ``sim(K, K)`` (invariant to a relabelling of the samples, so computed once).
+    ``reports``: as in ``_knn_side``."""
     n = xs[0].shape[0]
 
     def lists(x):
-        i, s = knn(x, topk, backend=backend, return_scores=True)
+        i, s, rep = knn(x, topk, backend=backend, return_scores=True, return_report=True)
+        if reports is not None:
+            reports.append(rep)
         s = torch.ones_like(s, dtype=torch.float64) if distance_agnostic else s.double()
         return i, s
 
@@ -179,11 +205,14 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False):
 
 
 def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False,
-                x_cache=None, y_cache=None):
+                x_cache=None, y_cache=None, ann=None):
     n = xs[0].shape[0]
+    ann = {} if ann is None else ann
     t0 = time.perf_counter()
-    la, self_a = x_cache or _cknna_side(xs, topk, backend, unbiased, distance_agnostic)
-    lb, self_b = y_cache or _cknna_side(ys, topk, backend, unbiased, distance_agnostic)
+    la, self_a = x_cache or _cknna_side(xs, topk, backend, unbiased, distance_agnostic,
+                                        ann.setdefault("x", []))
+    lb, self_b = y_cache or _cknna_side(ys, topk, backend, unbiased, distance_agnostic,
+                                        ann.setdefault("y", []))
     timings["knn"] = time.perf_counter() - t0
 
     def sim(p, q):
@@ -405,17 +434,20 @@ def _metric_options(metric, n, topk, metric_kwargs):
 
 
 def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations, seed,
-                    timings, x_cache=None, y_cache=None) -> AlignmentResult:
+                    timings, x_cache=None, y_cache=None, x_reports=None,
+                    y_reports=None) -> AlignmentResult:
     """Score prepared (clipped, normalised) layers. ``x_cache`` / ``y_cache``: each side's
     neighbour data from ``_knn_side`` / ``_cknna_side`` (same ``k`` and options), so a grid of
-    models searches each model's layers once."""
+    models searches each model's layers once; ``x_reports`` / ``y_reports``: the reports those
+    searches returned (for ``ann_report``)."""
     n = xs[0].shape[0]
+    ann: dict = {}
     if metric in _KNN_RAW:
         scorer = _grid_knn(metric, xs, ys, k, backend, timings, x_cache=x_cache,
-                           y_cache=y_cache, **opts)
+                           y_cache=y_cache, ann=ann, **opts)
     elif metric == "cknna":
         scorer = _grid_cknna(xs, ys, k, backend, timings, x_cache=x_cache, y_cache=y_cache,
-                             **opts)
+                             ann=ann, **opts)
     elif metric in ("cka", "unbiased_cka"):
         scorer = lambda perm=None: _grid_cka(  # noqa: E731
             xs, _permuted(ys, perm), timings, **opts)
@@ -432,9 +464,87 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
         t0 = time.perf_counter()
         null = _null_stats(scorer, scores, best, n, P, seed, xs[0].device)
         timings["null"] = time.perf_counter() - t0
+    ann_report = ann_pair_report(metric, k, x_reports or ann.get("x") or [],
+                                 y_reports or ann.get("y") or [], x_idx, y_idx,
+                                 opts.get("normalize_lcs", False), log=True)
     return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
                            x_layers=x_idx, y_layers=y_idx,
-                           topk=k if "knn" in metric else None, timings=timings, null=null)
+                           topk=k if "knn" in metric else None, timings=timings, null=null,
+                           ann_report=ann_report)
+
+
+def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=None,
+                    normalize_lcs=False, log=False):
+    """What approximate neighbour lists did to a grid of layer pairs (``None`` when every
+    search was exact).
+
+    ``x_reports`` / ``y_reports``: the ``AnnReport`` of each layer's search. All share the
+    sample rows (they depend on ``N`` and the seed only), so for every layer pair the metric
+    is computed on those rows twice, from the approximate and from the exact lists:
+    ``mutual_knn`` always, and the pipeline's own metric too when it is row-local
+    (``lcs_knn``, ``edit_distance_knn``). ``cycle_knn`` follows neighbours of neighbours,
+    which the sample's exact lists do not cover, and ``cknna`` needs every row's
+    similarities, so for those the report gives ``mutual_knn``'s error as the proxy.
+
+    Returns a JSON-ready dict: ``backend``, ``params``, ``k``, ``sample_size``, per layer
+    (``x_layers`` / ``y_layers``) the ``AnnReport`` summary with its ``layer`` label,
+    ``recall_min``, and ``metrics``: ``{name: {"approx", "exact", "error" ([Lx][Ly], error
+    = |approx - exact|), "error_max"}}``.
+    """
+    reps = list(x_reports) + list(y_reports)
+    if not reps or all(r is None for r in reps):
+        return None
+    if any(r is None for r in reps) or not x_reports or not y_reports:
+        raise ValueError("ann report: every layer of both sides must come from an approximate "
+                         "search with the same parameters")
+    r0 = reps[0]
+    for r in reps[1:]:
+        if r.k != r0.k or r.n != r0.n or not torch.equal(r.sample, r0.sample):
+            raise ValueError("ann report: the layers' recall samples differ (same N, k and "
+                             "seed are needed to compare them)")
+    x_layers = list(range(len(x_reports))) if x_layers is None else list(x_layers)
+    y_layers = list(range(len(y_reports))) if y_layers is None else list(y_layers)
+    names = ["mutual_knn"] + ([metric] if metric in ("lcs_knn", "edit_distance_knn") else [])
+    ax = torch.stack([r.approx for r in x_reports])
+    ex = torch.stack([r.exact for r in x_reports])
+    ay = torch.stack([r.approx for r in y_reports])
+    ey = torch.stack([r.exact for r in y_reports])
+    def raw(kind, a, b):
+        # Row-local values on the sample rows (the lists hold indices of all N rows, which
+        # the native kernels would reject as out of range for S rows).
+        out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float64)
+        for p in range(a.shape[0]):
+            for q in range(b.shape[0]):
+                out[p, q] = row_values_torch(kind, a[p], b[q]).double().mean()
+        return out
+
+    out_metrics = {}
+    for name in names:
+        kind = _KNN_RAW[name]
+        approx = _from_raw(name, raw(kind, ax, ay), r0.k, normalize_lcs)
+        exact = _from_raw(name, raw(kind, ex, ey), r0.k, normalize_lcs)
+        err = (approx - exact).abs()
+        out_metrics[name] = {"approx": approx.tolist(), "exact": exact.tolist(),
+                             "error": err.tolist(), "error_max": float(err.max())}
+
+    def layer(r, label):
+        return {"layer": label, **{a: v for a, v in r.to_dict().items()
+                                   if a not in ("backend", "params")}}
+
+    rep = {"backend": r0.backend, "params": r0.params, "k": r0.k,
+           "sample_size": int(r0.sample.numel()),
+           "x_layers": [layer(r, i) for r, i in zip(x_reports, x_layers)],
+           "y_layers": [layer(r, j) for r, j in zip(y_reports, y_layers)],
+           "recall_min": min(r.recall for r in reps), "metrics": out_metrics}
+    if log:
+        from prh_fast._backend import logger
+
+        m = out_metrics["mutual_knn"]
+        logger.warning("prh_fast: %s approximate lists, %d x %d layer pairs, on %d sampled "
+                       "rows: recall@%d >= %.4f, max |mutual_knn(approx) - mutual_knn(exact)| "
+                       "= %.4f", r0.backend, len(x_reports), len(y_reports),
+                       rep["sample_size"], r0.k, rep["recall_min"], m["error_max"])
+    return rep
 
 
 def _permuted(layers, perm):

@@ -15,6 +15,9 @@ Names (one family for the whole computation):
   neighbour-set / CKNNA kernels (must have been compiled).
 - ``"torch"``: pure torch everywhere (CPU or CUDA).
 - ``"faiss"``: FAISS flat search for neighbours (other steps as ``auto``).
+- ``"faiss-ivf"``, ``"faiss-ivfpq"``, ``"faiss-hnsw"``: approximate FAISS searches with a
+  recall report (``prh_fast.knn._faiss_ann``); parameters ride along as an ``AnnParams``
+  backend or a spec string ``"faiss-ivf:nprobe=16,nlist=1024"`` (other steps as ``auto``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from prh_fast import _native
 
 logger = logging.getLogger("prh_fast")
 
-KNN_BACKENDS = ("auto", "cpu", "torch", "faiss", "triton", "cuda")
+ANN_BACKENDS = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
+KNN_BACKENDS = ("auto", "cpu", "torch", "faiss", "triton", "cuda") + ANN_BACKENDS
 #: Largest list length the CUDA neighbour-set / CKNNA kernels take (csrc/common/cuda_check.h).
 CUDA_MAX_K = 256
 _logged: set = set()
@@ -51,8 +55,15 @@ def triton_unavailable(device: torch.device) -> str | None:
     return unavailable_reason(device)
 
 
-def _requested(backend: str | None) -> str:
+def _requested(backend) -> str:
     name = backend if backend is not None else os.environ.get("PRH_FAST_BACKEND", "auto")
+    if not isinstance(name, str) or ":" in name:
+        from prh_fast.knn._faiss_ann import AnnParams
+
+        if isinstance(name, AnnParams):  # an approximate search with its parameters
+            return name.backend
+        if isinstance(name, str):  # "faiss-ivf:nprobe=16": the name, options checked
+            return AnnParams.parse(name).backend
     if not isinstance(name, str) or name.lower() not in KNN_BACKENDS:
         raise ValueError(f"backend: expected one of {KNN_BACKENDS}, got {name!r}")
     return name.lower()
@@ -60,8 +71,9 @@ def _requested(backend: str | None) -> str:
 
 def resolve_knn_backend(backend: str | None, device: torch.device, *,
                         cross: bool = False) -> str:
-    """Concrete neighbour-search backend (``cpu``, ``torch``, ``faiss`` or ``triton``) for a
-    search on ``device``; ``cross``: queries differ from keys (cpu and faiss search a set
+    """Concrete neighbour-search backend (``cpu``, ``torch``, ``faiss``, ``triton`` or one of
+    ``ANN_BACKENDS``) for a search on ``device``; ``backend``: a name, an ``AnnParams`` or a
+    spec string. ``cross``: queries differ from keys (cpu and faiss search a set
     against itself only)."""
     name = _requested(backend)
     on_cuda = device.type == "cuda"
@@ -95,6 +107,10 @@ def resolve_knn_backend(backend: str | None, device: torch.device, *,
             raise ValueError("backend='cpu' searches a set against itself only; use 'torch' or "
                              "'triton' for keys=")
         _native.native()  # raises with a clear message when the module is missing
+    elif name in ANN_BACKENDS:
+        if not faiss_available():
+            raise RuntimeError(f"backend={name!r} was requested but faiss is not installed "
+                               "(pip install faiss-cpu)")
     elif name == "faiss":
         if cross:
             raise ValueError("backend='faiss' searches a set against itself only here; use "

@@ -116,14 +116,23 @@ def _align(args) -> int:
         # Keep runs of different modalities / pools apart, as the reference's folders do.
         out_dir = os.path.join(out_dir, f"{args.modality_x}_pool-{args.pool_x}_"
                                         f"{args.modality_y}_pool-{args.pool_y}")
+    backend = _knn_backend(args.backend, args.knn_option)
     k = f" (topk {args.topk})" if "knn" in args.metric else ""
     print(f"{args.metric}{k}: {len(x_files)} x model(s) vs {len(y_files)} y model(s)")
     res = align_models(_named(x_files), _named(y_files), metric=args.metric, topk=args.topk,
                        q=None if args.q >= 1.0 else args.q, exact=args.precise,
                        output_dir=out_dir, force_remake=args.force_remake,
-                       progress=not args.no_progress, backend=args.backend,
+                       progress=not args.no_progress, backend=backend,
                        null_permutations=args.null_permutations)
     print(res.table())
+    ann = res.options.get("ann")
+    if ann:
+        p = ", ".join(f"{a}={v}" for a, v in ann["params"].items() if a != "backend")
+        err = ann["mutual_knn_error_max"]
+        print(f"approximate kNN {ann['backend']} ({p}): recall@{ann['k']} >= "
+              f"{ann['recall_min']:.4f} on {ann['sample_size']} sampled rows; max "
+              f"|mutual_knn(approx) - mutual_knn(exact)| over layer pairs = "
+              + ("n/a" if err is None else f"{err:.4f}"))
     if res.null is not None:
         print("best-score z against shuffled pairings:")
         from prh_fast.grid import GridResult
@@ -154,6 +163,23 @@ def _align(args) -> int:
           f"{t.get('total', 0.0):.2f} s")
     print("wrote:\n  " + "\n  ".join(written))
     return 0
+
+
+def _knn_backend(backend, options):
+    """``--backend`` plus ``--knn-option KEY=VALUE`` -> what ``align_models`` takes: the name
+    (or spec string) as given, or an ``AnnParams`` when options are given."""
+    if not options:
+        return backend
+    from prh_fast._backend import ANN_BACKENDS
+
+    name = (backend or "").partition(":")[0].lower()
+    if name not in ANN_BACKENDS:
+        raise _UserError(f"--knn-option: applies to --backend {' / '.join(ANN_BACKENDS)}, "
+                         f"got --backend {backend}")
+    from prh_fast.knn import AnnParams
+
+    sep = "," if ":" in backend else ":"
+    return AnnParams.parse(backend + sep + ",".join(options))
 
 
 def _cmd_bench(args) -> int:
@@ -228,7 +254,14 @@ def main(argv=None) -> int:
                     help="also write PNG heatmaps (grid and every pair's layers)")
     pa.add_argument("--null-permutations", type=int, default=0, metavar="P",
                     help="also score P shuffled pairings of the samples (z-scores)")
-    pa.add_argument("--backend", default=None, help="neighbour-search backend")
+    pa.add_argument("--backend", "--knn-backend", default=None,
+                    help="neighbour-search backend: auto, cpu, torch, faiss, triton, cuda, or "
+                    "approximate faiss-ivf, faiss-ivfpq, faiss-hnsw")
+    pa.add_argument("--knn-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="parameter of an approximate backend, repeatable: nlist, nprobe, "
+                    "train_size, pq_m, pq_nbits, refine, hnsw_m, ef_construction, ef_search, "
+                    "seed, recall_sample (FAISS's names m, nbits, M, efConstruction, efSearch "
+                    "too)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_align)
     pb = sub.add_parser("bench", help="time prh_fast against a reference checkout, side by side")

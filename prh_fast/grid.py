@@ -46,6 +46,7 @@ from prh_fast._align import (
     _knn_side,
     _metric_options,
     _prepare_side,
+    ann_pair_report,
     as_layers,
     best_pair,
 )
@@ -185,6 +186,7 @@ class _ModelCache:
         self._sides: dict = {}
         self.timings = {"load": 0.0, "prepare": 0.0, "neighbours": 0.0}
         self.counts = {"loads": 0, "searched_models": 0}
+        self.ann: dict = {}  # model key -> its layers' AnnReports (approximate searches)
 
     def layers(self, m: _Model) -> list:
         if m.key in self._layers:
@@ -226,11 +228,14 @@ class _ModelCache:
         if ckey not in self._sides:
             layers = self.layers(m)
             t0 = time.perf_counter()
+            reports: list = []
             if kind == "cknna":
-                data = _cknna_side(layers, k, self.backend, **opts)
+                data = _cknna_side(layers, k, self.backend, reports=reports, **opts)
             else:
-                data = _knn_side(layers, k, self.backend)
+                data = _knn_side(layers, k, self.backend, reports)
             self.timings["neighbours"] += time.perf_counter() - t0
+            if any(r is not None for r in reports):
+                self.ann[m.key] = reports
             self.counts["searched_models"] += 1
             stand = [torch.empty((layers[0].shape[0], 0), device=layers[0].device)
                      for _ in layers]
@@ -542,9 +547,40 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                               "metric_kwargs": {a: v for a, v in opts.items()
                                                 if isinstance(v, (bool, int, float, str))}},
                      null=nulls)
+    if cache.ann:
+        res.options["ann"] = _ann_grid(cache.ann, xm, ym, metric, k, opts)
     if output_dir is not None:
         res.save(output_dir)
     return res
+
+
+def _ann_grid(reports, xm, ym, metric, k, opts) -> dict:
+    """``options["ann"]`` of a grid searched approximately: each model's per-layer recall and,
+    per model pair, ``ann_pair_report``'s errors (x-oriented ``[Lx][Ly]``)."""
+    models = {m.name: [r.to_dict() for r in reports[m.key]] for m in xm + ym
+              if m.key in reports}
+    pairs = []
+    for x in xm:
+        for y in ym:
+            if x.key in reports and y.key in reports:
+                rep = ann_pair_report(metric, k, reports[x.key], reports[y.key],
+                                      normalize_lcs=opts.get("normalize_lcs", False))
+                pairs.append({"x": x.name, "y": y.name, "recall_min": rep["recall_min"],
+                              **{f"{a}_error": v["error"] for a, v in rep["metrics"].items()},
+                              **{f"{a}_error_max": v["error_max"]
+                                 for a, v in rep["metrics"].items()}})
+    first = next(iter(reports.values()))[0]
+    out = {"backend": first.backend, "params": first.params, "k": first.k,
+           "sample_size": int(first.sample.numel()), "models": models, "pairs": pairs,
+           "recall_min": min(r["recall"] for v in models.values() for r in v),
+           "mutual_knn_error_max": max((p["mutual_knn_error_max"] for p in pairs),
+                                       default=None)}
+    logger.warning("prh_fast: %s approximate lists on %d sampled rows: recall@%d >= %.4f, "
+                   "max |mutual_knn(approx) - mutual_knn(exact)| over all layer pairs = %s",
+                   out["backend"], out["sample_size"], out["k"], out["recall_min"],
+                   "n/a" if out["mutual_knn_error_max"] is None
+                   else f"{out['mutual_knn_error_max']:.4f}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ def _local_backend(backend, device) -> str:
     if name == "faiss":
         raise ValueError("backend: 'faiss' is not supported by the distributed search (its "
                          "tie order differs); use 'cpu', 'torch' or 'auto'")
+    if name.startswith("faiss-"):
+        raise ValueError(f"backend: the approximate {name!r} is not supported by the "
+                         "distributed search (it is exact); use 'cpu', 'torch' or 'auto'")
     return name
 
 

@@ -16,6 +16,11 @@ Backends (``backend=`` or ``PRH_FAST_BACKEND``):
   products with an on-chip running top-k, never an ``N x N`` tile in memory. Exact by default
   (certified candidates re-scored in float32: the lists equal the float32 lists);
   ``exact=False`` is the faster approximate mode (bf16 products, no re-score, logged).
+- ``"faiss-ivf"``, ``"faiss-ivfpq"``, ``"faiss-hnsw"``: approximate FAISS indexes (IVF-Flat,
+  IVF-PQ, HNSW; ``_faiss_ann.py``). Parameters: ``backend=AnnParams(...)`` or a spec string
+  ``"faiss-ivf:nprobe=16"``. Every such search measures its recall@k against an exact search
+  of a seeded sample of rows and logs it; ``return_report=True`` also returns the
+  ``AnnReport``. Self and cross (``keys=``) searches.
 - ``"auto"``: ``cpu`` for CPU tensors (``torch`` for a cross search), ``triton`` for CUDA
   tensors when Triton can run, else ``torch`` (one log line).
 """
@@ -23,10 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from prh_fast._backend import resolve_knn_backend
+from prh_fast._backend import ANN_BACKENDS, resolve_knn_backend
 from prh_fast._validate import as_features, check_positive_int, check_topk, compute_dtype
+from prh_fast.knn._faiss_ann import AnnParams, AnnReport
 
-__all__ = ["knn", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["knn", "DEFAULT_MEMORY_BUDGET", "AnnParams", "AnnReport"]
 
 #: Bytes of scratch memory a search may use for score tiles (not counting inputs/outputs).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -34,14 +40,16 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = None,
         return_scores: bool = False, keys=None, exact: bool = True,
-        precision: str | None = None):
+        precision: str | None = None, return_report: bool = False):
     """Indices ``[N, k]`` (int64, on ``X``'s device) of each row's ``k`` nearest other rows.
 
     Args:
         X: ``[N, D]`` torch tensor (any float dtype, CPU or CUDA) or NumPy array.
         k: number of neighbours, ``1 <= k <= N - 1`` (``<= M`` for a cross search).
-        backend: ``"auto"`` (default), ``"cpu"``, ``"torch"``, ``"faiss"``, ``"triton"`` or
-            ``"cuda"`` (see the module docstring).
+        backend: ``"auto"`` (default), ``"cpu"``, ``"torch"``, ``"faiss"``, ``"triton"``,
+            ``"cuda"``, or an approximate search: ``"faiss-ivf"``, ``"faiss-ivfpq"``,
+            ``"faiss-hnsw"``, a spec string such as ``"faiss-ivf:nprobe=16"``, or an
+            ``AnnParams`` (see the module docstring).
         memory_budget: bytes of scratch for score tiles (default 256 MiB).
         return_scores: also return the ``[N, k]`` inner products, in the compute dtype
             (float64 for float64 input, float32 otherwise).
@@ -53,6 +61,8 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
             for float32 features when exact, bf16 when fast; the features' own format for
             bf16/fp16), ``"tf32"``, ``"bf16"``, ``"fp16"`` (fp16 features) or ``"fp32"``.
             In exact mode it changes only the speed, never the lists. Ignored elsewhere.
+        return_report: also return the approximate search's ``AnnReport`` (``None`` for the
+            exact backends) as the last element: ``(idx, report)`` or ``(idx, vals, report)``.
     """
     X = as_features(X, "X")
     if keys is not None:
@@ -71,11 +81,20 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
     if budget <= 0:
         raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
     name = resolve_knn_backend(backend, X.device, cross=keys is not None)
+
+    def out(idx, vals, report=None):
+        res = (idx, vals) if return_scores else (idx,)
+        res = res + (report,) if return_report else res
+        return res if len(res) > 1 else res[0]
+
+    if name in ANN_BACKENDS:
+        from prh_fast.knn._faiss_ann import as_ann_params, knn_ann
+
+        return out(*knn_ann(X, k, as_ann_params(backend, name), budget, keys=keys))
     if name == "triton":
         from prh_fast.knn._triton import knn_triton
 
-        idx, vals = knn_triton(X, k, budget, keys=keys, exact=exact, precision=precision)
-        return (idx, vals) if return_scores else idx
+        return out(*knn_triton(X, k, budget, keys=keys, exact=exact, precision=precision))
     if precision is not None:
         from prh_fast.knn._triton import product_format
 
@@ -84,8 +103,7 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
         cd = torch.promote_types(compute_dtype(X), compute_dtype(keys))
         from prh_fast.knn._torch import knn_torch
 
-        idx, vals = knn_torch(X.to(cd).contiguous(), k, budget, keys=keys.to(cd).contiguous())
-        return (idx, vals) if return_scores else idx
+        return out(*knn_torch(X.to(cd).contiguous(), k, budget, keys=keys.to(cd).contiguous()))
     Xc = X.to(compute_dtype(X)).contiguous()
     if name == "cpu":
         from prh_fast.knn._cpu import knn_cpu as impl
@@ -93,5 +111,4 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
         from prh_fast.knn._faiss import knn_faiss as impl
     else:
         from prh_fast.knn._torch import knn_torch as impl
-    idx, vals = impl(Xc, k, budget)
-    return (idx, vals) if return_scores else idx
+    return out(*impl(Xc, k, budget))

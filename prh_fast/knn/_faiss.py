@@ -1,4 +1,9 @@
-"""FAISS flat inner-product search (exact up to FAISS's float32 arithmetic and tie order)."""
+"""FAISS flat inner-product search (exact up to FAISS's float32 arithmetic and tie order).
+
+CUDA features use FAISS's GPU flat index when a faiss build with GPU support is installed
+(``faiss.StandardGpuResources``; guarded, never run: the project's GPU machine has no FAISS);
+otherwise they are searched on the CPU and the lists come back on their device.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +21,10 @@ def knn_faiss(X: torch.Tensor, k: int, budget: int):
     n = X.shape[0]
     x = np.ascontiguousarray(X.detach().cpu().to(torch.float32).numpy())
     index = faiss.IndexFlatIP(x.shape[1])
+    if X.device.type == "cuda" and hasattr(faiss, "StandardGpuResources") \
+            and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()  # noqa: F841  (must outlive the index)
+        index = faiss.index_cpu_to_gpu(res, X.device.index or 0, index)
     index.add(x)
     # k + 1 results: the point itself is normally first; drop it wherever it appears, or drop
     # the last entry if self was crowded out by duplicates scoring as high.
