@@ -65,6 +65,8 @@ logger = logging.getLogger("prh_fast")
 
 #: Largest running list held on chip in one pass (``tl.topk`` sizes are powers of two).
 KMAX = 256
+#: Largest list the default plans use per shard (register budget, see ``plan``).
+KP_PREF = 128
 #: Product formats: ``precision=`` names.
 PRECISIONS = ("auto", "tf32", "bf16", "fp16", "fp32")
 
@@ -155,29 +157,47 @@ def _next_pow2(n: int) -> int:
 
 
 def plan(k: int, n_keys: int, exact: bool):
-    """``(KP, G)``: running-list size per shard and number of key shards."""
+    """``(KP, G)``: running-list size per shard and number of key shards.
+
+    Lists of up to ``KP_PREF = 128`` keep the default tiles (``_config``) free of register
+    spills in the sm_90 ptxas report; ``KP = 256`` needs 16-row tiles, so it is used only for a
+    fast-mode ``k`` in 129..256, and longer candidate lists come from more shards. Exact mode
+    keeps ``max(2k, k + 16)`` candidates: room for keys within the margin of the k-th."""
     want = max(2 * k, k + 16) if exact else k
-    if want <= KMAX:
-        kp = max(4, _next_pow2(want))
-        return min(kp, KMAX), 1
-    g = min(max(1, n_keys), -(-2 * k // KMAX))
-    return KMAX, g
+    if want <= KP_PREF or (not exact and want <= KMAX):
+        return max(4, _next_pow2(want)), 1
+    g = -(-(2 * k if not exact else want) // KP_PREF)
+    return KP_PREF, max(1, min(n_keys, g))
+
+
+def retry_plan(kp: int, g: int, k: int, n_keys: int):
+    """A larger candidate buffer for rows the first pass could not certify."""
+    return KP_PREF, max(1, min(n_keys, max(2 * g, -(-4 * k // KP_PREF))))
 
 
 def _config(kp: int, d: int, prod_dtype: torch.dtype, interp: bool) -> dict:
     """Tile sizes. The interpreter favours few large numpy ops and the sparse merge (its
-    ``tl.topk`` is slow); the GPU sizes keep the on-chip state ``BLOCK_M x (BLOCK_N + KP)``
-    within registers."""
-    bd_cap = 64 if prod_dtype != torch.float32 else 32
-    bd = min(bd_cap, max(16, _next_pow2(d)))
+    ``tl.topk`` is slow). GPU sizes: the ``BLOCK_M x BLOCK_N`` float32 score tile plus the
+    ``BLOCK_M x KP`` int64 lists (and their ``BLOCK_M x 2·KP`` merge) live in registers, so
+    ``BLOCK_M`` shrinks as ``KP`` grows. Chosen from ptxas's sm_90 resource report
+    (``python -m prh_fast.knn._triton_compile --all``; 8 warps, 255 registers a thread; bf16,
+    fp16 and tf32 products): at most 16 bytes of stack for ``KP <= 32`` at 64 x 128, at most 8
+    for ``KP`` 64..128 at 32 x 128 (64 x 128 spilled 72-256 bytes), none for ``KP = 256`` at
+    16 x 256 with 32-wide slices. Plain fp32 products (``precision="fp32"``) spill ~0.5 KB.
+    Untuned on hardware: ``benchmarks/bench_knn.py --sweep`` times alternatives on a GPU."""
     if interp:
         bn = max(64, kp)
         return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_D=min(64, max(16, _next_pow2(d))),
                     DENSE_AT=bn)
-    bm = 128 if kp <= 32 else (64 if kp <= 128 else 32)
-    bn = max(128, kp)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DENSE_AT=min(8, kp),
-                num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+    bd = min(64 if prod_dtype != torch.float32 else 32, max(16, _next_pow2(d)))
+    if kp <= 32:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=bd, DENSE_AT=min(8, kp), num_warps=8,
+                    num_stages=3)
+    if kp <= KP_PREF:
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=bd, DENSE_AT=8, num_warps=8,
+                    num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_N=kp, BLOCK_D=min(bd, 32), DENSE_AT=8, num_warps=8,
+                num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +334,13 @@ def knn_triton(X: torch.Tensor, k: int, budget: int, *, keys: torch.Tensor | Non
         ``(idx [M, k] int64, vals [M, k])``, vals in float32 (float64 for float64 features),
         rows ordered by score descending, ties by lower index.
     """
+    if X.device.type == "cuda":
+        with torch.cuda.device(X.device):  # Triton launches on the current device and stream
+            return _knn_triton(X, k, budget, keys, exact, precision, tune)
+    return _knn_triton(X, k, budget, keys, exact, precision, tune)
+
+
+def _knn_triton(X, k, budget, keys, exact, precision, tune):
     self_search = keys is None
     K = X if self_search else keys
     if K.shape[1] != X.shape[1]:
@@ -399,9 +426,11 @@ def knn_triton(X: torch.Tensor, k: int, budget: int, *, keys: torch.Tensor | Non
     for r0 in range(0, m, chunk):
         rows = all_ids[r0:r0 + chunk]
         left = run(rows, kp, g, Qp[r0:r0 + chunk])
-        if left.numel() and exact and (kp < KMAX or g < nk):
-            stats["retried"] += int(left.numel())
-            left = run(left, KMAX, min(nk, g if kp < KMAX else 2 * g), Qp[left])
+        if left.numel() and exact:
+            kp2, g2 = retry_plan(kp, g, k, nk)
+            if kp2 * g2 > kp * g:
+                stats["retried"] += int(left.numel())
+                left = run(left, kp2, g2, Qp[left])
         if left.numel():
             stats["fallback"] += int(left.numel())
             i, v = _exact_rows(Xs, Ks, left, k, budget, self_search)
