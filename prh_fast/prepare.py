@@ -91,7 +91,16 @@ def _exact_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def _approx_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(x.abs().flatten(1), q, dim=1).mean()`` without the input-size cap.
+    """``torch.quantile(x.abs().flatten(1), q, dim=1).mean()`` without the input-size cap
+    (the mean of :func:`_approx_per_sample`)."""
+    return _approx_per_sample(x, q).mean()
+
+
+def _approx_per_sample(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x.abs().flatten(1), q, dim=1)``: each sample's q-quantile, ``[N]``.
+
+    Each value depends on its own row only, so row chunks of a large store give the same
+    values (the streaming threshold, ``prh_fast.store._stream``, relies on that).
 
     Mirrors ATen's quantile arithmetic so results are bit-identical where torch.quantile works:
     ``rank = q * (P - 1)`` with ``q`` a tensor of the input dtype, ``below = v[floor(rank)]``,
@@ -121,7 +130,7 @@ def _approx_threshold(x: torch.Tensor, q: float) -> torch.Tensor:
         below = a.kthvalue(r_below + 1, dim=1).values
         above = below if r_above == r_below else a.kthvalue(r_above + 1, dim=1).values
         per_sample.append(torch.lerp(below, above, weight))
-    return torch.cat(per_sample).mean()
+    return torch.cat(per_sample)
 
 
 def _clip(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:

@@ -17,6 +17,18 @@ from prh_fast._native import native
 from prh_fast.knn._tiles import square_tile
 
 
+def cpu_tile(n: int, itemsize: int, budget: int) -> int:
+    """Side of the square score tiles of a symmetric search of ``n`` rows.
+
+    Tiles of 256..1024 rows: small enough that the symmetric saving is real (about half the
+    products at 8+ blocks), large enough for BLAS to run at full speed (measured on 2 cores:
+    N=4096, D=768 takes 0.097 s with 512-row tiles, 0.135 s with 2048, 0.163 s unblocked).
+    The streaming search (``prh_fast.store._stream``) uses the same tiles: BLAS sums a product
+    in an order that depends on the tile's shape, so equal tiles give bit-equal scores.
+    """
+    return square_tile(n, itemsize, budget, buffers=1, maximum=min(1024, max(256, -(-n // 8))))
+
+
 def knn_cpu(X: torch.Tensor, k: int, budget: int):
     _C = native()
     n = X.shape[0]
@@ -24,11 +36,7 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
     vals = np.full((n, k), -np.inf, dtype=np_dtype)
     idx = np.full((n, k), -1, dtype=np.int64)
-    # Tiles of 256..1024 rows: small enough that the symmetric saving is real (about half the
-    # products at 8+ blocks), large enough for BLAS to run at full speed (measured on 2 cores:
-    # N=4096, D=768 takes 0.097 s with 512-row tiles, 0.135 s with 2048, 0.163 s unblocked).
-    b = square_tile(n, X.element_size(), budget, buffers=1,
-                    maximum=min(1024, max(256, -(-n // 8))))
+    b = cpu_tile(n, X.element_size(), budget)
     # One flat buffer viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
     buf = torch.empty(b * b, dtype=dtype)
     for i0 in range(0, n, b):

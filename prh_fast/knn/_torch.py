@@ -37,14 +37,21 @@ def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int):
     return _canonical(vals, idx)
 
 
+def torch_tiles(n: int, m: int, k: int, itemsize: int, budget: int):
+    """``(rows, cols)``: query block height and key tile width of a search of ``n`` queries
+    against ``m`` keys: a ``[rows, cols]`` score tile plus the merge buffer fit ``budget``. The
+    streaming search uses the same shapes (equal shapes give bit-equal products)."""
+    cols = min(m, max(k, 4096))
+    rows = min(n, block_rows(cols + k, itemsize + 8, budget, buffers=3))
+    return rows, cols
+
+
 def knn_torch(X: torch.Tensor, k: int, budget: int, keys: torch.Tensor | None = None):
     """Self search (``keys is None``, self excluded) or cross search of ``X`` against ``keys``."""
     K = X if keys is None else keys
     n, m = X.shape[0], K.shape[0]
     dev = X.device
-    # Key tile width and query block height: a [rows, cols] score tile plus the merge buffer.
-    cols = min(m, max(k, 4096))
-    rows = min(n, block_rows(cols + k, X.element_size() + 8, budget, buffers=3))
+    rows, cols = torch_tiles(n, m, k, X.element_size(), budget)
     out_v = torch.empty((n, k), dtype=X.dtype, device=dev)
     out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
     for r0 in range(0, n, rows):
