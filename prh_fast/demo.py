@@ -24,7 +24,7 @@ import torch
 
 from prh_fast._io import atomic_write
 
-__all__ = ["run_demo", "DEMO_MODELS"]
+__all__ = ["run_demo", "golden_numbers", "DEMO_MODELS"]
 
 #: (key, loader name, kind, pooling, display name)
 DEMO_MODELS = (
@@ -292,3 +292,41 @@ def _short_summary(rep) -> str:
                        + " -> ".join(_fmt(vals.get(lv)) for lv in levels))
     out.append(f"full report: summary.md, report.json and figures ({rep['seconds']} s)")
     return "\n".join(out)
+
+
+def golden_numbers(work_dir, *, n_norms: int = 8, n_align: int = 128, seed: int = 0,
+                   progress: bool = False) -> dict:
+    """A few numbers of the demo's pipeline that drift if loading or preprocessing changes.
+
+    For each demo model: the L2 norm of every layer's raw (unclipped) features of the first
+    ``n_norms`` pairs of the seeded easy-VQA subset used by the demo (caption level
+    "detailed"); and, on ``n_align`` pairs, the best layer-pair ``cka`` and ``mutual_knn``
+    (k = 10) of SmolLM2 vs MiniLM and of SmolLM2 vs EfficientNet after the demo's
+    preparation. Features are extracted into ``work_dir``. ``tests/golden/demo.json`` holds
+    the values this returned when the pipeline was last checked by hand
+    (``python tests/golden/make_demo_golden.py``); ``tests/test_demo.py`` compares.
+    """
+    from prh_fast._align import align
+    from prh_fast.extract._data import load_pairs
+    from prh_fast.extract._runner import extract_images, extract_text
+    from prh_fast.prepare import prepare_features
+    from prh_fast.store import load_features
+
+    data = load_pairs("easy-vqa", split="train", n=n_align, caption_level="detailed", seed=seed)
+    feat_dir = os.path.join(os.fspath(work_dir), "features")
+    out = {"n_norms": n_norms, "n_align": n_align, "seed": seed, "norms": {}, "align": {}}
+    layers = {}
+    for key, loader, kind, pool, _ in DEMO_MODELS:
+        fn = extract_images if kind == "vision" else extract_text
+        path = fn(loader, data, pool=pool, features_dir=feat_dir, batch_size=32,
+                  progress=progress)
+        layers[key] = _layers(load_features(path))
+        out["norms"][key] = [[float(v) for v in t[:n_norms].double().norm(dim=1)]
+                             for t in layers[key]]
+    for a, b in (("smollm2", "minilm"), ("smollm2", "effnet")):
+        fa, fb = prepare_features(layers[a], q=0.95), prepare_features(layers[b], q=0.95)
+        for metric in ("cka", "mutual_knn"):
+            r = align(fa, fb, metric=metric, topk=10)
+            out["align"][f"{a}/{b}/{metric}"] = {"best": float(r.best_score),
+                                                 "layers": list(r.best_pair)}
+    return out

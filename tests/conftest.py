@@ -2,6 +2,7 @@
 can ``from _data import ...`` whether or not ``tests`` is a package)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -9,8 +10,30 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Triton's CPU interpreter must be switched on before anything imports triton (transformers,
+# timm and torch._dynamo may import it while other test modules are collected), so that
+# tests/test_triton.py runs the kernels on a machine without a GPU. Only the "triton" backend
+# reads it; "auto" on CPU tensors never picks Triton.
+if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_SESSION_CACHE = None
+
 
 def pytest_configure(config):
+    # Converted model weights (the packaged SmolLM2's GGUF -> safetensors, ~18 s) are shared by
+    # every test module of a session through one cache folder; a PRH_FAST_CACHE set by the
+    # caller (CI may keep it between runs) is used as is. Tests never write to ~/.cache.
+    global _SESSION_CACHE
+    if not os.environ.get("PRH_FAST_CACHE"):
+        import tempfile
+
+        _SESSION_CACHE = tempfile.mkdtemp(prefix="prh_fast_test_cache_")
+        os.environ["PRH_FAST_CACHE"] = _SESSION_CACHE
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: heavier oracle comparisons (still run by default)")
 
@@ -24,3 +47,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+        os.environ.pop("PRH_FAST_CACHE", None)
