@@ -360,7 +360,7 @@ def _gpu_faiss(faiss, device: torch.device) -> bool:
             and faiss.get_num_gpus() > 0)
 
 
-def _exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
+def exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
     """Exact float32 lists of query rows ``Q`` against all keys ``K`` (ties by the lower
     index). ``ids``: the rows' own indices among the keys (self search; excluded) or None."""
     from prh_fast.knn._torch import knn_torch
@@ -378,7 +378,7 @@ def _exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
     return idx[keep].view(-1, kk - 1)[:, :k], vals[keep].view(-1, kk - 1)[:, :k]
 
 
-def _build(faiss, p: AnnParams, x_keys: np.ndarray, gpu_device, timings):
+def build_index(faiss, p: AnnParams, x_keys: np.ndarray, gpu_device, timings):
     """Train (IVF) and fill the index; returns ``(index, gpu_resources or None)``."""
     d = x_keys.shape[1]
     ip = faiss.METRIC_INNER_PRODUCT
@@ -437,44 +437,18 @@ def _rescore(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> 
     return out
 
 
-def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
-    """Approximate lists ``(idx [N, k] int64, vals [N, k], report)`` on ``X``'s device.
-
-    ``X``: ``[N, D]`` prepared features; ``keys``: ``[M, D]`` for a cross search (nothing
-    excluded), else ``X`` searches itself with each row excluded.
-    """
-    from prh_fast._backend import _log_once, logger
+def search_index(index, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, k: int,
+                 self_search: bool, budget: int):
+    """Search the float32 CPU query rows ``x_cpu`` in a built index of ``k_cpu``:
+    ``(idx [N, k] int64, vals [N, k] float32, rows completed exactly)``."""
     from prh_fast.knn._torch import _canonical
 
-    faiss = _faiss()
-    self_search = keys is None
-    dev = X.device
-    if X.dtype == torch.float64 or (keys is not None and keys.dtype == torch.float64):
-        _log_once("prh_fast: the faiss backends compute in float32; float64 features lose "
-                  "precision there")
-    Xf = X.detach().to(torch.float32).contiguous()
-    Kf = Xf if self_search else keys.detach().to(torch.float32).contiguous()
-    n, d = Xf.shape
-    m = Kf.shape[0]
-    p = params.resolved(m, d, k, n_queries=n)
-    gpu = _gpu_faiss(faiss, dev) and p.backend != "faiss-hnsw"
-    if dev.type == "cuda" and not gpu:
-        why = ("FAISS has no GPU HNSW" if p.backend == "faiss-hnsw"
-               else "this faiss build has no GPU support")
-        _log_once(f"prh_fast: {p.backend} runs on the CPU for CUDA features ({why}); the "
-                  "features are copied to host memory")
-    x_cpu = Xf.cpu()
-    k_cpu = x_cpu if self_search else Kf.cpu()
+    n, m = x_cpu.shape[0], k_cpu.shape[0]
     xq = x_cpu.numpy()
-    xk = k_cpu.numpy()
-    timings: dict = {}
-    index, _res = _build(faiss, p, xk, dev if gpu else None, timings)
-
     # k + 1 results for a self search (the row itself is normally among them); IVF-PQ widens
     # the candidate list by ``refine`` and re-scores it exactly.
     want = k + 1 if self_search else k
     kk = min(m, want * (p.refine if p.backend == "faiss-ivfpq" else 1))
-    t0 = time.perf_counter()
     rows = max(1, min(n, budget // max(1, kk * 12 * 4)))
     out_i = torch.empty((n, k), dtype=torch.int64)
     out_v = torch.empty((n, k), dtype=torch.float32)
@@ -498,22 +472,55 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
         if bool(short.any()):
             incomplete.append(short.nonzero().flatten() + r0)
         out_i[r0:r1], out_v[r0:r1] = I, D
-    del index, _res
+    if not incomplete:
+        return out_i, out_v, 0
+    rows_c = torch.cat(incomplete)
+    ii, vv = exact_rows(x_cpu[rows_c], rows_c if self_search else None, k_cpu, k, budget)
+    out_i[rows_c], out_v[rows_c] = ii, vv
+    return out_i, out_v, int(rows_c.numel())
+
+
+def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
+    """Approximate lists ``(idx [N, k] int64, vals [N, k], report)`` on ``X``'s device.
+
+    ``X``: ``[N, D]`` prepared features; ``keys``: ``[M, D]`` for a cross search (nothing
+    excluded), else ``X`` searches itself with each row excluded.
+    """
+    from prh_fast._backend import _log_once, logger
+
+    faiss = _faiss()
+    self_search = keys is None
+    dev = X.device
+    if X.dtype == torch.float64 or (keys is not None and keys.dtype == torch.float64):
+        _log_once("prh_fast: the faiss backends compute in float32; float64 features lose "
+                  "precision there")
+    Xf = X.detach().to(torch.float32).contiguous()
+    Kf = Xf if self_search else keys.detach().to(torch.float32).contiguous()
+    n, d = Xf.shape
+    m = Kf.shape[0]
+    p = params.resolved(m, d, k, n_queries=n)
+    gpu = _gpu_faiss(faiss, dev) and p.backend != "faiss-hnsw"
+    if dev.type == "cuda" and not gpu:
+        why = ("FAISS has no GPU HNSW" if p.backend == "faiss-hnsw"
+               else "this faiss build has no GPU support")
+        _log_once(f"prh_fast: {p.backend} runs on the CPU for CUDA features ({why}); the "
+                  "features are copied to host memory")
+    x_cpu = Xf.cpu()
+    k_cpu = x_cpu if self_search else Kf.cpu()
+    xk = k_cpu.numpy()
+    timings: dict = {}
+    index, _res = build_index(faiss, p, xk, dev if gpu else None, timings)
+    t0 = time.perf_counter()
+    out_i, out_v, n_completed = search_index(index, p, x_cpu, k_cpu, k, self_search, budget)
     timings["search"] = time.perf_counter() - t0
-    n_completed = 0
-    if incomplete:
-        rows_c = torch.cat(incomplete)
-        n_completed = int(rows_c.numel())
-        ii, vv = _exact_rows(x_cpu[rows_c], rows_c if self_search else None, k_cpu, k, budget)
-        out_i[rows_c], out_v[rows_c] = ii, vv
-        timings["completed"] = time.perf_counter() - t0 - timings["search"]
+    del index, _res
 
     # The recall report: exact lists of a seeded sample of query rows (on the features'
     # device: the exact search is the expensive part of the report).
     t0 = time.perf_counter()
     sample = sample_rows(n, p.recall_sample, p.seed)
     s_dev = sample.to(dev)
-    ex_i, _ = _exact_rows(Xf[s_dev], s_dev if self_search else None, Kf, k, budget)
+    ex_i, _ = exact_rows(Xf[s_dev], s_dev if self_search else None, Kf, k, budget)
     ex_i = ex_i.cpu()
     ap_i = out_i[sample]
     per_row = recall_at_k(ap_i, ex_i)
