@@ -82,8 +82,7 @@ def test_generous_parameters_reach_high_recall(pair, params):
 
 
 @needs_faiss
-def test_tight_parameters_lose_recall_and_say_so(pair):
-    A, _ = pair
+def test_tight_parameters_lose_recall_and_say_so():
     _, loose = knn(clustered(3000, 32), K, backend="faiss-ivf:nprobe=1,nlist=64",
                    return_report=True)
     _, tight = knn(clustered(3000, 32), K, backend="faiss-ivf:nprobe=64,nlist=64",
