@@ -38,7 +38,10 @@ def _cmd_extract(args) -> int:
         print("prh-fast extract: error: give --model NAME... or --models SET", file=sys.stderr)
         return 2
     pool = args.pool or ("avg" if args.modality == "language" else "cls")
-    written = []
+    from prh_fast.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _extract_distributed(args, names, pool)
     for name in names:
         try:
             if args.modality == "language":
@@ -58,8 +61,48 @@ def _cmd_extract(args) -> int:
             print(f"prh-fast extract: error ({name}): {err}", file=sys.stderr)
             return 2
         print(f"{name}: {path}")
-        written.append(path)
     return 0
+
+
+def _extract_distributed(args, names, pool) -> int:
+    """Under torchrun: every model's samples split over the ranks, merged by rank 0 into the
+    file a single process would write. A failure on any rank fails every rank loudly; a
+    restart resumes from the ranges (and batches) already written."""
+    import torch.distributed as dist
+
+    from prh_fast.distributed import DistributedError, init_from_env
+    from prh_fast.extract._runner import extract_sharded
+
+    created = init_from_env()
+    try:
+        rank = dist.get_rank()
+        device = args.device
+        if device == "cuda":  # one GPU per rank, as torchrun numbers them on each node
+            import os
+
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        for name in names:
+            try:
+                path = extract_sharded(
+                    "text" if args.modality == "language" else "vision", name, args.data,
+                    pool=pool, features_dir=args.output_dir, n=args.n,
+                    batch_size=args.batch_size, device=device,
+                    dtype=_torch_dtype(args.dtype), storage_dtype=args.storage_dtype,
+                    caption_level=args.caption_level if args.modality == "language" else None,
+                    split=args.split, force=args.force,
+                    progress=(rank == 0 and not args.no_progress))
+            except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+                print(f"prh-fast extract: error ({name}, rank {rank}): {err}", file=sys.stderr)
+                return 2
+            if rank == 0:
+                print(f"{name}: {path}")
+        return 0
+    except DistributedError as err:
+        print(f"prh-fast extract: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _cmd_demo(args) -> int:

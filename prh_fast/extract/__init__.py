@@ -10,6 +10,7 @@ Hugging Face vision towers); data sources in ``_data``.
 # transformers nor timm (the ``extract`` extra) until a loader is called.
 _EXPORTS = {
     "extract_text": "_runner", "extract_images": "_runner", "feature_path": "_runner",
+    "extract_sharded": "_runner",
     "load_text_model": "_text", "TextEncoder": "_text", "ModelNotAvailableError": "_text",
     "load_vision_model": "_vision", "ImageEncoder": "_vision",
     "load_pairs": "_data", "PairedDataset": "_data", "DataNotFoundError": "_data",

@@ -16,7 +16,8 @@ import torch
 
 from prh_fast.extract._writer import STORAGE_DTYPES, PtWriter
 
-__all__ = ["extract_text", "extract_images", "feature_path", "safe_name", "TEXT_POOLINGS"]
+__all__ = ["extract_text", "extract_images", "extract_sharded", "feature_path", "safe_name",
+           "TEXT_POOLINGS"]
 
 TEXT_POOLINGS = ("avg", "last", "prompt")
 
@@ -58,6 +59,18 @@ def _digest(items) -> str:
         h.update(str(it).encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+def _fingerprint(kind: str, name: str, pool: str, ds, n: int, storage_dtype: str) -> dict:
+    """What a finished feature file must have been made from to be reused."""
+    if kind == "text":
+        return {"model": name, "pool": pool, "data": ds.name, "n": n,
+                "captions_sha1": _digest(ds.captions(range(n))), "storage_dtype": storage_dtype,
+                "kind": "text"}
+    ids = ds.meta.get("ids") if isinstance(getattr(ds, "meta", None), dict) else None
+    return {"model": name, "pool": pool, "data": ds.name, "n": n,
+            "images_sha1": _digest(list(ids)[:n]) if ids is not None else None,
+            "storage_dtype": storage_dtype, "kind": "vision"}
 
 
 def _existing_matches(path: str, fingerprint: dict) -> bool:
@@ -114,14 +127,17 @@ def _load_data(data, caption_level=None, split=None):
 def extract_text(model, data, *, pool: str = "avg", features_dir="./results/features",
                  out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
                  storage_dtype: str = "float32", caption_level=None, split=None,
-                 force: bool = False, progress: bool = True) -> str:
+                 force: bool = False, progress: bool = True, rows=None) -> str:
     """Hidden states of a language model for the captions of ``data``; returns the file path.
 
     ``model``: a name or path understood by :func:`load_text_model`, or a loaded encoder.
     ``pool``: "avg" (mean over valid tokens), "last" (last valid token) or "prompt" (the
     paper's prompt around the caption, last token). The file also records the mean next-token
     loss (nats per predicted token) and bits per byte (total nats / ln 2 / UTF-8 bytes of the
-    scored text) for causal LMs.
+    scored text) for causal LMs, and per sample (``sample_nll_sum``, ``sample_n_tokens``,
+    ``sample_n_bytes``) so that files of sample ranges can be merged exactly.
+    ``rows=(start, stop)``: only samples ``start..stop-1`` of the first ``n`` (one rank's range
+    in a distributed extraction, see :func:`extract_sharded`); give ``out`` with it.
     """
     if pool not in TEXT_POOLINGS:
         raise ValueError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
@@ -131,14 +147,15 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
                          f"got {storage_dtype!r}")
     ds = _load_data(data, caption_level, split)
     n = _subset(n, len(ds), f"data set {ds.name!r}")
+    lo, hi = _rows(rows, n, out)
     captions = ds.captions(range(n))
     enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
     name = enc.name if enc is not None else str(model)
     path = os.fspath(out) if out is not None else feature_path(
         features_dir, ds.name, name, pool, prompt=(pool == "prompt"))
-    fingerprint = {"model": name, "pool": pool, "data": ds.name, "n": n,
-                   "captions_sha1": _digest(captions), "storage_dtype": storage_dtype,
-                   "kind": "text"}
+    fingerprint = _fingerprint("text", name, pool, ds, n, storage_dtype)
+    if rows is not None:
+        fingerprint["rows"] = [lo, hi]
     if not force and _existing_matches(path, fingerprint):
         return path
     writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
@@ -156,24 +173,47 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
         return tb.feats, extras
 
     t0 = time.perf_counter()
-    _run(encode, n, batch_size, writer, f"{safe_name(name)} [{pool}]", progress)
+    _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), hi - lo, batch_size, writer,
+         f"{safe_name(name)} [{pool}]", progress)
     ex = writer.extras()
-    meta = _meta(enc, ds, n, pool, storage_dtype, fingerprint, time.perf_counter() - t0)
+    meta = _meta(enc, ds, hi - lo, pool, storage_dtype, fingerprint, time.perf_counter() - t0)
+    meta["sample_n_bytes"] = ex["n_bytes"]
     if "nll_sum" in ex:
-        nll = float(ex["nll_sum"].sum())
-        tokens = int(ex["n_tokens"].sum())
-        nbytes = int(ex["n_bytes"].sum())
-        meta["loss"] = nll / max(tokens, 1)
-        meta["bpb"] = nll / math.log(2) / max(nbytes, 1)
-        meta["sample_loss"] = (ex["nll_sum"] / ex["n_tokens"].clamp_min(1)).to(torch.float32)
+        meta["sample_nll_sum"] = ex["nll_sum"]
+        meta["sample_n_tokens"] = ex["n_tokens"]
+        meta.update(_lm_scores(ex["nll_sum"], ex["n_tokens"], ex["n_bytes"]))
     meta["prompt"] = pool == "prompt"
     return writer.finish(meta)
+
+
+def _lm_scores(nll_sum, n_tokens, n_bytes) -> dict:
+    """Mean loss (nats per predicted token), bits per byte and per-sample loss."""
+    nll = float(nll_sum.double().sum())
+    return {"loss": nll / max(int(n_tokens.sum()), 1),
+            "bpb": nll / math.log(2) / max(int(n_bytes.sum()), 1),
+            "sample_loss": (nll_sum / n_tokens.clamp_min(1)).to(torch.float32)}
+
+
+def _rows(rows, n: int, out) -> tuple:
+    if rows is None:
+        return 0, n
+    try:
+        lo, hi = (int(rows[0]), int(rows[1]))
+        ok = len(rows) == 2 and 0 <= lo < hi <= n
+    except (TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise ValueError(f"rows: expected (start, stop) with 0 <= start < stop <= n = {n}, "
+                         f"got {rows!r}")
+    if out is None:
+        raise ValueError("rows: give out= too (a sample range is written to its own file)")
+    return lo, hi
 
 
 def extract_images(model, data, *, pool: str = "cls", features_dir="./results/features",
                    out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
                    storage_dtype: str = "float32", split=None, force: bool = False,
-                   progress: bool = True) -> str:
+                   progress: bool = True, rows=None) -> str:
     """Per-layer features of a vision model for the images of ``data``; returns the file path.
 
     ``pool``: "cls" (class token after each block), "avg" (mean of patch tokens; for CNNs the
@@ -185,14 +225,14 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
                          f"got {storage_dtype!r}")
     ds = _load_data(data, None, split)
     n = _subset(n, len(ds), f"data set {ds.name!r}")
+    lo, hi = _rows(rows, n, out)
     enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
     name = enc.name if enc is not None else str(model)
     path = os.fspath(out) if out is not None else feature_path(features_dir, ds.name, name,
                                                                 pool, prompt=False)
-    ids = ds.meta.get("ids") if isinstance(getattr(ds, "meta", None), dict) else None
-    fingerprint = {"model": name, "pool": pool, "data": ds.name, "n": n,
-                   "images_sha1": _digest(list(ids)[:n]) if ids is not None else None,
-                   "storage_dtype": storage_dtype, "kind": "vision"}
+    fingerprint = _fingerprint("vision", name, pool, ds, n, storage_dtype)
+    if rows is not None:
+        fingerprint["rows"] = [lo, hi]
     if not force and _existing_matches(path, fingerprint):
         return path
     writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
@@ -205,8 +245,9 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
         return enc.encode(ds.images(list(idx))), None
 
     t0 = time.perf_counter()
-    _run(encode, n, batch_size, writer, f"{safe_name(name)} [{pool}]", progress)
-    meta = _meta(enc, ds, n, getattr(enc, "pool", pool), storage_dtype, fingerprint,
+    _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), hi - lo, batch_size, writer,
+         f"{safe_name(name)} [{pool}]", progress)
+    meta = _meta(enc, ds, hi - lo, getattr(enc, "pool", pool), storage_dtype, fingerprint,
                  time.perf_counter() - t0)
     return writer.finish(meta)
 
@@ -230,3 +271,65 @@ def _meta(enc, ds, n, pool, storage_dtype, fingerprint, seconds) -> dict:
         "prh_fast_version": _version(),
         "job": fingerprint,
     }
+
+
+def extract_sharded(kind: str, model, data, *, pool=None, features_dir="./results/features",
+                    out=None, n=None, caption_level=None, split=None, force: bool = False,
+                    **kwargs) -> str:
+    """``extract_text`` (``kind="text"``) or ``extract_images`` (``"vision"``) with the samples
+    split over the ranks of a ``torch.distributed`` job (``torchrun``); one process without one.
+
+    Each rank extracts ``shard_range(n, rank, world_size)`` into its own part (resumable like any
+    extraction), rank 0 merges the parts in row order into the same file a single process would
+    write (same path, same features, loss and bits per byte recomputed over all samples, same
+    job fingerprint, so later single-process runs reuse it), and every rank returns its path.
+    """
+    from prh_fast.distributed import run_sharded, world
+    from prh_fast.distributed._env import agree
+    from prh_fast.distributed._store import merge_parts
+
+    if kind not in ("text", "vision"):
+        raise ValueError(f"kind: expected 'text' or 'vision', got {kind!r}")
+    fn = extract_text if kind == "text" else extract_images
+    pool = pool or ("avg" if kind == "text" else "cls")
+    ds = _load_data(data, caption_level if kind == "text" else None, split)
+    n = _subset(n, len(ds), f"data set {ds.name!r}")
+    kw = dict(kwargs, pool=pool, n=n, split=split)
+    if kind == "text":
+        kw["caption_level"] = caption_level
+    name = getattr(model, "name", None) if hasattr(model, "encode") else None
+    name = name or str(model)
+    path = os.fspath(out) if out is not None else feature_path(
+        features_dir, ds.name, name, pool, prompt=(kind == "text" and pool == "prompt"))
+    rank, _ = world()
+    err = None
+    if rank == 0 and os.path.exists(path):
+        # run_sharded returns an existing output as is: keep it only if it is this job's.
+        want = _fingerprint(kind, name, pool, ds, n, kw.get("storage_dtype", "float32"))
+        if force or not _existing_matches(path, want):
+            try:
+                os.remove(path)
+            except OSError as e:
+                err = e
+    agree(err, what="removing a stale feature file")
+
+    def extract_range(start, stop, part):
+        os.makedirs(os.path.dirname(part) or ".", exist_ok=True)
+        return fn(model, ds, out=part, rows=(start, stop), force=force, **kw)
+
+    def merge(parts, out_path):
+        recs = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in parts]
+        job = dict(recs[0]["job"])
+        job.pop("rows", None)
+        meta = {"job": job, "n": n, "seconds": round(sum(float(r.get("seconds", 0))
+                                                         for r in recs), 3),
+                "ranks": len(parts)}
+        if kind == "text" and all("sample_nll_sum" in r for r in recs):
+            cat = {k: torch.cat([r[k] for r in recs])
+                   for k in ("sample_nll_sum", "sample_n_tokens", "sample_n_bytes")}
+            meta.update(_lm_scores(cat["sample_nll_sum"], cat["sample_n_tokens"],
+                                   cat["sample_n_bytes"]))
+        del recs
+        merge_parts(parts, out_path, meta)
+
+    return run_sharded(n, extract_range, path, merge=merge)
