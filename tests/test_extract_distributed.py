@@ -147,3 +147,14 @@ def test_sharded_images(tmp_path):
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     assert two["job"] == one["job"]
+
+
+def test_checkpoint_that_does_not_fit_is_a_named_error(tmp_path):
+    timm = pytest.importorskip("timm")
+    from prh_fast.extract import load_vision_model
+
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    ckpt = tmp_path / "r.pth"
+    torch.save(net.state_dict(), ckpt)
+    with pytest.raises(ValueError, match=r"checkpoint: .*r\.pth does not fit timm's 'resnet10t'"):
+        load_vision_model(f"resnet10t@{ckpt}")

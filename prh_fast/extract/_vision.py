@@ -394,7 +394,14 @@ def _timm_from_file(arch: str, path: str, *, name, pool, device, dtype) -> Image
                          f"{timm.__version__})")
     if not os.path.isfile(path):
         raise ModelNotAvailableError(f"checkpoint: {path} is not a file")
-    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": path})
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": path})
+    except RuntimeError as err:  # state-dict keys or shapes that do not fit the architecture
+        first = str(err).strip().splitlines()
+        detail = "; ".join(x.strip() for x in first[1:3]) or str(err)
+        raise ValueError(f"checkpoint: {path} does not fit timm's {arch!r} ({detail}); check "
+                         f"the architecture name and its options (e.g. the number of "
+                         f"classes)") from None
     return _timm_encoder(model, name=name, source=path, pool=pool, device=device, dtype=dtype)
 
 
