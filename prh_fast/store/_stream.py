@@ -1,0 +1,633 @@
+"""Streaming computations over one layer of a store: prepared rows, the clipping threshold,
+exact neighbour lists. Nothing here holds a whole layer unless the memory budget allows it.
+
+Preparation (:class:`StreamPrep`) applies, row chunk by row chunk, exactly what the alignment
+pipeline applies to a model in memory (SPEC "Pipeline", ``prh_fast.grid``): cast as
+``prepare_features`` does (float64 stays float64, everything else float32), clamp to
+``[-t, t]`` with the model's clipping threshold ``t``, L2-normalise each row. Every step is
+element- or row-wise once ``t`` is known, so a chunk comes out bit-equal to the same rows of
+the in-memory result (checked in ``tests/test_stream.py``).
+
+The threshold (:func:`clip_thresholds`) is the in-memory one, bit for bit:
+
+- exact mode, ``t = sorted(|x|)[int(q·M)]`` over the ``M`` values of the model (all layers of a
+  ``"tensor"`` store at once; one threshold per layer of a ``"list"`` store, as
+  ``prepare_features`` does for a list): an MSB-first radix select over the stored values' bit
+  patterns. Clearing the sign bit of an IEEE float gives an unsigned integer that orders
+  ``|x|`` exactly as the floats do (``-0.0`` and ``0.0`` both map to 0, subnormals below the
+  normals), so each pass histograms the next digit of the keys that share the prefix found so
+  far and keeps the bucket holding rank ``int(q·M)``. float16 / bfloat16 stores (15-bit keys)
+  take one pass, float32 two (16 + 15 bits), float64 three (21 bits each): at most three
+  passes, memory one row chunk plus a ``2**21``-bin histogram. The selected stored value,
+  cast like the in-memory features, is the exact element the full sort would find.
+- approximate mode, ``t = mean_i quantile(|x_i|, q)``: each sample's quantile depends on its
+  own row only, so one pass computes them chunk by chunk with ``prepare_features``' own
+  routine and the ``[N]`` vector is averaged as the in-memory code averages it.
+
+Thresholds are cached in the store (``cache/``, keyed on q, mode and the store's content).
+
+Neighbours (:func:`stream_knn`) are the in-memory ``prh_fast.knn.knn`` lists (self excluded,
+ties to the lower index), identical to them, computed from a query *panel* held in memory and
+key blocks streamed from the store:
+
+- ``cpu`` (the native backend): the symmetric tile search of ``prh_fast.knn._cpu`` with the
+  same ``b x b`` tiles (``cpu_tile``) and the same native running top-k (``topk_update``). A
+  panel of consecutive blocks is read once; tiles inside it are processed in the in-memory
+  order, then every later key block is read once and multiplied with each panel block, its
+  transposed tile feeding that key block's own lists. Every row therefore sees its key tiles in
+  increasing index order, exactly as in memory, so the strictly-greater insertion keeps the
+  lower index at ties and the lists equal the in-memory ones (BLAS sums a product in an order
+  that depends on the tile's shape only; equal tiles give bit-equal scores). Flops are those of
+  the in-memory search; the store is read about ``1 + blocks/panel`` times.
+- ``torch`` (CPU or CUDA): the query-block x key-tile merge of ``prh_fast.knn._torch`` with its
+  ``select_topk``, tile shapes from ``torch_tiles``; a panel of query blocks stays on the
+  device while key tiles stream past it.
+
+``memory_budget`` bounds the scratch: score tiles, the query panel, the key blocks in flight
+and their raw reads. The result itself (``[N, k]`` indices and scores, kept for the running
+merge) is not counted: it is the output. Results are cached in the store, keyed on the layer,
+``k``, the preparation settings, the backend and tile shapes and the store's content, so a grid
+of models never searches a layer twice.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prh_fast.store._sharded import FeatureStore, open_store
+
+__all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan", "COUNTERS",
+           "DEFAULT_STREAM_BUDGET", "as_store", "check_budget"]
+
+log = logging.getLogger("prh_fast")
+
+#: Default scratch budget of the streaming computations (bytes). Twice the in-memory search's
+#: tile budget, so the torch backend's tiles (budget / 2) are the in-memory default ones.
+DEFAULT_STREAM_BUDGET = 512 * 2**20
+
+#: How often each streaming computation actually ran or came from the store's cache (for
+#: tests and benchmarks: a second grid over the same stores must not search again).
+COUNTERS: collections.Counter = collections.Counter()
+
+#: Cache format version: bump when a cached result's meaning changes.
+_CACHE_VERSION = 1
+
+# Integer view, bit width and the key of +inf (smallest non-finite |x| key) per stored dtype.
+_BITS = {torch.float16: (torch.int16, 16, 0x7C00),
+         torch.bfloat16: (torch.int16, 16, 0x7F80),
+         torch.float32: (torch.int32, 32, 0x7F800000),
+         torch.float64: (torch.int64, 64, 0x7FF0000000000000)}
+
+
+def as_store(store, arg: str = "store") -> FeatureStore:
+    """An open :class:`FeatureStore` (a path is opened; unfinished stores are refused)."""
+    if isinstance(store, FeatureStore):
+        return store
+    try:
+        return open_store(store)
+    except TypeError:
+        raise ValueError(f"{arg}: expected a store folder or FeatureStore, got "
+                         f"{type(store).__name__}") from None
+
+
+def check_budget(memory_budget, default: int = DEFAULT_STREAM_BUDGET) -> int:
+    """``memory_budget`` as a positive int (bytes); ValueError naming the argument."""
+    if memory_budget is None:
+        return int(default)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)):
+        if not (isinstance(memory_budget, float) and memory_budget.is_integer()):
+            raise ValueError(f"memory_budget: expected a positive number of bytes, got "
+                             f"{memory_budget!r}")
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget: expected a positive number of bytes, got "
+                         f"{memory_budget!r}")
+    return int(memory_budget)
+
+
+def _check_layer(st: FeatureStore, layer) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
+            -st.num_layers <= layer < st.num_layers):
+        raise ValueError(f"layer: expected a layer index in [0, {st.num_layers}) of "
+                         f"{st.path}, got {layer!r}")
+    return int(layer) % st.num_layers
+
+
+def _compute_dtype(st: FeatureStore) -> torch.dtype:
+    # prepare_features' cast (float64 stays, the rest becomes float32) = knn's compute dtype.
+    return torch.float64 if st.dtype == torch.float64 else torch.float32
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cache_get(st: FeatureStore, name: str, settings: dict):
+    return st.cache_load(name, settings)
+
+
+def _cache_put(st: FeatureStore, name: str, tensors: dict, settings: dict) -> None:
+    """Save atomically (``cache_save``); a store we may not write to just isn't cached."""
+    try:
+        st.cache_save(name, tensors, settings)
+    except OSError as err:
+        log.warning("prh_fast.store: could not cache %s in %s (%s)", name, st.path, err)
+
+
+def _bar(total, desc, unit, progress):
+    from tqdm.auto import tqdm
+
+    # tqdm's default format shows the rate and the ETA.
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False,
+                dynamic_ncols=True)
+
+
+def _prefetched(fn, items):
+    """Yield ``(item, fn(item))``, computing the next one in a background thread (store reads
+    and torch ops release the GIL, so reading overlaps the products)."""
+    items = list(items)
+    if len(items) < 2:
+        for it in items:
+            yield it, fn(it)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(fn, items[0])
+        for j, it in enumerate(items):
+            got = fut.result()
+            if j + 1 < len(items):
+                fut = pool.submit(fn, items[j + 1])
+            yield it, got
+
+
+# ------------------------------------------------------------------------------------------------
+# clipping threshold
+# ------------------------------------------------------------------------------------------------
+def _groups(st: FeatureStore) -> list:
+    """Layers that share one threshold: all of them for a ``"tensor"`` store (one ``[N, L, D]``
+    tensor), each alone for a ``"list"`` store (prepare_features clips list items one by one)."""
+    if st.layout == "tensor":
+        return [list(range(st.num_layers))]
+    return [[l] for l in range(st.num_layers)]
+
+
+def _chunk_rows(st: FeatureStore, layers, budget: int, per_value: int) -> int:
+    width = sum(st.dims[l] for l in layers)
+    rows = budget // max(1, width * per_value)
+    if rows < 1:
+        raise ValueError(f"memory_budget: {budget} bytes cannot hold one row of {st.path} "
+                         f"({width} values, ~{width * per_value} bytes of scratch); raise it")
+    return int(min(st.n, rows))
+
+
+def _radix_widths(key_bits: int) -> list:
+    """Digit widths, most significant first: 1 pass up to 16 bits, 2 up to 32, else 3."""
+    passes = 1 if key_bits <= 16 else (2 if key_bits <= 32 else 3)
+    base, extra = divmod(key_bits, passes)
+    return [base + (1 if i < extra else 0) for i in range(passes)]
+
+
+def _exact_thresholds(st: FeatureStore, q: float, budget: int, progress: bool) -> list:
+    """Per group: the stored value at rank ``min(int(q·M), M-1)`` of the ascending ``|x|``."""
+    itype, nbits, inf_key = _BITS[st.dtype]
+    key_bits = nbits - 1
+    absmask = (1 << key_bits) - 1
+    groups = _groups(st)
+    ranks, prefixes = [], [0] * len(groups)
+    for g in groups:
+        m = st.n * sum(st.dims[l] for l in g)
+        # prepare.py's expression: int(q * M) with a Python float product, clamped.
+        ranks.append(min(int(q * m), m - 1))
+    # raw + int64 keys + a mask + int64 digits per value
+    rows = _chunk_rows(st, range(st.num_layers), budget, st.dtype.itemsize + 8 + 1 + 8)
+    widths = _radix_widths(key_bits)
+    shift = key_bits
+    for p, w in enumerate(widths):
+        shift -= w
+        hi = shift + w  # bits above this digit form the prefix
+        counts = [torch.zeros(1 << w, dtype=torch.int64) for _ in groups]
+        bar = _bar(st.n, f"clip threshold {st.path} (pass {p + 1}/{len(widths)})", "row",
+                   progress)
+        try:
+            for a, chunk in st.iter_rows(rows):
+                for gi, g in enumerate(groups):
+                    for l in g:
+                        keys = chunk[l].reshape(-1).view(itype) & absmask
+                        if p == 0 and keys.numel() and int(keys.max()) >= inf_key:
+                            raise ValueError(f"{st.path}: layer {l} contains NaN or Inf "
+                                             f"value(s) (rows {a}..{a + chunk[l].shape[0]})")
+                        if hi < key_bits:
+                            keys = keys[(keys >> hi) == prefixes[gi]]
+                        digits = ((keys >> shift) & ((1 << w) - 1)).long()
+                        counts[gi] += torch.bincount(digits, minlength=1 << w)
+                bar.update(chunk[0].shape[0])
+        finally:
+            bar.close()
+        COUNTERS["threshold_passes"] += 1
+        for gi in range(len(groups)):
+            cum = counts[gi].cumsum(0)
+            digit = int((cum <= ranks[gi]).sum())  # first bucket whose cumulative count > rank
+            if digit > 0:
+                ranks[gi] -= int(cum[digit - 1])
+            prefixes[gi] = (prefixes[gi] << w) | digit
+    cd = _compute_dtype(st)
+    out = []
+    for gi, g in enumerate(groups):
+        t = torch.tensor(prefixes[gi], dtype=itype).view(st.dtype).to(cd)
+        out.extend([t] * len(g))
+    return out
+
+
+def _approx_thresholds(st: FeatureStore, q: float, budget: int, progress: bool,
+                       device: torch.device) -> list:
+    """Per group: the mean over samples of each sample's q-quantile of ``|x|`` (one pass)."""
+    from prh_fast.prepare import _approx_per_sample
+
+    cd = _compute_dtype(st)
+    groups = _groups(st)
+    pieces = [[] for _ in groups]
+    # raw + cast + |x| + kthvalue's copies
+    rows = _chunk_rows(st, range(st.num_layers), budget, st.dtype.itemsize + 4 * cd.itemsize)
+    bar = _bar(st.n, f"clip threshold {st.path}", "row", progress)
+    try:
+        for a, chunk in st.iter_rows(rows):
+            for gi, g in enumerate(groups):
+                xs = [chunk[l].to(device).to(cd) for l in g]
+                for l, x in zip(g, xs):
+                    if not bool(torch.isfinite(x).all()):
+                        raise ValueError(f"{st.path}: layer {l} contains NaN or Inf value(s) "
+                                         f"(rows {a}..{a + x.shape[0]})")
+                x = torch.stack(xs, dim=1) if st.layout == "tensor" else xs[0]
+                pieces[gi].append(_approx_per_sample(x, q))
+            bar.update(chunk[0].shape[0])
+    finally:
+        bar.close()
+    COUNTERS["threshold_passes"] += 1
+    out = []
+    for gi, g in enumerate(groups):
+        # the in-memory code averages the concatenated [N] vector: same tensor, same mean
+        t = torch.cat(pieces[gi]).mean()
+        out.extend([t] * len(g))
+    return out
+
+
+def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
+                    memory_budget: int | None = None, progress: bool = False,
+                    cache: bool = True) -> list:
+    """The clipping threshold of every layer, as ``prepare_features(feats, q, exact)`` finds it
+    for the store's features in memory (bit for bit): a list of 0-d tensors (float32, or
+    float64 for a float64 store), equal for all layers of a ``"tensor"`` store.
+
+    Args:
+        store: a store folder or :class:`FeatureStore`.
+        q: the quantile in ``(0, 1]`` (``1`` gives no threshold: returns ``None`` per layer).
+        exact: exact mode (radix select, at most three passes) or approximate mode (one pass).
+        device: where the approximate mode's per-sample quantiles are computed (the device the
+            in-memory features would be on; the exact mode is a selection and device-free).
+        memory_budget: bytes of scratch (row chunks); default ``DEFAULT_STREAM_BUDGET``.
+        progress: tqdm bars (rate, ETA) for the passes.
+        cache: read / write the result in the store's cache.
+    """
+    from prh_fast.prepare import _check_q
+
+    st = as_store(store)
+    q = _check_q(q)
+    exact = bool(exact)
+    budget = check_budget(memory_budget)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if q == 1:
+        return [None] * st.num_layers
+    settings = {"kind": "clip", "version": _CACHE_VERSION, "q": repr(q), "exact": exact,
+                "layout": st.layout, "device": "any" if exact else dev.type}
+    name = f"clip-{_digest(settings)}.safetensors"
+    if cache:
+        got = _cache_get(st, name, settings)
+        if got is not None and "t" in got and got["t"].numel() == st.num_layers:
+            COUNTERS["threshold_cache_hits"] += 1
+            return [got["t"][l].clone() for l in range(st.num_layers)]
+    if exact:
+        ts = _exact_thresholds(st, q, budget, progress)
+    else:
+        ts = _approx_thresholds(st, q, budget, progress, dev)
+    ts = [t.cpu() for t in ts]
+    if cache:
+        _cache_put(st, name, {"t": torch.stack(ts)}, settings)
+    return ts
+
+
+# ------------------------------------------------------------------------------------------------
+# prepared rows
+# ------------------------------------------------------------------------------------------------
+class StreamPrep:
+    """Rows of a store prepared as the alignment pipeline prepares a model in memory.
+
+    ``q=None`` (or 1) skips clipping; ``normalize`` L2-normalises rows (SPEC "Pipeline" steps
+    2-3). ``rows(l, a, b)`` returns rows ``a:b`` of layer ``l`` on ``device`` in the compute
+    dtype (float64 for a float64 store, else float32), bit-equal to the same rows of the
+    in-memory preparation. The threshold is found (or read from the cache) on first use.
+    """
+
+    def __init__(self, store, *, q=None, exact: bool = False, normalize: bool = True,
+                 device=None, memory_budget: int | None = None, progress: bool = False,
+                 cache: bool = True):
+        from prh_fast.prepare import _check_q
+
+        self.store = as_store(store)
+        self.q = None if q is None else _check_q(q)
+        if self.q == 1:
+            self.q = None  # prepare_features(q=1) returns the (cast) input
+        self.exact = bool(exact)
+        self.normalize = bool(normalize)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = _compute_dtype(self.store)
+        self._budget = check_budget(memory_budget)
+        self._progress = bool(progress)
+        self._cache = bool(cache)
+        self._t = None
+
+    @property
+    def n(self) -> int:
+        return self.store.n
+
+    @property
+    def dims(self) -> list:
+        return list(self.store.dims)
+
+    @property
+    def name(self) -> str:
+        return self.store.path
+
+    def settings(self) -> dict:
+        """What the prepared values depend on (besides the store's content)."""
+        return {"q": None if self.q is None else repr(self.q),
+                "exact": self.exact if self.q is not None else None,
+                "normalize": self.normalize, "dtype": str(self.dtype).replace("torch.", "")}
+
+    def thresholds(self) -> list:
+        if self._t is None:
+            if self.q is None:
+                self._t = [None] * self.store.num_layers
+            else:
+                ts = clip_thresholds(self.store, self.q, self.exact, device=self.device,
+                                     memory_budget=self._budget, progress=self._progress,
+                                     cache=self._cache)
+                self._t = [t.to(self.device) for t in ts]
+        return self._t
+
+    def rows(self, l: int, a: int, b: int) -> torch.Tensor:
+        t = self.thresholds()[l]
+        x = self.store.layer(l, slice(a, b)).to(self.device)
+        x = x if x.dtype == torch.float64 else x.float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{self.store.path}: layer {l} contains NaN or Inf value(s) "
+                             f"(rows {a}..{b})")
+        if t is not None:
+            x = torch.clamp(x, -t, t)
+        if self.normalize:
+            x = F.normalize(x, p=2, dim=-1)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# neighbours
+# ------------------------------------------------------------------------------------------------
+def _resolve_backend(backend, device: torch.device) -> str:
+    """``cpu`` (native) or ``torch``. An explicitly requested other backend raises; one from
+    ``PRH_FAST_BACKEND`` that cannot stream falls back with a log line (STYLE: one dispatch
+    point: the auto choice falls back, the requested one raises)."""
+    import os
+
+    from prh_fast import _native
+    from prh_fast._backend import _log_once
+
+    explicit = backend is not None
+    name = backend if explicit else os.environ.get("PRH_FAST_BACKEND", "auto")
+    name = name.lower() if isinstance(name, str) else name
+    if name not in ("auto", "cpu", "torch"):
+        if explicit:
+            raise ValueError(f"backend: the streaming search runs 'auto', 'cpu' or 'torch', got "
+                             f"{backend!r} (load the layer and use prh_fast.knn.knn for others)")
+        _log_once(f"prh_fast: PRH_FAST_BACKEND={name!r} cannot stream from a store; the "
+                  f"streaming search uses 'auto'")
+        name = "auto"
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' was requested but device is {device}")
+    if name == "auto":
+        if device.type == "cpu" and _native.HAS_NATIVE:
+            return "cpu"
+        return "torch"
+    if name == "cpu":
+        _native.native()  # a clear error when the module is missing
+    return name
+
+
+def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype,
+             store_itemsize: int, memory_budget: int) -> dict:
+    """Tile shapes and panel size of a streaming search under ``memory_budget``; ValueError
+    naming ``memory_budget`` when not even one block fits.
+
+    ``plan["tile_budget"]`` is the in-memory ``memory_budget`` whose tiles the search uses: the
+    lists equal ``knn(X, k, backend=..., memory_budget=plan["tile_budget"])``, which are the
+    default in-memory lists whenever the tiles are the default ones (CPU: budgets from 16 MiB;
+    torch: from twice ``DEFAULT_MEMORY_BUDGET``).
+    """
+    from prh_fast.knn._cpu import cpu_tile
+    from prh_fast.knn._torch import torch_tiles
+    from prh_fast.knn import DEFAULT_MEMORY_BUDGET
+
+    item = torch.empty((), dtype=compute_dtype).element_size()
+    budget = int(memory_budget)
+    if backend == "cpu":
+        # A quarter of the budget for the score tile: from 16 MiB on, the tiles are those of
+        # the in-memory default search (at most 1024 x 1024).
+        tile_budget = min(DEFAULT_MEMORY_BUDGET, max(1, budget // 4))
+        b = cpu_tile(n, item, tile_budget)
+        fixed = b * b * item + 2 * b * d * (2 * item + store_itemsize)  # tile, 2 key blocks
+        per = b * d * item  # one panel block
+        nblocks = -(-n // b)
+        panel = (budget - fixed) // per
+        plan = {"backend": "cpu", "tile": b, "blocks": nblocks, "tile_budget": tile_budget}
+    else:
+        # The in-memory default tiles when the budget has room for them, else half the budget.
+        tile_budget = DEFAULT_MEMORY_BUDGET if budget >= 2 * DEFAULT_MEMORY_BUDGET else budget // 2
+        rows, cols = torch_tiles(n, n, k, item, max(1, tile_budget))
+        scratch = 3 * rows * (cols + k) * (item + 8)  # what knn_torch's budget covers
+        fixed = scratch + 2 * cols * d * (2 * item + store_itemsize)  # 2 key tiles in flight
+        per = rows * d * item + 2 * rows * k * (item + 8)  # a query block and its lists
+        nblocks = -(-n // rows)
+        panel = (budget - fixed) // per
+        plan = {"backend": "torch", "rows": rows, "cols": cols, "blocks": nblocks,
+                "tile_budget": tile_budget}
+    if panel < 1:
+        raise ValueError(f"memory_budget: {budget} bytes is too small for a streaming search "
+                         f"of {n} x {d} rows ({plan}); it needs at least {fixed + per} bytes")
+    plan["panel"] = int(min(panel, plan["blocks"]))
+    plan["scratch_bytes"] = int(fixed + plan["panel"] * per)
+    return plan
+
+
+def _search_cpu(prep: StreamPrep, l: int, k: int, plan: dict, bar):
+    from prh_fast._native import native
+
+    _C = native()
+    n, d = prep.n, prep.dims[l]
+    b, P = plan["tile"], plan["panel"]
+    np_dtype = np.float64 if prep.dtype == torch.float64 else np.float32
+    vals = np.full((n, k), -np.inf, dtype=np_dtype)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    starts = list(range(0, n, b))
+    nb = len(starts)
+    buf = torch.empty(b * b, dtype=prep.dtype)
+
+    def span(J):
+        return starts[J], min(n, starts[J] + b)
+
+    def tile(Xi, i0, i1, Kj, j0, j1, both):
+        S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        torch.mm(Xi, Kj.T, out=S)
+        _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
+        if both:
+            _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True)
+        bar.update(1)
+
+    for p0 in range(0, nb, P):
+        p1 = min(nb, p0 + P)
+        r0, r1 = starts[p0], span(p1 - 1)[1]
+        panel = torch.empty((r1 - r0, d), dtype=prep.dtype)
+        for J in range(p0, p1):  # block by block: raw-read scratch stays one block
+            j0, j1 = span(J)
+            panel[j0 - r0:j1 - r0] = prep.rows(l, j0, j1)
+        # inside the panel: the in-memory order (outer I, inner J >= I)
+        for I in range(p0, p1):
+            i0, i1 = span(I)
+            Xi = panel[i0 - r0:i1 - r0]
+            for J in range(I, p1):
+                j0, j1 = span(J)
+                tile(Xi, i0, i1, panel[j0 - r0:j1 - r0], j0, j1, J != I)
+        # later key blocks, each read once; block J's rows get the transposes in I order
+        for J, Kj in _prefetched(lambda J: prep.rows(l, *span(J)), range(p1, nb)):
+            j0, j1 = span(J)
+            for I in range(p0, p1):
+                i0, i1 = span(I)
+                tile(panel[i0 - r0:i1 - r0], i0, i1, Kj, j0, j1, True)
+        del panel
+    if (idx < 0).any():
+        raise ValueError(f"{prep.name}: layer {l}: neighbour search produced empty slots "
+                         f"(non-finite scores?)")
+    return torch.from_numpy(idx), torch.from_numpy(vals)
+
+
+def _search_torch(prep: StreamPrep, l: int, k: int, plan: dict, bar):
+    from prh_fast.knn._torch import select_topk
+
+    n = prep.n
+    dev = prep.device
+    rows, cols, P = plan["rows"], plan["cols"], plan["panel"]
+    out_v = torch.empty((n, k), dtype=prep.dtype, device=dev)
+    out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
+    qstarts = list(range(0, n, rows))
+    kstarts = list(range(0, n, cols))
+    for p0 in range(0, len(qstarts), P):
+        blocks = [(r0, min(n, r0 + rows)) for r0 in qstarts[p0:p0 + P]]
+        Q = [prep.rows(l, r0, r1) for r0, r1 in blocks]
+        run = [(torch.full((r1 - r0, 0), float("-inf"), dtype=prep.dtype, device=dev),
+                torch.empty((r1 - r0, 0), dtype=torch.int64, device=dev)) for r0, r1 in blocks]
+        for c0, K in _prefetched(lambda c0: prep.rows(l, c0, min(n, c0 + cols)), kstarts):
+            c1 = c0 + K.shape[0]
+            for j, ((r0, r1), q) in enumerate(zip(blocks, Q)):
+                # prh_fast.knn._torch.knn_torch's step, on the same shapes
+                s = q @ K.T
+                ids = torch.arange(c0, c1, device=dev).expand(r1 - r0, -1)
+                if c0 < r1 and r0 < c1:
+                    qi = torch.arange(r0, r1, device=dev).unsqueeze(1)
+                    s = s.masked_fill(ids == qi, float("-inf"))
+                cat_v = torch.cat([run[j][0], s], dim=1)
+                cat_i = torch.cat([run[j][1], ids], dim=1)
+                run[j] = select_topk(cat_v, cat_i, min(k, cat_v.shape[1]))
+                bar.update(1)
+        for (r0, r1), (v, i) in zip(blocks, run):
+            out_v[r0:r1], out_i[r0:r1] = v, i
+        del Q, run
+    return out_i, out_v
+
+
+def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
+               normalize: bool = True, device=None, backend=None,
+               memory_budget: int | None = None, return_scores: bool = False,
+               progress: bool = False, cache: bool = True):
+    """Exact neighbour lists ``[N, k]`` (int64, on ``device``) of one layer of a store.
+
+    Equal to ``prh_fast.knn.knn(X, k)`` of the layer prepared in memory (``X`` = the layer of
+    ``prepare_features(feats, q, exact)``, rows L2-normalised when ``normalize``): self
+    excluded, by decreasing inner product, ties to the lower index; see the module docstring
+    for how the streamed search keeps the lists identical.
+
+    Args:
+        store: a store folder or :class:`FeatureStore`.
+        layer: the layer index.
+        k: neighbours, ``1 <= k <= N - 1``.
+        q, exact: outlier clipping as ``prepare_features`` (``None``: none).
+        normalize: L2-normalise rows first (the alignment pipeline's default).
+        device: where the products run (default CPU); CUDA uses the torch backend.
+        backend: ``"auto"`` (native ``cpu`` on CPU, ``torch`` on CUDA), ``"cpu"`` or ``"torch"``.
+        memory_budget: bytes of scratch (tiles, query panel, key blocks in flight); the
+            ``[N, k]`` result is not counted. Default ``DEFAULT_STREAM_BUDGET``.
+        return_scores: also return the ``[N, k]`` inner products (compute dtype).
+        progress: a tqdm bar over tiles with rate and ETA.
+        cache: read / write the lists in the store's cache (``cache/``, atomic writes).
+
+    Raises:
+        ValueError naming the argument: bad ``layer`` / ``k`` / ``q`` / ``backend``, a
+        ``memory_budget`` that is not positive or too small for one block, NaN/Inf values.
+    """
+    from prh_fast._validate import check_topk
+
+    st = as_store(store)
+    l = _check_layer(st, layer)
+    k = check_topk(k, st.n, "k")
+    budget = check_budget(memory_budget)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    name = _resolve_backend(backend, dev)
+    prep = StreamPrep(st, q=q, exact=exact, normalize=normalize, device=dev,
+                      memory_budget=budget, progress=progress, cache=cache)
+    d = st.dims[l]
+    plan = knn_plan(st.n, d, k, backend=name, compute_dtype=prep.dtype,
+                    store_itemsize=st.dtype.itemsize, memory_budget=budget)
+    settings = {"kind": "knn", "version": _CACHE_VERSION, "layer": l, "k": k,
+                **prep.settings(), "backend": name, "device": dev.type,
+                "tiles": {a: v for a, v in plan.items()
+                          if a in ("tile", "rows", "cols")}}
+    fname = f"knn-l{l}-k{k}-{_digest(settings)}.safetensors"
+    got = _cache_get(st, fname, settings) if cache else None
+    if got is not None and got.get("idx") is not None and tuple(got["idx"].shape) == (st.n, k):
+        COUNTERS["knn_cache_hits"] += 1
+        idx, vals = got["idx"].to(dev), got["vals"].to(dev)
+    else:
+        COUNTERS["knn_searches"] += 1
+        prep.thresholds()  # before the bar: its own passes have their own bars
+        nb = plan["blocks"]
+        total = nb * (nb + 1) // 2 if name == "cpu" else nb * -(-st.n // plan["cols"])
+        bar = _bar(total, f"knn {st.path} layer {l}", "tile", progress)
+        try:
+            if name == "cpu":
+                idx, vals = _search_cpu(prep, l, k, plan, bar)
+            else:
+                idx, vals = _search_torch(prep, l, k, plan, bar)
+        finally:
+            bar.close()
+        if cache:
+            _cache_put(st, fname, {"idx": idx.cpu(), "vals": vals.cpu()}, settings)
+        idx, vals = idx.to(dev), vals.to(dev)
+    return (idx, vals) if return_scores else idx
+
+
+def prepared_bytes(store, normalize: bool = True) -> int:
+    """Bytes the prepared layers of a store take in memory (compute dtype)."""
+    st = as_store(store)
+    return st.n * sum(st.dims) * torch.empty((), dtype=_compute_dtype(st)).element_size()
+
