@@ -54,7 +54,7 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
         return_scores: also return the ``[N, k]`` inner products, in the compute dtype
             (float64 for float64 input, float32 otherwise).
         keys: ``[M, D]`` keys for a cross search: each row of ``X`` gets its ``k`` best keys
-            (nothing excluded). ``torch`` and ``triton`` backends.
+            (nothing excluded). ``torch``, ``triton`` and the approximate faiss backends.
         exact: ``False`` lets the triton backend skip the float32 re-score (approximate lists
             and scores, logged once). The other backends are always exact.
         precision: product format of the triton candidate pass: ``"auto"`` (default: tf32
