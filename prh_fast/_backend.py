@@ -35,6 +35,10 @@ ANN_BACKENDS = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 KNN_BACKENDS = ("auto", "cpu", "torch", "faiss", "triton", "cuda") + ANN_BACKENDS
 #: Largest list length the CUDA neighbour-set / CKNNA kernels take (csrc/common/cuda_check.h).
 CUDA_MAX_K = 256
+#: Whether ``auto`` picks the CUDA neighbour-set / CKNNA kernels for CUDA lists. False until
+#: they have passed ``tests/test_cuda.py`` on hardware (see docs/gpu.md); ``backend="cuda"``
+#: runs them regardless.
+CUDA_SETOPS_AUTO = False
 _logged: set = set()
 
 
@@ -145,6 +149,8 @@ def resolve_setops_backend(backend: str | None, device: torch.device, k: int) ->
         return "cuda"
     # auto (and the kNN-only names)
     if on_cuda:
+        if not CUDA_SETOPS_AUTO:
+            return "torch"
         if _native.HAS_CUDA_KERNELS and k <= CUDA_MAX_K:
             return "cuda"
         why = ("prh_fast._C has no CUDA kernels" if not _native.HAS_CUDA_KERNELS

@@ -7,7 +7,8 @@ Only the ``N·k`` masked entries are touched; the five sums the estimators need 
 ``Σ_ij P_ij Q_ji`` (the transpose term: nonzero only where j ∈ M_i and i ∈ M_j), ``1ᵀP1``,
 ``1ᵀQ1``, ``1ᵀPQ1`` and ``1ᵀQP1`` (column sums of one times row sums of the other).
 
-The native kernel computes them on CPU; the torch version below runs elsewhere.
+The native kernel computes them on CPU; the torch version below runs elsewhere, and
+``cknna_terms_cuda`` runs the CUDA kernel (``csrc/cknna/cknna_cuda.cu``) on CUDA lists.
 """
 from __future__ import annotations
 
@@ -26,6 +27,40 @@ def cknna_terms(ia, sa, ib, sb):
         )
         return tuple(float(v) for v in t)
     return cknna_terms_torch(ia, sa.to(torch.float64), ib, sb.to(torch.float64))
+
+
+def cknna_terms_cuda(ia, sa, ib, sb):
+    """The five sums by the CUDA kernel, for lists and scores on one CUDA device."""
+    from prh_fast._backend import CUDA_MAX_K
+    from prh_fast.metrics._neighbours import check_lists_in_range
+
+    if not _native.HAS_CUDA_KERNELS:
+        raise RuntimeError("prh_fast._C was built without CUDA kernels (rebuild with "
+                           "PRH_FAST_CUDA=1 and nvcc on PATH)")
+    n = ia.shape[0]
+    if ia.dim() != 2 or ib.dim() != 2 or ib.shape[0] != n or sa.shape != ia.shape \
+            or sb.shape != ib.shape:
+        raise ValueError(f"ia, sa, ib, sb: expected [N, ka], [N, ka], [N, kb], [N, kb], got "
+                         f"{tuple(ia.shape)}, {tuple(sa.shape)}, {tuple(ib.shape)}, "
+                         f"{tuple(sb.shape)}")
+    devs = {t.device for t in (ia, sa, ib, sb)}
+    if len(devs) != 1 or ia.device.type != "cuda":
+        raise ValueError(f"ia, sa, ib, sb: expected one CUDA device, got {sorted(map(str, devs))}")
+    if not (1 <= ia.shape[1] <= CUDA_MAX_K and 1 <= ib.shape[1] <= CUDA_MAX_K) or n < 1:
+        raise ValueError(f"k: the CUDA CKNNA kernel takes 1 <= k <= {CUDA_MAX_K}, got "
+                         f"{ia.shape[1]} and {ib.shape[1]}")
+    ia, ib = ia.to(torch.int64).contiguous(), ib.to(torch.int64).contiguous()
+    sa, sb = sa.to(torch.float64).contiguous(), sb.to(torch.float64).contiguous()
+    check_lists_in_range(ia, n, "ia")
+    check_lists_in_range(ib, n, "ib")
+    C = _native.native()
+    with torch.cuda.device(ia.device):
+        ws = torch.empty(C.cuda_cknna_workspace_bytes(n), dtype=torch.uint8, device=ia.device)
+        out = torch.empty(5, dtype=torch.float64, device=ia.device)
+        C.cuda_cknna_terms(ia.data_ptr(), sa.data_ptr(), ib.data_ptr(), sb.data_ptr(), n,
+                           ia.shape[1], ib.shape[1], out.data_ptr(), ws.data_ptr(),
+                           torch.cuda.current_stream(ia.device).cuda_stream)
+        return tuple(float(v) for v in out.cpu())
 
 
 def cknna_terms_torch(ia, sa, ib, sb):
