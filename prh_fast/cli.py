@@ -49,17 +49,22 @@ class _UserError(Exception):
 
 
 def _discover(input_dir, pool, side):
-    """Every ``*.pt`` under ``input_dir`` whose name contains ``pool-<pool>`` (the reference's
-    ``<input_dir>/<dataset>/<subset>/<model>_pool-<pool>_prompt-<bool>.pt``); all ``*.pt``
-    files, with a note, when none does."""
+    """Every ``*.pt`` file or store folder under ``input_dir`` whose name contains
+    ``pool-<pool>`` (the reference's
+    ``<input_dir>/<dataset>/<subset>/<model>_pool-<pool>_prompt-<bool>.pt``); all of them, with
+    a note, when none does."""
     import os
     from pathlib import Path
 
+    from prh_fast.store import INDEX_NAME
+
     if not os.path.isdir(input_dir):
         raise _UserError(f"--input_dir {input_dir}: no such folder (or give --x/--y files)")
-    files = sorted(str(p) for p in Path(input_dir).rglob("*.pt"))
+    files = sorted([str(p) for p in Path(input_dir).rglob("*.pt")]
+                   + [str(p.parent) for p in Path(input_dir).rglob(INDEX_NAME)])
     if not files:
-        raise _UserError(f"--input_dir {input_dir}: no .pt feature files found")
+        raise _UserError(f"--input_dir {input_dir}: no .pt feature files or store folders "
+                         f"found")
     picked = [f for f in files if f"pool-{pool}" in os.path.basename(f)]
     if not picked:
         print(f"note: no file under {input_dir} has 'pool-{pool}' in its name; using all "
@@ -107,7 +112,9 @@ def _align(args) -> int:
         raise _UserError(f"--topk: expected a positive integer, got {args.topk}")
     x_files = args.x or _discover(args.input_dir, args.pool_x, "x")
     y_files = args.y or _discover(args.input_dir, args.pool_y, "y")
-    missing = [f for f in x_files + y_files if not os.path.isfile(f)]
+    from prh_fast.store import is_store
+
+    missing = [f for f in x_files + y_files if not (os.path.isfile(f) or is_store(f))]
     if missing:
         raise _UserError(f"{missing[0]}: no such feature file"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -119,11 +126,27 @@ def _align(args) -> int:
     backend = _knn_backend(args.backend, args.knn_option)
     k = f" (topk {args.topk})" if "knn" in args.metric else ""
     print(f"{args.metric}{k}: {len(x_files)} x model(s) vs {len(y_files)} y model(s)")
-    res = align_models(_named(x_files), _named(y_files), metric=args.metric, topk=args.topk,
-                       q=None if args.q >= 1.0 else args.q, exact=args.precise,
-                       output_dir=out_dir, force_remake=args.force_remake,
-                       progress=not args.no_progress, backend=backend,
-                       null_permutations=args.null_permutations)
+    # Streaming settings travel as environment variables, so that the grid's model cache sees
+    # them on every rank under torchrun too; restored afterwards.
+    env = {"PRH_FAST_STREAM": args.stream,
+           "PRH_FAST_STREAM_BUDGET": None if args.stream_budget is None
+           else str(args.stream_budget)}
+    old_env = {a: os.environ.get(a) for a in env}
+    try:
+        for a, v in env.items():
+            if v is not None:
+                os.environ[a] = v
+        res = align_models(_named(x_files), _named(y_files), metric=args.metric,
+                           topk=args.topk, q=None if args.q >= 1.0 else args.q,
+                           exact=args.precise, output_dir=out_dir,
+                           force_remake=args.force_remake, progress=not args.no_progress,
+                           backend=backend, null_permutations=args.null_permutations)
+    finally:
+        for a, v in old_env.items():
+            if v is None:
+                os.environ.pop(a, None)
+            else:
+                os.environ[a] = v
     print(res.table())
     ann = res.options.get("ann")
     if ann:
@@ -241,15 +264,17 @@ def main(argv=None) -> int:
     pa.add_argument("--modality_x", default="language", help="names the output folder")
     pa.add_argument("--modality_y", default="vision", help="names the output folder")
     pa.add_argument("--input_dir", default="./results/features",
-                    help="folder searched for *.pt feature files")
+                    help="folder searched for *.pt feature files and store folders")
     pa.add_argument("--output_dir", default="./results/alignment")
     pa.add_argument("--precise", action="store_true", help="exact outlier threshold")
     pa.add_argument("--force_remake", action="store_true",
                     help="recompute even if the output exists")
     pa.add_argument("--q", type=float, default=0.95,
                     help="outlier clipping quantile; 1 disables clipping")
-    pa.add_argument("--x", nargs="+", metavar="FILE", help="x feature files (no discovery)")
-    pa.add_argument("--y", nargs="+", metavar="FILE", help="y feature files (no discovery)")
+    pa.add_argument("--x", nargs="+", metavar="FILE",
+                    help="x feature files or store folders (no discovery)")
+    pa.add_argument("--y", nargs="+", metavar="FILE",
+                    help="y feature files or store folders (no discovery)")
     pa.add_argument("--heatmap", action="store_true",
                     help="also write PNG heatmaps (grid and every pair's layers)")
     pa.add_argument("--null-permutations", type=int, default=0, metavar="P",
@@ -262,6 +287,11 @@ def main(argv=None) -> int:
                     "train_size, pq_m, pq_nbits, refine, hnsw_m, ef_construction, ef_search, "
                     "seed, recall_sample (FAISS's names m, nbits, M, efConstruction, efSearch "
                     "too)")
+    pa.add_argument("--stream", choices=["auto", "on", "off"], default=None,
+                    help="store folders: stream them instead of loading (default auto: "
+                    "neighbour lists always, kernel metrics above 1 GiB; PRH_FAST_STREAM)")
+    pa.add_argument("--stream-budget", type=int, default=None, metavar="BYTES",
+                    help="scratch memory of the streamed computations (default 512 MiB)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_align)
     pb = sub.add_parser("bench", help="time prh_fast against a reference checkout, side by side")

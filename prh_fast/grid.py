@@ -50,6 +50,7 @@ from prh_fast._align import (
     as_layers,
     best_pair,
 )
+from prh_fast._stream_align import StreamPolicy
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import prepare_features
 
@@ -178,14 +179,19 @@ class _ModelCache:
     prepared layers (LRU, ``cache_bytes``) for the kernel metrics."""
 
     def __init__(self, *, q=None, exact=False, normalize=True, backend=None, device=None,
-                 cache_bytes=DEFAULT_CACHE_BYTES):
+                 cache_bytes=DEFAULT_CACHE_BYTES, stream=None, stream_budget=None,
+                 progress=False):
         self.q, self.exact, self.normalize = q, bool(exact), bool(normalize)
         self.backend, self.device = backend, device
         self.cache_bytes = int(cache_bytes)
         self._layers: OrderedDict = OrderedDict()
         self._sides: dict = {}
         self.timings = {"load": 0.0, "prepare": 0.0, "neighbours": 0.0}
-        self.counts = {"loads": 0, "searched_models": 0}
+        self.counts = {"loads": 0, "searched_models": 0, "streamed_models": 0}
+        # store folders: streamed instead of loaded (prh_fast._stream_align)
+        self.stream = StreamPolicy(stream=stream, budget=stream_budget, q=q, exact=exact,
+                                   normalize=normalize, backend=backend, device=device,
+                                   progress=progress)
         self.ann: dict = {}  # model key -> its layers' AnnReports (approximate searches)
 
     def layers(self, m: _Model) -> list:
@@ -225,6 +231,12 @@ class _ModelCache:
         of layers and the device from them). The features themselves are not kept."""
         kind = "cknna" if metric == "cknna" else "knn"
         ckey = (m.key, kind, k, tuple(sorted(opts.items())) if kind == "cknna" else ())
+        if ckey not in self._sides and self.stream.streams_knn(m):
+            t0 = time.perf_counter()
+            data = self.stream.knn_side(m, metric, k, opts)
+            self.timings["neighbours"] += time.perf_counter() - t0
+            self.counts["streamed_models"] += 1
+            self._sides[ckey] = (self.stream.stand_ins(m), data)
         if ckey not in self._sides:
             layers = self.layers(m)
             t0 = time.perf_counter()
@@ -251,6 +263,11 @@ def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutatio
     if metric in _KNN_RAW or metric == "cknna":
         xa, ca = cache.side(a, metric, k, opts)
         xb, cb = cache.side(b, metric, k, opts)
+    elif cache.stream.streams_kernel(a, b, metric, opts, null_permutations):
+        mat = cache.stream.kernel_matrix(a, b, metric, opts, cache.layers, timings).numpy()
+        mat = mat.T if reference_order else mat
+        best, pair = _best(mat, reference_order)
+        return mat, best, pair, None, timings.get("score", 0.0)
     else:
         xa, xb = cache.layers(a), cache.layers(b)
         ca = cb = None
@@ -433,7 +450,8 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                  q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
                  progress: bool = True, backend=None, reference_order: bool = True,
                  null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, **metric_kwargs) -> GridResult:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, stream=None, stream_budget=None,
+                 **metric_kwargs) -> GridResult:
     """Align every (x model, y model) pair: the reference's ``measure_alignment.py`` grid.
 
     Args:
@@ -455,6 +473,13 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             ``best_mean``, ``best_std`` and ``best_z``.
         device: where features are loaded (``map_location``; default CPU, or the input's).
         cache_bytes: memory for prepared layers kept between pairs for the kernel metrics.
+        stream: store folders are streamed instead of loaded (``prh_fast._stream_align``):
+            ``"auto"`` (default, or ``PRH_FAST_STREAM``): neighbour lists of stores on a CPU
+            always (the same lists, searched once and cached in the store), kernel metrics
+            (linear CKA, unbiased CKA, SVCCA: one float64 pass) when a store's prepared
+            features exceed 1 GiB; ``True``: every store, an error where a metric cannot
+            stream (RBF CKA, null permutations of kernel metrics); ``False``: load everything.
+        stream_budget: bytes of scratch for the streamed computations (default 512 MiB).
         **metric_kwargs: the metric's own options, as in ``align``.
 
     Raises:
@@ -484,7 +509,8 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
     k, opts = _metric_options(metric, n, topk, metric_kwargs)
     symmetric = _symmetric(metric, opts)
     cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
-                        cache_bytes=cache_bytes)
+                        cache_bytes=cache_bytes, stream=stream, stream_budget=stream_budget,
+                        progress=progress and sys.stderr.isatty())
     mx_, my_ = len(xm), len(ym)
     scores = np.zeros((mx_, my_), dtype=np.float64)
     indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
@@ -540,6 +566,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                      options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
                               "reference_order": bool(reference_order),
                               "symmetric_shortcut": symmetric, "k": k,
+                              "stream": cache.stream.mode,
                               "x_sources": [m.source if isinstance(m.source, str) else None
                                             for m in xm],
                               "y_sources": [m.source if isinstance(m.source, str) else None
