@@ -434,12 +434,11 @@ def _metric_options(metric, n, topk, metric_kwargs):
 
 
 def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations, seed,
-                    timings, x_cache=None, y_cache=None, x_reports=None,
-                    y_reports=None) -> AlignmentResult:
+                    timings, x_cache=None, y_cache=None) -> AlignmentResult:
     """Score prepared (clipped, normalised) layers. ``x_cache`` / ``y_cache``: each side's
     neighbour data from ``_knn_side`` / ``_cknna_side`` (same ``k`` and options), so a grid of
-    models searches each model's layers once; ``x_reports`` / ``y_reports``: the reports those
-    searches returned (for ``ann_report``)."""
+    models searches each model's layers once (a grid keeps their search reports itself:
+    ``ann_report`` covers only the searches made here)."""
     n = xs[0].shape[0]
     ann: dict = {}
     if metric in _KNN_RAW:
@@ -464,9 +463,10 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
         t0 = time.perf_counter()
         null = _null_stats(scorer, scores, best, n, P, seed, xs[0].device)
         timings["null"] = time.perf_counter() - t0
-    ann_report = ann_pair_report(metric, k, x_reports or ann.get("x") or [],
-                                 y_reports or ann.get("y") or [], x_idx, y_idx,
-                                 opts.get("normalize_lcs", False), log=True)
+    ann_report = None
+    if ann.get("x") and ann.get("y"):
+        ann_report = ann_pair_report(metric, k, ann["x"], ann["y"], x_idx, y_idx,
+                                     opts.get("normalize_lcs", False), log=True)
     return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
                            x_layers=x_idx, y_layers=y_idx,
                            topk=k if "knn" in metric else None, timings=timings, null=null,
@@ -509,6 +509,7 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
     ex = torch.stack([r.exact for r in x_reports])
     ay = torch.stack([r.approx for r in y_reports])
     ey = torch.stack([r.exact for r in y_reports])
+
     def raw(kind, a, b):
         # Row-local values on the sample rows (the lists hold indices of all N rows, which
         # the native kernels would reject as out of range for S rows).
