@@ -8,11 +8,13 @@ the error it puts into mutual_knn, at N = 1,000,000, D = 128 on the CPU.
 Two related "layers" A and B (D = 128 each) are generated from one clustered latent (different
 nonlinear maps plus noise), so mutual_knn(A, B) is well above chance, as between two models.
 
-Exact reference: an exact search of all N rows is 2·N²·D flops (2.6e14 at 1M: hours on two
-cores), so it is *not run*. Exact lists are computed for a seeded sample of query rows (the
-same sample and code as the backends' recall report: torch tiles against all N keys), and the
-full exact time is *extrapolated* from a FAISS flat search (IndexFlatIP, the "faiss" backend)
-of ``--flat-queries`` rows, linearly in the number of queries. Both are labelled so.
+Exact reference: an exact search of all N rows is 2·N²·D flops (2.6e14 at 1M: tens of minutes
+to hours on two cores), so it is *not run*. Exact lists are computed for a seeded sample of
+query rows (the same sample and code as the backends' recall report: torch tiles against all
+N keys), and the full exact time is *extrapolated* twice: from a FAISS flat search
+(IndexFlatIP, the "faiss" backend) of ``--flat-queries`` rows, linearly in the number of
+queries, and from prh_fast's "cpu" backend (symmetric tiles, half the products) on the first
+``--cpu-n`` rows, by ``(N / n)²``. Both rows are labelled "extrapolated".
 
 Per approximate configuration and per layer: index build (train + add), search of all N rows
 (k + 1 results, self dropped, as the backend does), recall@k on the sample, and mutual_knn from
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=int, default=1000, help="query rows with exact lists")
     p.add_argument("--flat-queries", type=int, default=4000,
                    help="rows of the timed exact flat search (extrapolated to N)")
+    p.add_argument("--cpu-n", type=int, default=100_000,
+                   help="rows of the timed exact cpu-backend search (extrapolated by N²; 0: "
+                   "skip)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[4, 16, 32])
     p.add_argument("--pq-nprobe", type=int, nargs="*", default=[16],
                    help="IVF-PQ nprobe values (none: skip IVF-PQ)")
@@ -147,6 +152,22 @@ def main(argv=None) -> int:
                  "mutual_sample": m_exact, "mutual_exact": m_exact, "error": 0.0,
                  "flat_rows_measured": int(q_ids.numel()), "flat_seconds_measured": t_flat,
                  "sample_rows_differing_from_torch_exact": differ, "load1": load()})
+
+    # ---- prh_fast's exact CPU backend (symmetric tiles: N²·D flops), timed on the first
+    # ``--cpu-n`` rows and extrapolated by (N / n)²
+    n_cpu = min(n, args.cpu_n)
+    if n_cpu:
+        t0 = time.perf_counter()
+        knn(X[:n_cpu], k, backend="cpu")
+        t_cpu = time.perf_counter() - t0
+        est = t_cpu * (n / n_cpu) ** 2
+        print(f"exact cpu backend on the first {n_cpu:,} rows: {t_cpu:.1f} s -> {est:.0f} s "
+              f"extrapolated to {n:,} (x (N/n)^2)", flush=True)
+        rows.append({"method": "exact cpu (prh_fast)", "params": f"measured at N={n_cpu:,}",
+                     "build_s": 0.0, "search_s": est, "search_note": "extrapolated",
+                     "recall": 1.0, "mutual_full": None, "mutual_sample": m_exact,
+                     "mutual_exact": m_exact, "error": 0.0, "cpu_rows_measured": n_cpu,
+                     "cpu_seconds_measured": t_cpu, "load1": load()})
 
     def run(label, params: AnnParams, sweep: str, values):
         """Build ``params`` once per layer, search at each ``sweep`` value."""
@@ -224,7 +245,8 @@ def main(argv=None) -> int:
     args.pipeline_check = check
     args.exact_sample_seconds_per_layer = float(np.mean(list(t_exact.values())))
     foot = (f"search: all {n:,} rows of one layer (k+1 results, self dropped), mean of layers A "
-            f"and B; exact flat: NOT RUN in full, extrapolated from {q_ids.numel()} rows.\n"
+            f"and B; exact rows: NOT RUN in full, times extrapolated (flat: from {q_ids.numel()} "
+            f"query rows; cpu: from N = {n_cpu:,}).\n"
             f"recall@{k} and errors on {sample.numel()} sampled rows with exact lists; error = "
             f"|mutual_knn(approx) - mutual_knn(exact)| on those rows; mutual_knn (all) from the "
             f"approximate lists of all rows.\nmachine: {os.cpu_count()}-core CPU shared with "
