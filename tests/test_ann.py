@@ -404,3 +404,12 @@ def test_cli_rejects_bad_options(feature_files, tmp_path, capsys, extra, match):
                "--no-progress"] + extra)
     assert rc == 2
     assert match in capsys.readouterr().err
+
+
+@needs_faiss
+def test_distributed_search_refuses_approximate_backends(pair):
+    from prh_fast.distributed import knn as dknn
+
+    A, _ = pair
+    with pytest.raises(ValueError, match="approximate 'faiss-ivf'"):
+        dknn(A, K, backend="faiss-ivf:nprobe=2")
