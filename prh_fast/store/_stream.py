@@ -68,8 +68,7 @@ __all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan", "COUNTERS"
 
 log = logging.getLogger("prh_fast")
 
-#: Default scratch budget of the streaming computations (bytes). Twice the in-memory search's
-#: tile budget, so the torch backend's tiles (budget / 2) are the in-memory default ones.
+#: Default scratch budget of the streaming computations (bytes).
 DEFAULT_STREAM_BUDGET = 512 * 2**20
 
 #: How often each streaming computation actually ran or came from the store's cache (for
@@ -431,38 +430,38 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
     """Tile shapes and panel size of a streaming search under ``memory_budget``; ValueError
     naming ``memory_budget`` when not even one block fits.
 
-    ``plan["tile_budget"]`` is the in-memory ``memory_budget`` whose tiles the search uses: the
-    lists equal ``knn(X, k, backend=..., memory_budget=plan["tile_budget"])``, which are the
-    default in-memory lists whenever the tiles are the default ones (CPU: budgets from 16 MiB;
-    torch: from twice ``DEFAULT_MEMORY_BUDGET``).
+    The tiles are those of the in-memory search with its default budget whenever they fit
+    beside one query block and two key blocks: then the lists equal the default in-memory
+    ``knn(X, k, backend=...)``. A smaller budget gets the tiles of the in-memory search with
+    ``memory_budget=plan["tile_budget"]`` (a quarter of the budget), and equals that search.
     """
+    from prh_fast.knn import DEFAULT_MEMORY_BUDGET
     from prh_fast.knn._cpu import cpu_tile
     from prh_fast.knn._torch import torch_tiles
-    from prh_fast.knn import DEFAULT_MEMORY_BUDGET
 
     item = torch.empty((), dtype=compute_dtype).element_size()
     budget = int(memory_budget)
-    if backend == "cpu":
-        # A quarter of the budget for the score tile: from 16 MiB on, the tiles are those of
-        # the in-memory default search (at most 1024 x 1024).
-        tile_budget = min(DEFAULT_MEMORY_BUDGET, max(1, budget // 4))
-        b = cpu_tile(n, item, tile_budget)
-        fixed = b * b * item + 2 * b * d * (2 * item + store_itemsize)  # tile, 2 key blocks
-        per = b * d * item  # one panel block
-        nblocks = -(-n // b)
-        panel = (budget - fixed) // per
-        plan = {"backend": "cpu", "tile": b, "blocks": nblocks, "tile_budget": tile_budget}
-    else:
-        # The in-memory default tiles when the budget has room for them, else half the budget.
-        tile_budget = DEFAULT_MEMORY_BUDGET if budget >= 2 * DEFAULT_MEMORY_BUDGET else budget // 2
-        rows, cols = torch_tiles(n, n, k, item, max(1, tile_budget))
-        scratch = 3 * rows * (cols + k) * (item + 8)  # what knn_torch's budget covers
-        fixed = scratch + 2 * cols * d * (2 * item + store_itemsize)  # 2 key tiles in flight
-        per = rows * d * item + 2 * rows * k * (item + 8)  # a query block and its lists
-        nblocks = -(-n // rows)
-        panel = (budget - fixed) // per
-        plan = {"backend": "torch", "rows": rows, "cols": cols, "blocks": nblocks,
-                "tile_budget": tile_budget}
+    keyrow = d * (2 * item + store_itemsize)  # a key row: raw read, cast, prepared
+
+    def cost(tile_budget):
+        if backend == "cpu":
+            b = cpu_tile(n, item, tile_budget)
+            plan = {"backend": "cpu", "tile": b, "blocks": -(-n // b)}
+            fixed = b * b * item + 2 * b * keyrow  # the score tile, 2 key blocks in flight
+            per = b * d * item  # one panel block
+        else:
+            rows, cols = torch_tiles(n, n, k, item, tile_budget)
+            plan = {"backend": "torch", "rows": rows, "cols": cols, "blocks": -(-n // rows)}
+            # knn_torch's scratch (score tile + merge buffers), 2 key tiles in flight
+            fixed = 3 * rows * (cols + k) * (item + 8) + 2 * cols * keyrow
+            per = rows * d * item + 2 * rows * k * (item + 8)  # a query block and its lists
+        plan["tile_budget"] = int(tile_budget)
+        return plan, fixed, per
+
+    plan, fixed, per = cost(DEFAULT_MEMORY_BUDGET)
+    if fixed + per > budget:
+        plan, fixed, per = cost(max(1, budget // 4))
+    panel = (budget - fixed) // per
     if panel < 1:
         raise ValueError(f"memory_budget: {budget} bytes is too small for a streaming search "
                          f"of {n} x {d} rows ({plan}); it needs at least {fixed + per} bytes")
