@@ -21,6 +21,7 @@ error of the metric on the recall sample (``ann_pair_report``).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -369,7 +370,9 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
 
     Args:
         x_feats, y_feats: ``[N, L, D]`` tensors (or arrays) or lists of ``[N, D_l]``, paired
-            by row.
+            by row; or paths of store folders (streamed, not loaded: see
+            ``prh_fast._stream_align``; ``stream=`` / ``stream_budget=`` as in
+            ``align_models``) or feature files.
         metric: one of ``SUPPORTED_METRICS``.
         topk: neighbours for the metrics whose name contains "knn" (cknna included).
         normalize: L2-normalise each layer's rows first (the reference's default).
@@ -386,6 +389,13 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
     """
     if metric not in SUPPORTED_METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+    if isinstance(x_feats, (str, os.PathLike)) or isinstance(y_feats, (str, os.PathLike)):
+        # store folders (streamed) or feature files: the grid's path for one model pair
+        from prh_fast._stream_align import align_paths
+
+        return align_paths(x_feats, y_feats, metric, topk, normalize, concat=concat,
+                           backend=backend, null_permutations=null_permutations, seed=seed,
+                           **metric_kwargs)
     t_all = time.perf_counter()
     lx_raw, ly_raw = as_layers(x_feats, "x_feats"), as_layers(y_feats, "y_feats")
     n = lx_raw[0].shape[0]

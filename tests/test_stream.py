@@ -682,3 +682,23 @@ def test_cli_align_on_store_folders(tmp_path, capsys):
     assert main(["align", "--input_dir", str(d), "--pool_x", "avg", "--pool_y", "avg",
                  "--output_dir", str(tmp_path / "o3"), "--topk", "4", "--no-progress"]) == 0
     assert "2 x model(s) vs 2 y model(s)" in capsys.readouterr().out
+
+
+def test_align_takes_store_folders(tmp_path):
+    from prh_fast import align
+
+    pts, stores = make_models(tmp_path, "float64", n=211)
+    fx, fy = (load_features(p)["feats"] for p in pts)
+    for metric, kw in (("mutual_knn", {"topk": 5}), ("cknna", {"topk": 5}), ("cka", {}),
+                       ("svcca", {"cca_dim": 4})):
+        a = align(fx, fy, metric, **kw)
+        b = align(stores[0], stores[1], metric, stream=True, **kw)
+        c = align(stores[0], fy, metric, stream=True, **kw)  # a store against a tensor
+        assert b.scores.shape == a.scores.shape == (3, 2) and b.topk == a.topk
+        for r in (b, c):
+            assert rel(r.scores.numpy(), a.scores.numpy()) < 1e-9, metric
+            assert r.best_pair == a.best_pair and r.x_layers == a.x_layers
+    with pytest.raises(ValueError, match="concat"):
+        align(stores[0], stores[1], concat=True)
+    with pytest.raises(ValueError, match="null_permutations"):
+        align(stores[0], stores[1], null_permutations=2)

@@ -8,6 +8,10 @@
   safetensors shards + a JSON index, written incrementally and atomically, read lazily,
   verifiable (``prh-fast store verify``).
 - ``pt_to_store`` / ``store_to_pt``: conversion both ways (``prh-fast store convert``).
+- ``stream_knn`` / ``clip_thresholds`` / ``StreamPrep`` (``_stream.py``) and ``kernel_scores``
+  (``_moments.py``): exact neighbour lists, the clipping threshold and linear CKA / unbiased
+  CKA / SVCCA of a store without loading it, equal to the in-memory pipeline; results cached
+  in the store (imported on first use: they sit on top of ``prh_fast.knn`` and ``metrics``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,19 @@ from prh_fast.store._sharded import (
 
 __all__ = ["load_features", "save_features", "feature_info", "check_same_samples",
            "StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
-           "pt_to_store", "store_to_pt", "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
+           "pt_to_store", "store_to_pt", "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES",
+           "stream_knn", "clip_thresholds", "StreamPrep", "kernel_scores"]
+
+_LAZY = {"stream_knn": "_stream", "clip_thresholds": "_stream", "StreamPrep": "_stream",
+         "kernel_scores": "_moments"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"prh_fast.store.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'prh_fast.store' has no attribute {name!r}")
 
 
 def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
