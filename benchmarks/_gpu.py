@@ -189,14 +189,17 @@ def list_check(got: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor, X: t
     out = {"sample_rows": int(rows.numel()), "rows_equal_fp64": int(eq64.sum()),
            "rows_equal_fp32": int(eq32.sum()), "recall_fp64": float(hits) / ref64.numel()}
     bad = (~eq32).nonzero().flatten()
+    gap = 0.0
     if bad.numel():
-        Q = X[rows[bad]].double()
-        sg = (Q.unsqueeze(1) * X[got[bad]].double()).sum(-1)
-        sr = (Q.unsqueeze(1) * X[ref32[bad]].double()).sum(-1)
-        scale = Q.norm(dim=1, keepdim=True) * float(torch.linalg.vector_norm(X, dim=1).max())
-        out["max_gap_vs_fp32"] = float(((sg - sr).abs() / scale).max())
-    else:
-        out["max_gap_vs_fp32"] = 0.0
+        kmax = float(torch.linalg.vector_norm(X, dim=1).max())
+        for b0 in range(0, bad.numel(), 64):  # [64, k, D] float64 at a time
+            b = bad[b0:b0 + 64]
+            Q = X[rows[b]].double()
+            sg = (Q.unsqueeze(1) * X[got[b]].double()).sum(-1)
+            sr = (Q.unsqueeze(1) * X[ref32[b]].double()).sum(-1)
+            scale = Q.norm(dim=1, keepdim=True) * kmax
+            gap = max(gap, float(((sg - sr).abs() / scale).max()))
+    out["max_gap_vs_fp32"] = gap
     return out
 
 

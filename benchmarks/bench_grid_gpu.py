@@ -59,7 +59,9 @@ def _args(argv):
                         "TRITON_INTERPRET=1 is set by --small, else cpu)")
     p.add_argument("--cache", choices=["host", "disk"], default="host")
     p.add_argument("--cache-dir", default=None, help="--cache disk folder (default: a temp dir)")
-    p.add_argument("--replicate-to", type=int, nargs=2, default=None, metavar=("LX", "LY"))
+    p.add_argument("--replicate-to", type=int, nargs=2, default=None, metavar=("LX", "LY"),
+                   help="score the computed layers repeated to LX x LY layers (flagged); also "
+                        "the layer counts of the projection")
     p.add_argument("--memory-budget", type=int, default=1 << 30)
     p.add_argument("--check-rows", type=int, default=None)
     p.add_argument("--check-pairs", type=int, default=4)
@@ -213,8 +215,8 @@ def main(argv=None) -> int:
     base = reset_peak(dev)
     if on_gpu and _native.HAS_CUDA_KERNELS:
         setops = "cuda"
-        neighbour_scores_cuda("mutual", A[:1, :min(n, 1024)].contiguous(),
-                              B[:1, :min(n, 1024)].contiguous())  # first launch outside
+        w = torch.arange(1024 * k, device=dev).view(1, 1024, k) % 1024
+        neighbour_scores_cuda("mutual", w, w)  # the first launch (module load) outside
         sync(dev)
         t2 = time.perf_counter()
         raw = neighbour_scores_cuda("mutual", A, B)
@@ -265,14 +267,18 @@ def main(argv=None) -> int:
         if per:
             proj[name] = {"layers_measured": len(per), "mean_layer_seconds": sum(per) / len(per),
                           "layers_full": L_full}
+    full = args.replicate_to or args.layers
+    for (name, _, _), L_full in zip(models, full):
+        if name in proj:
+            proj[name]["layers_full"] = L_full
     if len(proj) == 2:
-        full_pairs = args.layers[0] * args.layers[1]
+        full_pairs = full[0] * full[1]
         score_s = sc["seconds"] * (full_pairs / sc["pairs"])
         payload["projection"] = {
             "what": "projection, not a measurement: measured mean seconds per layer "
                     "(generate + kNN) x the full layer counts, plus the scoring time scaled "
                     "by pairs",
-            "per_model": proj, "scores_seconds": score_s,
+            "layers": list(full), "n": n, "per_model": proj, "scores_seconds": score_s,
             "seconds": sum(v["mean_layer_seconds"] * v["layers_full"] for v in proj.values())
             + score_s}
     if on_gpu:

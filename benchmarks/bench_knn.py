@@ -137,11 +137,9 @@ ISSUE_N = [65536, 262144, 1048576]
 ISSUE_D = [1024, 4096]
 ISSUE_K = [10, 100]
 #: Tile alternatives ``--sweep`` times (``tune=`` of ``knn_triton``) at the first cell.
-SWEEP = [dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=32, BLOCK_N=128, num_warps=8),
-         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4),
-         dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=8,
-                                                         DENSE_AT=32)]
+SWEEP = [dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4, DENSE_AT=32)]
 
 
 def torch_mm_topk(X, k, rows=None, block_bytes=2**31):

@@ -289,6 +289,16 @@ def _exact_rows(Xs, Ks, rows, k, budget, self_search):
     return run_i, run_v
 
 
+def _row_norms64(X: torch.Tensor, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """float64 row norms, in row chunks: never a float64 copy of all of ``X`` (32 GiB for
+    2^20 x 4096 features)."""
+    rows = max(1, chunk_bytes // (8 * max(1, X.shape[1])))
+    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+    for r0 in range(0, X.shape[0], rows):
+        out[r0:r0 + rows] = torch.linalg.vector_norm(X[r0:r0 + rows].to(torch.float64), dim=1)
+    return out
+
+
 def _shard_truncated(qid, n_keys, g, kp, self_search):
     """``[m, g]`` bool: shard ``s`` of row ``i`` had more keys than its list holds."""
     s = torch.arange(g, device=qid.device)
@@ -378,9 +388,8 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
                   "float32 re-score): neighbour lists and scores are approximate")
 
     if exact:
-        qn = torch.linalg.vector_norm(Xs.to(torch.float64), dim=1) * (1 + 2.0**-20)
-        kn = qn if self_search else (
-            torch.linalg.vector_norm(Ks.to(torch.float64), dim=1) * (1 + 2.0**-20))
+        qn = _row_norms64(Xs) * (1 + 2.0**-20)
+        kn = qn if self_search else _row_norms64(Ks) * (1 + 2.0**-20)
         c = margin_coefficient(u, d, torch.float64)
         c1 = c * (1 + 2.0**-8) + 2.0**-20
         eta = 2.0**-124 * (d + math.sqrt(d) * (float(qn.max()) + float(kn.max())))
