@@ -378,7 +378,7 @@ def main_gpu(argv) -> int:
                 payload["rows"].append(row)
                 show(row)
                 save()
-        del X, oracles
+        del X, oracles, check  # check's defaults hold X too
         if on_gpu:
             torch.cuda.empty_cache()
 

@@ -110,12 +110,12 @@ TESTS_LOG="$OUT/tests.log"
 : >"$TESTS_LOG"
 TIMEOUT_OPT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=240)
-T_LIMIT=$(( $(left) - 330 ))
-[ "$T_LIMIT" -gt 200 ] && T_LIMIT=200
+T_LIMIT=$(( $(left) - 300 ))
+[ "$T_LIMIT" -gt 220 ] && T_LIMIT=220
 run tests_cuda "$T_LIMIT" "$TESTS_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
   "${TIMEOUT_OPT[@]}" tests/test_cuda.py \
   "tests/test_native.py::test_cuda_entry_points_validate_before_touching_the_device"
-T_LIMIT=$(( $(left) - 300 ))
+T_LIMIT=$(( $(left) - 260 ))
 [ "$T_LIMIT" -gt 60 ] && T_LIMIT=60
 run tests_marked "$T_LIMIT" "$TESTS_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
   "${TIMEOUT_OPT[@]}" -m cuda tests/test_knn.py tests/test_metrics.py tests/test_prepare.py

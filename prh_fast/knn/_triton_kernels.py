@@ -59,7 +59,9 @@ def _key_score(key):
     return tl.where(key == -9223372036854775808, float("-inf"), f)
 
 
-@triton.jit
+# ``M`` (query rows of a chunk, or rows left to re-score) is not specialised: its divisibility
+# by 16 varies between calls and would otherwise compile a second variant mid-run.
+@triton.jit(do_not_specialize=["M"])
 def _topk_kernel(
     Q_ptr, K_ptr, QID_ptr, QS_ptr, KN_ptr, OUT_ptr,
     M, NK, D, G,
@@ -133,7 +135,7 @@ def _topk_kernel(
     tl.store(OUT_ptr + offs, run, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _rescore_kernel(
     Q_ptr, K_ptr, QI_ptr, C_ptr, OUT_ptr,
     M, D, C,
