@@ -202,21 +202,8 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
                 return ([x_src.rows(i, a, b) for i in xg], [y_src.rows(j, a, b) for j in yg])
 
             for a, (xr, yr) in _prefetched(read, range(0, n, chunk)):
-                xs, ys, na, nb = [], [], [], []
-                for i, t in zip(xg, xr):
-                    t = sx[i].shifted(t.to(dev))
-                    aa = (t * t).sum(1) if unbiased else None
-                    if not sx[i].done:
-                        sx[i].add(t, aa)
-                    xs.append(t)
-                    na.append(aa)
-                for j, t in zip(yg, yr):
-                    t = sy[j].shifted(t.to(dev))
-                    bb = (t * t).sum(1) if unbiased else None
-                    if not sy[j].done:
-                        sy[j].add(t, bb)
-                    ys.append(t)
-                    nb.append(bb)
+                xs, na = _shift_chunk(sx, xg, xr, dev, unbiased)
+                ys, nb = _shift_chunk(sy, yg, yr, dev, unbiased)
                 for u, i in enumerate(xg):
                     for v, j in enumerate(yg):
                         gp[(i, j)].add(xs[u], ys[v], na[u], nb[v])
@@ -286,3 +273,17 @@ def _svcca_basis(s: _Side, n: int, r: int, name: str):
     w = 1.0 / (std + 1e-8)
     lam, V = _top_eig(Gc * w[:, None] * w[None, :], r, name)
     return V / lam.sqrt(), w
+
+
+def _shift_chunk(stats, layers, rows, dev, unbiased: bool):
+    """One chunk of each layer, shifted, with its squared row norms (unbiased CKA); adds it to
+    the layer's own accumulator on the first pass over that layer."""
+    ts, norms = [], []
+    for i, t in zip(layers, rows):
+        t = stats[i].shifted(t.to(dev))
+        sq = (t * t).sum(1) if unbiased else None
+        if not stats[i].done:
+            stats[i].add(t, sq)
+        ts.append(t)
+        norms.append(sq)
+    return ts, norms

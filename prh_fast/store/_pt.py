@@ -18,7 +18,8 @@ import torch
 
 from prh_fast._io import atomic_write
 
-__all__ = ["load_features", "save_features", "feature_info", "check_same_samples"]
+__all__ = ["load_features", "save_features", "feature_info"]
+# check_same_samples lives in prh_fast.store (it also reads store folders).
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,30 +174,6 @@ def feature_info(path, *, trust: bool = False) -> dict:
         "keys": list(obj.keys()),
         "num_params": obj.get("num_params"),
     }
-
-
-def check_same_samples(paths_or_dicts) -> int:
-    """Check that every model has the same number of samples ``N`` and return it.
-
-    ``paths_or_dicts``: feature files and/or loaded record dicts (as from ``load_features``).
-    Raises ValueError naming the first file whose ``N`` differs from the first one's.
-    """
-    items = list(paths_or_dicts)
-    if not items:
-        raise ValueError("paths_or_dicts: expected at least one feature file or record")
-    first_n = first_name = None
-    for i, item in enumerate(items):
-        name = f"paths_or_dicts[{i}]" if isinstance(item, dict) else os.fspath(item)
-        if isinstance(item, dict):
-            n = _check_record(item, name)[0][0]
-        else:
-            n = feature_info(item)["n"]
-        if first_n is None:
-            first_n, first_name = n, name
-        elif n != first_n:
-            raise ValueError(f"{name}: has N = {n} samples, but {first_name} has N = {first_n}; "
-                             f"alignment needs the same (paired) samples for every model")
-    return first_n
 
 
 # --------------------------------------------------------------------------------------------
