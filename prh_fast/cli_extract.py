@@ -6,6 +6,18 @@ import sys
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def _log_to_stderr() -> None:
+    """Show prh_fast's INFO lines (e.g. a one-time model conversion) while a command works."""
+    import logging
+
+    log = logging.getLogger("prh_fast")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+
+
 def _torch_dtype(name):
     import torch
 
@@ -13,6 +25,7 @@ def _torch_dtype(name):
 
 
 def _cmd_extract(args) -> int:
+    _log_to_stderr()
     from prh_fast.extract._runner import extract_images, extract_text
 
     names = list(args.model or [])
@@ -106,6 +119,7 @@ def _extract_distributed(args, names, pool) -> int:
 
 
 def _cmd_demo(args) -> int:
+    _log_to_stderr()
     from prh_fast.demo import run_demo
 
     try:
