@@ -99,6 +99,36 @@ def _version() -> str:
     return __version__
 
 
+class _Job:
+    """What ``extract_text`` and ``extract_images`` share: checked arguments, the data set, the
+    sample range, the model name (or a loaded encoder), the output path and the fingerprint."""
+
+    def __init__(self, kind, model, data, *, pool, features_dir, out, n, batch_size,
+                 storage_dtype, caption_level, split, rows):
+        self.batch_size = _check_batch_size(batch_size)
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
+                             f"got {storage_dtype!r}")
+        self.ds = _load_data(data, caption_level, split)
+        self.n = _subset(n, len(self.ds), f"data set {self.ds.name!r}")
+        self.lo, self.hi = _rows(rows, self.n, out)
+        loaded = hasattr(model, "encode") and not isinstance(model, (str, os.PathLike))
+        self.enc = model if loaded else None
+        self.name = model.name if loaded else str(model)
+        self.pool = pool
+        self.path = os.fspath(out) if out is not None else feature_path(
+            features_dir, self.ds.name, self.name, pool, prompt=(pool == "prompt"))
+        self.fingerprint = _fingerprint(kind, self.name, pool, self.ds, self.n, storage_dtype)
+        if rows is not None:
+            self.fingerprint["rows"] = [self.lo, self.hi]
+
+    def run(self, encode, writer, progress: bool):
+        """``encode(range of sample indices)`` over this job's range, batch by batch."""
+        lo = self.lo
+        _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), self.hi - self.lo,
+             self.batch_size, writer, f"{safe_name(self.name)} [{self.pool}]", progress)
+
+
 def _run(encode, n: int, batch_size: int, writer, desc: str, progress: bool):
     done = writer.rows_done
     bar = _progress(n, done, desc, progress)
@@ -141,24 +171,15 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
     """
     if pool not in TEXT_POOLINGS:
         raise ValueError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
-    batch_size = _check_batch_size(batch_size)
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
-                         f"got {storage_dtype!r}")
-    ds = _load_data(data, caption_level, split)
-    n = _subset(n, len(ds), f"data set {ds.name!r}")
-    lo, hi = _rows(rows, n, out)
-    captions = ds.captions(range(n))
-    enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
-    name = enc.name if enc is not None else str(model)
-    path = os.fspath(out) if out is not None else feature_path(
-        features_dir, ds.name, name, pool, prompt=(pool == "prompt"))
-    fingerprint = _fingerprint("text", name, pool, ds, n, storage_dtype)
-    if rows is not None:
-        fingerprint["rows"] = [lo, hi]
-    if not force and _existing_matches(path, fingerprint):
-        return path
-    writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
+    job = _Job("text", model, data, pool=pool, features_dir=features_dir, out=out, n=n,
+               batch_size=batch_size, storage_dtype=storage_dtype, caption_level=caption_level,
+               split=split, rows=rows)
+    if not force and _existing_matches(job.path, job.fingerprint):
+        return job.path
+    ds, name, enc, lo, hi = job.ds, job.name, job.enc, job.lo, job.hi
+    captions = ds.captions(range(job.n))
+    writer = PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
+                      overwrite=force)
     if enc is None:
         from prh_fast.extract._text import load_text_model
 
@@ -173,10 +194,9 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
         return tb.feats, extras
 
     t0 = time.perf_counter()
-    _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), hi - lo, batch_size, writer,
-         f"{safe_name(name)} [{pool}]", progress)
+    job.run(encode, writer, progress)
     ex = writer.extras()
-    meta = _meta(enc, ds, hi - lo, pool, storage_dtype, fingerprint, time.perf_counter() - t0)
+    meta = _meta(enc, ds, hi - lo, pool, storage_dtype, job.fingerprint, time.perf_counter() - t0)
     meta["sample_n_bytes"] = ex["n_bytes"]
     if "nll_sum" in ex:
         meta["sample_nll_sum"] = ex["nll_sum"]
@@ -219,23 +239,14 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
     ``pool``: "cls" (class token after each block), "avg" (mean of patch tokens; for CNNs the
     global average of each stage) or "auto" (cls where the model has a class token, else avg).
     """
-    batch_size = _check_batch_size(batch_size)
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
-                         f"got {storage_dtype!r}")
-    ds = _load_data(data, None, split)
-    n = _subset(n, len(ds), f"data set {ds.name!r}")
-    lo, hi = _rows(rows, n, out)
-    enc = model if hasattr(model, "encode") and not isinstance(model, (str, os.PathLike)) else None
-    name = enc.name if enc is not None else str(model)
-    path = os.fspath(out) if out is not None else feature_path(features_dir, ds.name, name,
-                                                                pool, prompt=False)
-    fingerprint = _fingerprint("vision", name, pool, ds, n, storage_dtype)
-    if rows is not None:
-        fingerprint["rows"] = [lo, hi]
-    if not force and _existing_matches(path, fingerprint):
-        return path
-    writer = PtWriter(path, fingerprint=fingerprint, dtype=storage_dtype, overwrite=force)
+    job = _Job("vision", model, data, pool=pool, features_dir=features_dir, out=out, n=n,
+               batch_size=batch_size, storage_dtype=storage_dtype, caption_level=None,
+               split=split, rows=rows)
+    if not force and _existing_matches(job.path, job.fingerprint):
+        return job.path
+    ds, name, enc = job.ds, job.name, job.enc
+    writer = PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
+                      overwrite=force)
     if enc is None:
         from prh_fast.extract._vision import load_vision_model
 
@@ -245,10 +256,9 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
         return enc.encode(ds.images(list(idx))), None
 
     t0 = time.perf_counter()
-    _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), hi - lo, batch_size, writer,
-         f"{safe_name(name)} [{pool}]", progress)
-    meta = _meta(enc, ds, hi - lo, getattr(enc, "pool", pool), storage_dtype, fingerprint,
-                 time.perf_counter() - t0)
+    job.run(encode, writer, progress)
+    meta = _meta(enc, ds, job.hi - job.lo, getattr(enc, "pool", pool), storage_dtype,
+                 job.fingerprint, time.perf_counter() - t0)
     return writer.finish(meta)
 
 
