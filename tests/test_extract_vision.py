@@ -106,16 +106,20 @@ def test_timm_vit_without_class_token_refuses_cls(timm_vits):
         load_vision_model(timm_vits["nocls"], pool="cls")
 
 
+def _assert_normalised_pixels(enc, size, colour, atol):
+    """A plain image of ``colour`` becomes a 32 x 32 input normalised with MEAN / STD."""
+    x = enc._pixels([Image.new("RGB", size, colour)])
+    assert x.shape == (1, 3, 32, 32)
+    for c in range(3):
+        want = (colour[c] / 255.0 - MEAN[c]) / STD[c]
+        torch.testing.assert_close(x[0, c], torch.full((32, 32), want), rtol=0, atol=atol)
+
+
 def test_timm_preprocessing_follows_config(timm_vits):
     enc = load_vision_model(timm_vits["cls"], pool="cls")
     assert enc.data_config["input_size"] == [3, 32, 32]
     assert tuple(enc.data_config["mean"]) == MEAN and tuple(enc.data_config["std"]) == STD
-    colour = (200, 100, 50)
-    x = enc._pixels([Image.new("RGB", (64, 64), colour)])
-    assert x.shape == (1, 3, 32, 32)
-    for c in range(3):
-        want = (colour[c] / 255.0 - MEAN[c]) / STD[c]
-        torch.testing.assert_close(x[0, c], torch.full((32, 32), want), rtol=0, atol=1e-5)
+    _assert_normalised_pixels(enc, (64, 64), (200, 100, 50), atol=1e-5)
 
 
 def test_batch_invariance_and_determinism(timm_vits):
@@ -307,12 +311,7 @@ def test_hf_preprocessing_follows_processor(hf_towers):
     enc = load_vision_model(hf_towers["vit"], pool="cls")
     assert enc.data_config["processor"] == "ViTImageProcessor" or \
         enc.data_config["processor"].startswith("ViTImageProcessor")
-    colour = (30, 60, 250)
-    x = enc._pixels([Image.new("RGB", (64, 48), colour)])
-    assert x.shape == (1, 3, 32, 32)
-    for c in range(3):
-        want = (colour[c] / 255.0 - MEAN[c]) / STD[c]
-        torch.testing.assert_close(x[0, c], torch.full((32, 32), want), rtol=0, atol=1e-4)
+    _assert_normalised_pixels(enc, (64, 48), (30, 60, 250), atol=1e-4)
 
 
 def test_hf_conv_model(hf_towers):
