@@ -32,16 +32,7 @@ def neighbour_scores(metric: str, knn_a: torch.Tensor, knn_b: torch.Tensor, *,
 
     ``backend``: ``None`` (the native kernels on CPU, torch on other devices), or a name for
     ``_backend.resolve_setops_backend`` (``"cuda"`` for the CUDA kernel on CUDA lists)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if knn_a.dim() == 2:
-        knn_a = knn_a.unsqueeze(0)
-    if knn_b.dim() == 2:
-        knn_b = knn_b.unsqueeze(0)
-    if knn_a.shape[1:] != knn_b.shape[1:]:
-        raise ValueError(
-            f"knn_a and knn_b must share [N, k], got {tuple(knn_a.shape)} and {tuple(knn_b.shape)}"
-        )
+    knn_a, knn_b = _layer_lists(metric, knn_a, knn_b)
     if knn_a.device != knn_b.device:
         raise ValueError(f"knn_b: must be on knn_a's device {knn_a.device}, got {knn_b.device}")
     if backend is not None:
@@ -57,6 +48,21 @@ def neighbour_scores(metric: str, knn_a: torch.Tensor, knn_b: torch.Tensor, *,
         b = knn_b.to(torch.int64).contiguous().numpy()
         return torch.from_numpy(_native.native().neighbour_scores(metric, a, b))
     return _scores_torch(metric, knn_a, knn_b)
+
+
+def _layer_lists(metric: str, knn_a: torch.Tensor, knn_b: torch.Tensor):
+    """Check ``metric`` and the lists: ``[N, k]`` or ``[L, N, k]`` each, sharing ``[N, k]``;
+    returns both as ``[L, N, k]``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    if knn_a.dim() == 2:
+        knn_a = knn_a.unsqueeze(0)
+    if knn_b.dim() == 2:
+        knn_b = knn_b.unsqueeze(0)
+    if knn_a.dim() != 3 or knn_a.shape[1:] != knn_b.shape[1:]:
+        raise ValueError(f"knn_a and knn_b must be [L, N, k] lists sharing [N, k], got "
+                         f"{tuple(knn_a.shape)} and {tuple(knn_b.shape)}")
+    return knn_a, knn_b
 
 
 def _scores_torch(metric, knn_a, knn_b):
@@ -85,15 +91,7 @@ def neighbour_scores_cuda(metric: str, knn_a: torch.Tensor, knn_b: torch.Tensor)
     layers (``La·Lb <= 65535``; more are split by rows of ``knn_a``), on the current stream."""
     from prh_fast._backend import CUDA_MAX_K
 
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if knn_a.dim() == 2:
-        knn_a = knn_a.unsqueeze(0)
-    if knn_b.dim() == 2:
-        knn_b = knn_b.unsqueeze(0)
-    if knn_a.dim() != 3 or knn_a.shape[1:] != knn_b.shape[1:]:
-        raise ValueError(f"knn_a and knn_b must be [L, N, k] lists sharing [N, k], got "
-                         f"{tuple(knn_a.shape)} and {tuple(knn_b.shape)}")
+    knn_a, knn_b = _layer_lists(metric, knn_a, knn_b)
     if knn_a.device.type != "cuda" or knn_b.device != knn_a.device:
         raise ValueError(f"knn_a, knn_b: expected lists on one CUDA device, got {knn_a.device} "
                          f"and {knn_b.device}")
