@@ -1,9 +1,136 @@
-"""Command line: ``prh-fast info | example | align | bench``."""
+"""Command line: ``prh-fast info | example | align | bench | extract | demo | store``.
+
+Every subcommand runs through :func:`main`, which turns the errors a user can act on (a bad
+argument value, a missing or corrupt input file, mismatched samples, a missing optional
+package) into one line ``<prog>: error: ...`` and exit status 2, and lets anything else (a bug)
+raise with its traceback. ``PRH_FAST_TRACEBACK=1`` shows the traceback of user errors too.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+
+
+class _UserError(Exception):
+    """Bad input on the command line: reported in one line, exit code 2, no traceback."""
+
+
+def _exit_code(err: BaseException):
+    """The exit status of an error reported in one line, or None for a bug (traceback).
+
+    User errors: the CLI's own checks, ``ValueError`` and its subclasses (the library's argument
+    checks, ``StoreError``, ``DataNotFoundError``, ``ModelNotAvailableError``), ``OSError``
+    (missing file, a folder where a file is expected, permissions, disk full) and an optional
+    package that is not installed (an ``ImportError`` about a module outside prh_fast; one about
+    prh_fast itself is a bug). A failed distributed job (``DistributedError``) exits 1, as
+    torchrun users are told in docs/distributed.md.
+    """
+    from prh_fast.distributed import DistributedError
+
+    if isinstance(err, DistributedError):
+        return 1
+    if isinstance(err, (_UserError, ValueError, OSError)):
+        return 2
+    if isinstance(err, ImportError):
+        name = err.name or ""
+        return None if name == "prh_fast" or name.startswith("prh_fast.") else 2
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        msg = f"{err.filename}: {err.strerror}"
+    else:
+        msg = str(err).strip() or type(err).__name__
+    return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+@contextlib.contextmanager
+def _about(what: str):
+    """Name ``what`` (e.g. the model being extracted) in the one line of a user error."""
+    try:
+        yield
+    except Exception as err:
+        if _exit_code(err) != 2 or isinstance(err, _UserError):
+            raise
+        raise _UserError(f"{what}: {_one_line(err)}") from err
+
+
+def _run(args) -> int:
+    prog = getattr(args, "_prog", "prh-fast")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None or os.environ.get("PRH_FAST_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return code
+
+
+def _int_type(minimum: int, maximum=None):
+    """An argparse ``type``: an integer in ``[minimum, maximum]``; argparse names the option
+    in its one-line error."""
+    hi = "" if maximum is None else f" and <= {maximum}"
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}{hi}, got {text!r}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}{hi}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = _int_type(1)
+nonnegative_int = _int_type(0)
+
+
+def check_output_folder(flag: str, path) -> None:
+    """``path`` can be a folder to write into: not an existing file, nor below one."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise _UserError(f"{flag} {path}: exists and is not a folder")
+        here = path
+    else:
+        here = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(here):
+            here = os.path.dirname(here)
+        if not os.path.isdir(here):
+            raise _UserError(f"{flag} {path}: {here} is a file, not a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise _UserError(f"{flag} {path}: {here} is not writable")
+
+
+def check_device(flag: str, device, *, allow_auto: bool = False) -> None:
+    """A torch device string that exists here, checked before any model is loaded;
+    ``allow_auto``: "auto" too (language models spread over the GPUs)."""
+    import torch
+
+    if allow_auto and device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise _UserError(f"{flag} {device}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise _UserError(f"{flag} {device}: no CUDA GPU is usable here")
+        if dev.index is not None and dev.index >= count:
+            raise _UserError(f"{flag} {device}: only {count} CUDA GPU(s) here")
 
 
 def _cmd_info(args) -> int:
@@ -23,9 +150,11 @@ def _cmd_example(args) -> int:
     import torch
 
     from prh_fast import metrics
+    from prh_fast.demo import check_metric_settings
 
-    g = torch.Generator().manual_seed(args.seed)
     n = args.n
+    check_metric_settings(metrics.SUPPORTED_METRICS, n, args.topk, names=("--n", "--topk"))
+    g = torch.Generator().manual_seed(args.seed)
     z = torch.randn(n, 16, generator=g)
     A = torch.tanh(z @ torch.randn(16, 256, generator=g)) + 0.3 * torch.randn(n, 256, generator=g)
     B = torch.relu(z @ torch.randn(16, 384, generator=g)) + 0.3 * torch.randn(n, 384, generator=g)
@@ -42,10 +171,6 @@ def _cmd_example(args) -> int:
         s0 = metrics.measure(m, A, Bn, **kw)
         print(f"{m:>18} {s:9.4f} {s0:9.4f} {dt * 1e3:7.1f}ms")
     return 0
-
-
-class _UserError(Exception):
-    """Bad input on the command line: reported in one line, exit code 2, no traceback."""
 
 
 def _discover(input_dir, pool, side):
@@ -90,14 +215,7 @@ def _cmd_align(args) -> int:
     """The reference's measure_alignment.py over local feature files."""
     from prh_fast.distributed.launch import run_align_command  # torchrun: every rank
 
-    try:
-        return run_align_command(_align, args)
-    except _UserError as err:
-        print(f"prh-fast align: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"prh-fast align: error: {err}", file=sys.stderr)
-        return 2
+    return run_align_command(_align, args)
 
 
 def _align(args) -> int:
@@ -108,8 +226,7 @@ def _align(args) -> int:
 
     if not 0.0 < args.q <= 1.0:
         raise _UserError(f"--q: expected a number in (0, 1], got {args.q}")
-    if args.topk < 1:
-        raise _UserError(f"--topk: expected a positive integer, got {args.topk}")
+    check_output_folder("--output_dir", args.output_dir)
     x_files = args.x or _discover(args.input_dir, args.pool_x, "x")
     y_files = args.y or _discover(args.input_dir, args.pool_y, "y")
     from prh_fast.store import is_store
@@ -209,21 +326,17 @@ def _cmd_bench(args) -> int:
     """Time prh_fast against a checkout of the reference implementation, side by side."""
     from prh_fast.profile import profile_against
 
-    try:
-        x = y = None
-        if args.x or args.y:
-            if not (args.x and args.y):
-                raise ValueError("--x and --y: give both feature files, or neither")
-            from prh_fast.store import load_features
+    x = y = None
+    if args.x or args.y:
+        if not (args.x and args.y):
+            raise _UserError("--x and --y: give both feature files, or neither")
+        from prh_fast.store import load_features
 
-            x = _as_nld(load_features(args.x)["feats"], args.x)
-            y = _as_nld(load_features(args.y)["feats"], args.y)
-        report = profile_against(args.against, x_feats=x, y_feats=y, n=args.n, d=args.d,
-                                 layers=args.layers, topk=args.topk, metrics=args.metrics,
-                                 grid_metrics=args.grid_metrics)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"prh-fast bench: error: {err}", file=sys.stderr)
-        return 2
+        x = _as_nld(load_features(args.x)["feats"], args.x)
+        y = _as_nld(load_features(args.y)["feats"], args.y)
+    report = profile_against(args.against, x_feats=x, y_feats=y, n=args.n, d=args.d,
+                             layers=args.layers, topk=args.topk, metrics=args.metrics,
+                             grid_metrics=args.grid_metrics)
     src = f"{args.x} vs {args.y}" if args.x else (
         f"generated paired features N={args.n}, D={args.d}, {args.layers} layers")
     print(f"reference: {args.against}\nfeatures: {src}; topk {args.topk}\n")
@@ -242,23 +355,25 @@ def _as_nld(feats, path):
     return feats.float()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="prh-fast", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prh-fast`` parser with every subcommand."""
+    p = argparse.ArgumentParser(prog="prh-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pi = sub.add_parser("info", help="what was built and what is usable here")
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.set_defaults(func=_cmd_info)
     pe = sub.add_parser("example", help="all metrics on synthetic paired features")
-    pe.add_argument("--n", type=int, default=2048)
-    pe.add_argument("--topk", type=int, default=10)
-    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--n", type=positive_int, default=2048, help="samples")
+    pe.add_argument("--topk", type=positive_int, default=10)
+    pe.add_argument("--seed", type=_int_type(0, 2**64 - 1), default=0)
     pe.set_defaults(func=_cmd_example)
     from prh_fast.metrics import SUPPORTED_METRICS
 
     pa = sub.add_parser("align", help="align a grid of models' feature files "
                         "(the reference's measure_alignment.py)")
     pa.add_argument("--metric", default="mutual_knn", choices=SUPPORTED_METRICS)
-    pa.add_argument("--topk", type=int, default=10, help="neighbours (the *knn metrics, cknna)")
+    pa.add_argument("--topk", type=positive_int, default=10,
+                    help="neighbours (the *knn metrics, cknna)")
     pa.add_argument("--pool_x", default="avg", help="pooling in the x files' names (pool-<p>)")
     pa.add_argument("--pool_y", default="cls", help="pooling in the y files' names (pool-<p>)")
     pa.add_argument("--modality_x", default="language", help="names the output folder")
@@ -277,7 +392,7 @@ def main(argv=None) -> int:
                     help="y feature files or store folders (no discovery)")
     pa.add_argument("--heatmap", action="store_true",
                     help="also write PNG heatmaps (grid and every pair's layers)")
-    pa.add_argument("--null-permutations", type=int, default=0, metavar="P",
+    pa.add_argument("--null-permutations", type=nonnegative_int, default=0, metavar="P",
                     help="also score P shuffled pairings of the samples (z-scores)")
     pa.add_argument("--backend", "--knn-backend", default=None,
                     help="neighbour-search backend: auto, cpu, torch, faiss, triton, cuda, or "
@@ -290,7 +405,7 @@ def main(argv=None) -> int:
     pa.add_argument("--stream", choices=["auto", "on", "off"], default=None,
                     help="store folders: stream them instead of loading (default auto: "
                     "neighbour lists always, kernel metrics above 1 GiB; PRH_FAST_STREAM)")
-    pa.add_argument("--stream-budget", type=int, default=None, metavar="BYTES",
+    pa.add_argument("--stream-budget", type=positive_int, default=None, metavar="BYTES",
                     help="scratch memory of the streamed computations (default 512 MiB)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_align)
@@ -299,10 +414,12 @@ def main(argv=None) -> int:
                     help="checkout of the reference repository (metrics.py, measure_alignment.py)")
     pb.add_argument("--x", metavar="FILE", help="x feature file (.pt); default: generated")
     pb.add_argument("--y", metavar="FILE", help="y feature file (.pt)")
-    pb.add_argument("--n", type=int, default=1024, help="samples of the generated features")
-    pb.add_argument("--d", type=int, default=256, help="width of the generated features")
-    pb.add_argument("--layers", type=int, default=4, help="layers of the generated features")
-    pb.add_argument("--topk", type=int, default=10)
+    pb.add_argument("--n", type=positive_int, default=1024,
+                    help="samples of the generated features")
+    pb.add_argument("--d", type=positive_int, default=256, help="width of the generated features")
+    pb.add_argument("--layers", type=positive_int, default=4,
+                    help="layers of the generated features")
+    pb.add_argument("--topk", type=positive_int, default=10)
     pb.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)
     pb.add_argument("--grid-metrics", nargs="+", choices=SUPPORTED_METRICS,
                     default=["mutual_knn"], help="metrics timed over the whole layer grid")
@@ -311,10 +428,46 @@ def main(argv=None) -> int:
 
     _extract_parsers(sub)
     from prh_fast.cli_store import add_parsers as _store_parsers
+
     _store_parsers(sub)
-    args = p.parse_args(argv)
-    return args.func(args)
+    for _, leaf in commands(p):
+        leaf.set_defaults(_prog=leaf.prog)  # names the command in its one-line errors
+    return p
+
+
+def commands(parser=None):
+    """``[(("store", "info"), subparser), ...]``: every runnable subcommand of ``parser``
+    (default: :func:`build_parser`'s), nested ones by their full name."""
+    parser = build_parser() if parser is None else parser
+    out = []
+
+    def walk(p, words):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            if words:
+                out.append((tuple(words), p))
+            return
+        seen = set()
+        for action in subs:
+            for name, child in action.choices.items():
+                if id(child) not in seen:  # an alias maps to the same parser
+                    seen.add(id(child))
+                    walk(child, words + [name])
+
+    walk(parser, [])
+    return out
+
+
+def main(argv=None) -> int:
+    """Run ``prh-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+    Usage errors exit through argparse (``SystemExit(2)``) with its one-line message."""
+    args = build_parser().parse_args(argv)
+    return _run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package module, so that prh_fast.cli_extract/cli_store and this run share
+    # one copy of this module's classes (``python -m`` would make a second, ``__main__``).
+    from prh_fast.cli import main as _main
+
+    sys.exit(_main())

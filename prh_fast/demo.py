@@ -24,7 +24,7 @@ import torch
 
 from prh_fast._io import atomic_write
 
-__all__ = ["run_demo", "golden_numbers", "DEMO_MODELS"]
+__all__ = ["run_demo", "golden_numbers", "check_metric_settings", "DEMO_MODELS"]
 
 #: (key, loader name, kind, pooling, display name)
 DEMO_MODELS = (
@@ -55,6 +55,39 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}f}"
 
 
+def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> None:
+    """Raise ``ValueError`` naming ``n`` and ``topk`` (as ``names``) unless every metric of
+    ``metrics`` accepts ``n`` samples with ``topk`` neighbours, so that a bad setting fails
+    before any features are computed.
+
+    Beyond ``1 <= topk <= n - 1``, the metrics' own checks decide, run on small random
+    features: their limits are lower bounds on the samples (far below 33) and on ``topk``
+    (far below 32), so ``min(topk, 32)`` neighbours of ``min(n, 64)`` rows give the answer for
+    the real sizes at a negligible cost.
+    """
+    from prh_fast._validate import check_positive_int, check_topk
+    from prh_fast.metrics import measure
+
+    check_positive_int(n, names[0], minimum=1)
+    try:
+        check_topk(topk, n, names[1])
+    except ValueError as err:
+        raise ValueError(f"{names[0]} {n}, {err}") from None
+    k = min(topk, 32)
+    rows = min(n, k + 32)
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(rows, 16, generator=g), torch.randn(rows, 16, generator=g)
+    for m in metrics:
+        kw = {"topk": k} if "knn" in m else {}  # as align() passes it (cknna included)
+        try:
+            measure(m, A, B, **kw)
+        except ValueError as err:
+            # An upper bound of topk here is the probe's (rows - 1); the real one is n - 1.
+            msg = str(err).replace(f"<= {rows - 1}, got", f"<= {n - 1}, got")
+            raise ValueError(f"{names[0]} {n}, {names[1]} {topk}: not usable by {m} ({msg})"
+                             ) from None
+
+
 def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
              metrics=None, topk: int = 10, null_permutations: int = 5, levels=None,
              device="cpu", force: bool = False, verbose: bool = True,
@@ -81,6 +114,11 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
             raise ValueError(f"levels: unknown caption level {lv!r}; known: {EASY_VQA_LEVELS}")
     if not levels:
         raise ValueError("levels: expected at least one caption level")
+    from prh_fast._validate import check_positive_int
+
+    check_positive_int(batch_size, "batch_size", minimum=1)
+    check_positive_int(null_permutations, "null_permutations", minimum=0)
+    check_metric_settings(metrics, n, topk)
     main_level = levels[-1]
     say = _Say(verbose)
     out_dir = os.fspath(out_dir)
