@@ -1,4 +1,5 @@
-"""Atomic file writes: every file prh_fast writes goes through ``atomic_write``.
+"""File helpers: atomic writes (every file prh_fast writes goes through ``atomic_write``) and
+the confinement of paths read from untrusted folders (``confined``).
 
 The content is written to a temporary file beside the target, flushed and fsynced, given the
 mode a plain ``open()`` would have produced, renamed over the target (``os.replace``), and the
@@ -57,3 +58,19 @@ def atomic_write(path, write) -> str:
     finally:
         os.close(dfd)
     return path
+
+
+def confined(root, rel, *, direct: bool = False) -> str | None:
+    """``root/rel`` when it stays inside ``root`` once symlinks and ``..`` are resolved, else
+    None. ``rel`` must be relative; with ``direct=True`` it must name an entry of ``root``
+    itself (no sub-folders). For paths named by files inside a folder a user hands us (a store
+    index, a captions file), which must not lead the reader elsewhere on the machine."""
+    rel = os.fspath(rel)
+    if not rel or os.path.isabs(rel) or "\0" in rel:
+        return None
+    full = os.path.join(os.fspath(root), rel)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(full)
+    if direct:
+        return full if os.path.dirname(real) == real_root else None
+    return full if real.startswith(real_root.rstrip(os.sep) + os.sep) else None

@@ -257,7 +257,8 @@ def _align(args) -> int:
                            topk=args.topk, q=None if args.q >= 1.0 else args.q,
                            exact=args.precise, output_dir=out_dir,
                            force_remake=args.force_remake, progress=not args.no_progress,
-                           backend=backend, null_permutations=args.null_permutations)
+                           backend=backend, null_permutations=args.null_permutations,
+                           trust=args.trust)
     finally:
         for a, v in old_env.items():
             if v is None:
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder searched for *.pt feature files and store folders")
     pa.add_argument("--output_dir", default="./results/alignment")
     pa.add_argument("--precise", action="store_true", help="exact outlier threshold")
+    pa.add_argument("--trust", action="store_true",
+                    help="resume from a reference-format .npy (a pickle: it can run code) when "
+                         "no .json is beside it; only for files you wrote yourself")
     pa.add_argument("--force_remake", action="store_true",
                     help="recompute even if the output exists")
     pa.add_argument("--q", type=float, default=0.95,

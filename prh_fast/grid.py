@@ -31,13 +31,14 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prh_fast import store
+from prh_fast import _lock, store
 from prh_fast._io import atomic_write
 from prh_fast._align import (
     _KNN_RAW,
@@ -396,9 +397,11 @@ class GridResult:
         Returns the paths."""
         p = self.paths(output_dir)
         ref = self.reference_arrays()
-        atomic_write(p["npy"], lambda f: np.save(f, ref, allow_pickle=True))
+        # The JSON first: it is what a later run resumes from (it cannot carry code; the
+        # reference's pickled .npy is written for its readers, never unpickled by ours).
         text = json.dumps(self.to_dict(), indent=1)
         atomic_write(p["json"], lambda f: f.write(text.encode()))
+        atomic_write(p["npy"], lambda f: np.save(f, ref, allow_pickle=True))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["x", "y", "score", "i", "j"])
@@ -411,18 +414,49 @@ class GridResult:
         return p
 
     @classmethod
-    def load(cls, output_dir, metric: str, topk=10, *, x_names=None,
-             y_names=None) -> "GridResult":
+    def load(cls, output_dir, metric: str, topk=10, *, x_names=None, y_names=None,
+             trust: bool = False) -> "GridResult":
         """Read a saved grid: the ``.json`` when present, else the reference's ``.npy`` (which
-        holds no names: ``x_names`` / ``y_names`` label it, or ``x0, x1, ...``)."""
+        holds no names: ``x_names`` / ``y_names`` label it, or ``x0, x1, ...``).
+
+        The reference's ``.npy`` is a pickled dict, and unpickling a file can run code hidden
+        in it; it is read only with ``trust=True`` (CLI ``--trust``), for files you wrote
+        yourself. The ``.json`` is always safe to read. Errors name the file.
+        """
         base = os.path.join(os.fspath(output_dir), output_stem(metric, topk))
         if os.path.exists(base + ".json"):
-            with open(base + ".json") as f:
-                return cls.from_dict(json.load(f))
-        d = np.load(base + ".npy", allow_pickle=True).item()
-        scores = np.asarray(d["scores"], dtype=np.float64)
-        ref_idx = np.asarray(d["indices"], dtype=np.float64)
-        idx = np.where(np.isnan(ref_idx), -1, ref_idx)[..., ::-1].astype(np.int64)
+            try:
+                with open(base + ".json", "rb") as f:
+                    return cls.from_dict(json.loads(f.read().decode("utf-8")))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError,
+                    AttributeError, RecursionError) as err:
+                raise ValueError(f"{base}.json: unreadable or malformed saved grid "
+                                 f"({type(err).__name__}: {err})") from None
+        npy = base + ".npy"
+        if not os.path.exists(npy):
+            raise FileNotFoundError(f"{base}.json: no saved grid here (nor {npy})")
+        try:
+            d = np.load(npy, allow_pickle=bool(trust))
+            if trust:
+                d = d.item()
+        except ValueError as err:
+            if not trust and "allow_pickle" in str(err):
+                raise ValueError(
+                    f"{npy}: holds a pickled Python object (the reference's format); reading "
+                    f"it back would run any code hidden in the file. Pass trust=True (CLI: "
+                    f"--trust) only if you wrote it yourself, or recompute it "
+                    f"(force_remake=True, CLI: --force_remake)") from None
+            raise ValueError(f"{npy}: unreadable saved grid ({err})") from None
+        except (OSError, EOFError) as err:
+            raise ValueError(f"{npy}: unreadable saved grid ({err})") from None
+        try:
+            scores = np.asarray(d["scores"], dtype=np.float64)
+            ref_idx = np.asarray(d["indices"], dtype=np.float64)
+            idx = np.where(np.isnan(ref_idx), -1, ref_idx)[..., ::-1].astype(np.int64)
+            if scores.ndim != 2 or idx.shape != scores.shape + (2,):
+                raise ValueError(f"scores {scores.shape}, indices {ref_idx.shape}")
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{npy}: not a saved alignment grid ({err})") from None
         mx, my = scores.shape
         return cls(metric=metric, topk=topk,
                    x_names=list(x_names) if x_names else [f"x{a}" for a in range(mx)],
@@ -443,6 +477,47 @@ class GridResult:
         return "\n".join(rows)
 
 
+@contextmanager
+def output_lock(output_dir, metric: str, topk):
+    """Hold the writer lock of one grid output (``<output_dir>/<stem>.*``) for the block; no-op
+    without ``output_dir``. ``output_dir`` must be a folder (created when missing)."""
+    if output_dir is None:
+        yield
+        return
+    out = os.fspath(output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"output_dir: {out} exists and is not a folder")
+    with _lock.exclusive_lock(os.path.join(out, output_stem(metric, topk)), folder=False):
+        yield
+
+
+def load_existing(output_dir, metric: str, topk, x_names: list, y_names: list, *,
+                  trust: bool = False):
+    """The saved grid in ``output_dir`` for these models, or None when there is none.
+
+    Resumes from the ``.json`` (never runs code); a lone reference ``.npy`` is read only with
+    ``trust=True``. A grid of other models is an error. Files missing beside the one read
+    (an interrupted save) are written again."""
+    p = {e: os.path.join(os.fspath(output_dir), output_stem(metric, topk) + "." + e)
+         for e in ("json", "npy", "csv")}
+    if not (os.path.exists(p["json"]) or os.path.exists(p["npy"])):
+        return None
+    res = GridResult.load(output_dir, metric, topk, x_names=x_names, y_names=y_names,
+                          trust=trust)
+    src = p["json"] if os.path.exists(p["json"]) else p["npy"]
+    if (res.x_names != list(x_names) or res.y_names != list(y_names)
+            or res.scores.shape != (len(x_names), len(y_names))):
+        raise ValueError(f"{src}: exists but holds a grid of other models "
+                         f"({len(res.x_names)} x {len(res.y_names)}); pass "
+                         f"force_remake=True to overwrite it")
+    logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
+                   "recomputes)", src)
+    if not all(os.path.exists(v) for v in p.values()):
+        res.save(output_dir)
+    res.options = {**res.options, "resumed_from": src}
+    return res
+
+
 # --------------------------------------------------------------------------------------------
 # the grid
 # --------------------------------------------------------------------------------------------
@@ -451,7 +526,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                  progress: bool = True, backend=None, reference_order: bool = True,
                  null_permutations: int = 0, seed: int = 0, device=None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, stream=None, stream_budget=None,
-                 **metric_kwargs) -> GridResult:
+                 trust: bool = False, **metric_kwargs) -> GridResult:
     """Align every (x model, y model) pair: the reference's ``measure_alignment.py`` grid.
 
     Args:
@@ -463,7 +538,13 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         q, exact: outlier clipping (``prepare_features(feats, q, exact)``) of each model before
             scoring; ``None`` (default) skips it. The reference always clips with q = 0.95.
         output_dir: when given, the result is saved there (``GridResult.save``); an existing
-            result is loaded and returned instead of recomputed unless ``force_remake``.
+            result is loaded and returned instead of recomputed unless ``force_remake``. It
+            resumes from the saved ``.json``; the reference's pickled ``.npy`` alone is read
+            only with ``trust=True``. While the grid runs, its output is locked: a second
+            run writing the same metric and k to the same folder fails at once
+            (``prh_fast.DestinationLocked``, naming the running one).
+        trust: allow reading back a reference-format ``.npy`` (a pickle: it can run code
+            hidden in the file) when no ``.json`` is beside it. Only for files you wrote.
         progress: a tqdm bar over model pairs (shown only on a terminal).
         backend: neighbour-search backend (see ``prh_fast.knn``).
         reference_order: score each pair as the reference's ``compute_score(y_feats,
@@ -490,95 +571,88 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
     t_all = time.perf_counter()
     xm, ym = _as_models(x_models, "x_models"), _as_models(y_models, "y_models")
-    if output_dir is not None and not force_remake:
-        stem = output_stem(metric, topk)
-        npy = os.path.join(os.fspath(output_dir), stem + ".npy")
-        if os.path.exists(npy):
-            res = GridResult.load(output_dir, metric, topk, x_names=[m.name for m in xm],
-                                  y_names=[m.name for m in ym])
-            if (res.x_names != [m.name for m in xm] or res.y_names != [m.name for m in ym]
-                    or res.scores.shape != (len(xm), len(ym))):
-                raise ValueError(f"{npy}: exists but holds a grid of other models "
-                                 f"({len(res.x_names)} x {len(res.y_names)}); pass "
-                                 f"force_remake=True to overwrite it")
-            logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
-                           "recomputes)", npy)
-            res.options = {**res.options, "resumed_from": npy}
-            return res
-    n = _check_n(xm + ym)
-    k, opts = _metric_options(metric, n, topk, metric_kwargs)
-    symmetric = _symmetric(metric, opts)
-    cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
-                        cache_bytes=cache_bytes, stream=stream, stream_budget=stream_budget,
-                        progress=progress and sys.stderr.isatty())
-    mx_, my_ = len(xm), len(ym)
-    scores = np.zeros((mx_, my_), dtype=np.float64)
-    indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
-    nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
-             if null_permutations else None)
-    pair_scores: dict = {}
-    done: dict = {}  # (x key, y key) -> (a, b) of a computed pair
-    t_score, computed, mirrored = 0.0, 0, 0
-    from tqdm.auto import tqdm
+    # One writer per output: a second run of the same grid into the same folder would mix
+    # its files with ours; it fails at once naming this one instead.
+    with output_lock(output_dir, metric, topk):
+        if output_dir is not None and not force_remake:
+            res = load_existing(output_dir, metric, topk, [m.name for m in xm],
+                                [m.name for m in ym], trust=trust)
+            if res is not None:
+                return res
+        n = _check_n(xm + ym)
+        k, opts = _metric_options(metric, n, topk, metric_kwargs)
+        symmetric = _symmetric(metric, opts)
+        cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
+                            cache_bytes=cache_bytes, stream=stream, stream_budget=stream_budget,
+                            progress=progress and sys.stderr.isatty())
+        mx_, my_ = len(xm), len(ym)
+        scores = np.zeros((mx_, my_), dtype=np.float64)
+        indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
+        nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
+                 if null_permutations else None)
+        pair_scores: dict = {}
+        done: dict = {}  # (x key, y key) -> (a, b) of a computed pair
+        t_score, computed, mirrored = 0.0, 0, 0
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=mx_ * my_, desc=f"align {metric}", unit="pair",
-               disable=not progress or not sys.stderr.isatty())
-    try:
-        for a, x in enumerate(xm):
-            for b, y in enumerate(ym):
-                src = done.get((y.key, x.key)) if symmetric else None
-                if src is not None:
-                    # (y, x) was scored with y as the x model: the same pair, transposed.
-                    mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
-                    best, pair = _best(mat, reference_order)
-                    null = None if nulls is None else {
-                        s: float(v[src]) for s, v in nulls.items()}
-                    mirrored += 1
-                else:
-                    try:
-                        mat, best, pair, null, ts = _score_pair(
-                            cache, x, y, metric, k, opts, reference_order, null_permutations,
-                            seed)
-                    except ValueError as err:
-                        msg = str(err)
-                        if x.where in msg or y.where in msg:
-                            raise
-                        raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
-                    t_score += ts
-                    computed += 1
-                done[(x.key, y.key)] = (a, b)
-                pair_scores[(x.name, y.name)] = mat
-                scores[a, b] = best
-                if pair is not None:
-                    indices[a, b] = pair
-                if nulls is not None and null is not None:
-                    for s in nulls:
-                        nulls[s][a, b] = null[s]
-                bar.update(1)
-    finally:
-        bar.close()
-    timings = dict(cache.timings)
-    timings.update(score=t_score, total=time.perf_counter() - t_all, pairs=mx_ * my_,
-                   computed=computed, mirrored=mirrored, **cache.counts)
-    res = GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
-                     y_names=[m.name for m in ym], scores=scores, indices=indices,
-                     pair_scores=pair_scores, timings=timings,
-                     options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
-                              "reference_order": bool(reference_order),
-                              "symmetric_shortcut": symmetric, "k": k,
-                              "stream": cache.stream.mode,
-                              "x_sources": [m.source if isinstance(m.source, str) else None
-                                            for m in xm],
-                              "y_sources": [m.source if isinstance(m.source, str) else None
-                                            for m in ym],
-                              "metric_kwargs": {a: v for a, v in opts.items()
-                                                if isinstance(v, (bool, int, float, str))}},
-                     null=nulls)
-    if cache.ann:
-        res.options["ann"] = _ann_grid(cache.ann, xm, ym, metric, k, opts)
-    if output_dir is not None:
-        res.save(output_dir)
-    return res
+        bar = tqdm(total=mx_ * my_, desc=f"align {metric}", unit="pair",
+                   disable=not progress or not sys.stderr.isatty())
+        try:
+            for a, x in enumerate(xm):
+                for b, y in enumerate(ym):
+                    src = done.get((y.key, x.key)) if symmetric else None
+                    if src is not None:
+                        # (y, x) was scored with y as the x model: the same pair, transposed.
+                        mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
+                        best, pair = _best(mat, reference_order)
+                        null = None if nulls is None else {
+                            s: float(v[src]) for s, v in nulls.items()}
+                        mirrored += 1
+                    else:
+                        try:
+                            mat, best, pair, null, ts = _score_pair(
+                                cache, x, y, metric, k, opts, reference_order, null_permutations,
+                                seed)
+                        except ValueError as err:
+                            msg = str(err)
+                            if x.where in msg or y.where in msg:
+                                raise
+                            raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
+                        t_score += ts
+                        computed += 1
+                    done[(x.key, y.key)] = (a, b)
+                    pair_scores[(x.name, y.name)] = mat
+                    scores[a, b] = best
+                    if pair is not None:
+                        indices[a, b] = pair
+                    if nulls is not None and null is not None:
+                        for s in nulls:
+                            nulls[s][a, b] = null[s]
+                    bar.update(1)
+        finally:
+            bar.close()
+        timings = dict(cache.timings)
+        timings.update(score=t_score, total=time.perf_counter() - t_all, pairs=mx_ * my_,
+                       computed=computed, mirrored=mirrored, **cache.counts)
+        res = GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
+                         y_names=[m.name for m in ym], scores=scores, indices=indices,
+                         pair_scores=pair_scores, timings=timings,
+                         options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
+                                  "reference_order": bool(reference_order),
+                                  "symmetric_shortcut": symmetric, "k": k,
+                                  "stream": cache.stream.mode,
+                                  "x_sources": [m.source if isinstance(m.source, str) else None
+                                                for m in xm],
+                                  "y_sources": [m.source if isinstance(m.source, str) else None
+                                                for m in ym],
+                                  "metric_kwargs": {a: v for a, v in opts.items()
+                                                    if isinstance(v, (bool, int, float, str))}},
+                         null=nulls)
+        if cache.ann:
+            res.options["ann"] = _ann_grid(cache.ann, xm, ym, metric, k, opts)
+        if output_dir is not None:
+            res.save(output_dir)
+        return res
 
 
 def _ann_grid(reports, xm, ym, metric, k, opts) -> dict:

@@ -184,6 +184,7 @@ def test_writer_drops_gap_and_rejects_bad_shapes(tmp_path):
     w.append([torch.ones(2, 3)])
     w.append([torch.ones(3, 3)])
     os.remove(w._parts[0][2])            # lose the first part: the second no longer counts
+    w.close()                            # (one writer at a time: the first lets go)
     w2 = PtWriter(tmp_path / "f.pt", fingerprint={"a": 1})
     assert w2.rows_done == 0
     with pytest.raises(ValueError, match=r"layers\[1\]"):

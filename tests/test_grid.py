@@ -253,9 +253,12 @@ def test_no_pair_is_minus_one_in_memory_and_nan_on_disk(tmp_path):
     assert back.indices[0, 0].tolist() == [-1, -1]
     assert json.loads((tmp_path / "cka.json").read_text())["indices"][0][0] is None
     assert (tmp_path / "cka.csv").read_text().splitlines()[1] == "a,b,0.0,,"
-    # only the reference's .npy there (no .json): read it, names given by the caller
+    # only the reference's .npy there (no .json): a pickle, read only when trusted; names
+    # given by the caller
     (tmp_path / "cka.json").unlink()
-    back = GridResult.load(tmp_path, "cka", x_names=["a"], y_names=["b", "c"])
+    with pytest.raises(ValueError, match="pickled.*trust=True"):
+        GridResult.load(tmp_path, "cka", x_names=["a"], y_names=["b", "c"])
+    back = GridResult.load(tmp_path, "cka", x_names=["a"], y_names=["b", "c"], trust=True)
     assert back.indices.tolist() == res.indices.tolist() and back.y_names == ["b", "c"]
 
 

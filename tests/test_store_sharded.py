@@ -247,13 +247,13 @@ def test_resume_in_process_and_mismatches(tmp_path):
     w.append([t[:25] for t in layers])  # 20 rows on disk, 5 buffered (lost on a crash)
     assert w.rows_done == 20 and w.rows_buffered == 5
     del w
-    w = StoreWriter(tmp_path / "s", dims=[4, 4], shard_rows=10)
-    assert w.rows_done == 20
     for bad, match in [({"dims": [4, 5]}, "dims"), ({"dtype": "float16"}, "dtype"),
                        ({"shard_rows": 3}, "shard_rows")]:
         kw = {"dims": [4, 4], "shard_rows": 10, **bad}
         with pytest.raises(ValueError, match=match):
             StoreWriter(tmp_path / "s", **kw)
+    w = StoreWriter(tmp_path / "s", dims=[4, 4], shard_rows=10)
+    assert w.rows_done == 20
     w.append([t[20:] for t in layers])
     w.finish()
     _assert_same(open_store(tmp_path / "s"), layers)

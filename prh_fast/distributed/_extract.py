@@ -16,9 +16,11 @@ only decides the ranges, calls the callable, and merges:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
+from prh_fast import _lock
 from prh_fast.distributed._env import (
     agree,
     broadcast_object,
@@ -63,6 +65,20 @@ def run_sharded(n: int, extract_range, out_path, *, merge=None, meta=None,
     if not callable(extract_range):
         raise ValueError("extract_range: expected a callable (start, stop, path)")
     rank, P = world()
+    # Rank 0 holds the merged output's lock for the whole job (every rank's part has a writer
+    # lock of its own): a second job writing the same output fails at once on every rank.
+    held, err = contextlib.ExitStack(), None
+    if rank == 0:
+        try:
+            held.enter_context(_lock.exclusive_lock(out_path, folder=False))
+        except (_lock.DestinationLocked, OSError) as e:
+            err = e
+    agree(err, what="output lock")
+    with held:
+        return _run_sharded(n, extract_range, out_path, merge, meta, keep_parts, rank, P)
+
+
+def _run_sharded(n, extract_range, out_path, merge, meta, keep_parts, rank, P) -> str:
     done = broadcast_object(os.path.exists(out_path) if rank == 0 else None,
                             what="checking for a finished output")
     if done:

@@ -16,6 +16,7 @@ finished output is loaded and returned, as in the single-process grid.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import time
 
 import numpy as np
 
+from prh_fast import _lock
 from prh_fast._io import atomic_write
 from prh_fast.distributed._env import (
     DistributedError,
@@ -82,11 +84,18 @@ def _load_part(path, fingerprint):
             d = json.load(f)
     except (OSError, ValueError):
         return None
-    if d.get("fingerprint") != fingerprint:
+    if not isinstance(d, dict) or d.get("fingerprint") != fingerprint:
         return None
-    mat = np.array(d["mat"], dtype=np.float64)
-    pair = None if d["pair"] is None else tuple(int(v) for v in d["pair"])
-    return mat, float(d["best"]), pair, d.get("null"), 0.0
+    try:  # a damaged part is recomputed, like a missing one
+        mat = np.array(d["mat"], dtype=np.float64)
+        pair = None if d["pair"] is None else tuple(int(v) for v in d["pair"])
+        null = d.get("null")
+        if mat.ndim != 2 or (pair is not None and len(pair) != 2) or not (
+                null is None or isinstance(null, dict)):
+            return None
+        return mat, float(d["best"]), pair, null, 0.0
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _save_part(path, fingerprint, a, b, x, y, item):
@@ -103,7 +112,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                  q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
                  progress: bool = True, backend=None, reference_order: bool = True,
                  null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int | None = None, **metric_kwargs):
+                 cache_bytes: int | None = None, trust: bool = False, **metric_kwargs):
     """``prh_fast.grid.align_models`` with the model pairs split over the ranks.
 
     Same arguments and the same ``GridResult`` (returned on every rank); without a process
@@ -121,7 +130,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
     kwargs = dict(metric=metric, topk=topk, normalize=normalize, q=q, exact=exact,
                   output_dir=output_dir, force_remake=force_remake, progress=progress,
                   backend=backend, reference_order=reference_order,
-                  null_permutations=null_permutations, seed=seed, device=device,
+                  null_permutations=null_permutations, seed=seed, device=device, trust=trust,
                   **metric_kwargs)
     if cache_bytes is not None:
         kwargs["cache_bytes"] = cache_bytes
@@ -139,148 +148,161 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         err = e
     agree(err, what="model lists")
     stem = g.output_stem(metric, topk)
-    # A finished output: rank 0 loads it (as the single-process grid does) and shares it.
-    if output_dir is not None and not force_remake:
-        done = None
-        if rank == 0 and os.path.exists(os.path.join(os.fspath(output_dir), stem + ".npy")):
-            try:
-                done = g.align_models(x_models, y_models, **kwargs)
-            except (ValueError, TypeError, FileNotFoundError) as e:
-                done = e
-        done = broadcast_object(done, what="sharing the existing output")
-        if isinstance(done, Exception):
-            raise type(done)(str(done))
-        if done is not None:
-            return done
-    err = None
+    # Rank 0 holds the output's writer lock for the whole job (the other ranks write parts
+    # under it); a job already writing this output makes every rank fail at once.
+    held, err = contextlib.ExitStack(), None
+    if rank == 0 and output_dir is not None:
+        try:
+            held.enter_context(g.output_lock(output_dir, metric, topk))
+        except (ValueError, _lock.DestinationLocked, OSError) as e:
+            err = e
+    agree(err, what="output lock")
     try:
-        n = g._check_n(xm + ym)
-        k, opts = g._metric_options(metric, n, topk, metric_kwargs)
-        symmetric = g._symmetric(metric, opts)
-        plan = plan_pairs(xm, ym, symmetric)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        err = e
-    agree(err, what="model check")
-    compute, mirror = plan
-    job = {"metric": metric, "topk": topk, "k": k, "opts": opts, "q": q, "exact": bool(exact),
-           "normalize": bool(normalize), "reference_order": bool(reference_order),
-           "null_permutations": int(null_permutations), "seed": int(seed), "n": n,
-           "x": [_source_id(m) for m in xm], "y": [_source_id(m) for m in ym]}
-    fp = _fingerprint(job)
-    parts_dir = (None if output_dir is None
-                 else os.path.join(os.fspath(output_dir), f".{stem}.parts"))
-    if parts_dir is not None and force_remake and rank == 0 and os.path.isdir(parts_dir):
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    if force_remake and parts_dir is not None:
-        # Nobody reads a part before rank 0 has cleared the old ones.
-        broadcast_object(None, what="clearing old parts")
-    a0, a1 = shard_range(len(compute), rank, P)
-    mine = compute[a0:a1]
-    cache = g._ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
-                          **({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
-    results, resumed, t_score = {}, 0, 0.0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(mine), desc=f"align {metric} (rank {rank}/{P})", unit="pair",
-               disable=not progress or not sys.stderr.isatty())
-    err = None
-    try:
-        for a, b in mine:
-            x, y = xm[a], ym[b]
-            item = None
-            if parts_dir is not None and not force_remake:
-                item = _load_part(_part_path(parts_dir, a, b), fp)
-            if item is not None:
-                resumed += 1
-            else:
+        # A finished output: rank 0 loads it (as the single-process grid does) and shares it.
+        if output_dir is not None and not force_remake:
+            done = None
+            if rank == 0:
                 try:
-                    item = g._score_pair(cache, x, y, metric, k, opts, reference_order,
-                                         null_permutations, seed)
-                except ValueError as e:
-                    msg = str(e)
-                    if x.where in msg or y.where in msg:
-                        raise
-                    raise ValueError(f"{x.name} vs {y.name}: {msg}") from e
-                t_score += item[4]
-                if parts_dir is not None:
-                    _save_part(_part_path(parts_dir, a, b), fp, a, b, x.name, y.name, item)
-            results[(a, b)] = item[:4]
-            bar.update(1)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        err = e
-    finally:
-        bar.close()
-    mark_done(f"grid-{fp}")
-    # Everyone shares its pairs (small: [Lx, Ly] matrices) and its error, if any.
-    mine_out = {"err": None if err is None else (type(err).__name__, str(err)),
-                "results": results if err is None else {},
-                "timings": dict(cache.timings), "counts": dict(cache.counts),
-                "computed": len(mine) - resumed, "resumed": resumed, "score": t_score}
-    got = [None] * P
-    import torch.distributed as dist
-
-    with collective("gathering the grid's pairs from every rank", tag=f"grid-{fp}"):
-        dist.all_gather_object(got, mine_out)
-    bad = [(r, o["err"]) for r, o in enumerate(got) if o["err"] is not None]
-    if bad:
-        r, (kind, msg) = bad[0]
-        if r == rank:
-            raise err
-        types = {"ValueError": ValueError, "TypeError": TypeError,
-                 "FileNotFoundError": FileNotFoundError}
-        raise types.get(kind, DistributedError)(f"(on rank {r}) {msg}")
-    results = {}
-    for o in got:
-        results.update(o["results"])
-    mx_, my_ = len(xm), len(ym)
-    scores = np.zeros((mx_, my_), dtype=np.float64)
-    indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
-    nulls = ({s: np.full((mx_, my_), np.nan) for s in ("best_mean", "best_std", "best_z")}
-             if null_permutations else None)
-    pair_scores = {}
-    for a, x in enumerate(xm):
-        for b, y in enumerate(ym):
-            if (a, b) in mirror:
-                src = mirror[(a, b)]
-                mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
-                best, pair = g._best(mat, reference_order)
-                null = None if nulls is None else {s: float(v[src]) for s, v in nulls.items()}
-            else:
-                mat, best, pair, null = results[(a, b)]
-            pair_scores[(x.name, y.name)] = mat
-            scores[a, b] = best
-            if pair is not None:
-                indices[a, b] = pair
-            if nulls is not None and null is not None:
-                for s in nulls:
-                    nulls[s][a, b] = null[s]
-    timings = {key: sum(o["timings"].get(key, 0.0) for o in got)
-               for key in ("load", "prepare", "neighbours")}
-    counts = {key: sum(o["counts"].get(key, 0) for o in got)
-              for key in ("loads", "searched_models")}
-    timings.update(score=sum(o["score"] for o in got), total=time.perf_counter() - t_all,
-                   pairs=mx_ * my_, computed=sum(o["computed"] for o in got),
-                   mirrored=len(mirror), resumed=sum(o["resumed"] for o in got),
-                   world_size=P, **counts)
-    res = g.GridResult(
-        metric=metric, topk=topk, x_names=[m.name for m in xm], y_names=[m.name for m in ym],
-        scores=scores, indices=indices, pair_scores=pair_scores, timings=timings,
-        options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
-                 "reference_order": bool(reference_order), "symmetric_shortcut": symmetric, "k": k,
-                 "x_sources": [m.source if isinstance(m.source, str) else None for m in xm],
-                 "y_sources": [m.source if isinstance(m.source, str) else None for m in ym],
-                 "metric_kwargs": {a: v for a, v in opts.items()
-                                   if isinstance(v, (bool, int, float, str))},
-                 "distributed": {"world_size": P, "split": "model_pair"}},
-        null=nulls)
-    if output_dir is not None:
+                    done = g.load_existing(output_dir, metric, topk, [m.name for m in xm],
+                                           [m.name for m in ym], trust=trust)
+                except (ValueError, TypeError, FileNotFoundError) as e:
+                    done = e
+            done = broadcast_object(done, what="sharing the existing output")
+            if isinstance(done, Exception):
+                raise type(done)(str(done))
+            if done is not None:
+                return done
         err = None
-        if rank == 0:
-            try:
-                res.save(output_dir)
-                if parts_dir is not None:
-                    shutil.rmtree(parts_dir, ignore_errors=True)
-            except OSError as e:
-                err = ValueError(f"output_dir {os.fspath(output_dir)}: cannot write ({e})")
-        agree(err, what="output write")
-    return res
+        try:
+            n = g._check_n(xm + ym)
+            k, opts = g._metric_options(metric, n, topk, metric_kwargs)
+            symmetric = g._symmetric(metric, opts)
+            plan = plan_pairs(xm, ym, symmetric)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            err = e
+        agree(err, what="model check")
+        compute, mirror = plan
+        job = {"metric": metric, "topk": topk, "k": k, "opts": opts, "q": q, "exact": bool(exact),
+               "normalize": bool(normalize), "reference_order": bool(reference_order),
+               "null_permutations": int(null_permutations), "seed": int(seed), "n": n,
+               "x": [_source_id(m) for m in xm], "y": [_source_id(m) for m in ym]}
+        fp = _fingerprint(job)
+        parts_dir = (None if output_dir is None
+                     else os.path.join(os.fspath(output_dir), f".{stem}.parts"))
+        if parts_dir is not None and force_remake and rank == 0 and os.path.isdir(parts_dir):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        if force_remake and parts_dir is not None:
+            # Nobody reads a part before rank 0 has cleared the old ones.
+            broadcast_object(None, what="clearing old parts")
+        a0, a1 = shard_range(len(compute), rank, P)
+        mine = compute[a0:a1]
+        cache = g._ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
+                              **({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
+        results, resumed, t_score = {}, 0, 0.0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"align {metric} (rank {rank}/{P})", unit="pair",
+                   disable=not progress or not sys.stderr.isatty())
+        err = None
+        try:
+            for a, b in mine:
+                x, y = xm[a], ym[b]
+                item = None
+                if parts_dir is not None and not force_remake:
+                    item = _load_part(_part_path(parts_dir, a, b), fp)
+                if item is not None:
+                    resumed += 1
+                else:
+                    try:
+                        item = g._score_pair(cache, x, y, metric, k, opts, reference_order,
+                                             null_permutations, seed)
+                    except ValueError as e:
+                        msg = str(e)
+                        if x.where in msg or y.where in msg:
+                            raise
+                        raise ValueError(f"{x.name} vs {y.name}: {msg}") from e
+                    t_score += item[4]
+                    if parts_dir is not None:
+                        _save_part(_part_path(parts_dir, a, b), fp, a, b, x.name, y.name, item)
+                results[(a, b)] = item[:4]
+                bar.update(1)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            err = e
+        finally:
+            bar.close()
+        mark_done(f"grid-{fp}")
+        # Everyone shares its pairs (small: [Lx, Ly] matrices) and its error, if any.
+        mine_out = {"err": None if err is None else (type(err).__name__, str(err)),
+                    "results": results if err is None else {},
+                    "timings": dict(cache.timings), "counts": dict(cache.counts),
+                    "computed": len(mine) - resumed, "resumed": resumed, "score": t_score}
+        got = [None] * P
+        import torch.distributed as dist
+
+        with collective("gathering the grid's pairs from every rank", tag=f"grid-{fp}"):
+            dist.all_gather_object(got, mine_out)
+        bad = [(r, o["err"]) for r, o in enumerate(got) if o["err"] is not None]
+        if bad:
+            r, (kind, msg) = bad[0]
+            if r == rank:
+                raise err
+            types = {"ValueError": ValueError, "TypeError": TypeError,
+                     "FileNotFoundError": FileNotFoundError}
+            raise types.get(kind, DistributedError)(f"(on rank {r}) {msg}")
+        results = {}
+        for o in got:
+            results.update(o["results"])
+        mx_, my_ = len(xm), len(ym)
+        scores = np.zeros((mx_, my_), dtype=np.float64)
+        indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
+        nulls = ({s: np.full((mx_, my_), np.nan) for s in ("best_mean", "best_std", "best_z")}
+                 if null_permutations else None)
+        pair_scores = {}
+        for a, x in enumerate(xm):
+            for b, y in enumerate(ym):
+                if (a, b) in mirror:
+                    src = mirror[(a, b)]
+                    mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
+                    best, pair = g._best(mat, reference_order)
+                    null = None if nulls is None else {s: float(v[src]) for s, v in nulls.items()}
+                else:
+                    mat, best, pair, null = results[(a, b)]
+                pair_scores[(x.name, y.name)] = mat
+                scores[a, b] = best
+                if pair is not None:
+                    indices[a, b] = pair
+                if nulls is not None and null is not None:
+                    for s in nulls:
+                        nulls[s][a, b] = null[s]
+        timings = {key: sum(o["timings"].get(key, 0.0) for o in got)
+                   for key in ("load", "prepare", "neighbours")}
+        counts = {key: sum(o["counts"].get(key, 0) for o in got)
+                  for key in ("loads", "searched_models")}
+        timings.update(score=sum(o["score"] for o in got), total=time.perf_counter() - t_all,
+                       pairs=mx_ * my_, computed=sum(o["computed"] for o in got),
+                       mirrored=len(mirror), resumed=sum(o["resumed"] for o in got),
+                       world_size=P, **counts)
+        res = g.GridResult(
+            metric=metric, topk=topk, x_names=[m.name for m in xm], y_names=[m.name for m in ym],
+            scores=scores, indices=indices, pair_scores=pair_scores, timings=timings,
+            options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
+                     "reference_order": bool(reference_order), "symmetric_shortcut": symmetric, "k": k,
+                     "x_sources": [m.source if isinstance(m.source, str) else None for m in xm],
+                     "y_sources": [m.source if isinstance(m.source, str) else None for m in ym],
+                     "metric_kwargs": {a: v for a, v in opts.items()
+                                       if isinstance(v, (bool, int, float, str))},
+                     "distributed": {"world_size": P, "split": "model_pair"}},
+            null=nulls)
+        if output_dir is not None:
+            err = None
+            if rank == 0:
+                try:
+                    res.save(output_dir)
+                    if parts_dir is not None:
+                        shutil.rmtree(parts_dir, ignore_errors=True)
+                except OSError as e:
+                    err = ValueError(f"output_dir {os.fspath(output_dir)}: cannot write ({e})")
+            agree(err, what="output write")
+        return res
+    finally:
+        held.close()

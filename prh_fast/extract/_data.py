@@ -64,6 +64,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from prh_fast._io import confined
+
 __all__ = ["PairedDataset", "load_pairs", "EASY_VQA_LEVELS", "DataNotFoundError",
            "easy_vqa_attributes", "easy_vqa_caption"]
 
@@ -506,7 +508,13 @@ def _load_folder(folder: str, captions_file: Optional[str], split, n, caption_le
         rel, cap = rec.get(img_col), rec.get(cap_col)
         if not isinstance(rel, str) or not rel:
             raise ValueError(f"source: record {i} of {where} has no image in column {img_col!r}")
-        path = rel if os.path.isabs(rel) else os.path.join(os.path.dirname(captions_file), rel)
+        # Image paths stay inside the captions file's folder: a captions file from elsewhere
+        # must not make us read (and embed) any file on the machine.
+        path = confined(os.path.dirname(os.path.abspath(captions_file)), rel)
+        if path is None:
+            raise ValueError(f"source: record {i} of {where} names image {rel!r}, which is "
+                             f"outside the folder of {where} (absolute, '..' or a symlink "
+                             f"leading out); image paths must be relative and inside it")
         if not os.path.isfile(path):
             raise DataNotFoundError(f"source: record {i} of {where} names image {rel!r}, "
                                     f"which is not a file ({path})")

@@ -176,14 +176,19 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
                split=split, rows=rows)
     if not force and _existing_matches(job.path, job.fingerprint):
         return job.path
-    ds, name, enc, lo, hi = job.ds, job.name, job.enc, job.lo, job.hi
-    captions = ds.captions(range(job.n))
-    writer = PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
-                      overwrite=force)
-    if enc is None:
-        from prh_fast.extract._text import load_text_model
+    name, enc = job.name, job.enc
+    captions = job.ds.captions(range(job.n))
+    with PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
+                  overwrite=force) as writer:
+        if enc is None:
+            from prh_fast.extract._text import load_text_model
 
-        enc = load_text_model(name, device=device, dtype=dtype)
+            enc = load_text_model(name, device=device, dtype=dtype)
+        return _extract_text_into(writer, job, enc, captions, pool, storage_dtype, progress)
+
+
+def _extract_text_into(writer, job, enc, captions, pool, storage_dtype, progress) -> str:
+    ds, lo, hi = job.ds, job.lo, job.hi
 
     def encode(idx):
         tb = enc.encode([captions[i] for i in idx], pool=pool)
@@ -245,21 +250,21 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
     if not force and _existing_matches(job.path, job.fingerprint):
         return job.path
     ds, name, enc = job.ds, job.name, job.enc
-    writer = PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
-                      overwrite=force)
-    if enc is None:
-        from prh_fast.extract._vision import load_vision_model
+    with PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
+                  overwrite=force) as writer:
+        if enc is None:
+            from prh_fast.extract._vision import load_vision_model
 
-        enc = load_vision_model(name, device=device, dtype=dtype, pool=pool)
+            enc = load_vision_model(name, device=device, dtype=dtype, pool=pool)
 
-    def encode(idx):
-        return enc.encode(ds.images(list(idx))), None
+        def encode(idx):
+            return enc.encode(ds.images(list(idx))), None
 
-    t0 = time.perf_counter()
-    job.run(encode, writer, progress)
-    meta = _meta(enc, ds, job.hi - job.lo, getattr(enc, "pool", pool), storage_dtype,
-                 job.fingerprint, time.perf_counter() - t0)
-    return writer.finish(meta)
+        t0 = time.perf_counter()
+        job.run(encode, writer, progress)
+        meta = _meta(enc, ds, job.hi - job.lo, getattr(enc, "pool", pool), storage_dtype,
+                     job.fingerprint, time.perf_counter() - t0)
+        return writer.finish(meta)
 
 
 def _meta(enc, ds, n, pool, storage_dtype, fingerprint, seconds) -> dict:

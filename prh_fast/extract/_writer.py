@@ -17,6 +17,7 @@ import shutil
 
 import torch
 
+from prh_fast import _lock
 from prh_fast._io import atomic_write
 
 __all__ = ["PtWriter", "STORAGE_DTYPES"]
@@ -51,6 +52,10 @@ class PtWriter:
 
     ``extras`` passed to :meth:`append` are per-sample 1-D tensors (for example token losses)
     kept with the batch, so statistics over the whole data set survive an interruption too.
+
+    One writer per output: the writer holds the output's lock (``.<name>.lock`` beside it)
+    from opening until :meth:`finish` or :meth:`close`; a second writer of the same path
+    fails at once with :class:`prh_fast.DestinationLocked` naming the first.
     """
 
     def __init__(self, path, *, fingerprint: dict, dtype: str = "float32",
@@ -61,6 +66,14 @@ class PtWriter:
         self.dtype = STORAGE_DTYPES[dtype]
         self.partial = self.path + ".partial"
         self.fingerprint = dict(fingerprint)
+        self._held = _lock.acquire(self.path, folder=False)
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
         job = os.path.join(self.partial, "job.json")
         if overwrite and os.path.isdir(self.partial):
             shutil.rmtree(self.partial)
@@ -110,6 +123,8 @@ class PtWriter:
         return self._parts[-1][1] if self._parts else 0
 
     def append(self, layers, extras: dict | None = None) -> None:
+        if self._held is None:
+            raise ValueError(f"{self.path}: this writer was closed; open a new one to resume")
         if not layers:
             raise ValueError("layers: expected at least one [B, D] tensor")
         b = int(layers[0].shape[0])
@@ -163,4 +178,24 @@ class PtWriter:
         feats = torch.stack(layers, dim=1) if len(dims) == 1 else layers
         save_features(self.path, feats, **meta)
         shutil.rmtree(self.partial, ignore_errors=True)
+        self.close()
         return self.path
+
+    def close(self) -> None:
+        """Release the output's lock (``finish`` does); the parts stay for a later resume."""
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            _lock.release(held)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass

@@ -110,6 +110,11 @@ def _load(path, map_location, trust: bool, mmap: bool = False):
     kw.pop("mmap", None)
     try:
         return torch.load(path, weights_only=False, **kw)
+    except (AttributeError, ImportError) as err:
+        # Trusted, but the class the file pickled is not importable in this process.
+        raise ValueError(f"{path}: trust=True: the file holds objects of a class that cannot "
+                         f"be imported here ({_first_line(err)}); import the module that "
+                         f"defines it first, or save the file without it") from err
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"{path}: corrupt or truncated feature file "
                          f"({type(err).__name__}: {_first_line(err)})") from err

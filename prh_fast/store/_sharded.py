@@ -37,12 +37,14 @@ import re
 import shutil
 import struct
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from prh_fast._io import atomic_write
+from prh_fast import _lock
+from prh_fast._io import atomic_write, confined
 
 __all__ = ["StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
            "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
@@ -239,30 +241,55 @@ class StoreWriter:
                       "shard_rows": None if shard_rows is None else int(shard_rows),
                       "layout": layout}
         self._create_meta = _split_meta(meta or {})[0] if meta is not None else None
-        if overwrite and os.path.exists(self.path):
-            self._remove_existing()
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ValueError(f"{self.path}: exists and is a file, not a store folder")
         self._buf: list = []      # pending batches: lists of per-layer tensors
         self._buf_rows = 0
         self._index = None
-        if os.path.isfile(self._index_path):
-            self._resume()
-        else:
-            self._fresh()
+        existed = os.path.isdir(self.path)
+        # One writer per store: a second one would interleave its shards with ours.
+        self._held = _lock.acquire(self.path, folder=True)
+        try:
+            if overwrite and existed:
+                self._remove_existing()
+            if os.path.isfile(self._index_path):
+                self._resume()
+            else:
+                self._fresh()
+        except BaseException:
+            self.close()
+            if not existed:
+                try:
+                    os.rmdir(self.path)  # the folder the lock created, now empty again
+                except OSError:
+                    pass
+            raise
 
     # -- opening ---------------------------------------------------------------------------------
     def _remove_existing(self):
-        if os.path.isfile(self.path):
-            raise ValueError(f"{self.path}: exists and is a file, not a store folder")
         if not is_store(self.path) and not self._only_debris():
             raise ValueError(f"{self.path}: exists and is not a store folder; not deleting it")
-        shutil.rmtree(self.path)
+        # The index goes first, so that a reader opening the folder meanwhile finds no store
+        # rather than an index naming shards that are being deleted. The lock file stays.
+        try:
+            os.remove(self._index_path)
+        except FileNotFoundError:
+            pass
+        for name in os.listdir(self.path):
+            if name == _lock.LOCK_NAME:
+                continue
+            full = os.path.join(self.path, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
 
     def _only_debris(self) -> bool:
         if not os.path.isdir(self.path):
             return False
         for name in os.listdir(self.path):
             if not (_SHARD_RE.match(name) or name.endswith(".tmp") or name == CACHE_DIR
-                    or name == EXTRAS_NAME):
+                    or name == EXTRAS_NAME or name == _lock.LOCK_NAME):
                 return False
         return True
 
@@ -300,6 +327,9 @@ class StoreWriter:
             "layout": layout, "shard_rows": int(shard_rows), "shards": [],
             "create_meta": self._create_meta or {}, "meta": {}, "extras": None,
             "content_id": None,
+            # Random, recorded in every shard: a shard from another store (or another write of
+            # this folder) is recognised on open, without reading its data.
+            "store_id": uuid.uuid4().hex,
         }
         self._write_index()
 
@@ -354,8 +384,7 @@ class StoreWriter:
     # -- appending -------------------------------------------------------------------------------
     def append(self, layers) -> None:
         """Append one batch: a list with one ``[B, D_l]`` tensor (or array) per layer."""
-        if self.finished:
-            raise ValueError(f"{self.path}: the store is finished; open a new one to add rows")
+        self._check_open()
         if isinstance(layers, torch.Tensor) and layers.dim() == 3:
             layers = list(layers.unbind(1))
         if not isinstance(layers, (list, tuple)) or not layers:
@@ -419,7 +448,7 @@ class StoreWriter:
         number = len(self._index["shards"])
         name = f"shard-{number:06d}.safetensors"
         data = _safetensors_bytes({f"layer.{l}": t for l, t in enumerate(tensors)},
-                                  {"format": FORMAT, "start": str(start), "rows": str(rows)})
+                                  _shard_identity(self._index, name, start, rows))
         digest = hashlib.sha256(data).hexdigest()
         atomic_write(os.path.join(self.path, name), lambda f: _write_bytes(f, data))
         self._index["shards"].append({"file": name, "start": start, "rows": rows,
@@ -427,8 +456,16 @@ class StoreWriter:
         self._index["n"] = start + rows
         self._write_index()
 
+    def _check_open(self) -> None:
+        if self.finished:
+            raise ValueError(f"{self.path}: the store is finished; open a new one to add rows")
+        if self._held is None:
+            raise ValueError(f"{self.path}: this writer was closed; open a new StoreWriter on "
+                             f"the path to resume")
+
     def flush(self) -> None:
         """Write the buffered rows now as a (short) shard."""
+        self._check_open()
         if self._buf_rows:
             self._flush(self._buf_rows)
 
@@ -438,6 +475,7 @@ class StoreWriter:
         ``extra_meta``: JSON-able values go to the index's ``meta``; tensors / arrays (per-sample
         masks, losses, ...) go to ``extras.safetensors``.
         """
+        self._check_open()
         if self._index is None:
             raise ValueError(f"{self.path}: nothing was written (no rows appended)")
         self.flush()
@@ -466,17 +504,150 @@ class StoreWriter:
         self._index["content_id"] = h.hexdigest()[:32]
         self._index["complete"] = True
         self._write_index()
+        self.close()
         return self.path
+
+    def close(self) -> None:
+        """Release the store's writer lock (``finish`` does; rows not yet flushed are not
+        written). Reopening the path resumes."""
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            _lock.release(held)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.close()
         return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
 
 def _canon(v) -> str:
     return json.dumps(v, sort_keys=True, default=str)
+
+
+def _shard_identity(index: dict, name: str, start: int, rows: int) -> dict:
+    """The safetensors metadata that makes a shard self-identifying (checked on open)."""
+    md = {"format": FORMAT, "file": name, "start": str(start), "rows": str(rows)}
+    if index.get("store_id"):
+        md["store_id"] = index["store_id"]
+    return md
+
+
+def _check_identity(full: str, header: dict, want: dict) -> None:
+    """StoreError unless the shard's own metadata says it is the shard the index names.
+
+    Stores written before shards carried ``file`` and ``store_id`` are checked on the fields
+    they have (``start`` and ``rows`` were always written)."""
+    md = header.get("__metadata__")
+    md = md if isinstance(md, dict) else {}
+    for key, value in want.items():
+        if key in ("file", "store_id") and "store_id" not in want and key not in md:
+            continue
+        if md.get(key) != value:
+            raise StoreError(f"{full}: not the shard the index names ({key} is "
+                             f"{md.get(key)!r}, expected {value!r}); it was swapped, replaced, "
+                             f"or comes from another store")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _member(folder: str, name: str) -> str:
+    """``folder/name`` for a file the index names, confined to the folder: a plain name (no
+    separators, no ``..``) whose real path, symlinks resolved, is directly inside ``folder``."""
+    full = confined(folder, name, direct=True)
+    if full is None:
+        full = os.path.join(folder, name)
+        raise StoreError(f"{full}: leads outside the store folder (to "
+                         f"{os.path.realpath(full)}); refusing to read it")
+    return full
+
+
+def _validate_index(idx, ipath: str) -> None:
+    """Every field the readers rely on, with its type and range; StoreError naming the field.
+
+    Paths are confined to the store folder: shard files must be named ``shard-NNNNNN...`` and
+    the extras file ``extras.safetensors``, so no entry can name a file elsewhere."""
+    def bad(field, why):
+        raise StoreError(f"{ipath}: malformed store index: {field} {why}")
+
+    if not isinstance(idx, dict) or idx.get("format") != FORMAT:
+        raise StoreError(f"{ipath}: not a prh_fast store index")
+    ver = idx.get("version")
+    if not _is_int(ver) or ver < 1:
+        bad("'version'", f"must be a positive integer, got {ver!r}")
+    if ver > VERSION:
+        raise StoreError(f"{ipath}: store format version {ver} is newer than this prh_fast "
+                         f"reads ({VERSION}); upgrade prh_fast")
+    for key in ("n", "num_layers", "shard_rows"):
+        v = idx.get(key)
+        if not _is_int(v) or v < (0 if key == "n" else 1):
+            bad(repr(key), f"must be a {'non-negative' if key == 'n' else 'positive'} integer, "
+                           f"got {v!r}")
+    dims = idx.get("dims")
+    if (not isinstance(dims, list) or len(dims) != idx["num_layers"]
+            or not all(_is_int(d) and d >= 1 for d in dims)):
+        bad("'dims'", f"must be a list of {idx['num_layers']} positive widths, got {dims!r}")
+    if idx.get("dtype") not in STORE_DTYPES:
+        bad("'dtype'", f"must be one of {sorted(STORE_DTYPES)}, got {idx.get('dtype')!r}")
+    if idx.get("layout") not in ("tensor", "list"):
+        bad("'layout'", f"must be 'tensor' or 'list', got {idx.get('layout')!r}")
+    if not isinstance(idx.get("complete"), bool):
+        bad("'complete'", f"must be true or false, got {idx.get('complete')!r}")
+    for key in ("content_id", "store_id"):
+        if idx.get(key) is not None and not isinstance(idx[key], str):
+            bad(repr(key), f"must be a string, got {idx[key]!r}")
+    for key in ("meta", "create_meta"):
+        if idx.get(key) is not None and not isinstance(idx[key], dict):
+            bad(repr(key), f"must be an object, got {type(idx[key]).__name__}")
+    rk = idx.get("record_keys")
+    if rk is not None and not (isinstance(rk, list) and all(isinstance(k, str) for k in rk)):
+        bad("'record_keys'", "must be a list of strings")
+    shards = idx.get("shards")
+    if not isinstance(shards, list):
+        bad("'shards'", f"must be a list, got {type(shards).__name__}")
+    row = 0
+    seen = set()
+    for i, sh in enumerate(shards):
+        where = f"'shards'[{i}]"
+        if not isinstance(sh, dict):
+            bad(where, "must be an object")
+        f = sh.get("file")
+        if not isinstance(f, str) or not _SHARD_RE.match(f) or f in seen:
+            bad(f"{where}.file", f"must be a distinct shard-NNNNNN.safetensors name inside the "
+                                 f"folder, got {f!r}")
+        seen.add(f)
+        for key, lo in (("start", 0), ("rows", 1), ("bytes", 0)):
+            if not _is_int(sh.get(key)) or sh[key] < lo:
+                bad(f"{where}.{key}", f"must be an integer >= {lo}, got {sh.get(key)!r}")
+        if sh["start"] != row:
+            bad(f"{where}.start", f"is {sh['start']}, the shards before it end at row {row}")
+        if not isinstance(sh.get("sha256"), str):
+            bad(f"{where}.sha256", f"must be a string, got {sh.get('sha256')!r}")
+        row += sh["rows"]
+    if row != idx["n"]:
+        bad("'n'", f"is {idx['n']}, the shards hold {row} rows")
+    ex = idx.get("extras")
+    if ex is not None:
+        if not isinstance(ex, dict):
+            bad("'extras'", "must be an object or null")
+        if ex.get("file") != EXTRAS_NAME:
+            bad("'extras'.file", f"must be {EXTRAS_NAME!r}, got {ex.get('file')!r}")
+        if not _is_int(ex.get("bytes")) or ex["bytes"] < 0:
+            bad("'extras'.bytes", f"must be a non-negative integer, got {ex.get('bytes')!r}")
+        if not isinstance(ex.get("sha256"), str):
+            bad("'extras'.sha256", "must be a string")
+        keys = ex.get("keys", [])
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            bad("'extras'.keys", "must be a list of strings")
 
 
 def _load_index(path: str) -> dict:
@@ -487,32 +658,19 @@ def _load_index(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no such store folder")
     if not os.path.isfile(ipath):
         raise StoreError(f"{path}: not a store folder (no {INDEX_NAME})")
+    _member(path, INDEX_NAME)
     try:
         with open(ipath, "rb") as f:
             idx = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise StoreError(f"{ipath}: unreadable store index ({err})") from None
-    if not isinstance(idx, dict) or idx.get("format") != FORMAT:
-        raise StoreError(f"{ipath}: not a prh_fast store index")
-    if int(idx.get("version", 0)) > VERSION:
-        raise StoreError(f"{ipath}: store format version {idx.get('version')} is newer than "
-                         f"this prh_fast reads ({VERSION}); upgrade prh_fast")
-    try:
-        dims, shards = [int(d) for d in idx["dims"]], idx["shards"]
-        assert len(dims) == int(idx["num_layers"]) >= 1 and idx["dtype"] in STORE_DTYPES
-        row = 0
-        for s in shards:
-            assert int(s["start"]) == row and int(s["rows"]) >= 1 and _SHARD_RE.match(s["file"])
-            row += int(s["rows"])
-        assert row == int(idx["n"])
-    except (KeyError, TypeError, ValueError, AssertionError):
-        raise StoreError(f"{ipath}: malformed store index (inconsistent shard table)") from None
+    _validate_index(idx, ipath)
     idx["meta"] = _json_restore(idx.get("meta") or {})
     return idx
 
 
 def _check_shard_size(path: str, shard: dict) -> None:
-    full = os.path.join(path, shard["file"])
+    full = _member(path, shard["file"])
     try:
         size = os.path.getsize(full)
     except OSError:
@@ -572,7 +730,7 @@ class FeatureStore:
 
     # -- shard access ----------------------------------------------------------------------------
     def _shard_file(self, i: int) -> str:
-        return os.path.join(self.path, self.shards[i]["file"])
+        return _member(self.path, self.shards[i]["file"])
 
     def _layout_of(self, i: int) -> tuple:
         """``(data_start, {layer: (begin, end)})`` of shard ``i``, validated against the index."""
@@ -582,6 +740,8 @@ class FeatureStore:
         full = self._shard_file(i)
         start, header = _read_header(full)
         s = self.shards[i]
+        _check_identity(full, header, _shard_identity(self._index, s["file"], s["start"],
+                                                      s["rows"]))
         offs = {}
         size = s["bytes"]
         for l, d in enumerate(self.dims):
@@ -723,7 +883,7 @@ class FeatureStore:
         e = self._index.get("extras")
         if not e:
             return {}
-        full = os.path.join(self.path, e["file"])
+        full = _member(self.path, e["file"])
         try:
             size = os.path.getsize(full)
         except OSError:
@@ -798,7 +958,7 @@ class FeatureStore:
             bar.close()
         e = self._index.get("extras")
         if e:
-            full = os.path.join(self.path, e["file"])
+            full = _member(self.path, e["file"])
             if checksums and os.path.isfile(full) and _sha256_file(full) != e["sha256"]:
                 raise StoreError(f"{full}: checksum mismatch; the extras file is corrupt")
             self.extras()
@@ -807,7 +967,12 @@ class FeatureStore:
 
     # -- derived-data cache ----------------------------------------------------------------------
     def cache_path(self, name: str) -> str:
-        return os.path.join(self.path, CACHE_DIR, name)
+        folder = os.path.join(self.path, CACHE_DIR)
+        if os.path.lexists(folder) and os.path.realpath(folder) != os.path.join(
+                os.path.realpath(self.path), CACHE_DIR):
+            raise StoreError(f"{folder}: the cache folder leads outside the store (to "
+                             f"{os.path.realpath(folder)}); remove it")
+        return os.path.join(folder, name)
 
     def cache_load(self, name: str, expect: dict):
         """Tensors of cache file ``name`` when its metadata matches ``expect`` (and this

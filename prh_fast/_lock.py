@@ -1,0 +1,156 @@
+"""One writer per destination: an exclusive, non-blocking lock held while a result is written.
+
+Every writer of a destination that outlives the process (a store folder, an extraction's
+``.pt`` file and its parts, a grid's output files) takes :func:`exclusive_lock` on it first.
+A second writer of the same destination fails at once with :class:`DestinationLocked`, which
+names the destination and the process holding it, instead of interleaving its rows or files
+with the first writer's.
+
+Mechanism: ``flock(LOCK_EX | LOCK_NB)`` on a small lock file (``<folder>/.prh_fast.lock`` for a
+folder, ``<dir>/.<name>.lock`` for a file). The kernel drops the lock when its holder exits,
+however it exits (``kill -9`` included), so a crashed writer never leaves a destination locked:
+the next writer takes the lock and the stale holder line in the file is simply overwritten.
+The lock file is removed on release; to make removal safe, an acquirer that wins the lock
+checks that the path still names the file it locked (another holder may have just removed it)
+and starts over if not.
+
+Locks are per open file description, so two lock objects in one process exclude each other too.
+``flock`` works on local file systems and on NFSv4 (Linux maps it to a byte-range lock there).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["DestinationLocked", "exclusive_lock", "lock_path"]
+
+LOCK_NAME = ".prh_fast.lock"
+
+
+class DestinationLocked(BlockingIOError):
+    """Another writer holds the destination (the message names the destination and holder).
+
+    A ``BlockingIOError`` (an ``OSError``): the destination is busy, not wrong; retry later."""
+
+    def __init__(self, destination: str, holder: str):
+        self.destination = destination
+        self.holder = holder
+        super().__init__(f"{destination}: another writer is using it ({holder}); wait for it to "
+                         f"finish, or write somewhere else")
+
+
+def lock_path(destination, *, folder: bool | None = None) -> str:
+    """The lock file of ``destination``: inside it when it is (or will be) a folder, beside it
+    (hidden) when it is a file."""
+    dest = os.path.abspath(os.fspath(destination))
+    if folder is None:
+        folder = os.path.isdir(dest)
+    if folder:
+        return os.path.join(dest, LOCK_NAME)
+    head, name = os.path.split(dest)
+    return os.path.join(head, f".{name}.lock")
+
+
+def _holder_text() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "command": " ".join(sys.argv)[:300]})
+
+
+def _describe_holder(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read(4096).decode("utf-8", "replace") or "{}")
+        cmd = info.get("command") or "?"
+        return (f"process {info.get('pid', '?')} on {info.get('host', '?')} since "
+                f"{info.get('started', '?')}: {cmd}")
+    except (OSError, ValueError, AttributeError):
+        return f"lock file {path}"
+
+
+class _Held:
+    """An acquired lock: the open descriptor and the path it was taken on."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            # Remove the file while still holding it: a process that opened it meanwhile fails
+            # its identity check after locking and retries on a fresh file.
+            os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = -1
+
+
+# flock excludes open file descriptions, also within one process; this set only makes the
+# error say "this process" when the holder is ourselves (e.g. a writer opened twice).
+_HELD: set = set()
+_HELD_GUARD = threading.Lock()
+
+
+def acquire(destination, *, folder: bool | None = None) -> _Held:
+    """Take the lock of ``destination`` or raise :class:`DestinationLocked` (no waiting)."""
+    dest = os.path.abspath(os.fspath(destination))
+    path = lock_path(dest, folder=folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+        return _Held(-1, path)
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            with _HELD_GUARD:
+                mine = path in _HELD
+            holder = "this process" if mine else _describe_holder(path)
+            raise DestinationLocked(dest, holder) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder removed the file after we opened it: start over
+            os.close(fd)
+            continue
+        text = _holder_text().encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text, 0)
+        with _HELD_GUARD:
+            _HELD.add(path)
+        return _Held(fd, path)
+    raise DestinationLocked(dest, f"lock file {path} keeps being replaced")
+
+
+def release(held: _Held) -> None:
+    with _HELD_GUARD:
+        _HELD.discard(held.path)
+    held.release()
+
+
+@contextmanager
+def exclusive_lock(destination, *, folder: bool | None = None):
+    """``with exclusive_lock(path): ...`` — hold the destination's lock for the block."""
+    held = acquire(destination, folder=folder)
+    try:
+        yield held
+    finally:
+        release(held)
