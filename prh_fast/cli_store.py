@@ -6,21 +6,16 @@ import os
 import sys
 
 
-def _err(msg: str) -> int:
-    print(f"prh-fast store: error: {msg}", file=sys.stderr)
-    return 2
+# Errors: raised; prh_fast.cli.main reports user errors in one line (exit 2).
 
 
 def _cmd_info(args) -> int:
     from prh_fast.store import feature_info, is_store, open_store
 
-    try:
-        if is_store(args.path):
-            info = open_store(args.path, allow_partial=True).info()
-        else:
-            info = feature_info(args.path)
-    except (ValueError, FileNotFoundError) as err:
-        return _err(str(err))
+    if is_store(args.path):
+        info = open_store(args.path, allow_partial=True).info()
+    else:
+        info = feature_info(args.path)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -45,28 +40,30 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_convert(args) -> int:
+    from prh_fast.cli import _UserError, check_output_folder
     from prh_fast.store import is_store, pt_to_store, store_to_pt
 
     src, dst = args.src, args.dst
-    try:
-        if is_store(src):
-            if os.path.exists(dst) and not args.overwrite:
-                return _err(f"{dst}: exists (pass --overwrite to replace it)")
-            store_to_pt(src, dst)
-        elif os.path.isfile(src):
-            pt_to_store(src, dst, dtype=args.dtype, shard_rows=args.shard_rows,
-                        overwrite=args.overwrite, trust=args.trust,
-                        progress=not args.no_progress)
-        else:
-            return _err(f"{src}: neither a feature file nor a store folder")
-    except (ValueError, FileNotFoundError) as err:
-        return _err(str(err))
+    if not os.path.exists(dst):  # its folder can be made (an existing dst is checked below)
+        check_output_folder("dst", dst)
+    if is_store(src):
+        if os.path.exists(dst) and not args.overwrite:
+            raise _UserError(f"{dst}: exists (pass --overwrite to replace it)")
+        store_to_pt(src, dst)
+    elif os.path.isfile(src):
+        pt_to_store(src, dst, dtype=args.dtype, shard_rows=args.shard_rows,
+                    overwrite=args.overwrite, trust=args.trust,
+                    progress=not args.no_progress)
+    else:
+        raise _UserError(f"{src}: neither a feature file nor a store folder")
     print(f"wrote {dst}")
     return 0
 
 
 def add_parsers(sub) -> None:
     """Register ``prh-fast store ...`` on the top-level subparsers."""
+    from prh_fast.cli import positive_int
+
     ps = sub.add_parser("store", help="feature stores: info, verify, convert (.pt <-> store)")
     ss = ps.add_subparsers(dest="store_cmd", required=True)
     pi = ss.add_parser("info", help="summary of a store folder or .pt file")
@@ -82,7 +79,7 @@ def add_parsers(sub) -> None:
     pc.add_argument("dst", help="the store folder or .pt file to write")
     pc.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
                     default=None, help="storage dtype of a new store (default: as in the file)")
-    pc.add_argument("--shard-rows", type=int, default=None,
+    pc.add_argument("--shard-rows", type=positive_int, default=None,
                     help="rows per shard (default: about 128 MiB per shard)")
     pc.add_argument("--overwrite", action="store_true", help="replace an existing output")
     pc.add_argument("--trust", action="store_true",
