@@ -24,7 +24,52 @@ def _torch_dtype(name):
     return None if name in (None, "auto") else getattr(torch, name)
 
 
+def _modality(text: str) -> str:
+    """``--modality``: a model kind of the extractors; "language" (the reference's word) is
+    "text"."""
+    from prh_fast.extract._registry import KINDS
+
+    kind = "text" if text == "language" else text
+    if kind not in KINDS:
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"expected language (or text) or vision, got {text!r}")
+    return kind
+
+
+def _kind(args) -> str:
+    """The kind of the models to extract: ``--modality``, else the ``--models`` set's, else
+    text."""
+    if not args.models:
+        return args.modality or "text"
+    from prh_fast.cli import _UserError
+    from prh_fast.extract._registry import MODEL_SETS, model_set_kind
+
+    if args.models.strip().lower() not in MODEL_SETS:
+        raise _UserError(f"--models {args.models}: unknown model set; known sets: "
+                         f"{', '.join(MODEL_SETS)}")
+    kind = model_set_kind(args.models)
+    if args.modality and args.modality != kind:
+        shown = "language" if args.modality == "text" else args.modality
+        raise _UserError(f"--modality {shown}: the set '{args.models}' holds {kind} models")
+    return kind
+
+
 def _cmd_extract(args) -> int:
+    from prh_fast.cli import _about, _UserError, check_device, check_output_folder
+
+    kind = _kind(args)
+    if kind == "text":
+        from prh_fast.extract._runner import TEXT_POOLINGS as poolings
+    else:
+        from prh_fast.extract._vision import POOLINGS as poolings
+        if args.caption_level is not None:
+            raise _UserError("--caption-level: only for language models (--modality language)")
+    if args.pool is not None and args.pool not in poolings:
+        raise _UserError(f"--pool {args.pool}: {kind} models pool by {' | '.join(poolings)}")
+    check_device("--device", args.device, allow_auto=(kind == "text"))
+    check_output_folder("--output_dir", args.output_dir)
     _log_to_stderr()
     from prh_fast.extract._runner import extract_images, extract_text
 
@@ -32,14 +77,10 @@ def _cmd_extract(args) -> int:
     if args.models:
         from prh_fast.extract._registry import check_available, resolve_model_set
 
-        try:
-            names += resolve_model_set(args.models)
-        except ValueError as err:
-            print(f"prh-fast extract: error: {err}", file=sys.stderr)
-            return 2
-        ok, missing = check_available(names, args.modality)
+        names += resolve_model_set(args.models)
+        ok, missing = check_available(names, kind)
         if missing:
-            print(f"prh-fast extract: {len(missing)} of {len(names)} model(s) in set "
+            print(f"{args._prog}: error: {len(missing)} of {len(names)} model(s) in set "
                   f"'{args.models}' are not available here:", file=sys.stderr)
             for name, why in missing:
                 print(f"  {name}: {why}", file=sys.stderr)
@@ -48,16 +89,15 @@ def _cmd_extract(args) -> int:
                 return 2
             names = [n for n in names if n in set(ok)]
     if not names:
-        print("prh-fast extract: error: give --model NAME... or --models SET", file=sys.stderr)
-        return 2
-    pool = args.pool or ("avg" if args.modality == "language" else "cls")
+        raise _UserError("give --model NAME... or --models SET")
+    pool = args.pool or ("avg" if kind == "text" else "cls")
     from prh_fast.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
-        return _extract_distributed(args, names, pool)
+        return _extract_distributed(args, kind, names, pool)
     for name in names:
-        try:
-            if args.modality == "language":
+        with _about(name):
+            if kind == "text":
                 path = extract_text(name, args.data, pool=pool, features_dir=args.output_dir,
                                     n=args.n, batch_size=args.batch_size, device=args.device,
                                     dtype=_torch_dtype(args.dtype),
@@ -70,20 +110,18 @@ def _cmd_extract(args) -> int:
                                       dtype=_torch_dtype(args.dtype),
                                       storage_dtype=args.storage_dtype, split=args.split,
                                       force=args.force, progress=not args.no_progress)
-        except (ValueError, FileNotFoundError, OSError, ImportError) as err:
-            print(f"prh-fast extract: error ({name}): {err}", file=sys.stderr)
-            return 2
         print(f"{name}: {path}")
     return 0
 
 
-def _extract_distributed(args, names, pool) -> int:
+def _extract_distributed(args, kind, names, pool) -> int:
     """Under torchrun: every model's samples split over the ranks, merged by rank 0 into the
     file a single process would write. A failure on any rank fails every rank loudly; a
     restart resumes from the ranges (and batches) already written."""
     import torch.distributed as dist
 
-    from prh_fast.distributed import DistributedError, init_from_env
+    from prh_fast.cli import _about
+    from prh_fast.distributed import init_from_env
     from prh_fast.extract._runner import extract_sharded
 
     created = init_from_env()
@@ -95,44 +133,43 @@ def _extract_distributed(args, names, pool) -> int:
 
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         for name in names:
-            try:
+            with _about(f"{name}, rank {rank}"):
                 path = extract_sharded(
-                    "text" if args.modality == "language" else "vision", name, args.data,
+                    kind, name, args.data,
                     pool=pool, features_dir=args.output_dir, n=args.n,
                     batch_size=args.batch_size, device=device,
                     dtype=_torch_dtype(args.dtype), storage_dtype=args.storage_dtype,
-                    caption_level=args.caption_level if args.modality == "language" else None,
+                    caption_level=args.caption_level if kind == "text" else None,
                     split=args.split, force=args.force,
                     progress=(rank == 0 and not args.no_progress))
-            except (ValueError, FileNotFoundError, OSError, ImportError) as err:
-                print(f"prh-fast extract: error ({name}, rank {rank}): {err}", file=sys.stderr)
-                return 2
             if rank == 0:
                 print(f"{name}: {path}")
         return 0
-    except DistributedError as err:
-        print(f"prh-fast extract: error: {err}", file=sys.stderr)
-        return 1
     finally:
         if created:
             dist.destroy_process_group()
 
 
 def _cmd_demo(args) -> int:
+    from prh_fast.cli import check_device, check_output_folder
+    from prh_fast.demo import check_metric_settings
+    from prh_fast.metrics import SUPPORTED_METRICS
+
+    check_device("--device", args.device)
+    check_output_folder("--out", args.out)
+    check_metric_settings(args.metrics or SUPPORTED_METRICS, args.n, args.topk,
+                          names=("--n", "--topk"))
     _log_to_stderr()
     from prh_fast.demo import run_demo
 
-    try:
-        run_demo(args.out, n=args.n, batch_size=args.batch_size, topk=args.topk,
-                 null_permutations=args.null_permutations, device=args.device,
-                 force=args.force, progress=not args.no_progress, metrics=args.metrics)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"prh-fast demo: error: {err}", file=sys.stderr)
-        return 2
+    run_demo(args.out, n=args.n, batch_size=args.batch_size, topk=args.topk,
+             null_permutations=args.null_permutations, device=args.device,
+             force=args.force, progress=not args.no_progress, metrics=args.metrics)
     return 0
 
 
 def add_parsers(sub) -> None:
+    from prh_fast.cli import nonnegative_int, positive_int
     from prh_fast.metrics import SUPPORTED_METRICS
 
     pe = sub.add_parser("extract", help="per-layer features of language or vision models "
@@ -141,17 +178,19 @@ def add_parsers(sub) -> None:
                     help="model names, local folders/files or packaged aliases "
                          "(smollm2-135m, all-minilm-l6-v2, efficientnet-lite0)")
     pe.add_argument("--models", metavar="SET", help="a named model set (e.g. paper-val-lang)")
-    pe.add_argument("--modality", choices=("language", "vision"), default="language")
+    pe.add_argument("--modality", type=_modality, default=None, metavar="{language,vision}",
+                    help="language (or text) or vision; default: the --models set's kind, "
+                         "else language")
     pe.add_argument("--data", default="easy-vqa",
                     help="easy-vqa, a folder of images + captions.jsonl/csv, or a saved "
                          "Hugging Face dataset")
     pe.add_argument("--split", default=None, help="data split (easy-vqa: train, test, all)")
     pe.add_argument("--caption-level", default=None, help="easy-vqa caption detail level")
-    pe.add_argument("--n", type=int, default=None, help="first N samples only")
+    pe.add_argument("--n", type=positive_int, default=None, help="first N samples only")
     pe.add_argument("--pool", default=None,
                     help="language: avg | last | prompt (default avg); vision: cls | avg | auto "
                          "(default cls)")
-    pe.add_argument("--batch-size", type=int, default=32)
+    pe.add_argument("--batch-size", type=positive_int, default=32)
     pe.add_argument("--device", default="cpu")
     pe.add_argument("--dtype", choices=_DTYPES, default="auto", help="compute dtype")
     pe.add_argument("--storage-dtype", choices=_DTYPES[1:], default="float32")
@@ -166,10 +205,10 @@ def add_parsers(sub) -> None:
     pd = sub.add_parser("demo", help="three packaged models on easy-VQA: every pair, every "
                         "metric, shuffled control and caption detail, with a report")
     pd.add_argument("--out", default="./prh-fast-demo", help="report folder")
-    pd.add_argument("--n", type=int, default=1024, help="image-caption pairs")
-    pd.add_argument("--batch-size", type=int, default=64)
-    pd.add_argument("--topk", type=int, default=10)
-    pd.add_argument("--null-permutations", type=int, default=5,
+    pd.add_argument("--n", type=positive_int, default=1024, help="image-caption pairs")
+    pd.add_argument("--batch-size", type=positive_int, default=64)
+    pd.add_argument("--topk", type=positive_int, default=10)
+    pd.add_argument("--null-permutations", type=nonnegative_int, default=5,
                     help="shuffled pairings scored as control")
     pd.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)
     pd.add_argument("--device", default="cpu")

@@ -16,8 +16,12 @@ import os
 
 from prh_fast.extract._packages import package_dir as _package_dir
 
-__all__ = ["MODEL_SETS", "SET_KINDS", "resolve_model_set", "check_available",
-           "PACKAGED_VISION_MODELS"]
+__all__ = ["MODEL_SETS", "SET_KINDS", "KINDS", "resolve_model_set", "model_set_kind",
+           "check_available", "PACKAGED_VISION_MODELS"]
+
+#: The kinds of model, as the extractors (``extract_sharded``, ``check_available``) and the
+#: sets name them; the CLI's ``--modality language`` (the reference's word) is "text".
+KINDS = ("text", "vision")
 
 # Language models of the paper's validation set (Huh et al. 2024, Fig. 2-3). The hub repo of
 # the 33B LLaMA is named "llama-30b".
@@ -90,26 +94,36 @@ PACKAGED_VISION_MODELS = {
 }
 
 
-def resolve_model_set(name: str) -> list:
-    """The model names of a named set (a new list)."""
+def _set_key(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name: expected a model-set name (str), got {type(name).__name__}")
     key = name.strip().lower()
     if key not in MODEL_SETS:
         lines = ", ".join(f"{k} ({len(v)} {SET_KINDS[k]} models)" for k, v in MODEL_SETS.items())
         raise ValueError(f"name: unknown model set {name!r}; known sets: {lines}")
-    return list(MODEL_SETS[key])
+    return key
+
+
+def resolve_model_set(name: str) -> list:
+    """The model names of a named set (a new list)."""
+    return list(MODEL_SETS[_set_key(name)])
+
+
+def model_set_kind(name: str) -> str:
+    """The kind of the models of a named set: one of :data:`KINDS`."""
+    return SET_KINDS[_set_key(name)]
 
 
 def check_available(names, kind: str) -> tuple:
     """Which of ``names`` load here without a download.
 
-    ``names``: a list of model names/paths, or the name of a set. ``kind``: "text" or
-    "vision". Returns ``(available, missing)``: the loadable names in order, and a list of
-    ``(name, reason)`` for the others. Reads no weights and makes no network request.
+    ``names``: a list of model names/paths, or the name of a set. ``kind``: one of
+    :data:`KINDS` ("text" or "vision"; :func:`model_set_kind` gives a set's). Returns
+    ``(available, missing)``: the loadable names in order, and a list of ``(name, reason)``
+    for the others. Reads no weights and makes no network request.
     """
-    if kind not in ("text", "vision"):
-        raise ValueError(f"kind: expected 'text' or 'vision', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if isinstance(names, str):
         names = resolve_model_set(names)
     if not isinstance(names, (list, tuple)):
