@@ -335,6 +335,15 @@ def _cmd_bench(args) -> int:
 
         x = _as_nld(load_features(args.x)["feats"], args.x)
         y = _as_nld(load_features(args.y)["feats"], args.y)
+        if x.shape[0] != y.shape[0]:
+            raise _UserError(f"--x {args.x} has {x.shape[0]} samples but --y {args.y} has "
+                             f"{y.shape[0]}; the metrics need the same (paired) samples")
+    from prh_fast.demo import check_metric_settings
+    from prh_fast.metrics import SUPPORTED_METRICS
+
+    check_metric_settings(list(args.metrics or SUPPORTED_METRICS) + list(args.grid_metrics),
+                          args.n if x is None else x.shape[0], args.topk,
+                          names=("--n" if x is None else f"--x {args.x} samples", "--topk"))
     report = profile_against(args.against, x_feats=x, y_feats=y, n=args.n, d=args.d,
                              layers=args.layers, topk=args.topk, metrics=args.metrics,
                              grid_metrics=args.grid_metrics)

@@ -123,12 +123,12 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
     say = _Say(verbose)
     out_dir = os.fspath(out_dir)
     feat_dir = os.path.join(out_dir, "features")
-    os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
 
     # ---------------------------------------------------------------- data
     data = {lv: load_pairs("easy-vqa", split="train", n=n, caption_level=lv, seed=seed)
             for lv in levels}
+    os.makedirs(out_dir, exist_ok=True)  # after the data's checks: no folder for a bad --n
     main = data[main_level]
     say(f"easy-VQA: {len(main)} image-caption pairs; caption levels: {', '.join(levels)}")
     examples = {lv: data[lv].captions(range(3)) for lv in levels}
