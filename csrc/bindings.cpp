@@ -62,15 +62,61 @@ py::array_t<int64_t> lists_arg(const py::array& a, int nd, const char* name, con
 
 // --------------------------------------------------------------------------------------------
 
+// Rows behind a tile for fixed-order scores: `q` [rows, D] and `keys` [cols, D] (row-major,
+// unit column stride, dtype T) and `fixed` [rows, k] float64, or all three None.
+template <typename T>
+FixedRows<T> fixed_rows_arg(const py::object& q, const py::object& keys, const py::object& fixed,
+                            int64_t rows, int64_t cols, int64_t k) {
+  FixedRows<T> fx;
+  const bool given[3] = {!q.is_none(), !keys.is_none(), !fixed.is_none()};
+  if (!given[0] && !given[1] && !given[2]) return fx;
+  if (!(given[0] && given[1] && given[2])) fail("q, keys, fixed: pass all three or none");
+  const char* tn = sizeof(T) == 4 ? "float32 (same as scores)" : "float64 (same as scores)";
+  const py::array qa = py::reinterpret_borrow<py::array>(q);
+  const py::array ka = py::reinterpret_borrow<py::array>(keys);
+  py::array fa = py::reinterpret_borrow<py::array>(fixed);
+  check_ndim(qa, 2, "q", "[rows, D] of query rows");
+  check_ndim(ka, 2, "keys", "[cols, D] of key rows");
+  check_ndim(fa, 2, "fixed", "[rows, k] of fixed-order scores");
+  check_dtype<T>(qa, "q", tn);
+  check_dtype<T>(ka, "keys", tn);
+  check_dtype<double>(fa, "fixed", "float64");
+  check_c_contiguous(fa, "fixed");
+  if (!fa.writeable()) fail("fixed: must be writeable");
+  if (qa.shape(0) != rows || ka.shape(0) != cols)
+    fail("q, keys: expected " + std::to_string(rows) + " query rows and " +
+         std::to_string(cols) + " key rows (the tile's shape), got " + shape_str(qa) + " and " +
+         shape_str(ka));
+  if (qa.shape(1) != ka.shape(1))
+    fail("q, keys: must have the same number of columns, got " + shape_str(qa) + " and " +
+         shape_str(ka));
+  if (fa.shape(0) != rows || fa.shape(1) != k)
+    fail("fixed: must have the shape of vals, got " + shape_str(fa));
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if ((qa.shape(1) > 1 && qa.strides(1) != item) || (ka.shape(1) > 1 && ka.strides(1) != item))
+    fail("q, keys: rows must be contiguous (unit column stride)");
+  if (qa.strides(0) % item || ka.strides(0) % item || qa.strides(0) < 0 || ka.strides(0) < 0)
+    fail("q, keys: row strides must be non-negative multiples of the item size");
+  fx.q = static_cast<const T*>(qa.data());
+  fx.q_stride = qa.strides(0) / item;
+  fx.keys = static_cast<const T*>(ka.data());
+  fx.k_stride = ka.strides(0) / item;
+  fx.d = qa.shape(1);
+  fx.fixed = static_cast<double*>(fa.mutable_data());
+  return fx;
+}
+
 template <typename T>
 void topk_update_typed(const py::array& scores, int64_t row0, int64_t col0, py::array& vals,
-                       py::array& idx, bool exclude_self) {
+                       py::array& idx, bool exclude_self, const py::object& q,
+                       const py::object& keys, const py::object& fixed) {
   check_dtype<T>(vals, "vals", sizeof(T) == 4 ? "float32 (same as scores)"
                                               : "float64 (same as scores)");
   const int64_t rows = scores.shape(0), cols = scores.shape(1), k = vals.shape(1);
   const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
   if (scores.strides(0) % item || scores.strides(1) % item)
     fail("scores: strides must be multiples of the item size");
+  const FixedRows<T> fx = fixed_rows_arg<T>(q, keys, fixed, rows, cols, k);
   const T* s = static_cast<const T*>(scores.data());
   T* v = static_cast<T*>(vals.mutable_data());
   int64_t* ix = static_cast<int64_t*>(idx.mutable_data());
@@ -78,13 +124,14 @@ void topk_update_typed(const py::array& scores, int64_t row0, int64_t col0, py::
   {
     py::gil_scoped_release release;
     nans = topk_update_cpu<T>(s, rows, cols, scores.strides(0) / item, scores.strides(1) / item,
-                              row0, col0, v, ix, static_cast<int>(k), exclude_self);
+                              row0, col0, v, ix, static_cast<int>(k), exclude_self, fx);
   }
   if (nans) fail("scores: contains " + std::to_string(nans) + " NaN value(s)");
 }
 
 void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array vals,
-                 py::array idx, bool exclude_self) {
+                 py::array idx, bool exclude_self, const py::object& q, const py::object& keys,
+                 const py::object& fixed) {
   check_ndim(scores, 2, "scores", "[rows, cols]");
   check_ndim(vals, 2, "vals", "[rows, k]");
   check_ndim(idx, 2, "idx", "[rows, k]");
@@ -99,11 +146,52 @@ void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array 
   if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
   if (row0 < 0 || col0 < 0) fail("row0, col0: must be >= 0");
   if (scores.dtype().is(py::dtype::of<float>()))
-    topk_update_typed<float>(scores, row0, col0, vals, idx, exclude_self);
+    topk_update_typed<float>(scores, row0, col0, vals, idx, exclude_self, q, keys, fixed);
   else if (scores.dtype().is(py::dtype::of<double>()))
-    topk_update_typed<double>(scores, row0, col0, vals, idx, exclude_self);
+    topk_update_typed<double>(scores, row0, col0, vals, idx, exclude_self, q, keys, fixed);
   else
     fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
+}
+
+template <typename T>
+py::array_t<double> pair_dots_typed(const py::array& x, const py::array& y,
+                                    const py::array_t<int64_t>& i, const py::array_t<int64_t>& j) {
+  const char* tn = sizeof(T) == 4 ? "float32 (same as x)" : "float64 (same as x)";
+  check_dtype<T>(y, "y", tn);
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if ((x.shape(1) > 1 && x.strides(1) != item) || (y.shape(1) > 1 && y.strides(1) != item))
+    fail("x, y: rows must be contiguous (unit column stride)");
+  if (x.strides(0) % item || y.strides(0) % item || x.strides(0) < 0 || y.strides(0) < 0)
+    fail("x, y: row strides must be non-negative multiples of the item size");
+  const int64_t pairs = i.shape(0);
+  check_indices(i.data(), pairs, x.shape(0), "i");
+  check_indices(j.data(), pairs, y.shape(0), "j");
+  py::array_t<double> out(pairs);
+  double* o = out.mutable_data();
+  const T* xp = static_cast<const T*>(x.data());
+  const T* yp = static_cast<const T*>(y.data());
+  const int64_t xs = x.strides(0) / item, ys = y.strides(0) / item, d = x.shape(1);
+  {
+    py::gil_scoped_release release;
+    pair_dots_cpu<T>(xp, xs, yp, ys, d, i.data(), j.data(), pairs, o);
+  }
+  return out;
+}
+
+py::array_t<double> pair_dots(const py::array& x, const py::array& y, const py::array& i,
+                              const py::array& j) {
+  check_ndim(x, 2, "x", "[n, D] of rows");
+  check_ndim(y, 2, "y", "[m, D] of rows");
+  if (x.shape(1) != y.shape(1))
+    fail("x, y: must have the same number of columns, got " + shape_str(x) + " and " +
+         shape_str(y));
+  auto ii = lists_arg(i, 1, "i", "[P] of row indices of x");
+  auto jj = lists_arg(j, 1, "j", "[P] of row indices of y");
+  if (ii.shape(0) != jj.shape(0))
+    fail("i, j: must have the same length, got " + shape_str(ii) + " and " + shape_str(jj));
+  if (x.dtype().is(py::dtype::of<float>())) return pair_dots_typed<float>(x, y, ii, jj);
+  if (x.dtype().is(py::dtype::of<double>())) return pair_dots_typed<double>(x, y, ii, jj);
+  fail("x: expected dtype float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
 py::array_t<double> neighbour_scores(const std::string& metric, const py::array& knn_a,
@@ -240,10 +328,16 @@ PYBIND11_MODULE(_C, m) {
   using namespace prh_fast;
   m.doc() = "prh_fast native kernels (C++17/OpenMP; CUDA when built). No torch dependency.";
   m.def("topk_update", &topk_update, py::arg("scores"), py::arg("row0"), py::arg("col0"),
-        py::arg("vals"), py::arg("idx"), py::arg("exclude_self"),
+        py::arg("vals"), py::arg("idx"), py::arg("exclude_self"), py::arg("q") = py::none(),
+        py::arg("keys") = py::none(), py::arg("fixed") = py::none(),
         "Merge a [rows, cols] score tile (any strides) into running top-k lists, in place.\n"
         "Rows are queries row0.., columns keys col0..; lists sorted by score desc, ties by\n"
-        "index asc; empty slots hold -inf / -1. Keys must arrive in increasing index order.");
+        "index asc; empty slots hold -inf / -1. Keys must arrive in increasing index order.\n"
+        "With q [rows, D], keys [cols, D] (the tile's rows) and fixed [rows, k] float64, every\n"
+        "entry that enters a list also gets its fixed-order float64 inner product in fixed.");
+  m.def("pair_dots", &pair_dots, py::arg("x"), py::arg("y"), py::arg("i"), py::arg("j"),
+        "float64 [P]: out[p] = <x[i[p]], y[j[p]]> accumulated in float64 in one fixed order\n"
+        "that depends on D only (equal rows give bit-equal results wherever they sit).");
   m.def("neighbour_scores", &neighbour_scores, py::arg("metric"), py::arg("knn_a"),
         py::arg("knn_b"),
         "[La, Lb] means over rows of a per-row raw value between [La, N, k] and [Lb, N, k]\n"

@@ -13,12 +13,30 @@ enum class SetMetric { Mutual, Cycle, Lcs, Edit };
 // Parses "mutual" | "cycle" | "lcs" | "edit"; throws std::invalid_argument naming `metric`.
 SetMetric parse_set_metric(const std::string& name);
 
+// The rows behind a score tile, for fixed-order scores of the entries that enter the lists:
+// query row r is q + r * q_stride, key column c is keys + c * k_stride, both of length d;
+// fixed[r * k + t] is entry t's score (moved along with vals / idx). fixed == nullptr: none.
+template <typename T>
+struct FixedRows {
+  const T* q = nullptr;
+  int64_t q_stride = 0;
+  const T* keys = nullptr;
+  int64_t k_stride = 0;
+  int64_t d = 0;
+  double* fixed = nullptr;
+};
+
 // Running top-k update of query rows row0.. against key columns col0.. (see topk_cpu.cpp).
 // Returns the number of NaN scores met (they are never inserted).
 template <typename T>
 int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
                         int64_t stride_c, int64_t row0, int64_t col0, T* vals, int64_t* idx,
-                        int k, bool exclude_self);
+                        int k, bool exclude_self, const FixedRows<T>& fx);
+
+// out[p] = dot_fixed(x row i[p], y row j[p]) (rowops.h), for p < pairs.
+template <typename T>
+void pair_dots_cpu(const T* x, int64_t x_stride, const T* y, int64_t y_stride, int64_t d,
+                   const int64_t* i, const int64_t* j, int64_t pairs, double* out);
 
 // Ascending sorted copy of each length-k row plus original positions.
 void sorted_copies(const int64_t* lists, int64_t rows, int k, int64_t* sv, int32_t* sp);

@@ -44,6 +44,43 @@ PRH_HD void topk_insert(T* vals, int64_t* idx, int k, T s, int64_t j) {
   idx[pos] = j;
 }
 
+// Same, with a float64 payload per entry (the candidate's fixed-order score) moved along.
+template <typename T>
+PRH_HD void topk_insert_payload(T* vals, int64_t* idx, double* pay, int k, T s, int64_t j,
+                                double p) {
+  int pos = k - 1;
+  while (pos > 0 && s > vals[pos - 1]) {
+    vals[pos] = vals[pos - 1];
+    idx[pos] = idx[pos - 1];
+    pay[pos] = pay[pos - 1];
+    --pos;
+  }
+  vals[pos] = s;
+  idx[pos] = j;
+  pay[pos] = p;
+}
+
+// Inner product of two rows of length d, accumulated in float64 in one fixed order: four
+// partial sums over the positions l = 0, 1, 2, 3 (mod 4), each in increasing l, combined as
+// (s0 + s1) + (s2 + s3). The order depends on d only, never on where the rows sit in memory
+// or in a tile, so equal rows get bit-equal scores (exact duplicates tie exactly). Products
+// of float32 values are exact in float64.
+template <typename T>
+PRH_HD double dot_fixed(const T* a, const T* b, int64_t d) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t l = 0;
+  for (; l + 4 <= d; l += 4) {
+    s0 += (double)a[l] * (double)b[l];
+    s1 += (double)a[l + 1] * (double)b[l + 1];
+    s2 += (double)a[l + 2] * (double)b[l + 2];
+    s3 += (double)a[l + 3] * (double)b[l + 3];
+  }
+  if (l < d) s0 += (double)a[l] * (double)b[l];
+  if (l + 1 < d) s1 += (double)a[l + 1] * (double)b[l + 1];
+  if (l + 2 < d) s2 += (double)a[l + 2] * (double)b[l + 2];
+  return (s0 + s1) + (s2 + s3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Membership and positions.
 PRH_HD int find_linear(const int64_t* a, int k, int64_t v) {

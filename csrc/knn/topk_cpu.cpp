@@ -1,8 +1,13 @@
-// Streaming top-k selection over score tiles (CPU, OpenMP over query rows).
+// Streaming top-k selection over score tiles, and fixed-order re-scoring (CPU, OpenMP over
+// query rows).
 //
 // The tile product itself is BLAS (torch.mm on the Python side); this kernel merges a
 // [rows, cols] tile, read through arbitrary strides, into each row's running top-k. Most scores
-// are rejected by a single compare against the current k-th score.
+// are rejected by a single compare against the current k-th score. BLAS sums each product in
+// an order that depends on the tile (shape, position), so two equal key rows can get scores one
+// ulp apart; when the caller passes the tile's query and key rows, every entry that enters a
+// list also gets its fixed-order float64 score (rowops.h: dot_fixed), which depends on the two
+// rows only. The Python side ranks the final lists by those (prh_fast/knn/_exact.py).
 #include <cmath>
 
 #include "../common/rowops.h"
@@ -13,10 +18,11 @@ namespace prh_fast {
 template <typename T>
 int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
                         int64_t stride_c, int64_t row0, int64_t col0, T* vals, int64_t* idx,
-                        int k, bool exclude_self) {
+                        int k, bool exclude_self, const FixedRows<T>& fx) {
   int64_t nans = 0;
   const int64_t abs_r = stride_r < 0 ? -stride_r : stride_r;
   const int64_t abs_c = stride_c < 0 ? -stride_c : stride_c;
+  const bool pay = fx.fixed != nullptr;
   if (abs_r >= abs_c || rows < 2) {
     // Row-major tile (the usual case): each row walks its own contiguous scores.
 #pragma omp parallel for schedule(static) reduction(+ : nans)
@@ -34,7 +40,11 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
         }
         const int64_t j = col0 + c;
         if (exclude_self && j == self) continue;
-        topk_insert(v, ix, k, s, j);
+        if (pay)
+          topk_insert_payload(v, ix, fx.fixed + r * k, k, s, j,
+                              dot_fixed(fx.q + r * fx.q_stride, fx.keys + c * fx.k_stride, fx.d));
+        else
+          topk_insert(v, ix, k, s, j);
         worst = v[k - 1];
       }
     }
@@ -60,7 +70,11 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
           continue;
         }
         if (exclude_self && j == row0 + r) continue;
-        topk_insert(vals + r * k, idx + r * k, k, s, j);
+        if (pay)
+          topk_insert_payload(vals + r * k, idx + r * k, fx.fixed + r * k, k, s, j,
+                              dot_fixed(fx.q + r * fx.q_stride, fx.keys + c * fx.k_stride, fx.d));
+        else
+          topk_insert(vals + r * k, idx + r * k, k, s, j);
         worst[r - r0] = vals[r * k + k - 1];
       }
     }
@@ -68,9 +82,23 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
   return nans;
 }
 
+template <typename T>
+void pair_dots_cpu(const T* x, int64_t x_stride, const T* y, int64_t y_stride, int64_t d,
+                   const int64_t* i, const int64_t* j, int64_t pairs, double* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < pairs; ++p)
+    out[p] = dot_fixed(x + i[p] * x_stride, y + j[p] * y_stride, d);
+}
+
 template int64_t topk_update_cpu<float>(const float*, int64_t, int64_t, int64_t, int64_t,
-                                        int64_t, int64_t, float*, int64_t*, int, bool);
+                                        int64_t, int64_t, float*, int64_t*, int, bool,
+                                        const FixedRows<float>&);
 template int64_t topk_update_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t,
-                                         int64_t, int64_t, double*, int64_t*, int, bool);
+                                         int64_t, int64_t, double*, int64_t*, int, bool,
+                                         const FixedRows<double>&);
+template void pair_dots_cpu<float>(const float*, int64_t, const float*, int64_t, int64_t,
+                                   const int64_t*, const int64_t*, int64_t, double*);
+template void pair_dots_cpu<double>(const double*, int64_t, const double*, int64_t, int64_t,
+                                    const int64_t*, const int64_t*, int64_t, double*);
 
 }  // namespace prh_fast
