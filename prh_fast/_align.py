@@ -26,15 +26,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from prh_fast._validate import as_features, check_positive_int, check_topk, compute_dtype
+from prh_fast._validate import (as_features, as_tensor, check_memory_budget, check_positive_int,
+                                check_topk, compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.metrics._cknna import cknna_terms
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import _standardised, _top_eig
+from prh_fast.prepare import normalize_rows
 
 __all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers",
            "ann_pair_report"]
@@ -101,14 +102,12 @@ def as_layers(feats, name: str) -> list:
             raise ValueError(f"{name}: expected at least one layer, got an empty list")
         layers = [as_features(f, f"{name}[{i}]") for i, f in enumerate(feats)]
     else:
-        t = feats if isinstance(feats, torch.Tensor) else None
-        if t is None:
-            import numpy as np
+        import numpy as np
 
-            if not isinstance(feats, np.ndarray):
-                raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
-                                 f"tensors, got {type(feats).__name__}")
-            t = torch.from_numpy(feats if feats.flags.writeable else feats.copy())
+        if not isinstance(feats, (torch.Tensor, np.ndarray)):
+            raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
+                             f"tensors, got {type(feats).__name__}")
+        t = as_tensor(feats, name)
         if t.dim() != 3:
             raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
                              f"tensors, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
@@ -127,7 +126,7 @@ def _prepare_side(layers, normalize, concat):
     if concat:
         out = [torch.cat([x.reshape(x.shape[0], -1) for x in layers], dim=1)] + out
     if normalize:
-        out = [F.normalize(x.to(compute_dtype(x)), p=2, dim=-1) for x in out]
+        out = [normalize_rows(x.to(compute_dtype(x))) for x in out]
     return out
 
 

@@ -6,6 +6,7 @@ number (STYLE: "validate at the boundary"). The native entry points check again.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -14,20 +15,31 @@ import torch
 __all__ = [
     "as_features",
     "as_pair",
+    "as_tensor",
     "check_topk",
     "check_positive_int",
+    "check_positive_float",
+    "check_memory_budget",
     "compute_dtype",
 ]
 
 
-def _to_tensor(x, name: str) -> torch.Tensor:
+def as_tensor(x, name: str, *, detach: bool = True) -> torch.Tensor:
+    """``x`` (torch tensor or NumPy array, any rank) as a torch tensor, without a copy when
+    possible.
+
+    NumPy arrays are shared when ``torch.from_numpy`` can view them; read-only arrays and
+    arrays with negative strides (``x[::-1]``) are copied. ``detach``: a tensor that requires
+    grad (features straight from a model) is detached: the metrics and the neighbour search
+    are not differentiable, and their in-place / ``out=`` products refuse autograd inputs.
+    """
     if isinstance(x, torch.Tensor):
-        return x
+        return x.detach() if detach and x.requires_grad else x
     if isinstance(x, np.ndarray):
         if x.dtype == np.float16 or np.issubdtype(x.dtype, np.floating):
             # torch.from_numpy shares memory and keeps strides; a read-only array is fine
-            # because nothing here writes into inputs.
-            if not x.flags.writeable:
+            # because nothing here writes into inputs, but torch refuses negative strides.
+            if not x.flags.writeable or any(st < 0 for st in x.strides):
                 x = x.copy()
             return torch.from_numpy(x)
         raise ValueError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
@@ -36,13 +48,19 @@ def _to_tensor(x, name: str) -> torch.Tensor:
     )
 
 
-def as_features(x, name: str, *, check_finite: bool = True) -> torch.Tensor:
+#: Kept for callers that validate their own rank (same as ``as_tensor``).
+_to_tensor = as_tensor
+
+
+def as_features(x, name: str, *, check_finite: bool = True, detach: bool = True) -> torch.Tensor:
     """Return ``x`` as a 2-D floating torch tensor ``[N, D]`` (no copy when possible).
 
+    Tensors that require grad are detached (``detach=False`` keeps the graph, for callers
+    whose own computation is differentiable); NumPy arrays with negative strides are copied.
     Raises ``ValueError`` naming ``name`` for: a non-array, a non-floating dtype, a rank other
     than 2, an empty dimension, or NaN/Inf values.
     """
-    t = _to_tensor(x, name)
+    t = as_tensor(x, name, detach=detach)
     if not t.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 2:
@@ -52,8 +70,8 @@ def as_features(x, name: str, *, check_finite: bool = True) -> torch.Tensor:
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty [N, D] array, got shape {tuple(t.shape)}")
-    if check_finite and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if check_finite and not bool(torch.isfinite(t.detach()).all()):
+        bad = int((~torch.isfinite(t.detach())).sum())
         raise ValueError(f"{name}: contains {bad} NaN or Inf value(s)")
     return t
 
@@ -82,6 +100,34 @@ def check_positive_int(value, name: str, *, minimum: int = 1, maximum: int | Non
         hi = "" if maximum is None else f" and <= {maximum}"
         raise ValueError(f"{name}: expected an integer >= {minimum}{hi}, got {value}")
     return value
+
+
+def check_positive_float(value, name: str) -> float:
+    """A positive, finite real number (int or float, NumPy scalars included) as a float;
+    ``ValueError`` naming ``name`` for anything else (``None``, strings, bools, NaN, inf,
+    zero, negative numbers)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    return v
+
+
+def check_memory_budget(value, default: int) -> int:
+    """``memory_budget`` (bytes) as a positive int: ``None`` gives ``default``; ints (NumPy
+    included) and integral floats (``256e6``) are accepted; anything else -- strings, bools,
+    fractions, zero or negative numbers -- is a ``ValueError`` naming ``memory_budget``."""
+    if value is None:
+        return int(default)
+    ok = isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
+        value, (bool, np.bool_))
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) \
+            and float(value).is_integer():
+        ok = True
+    if not ok or value <= 0:
+        raise ValueError(f"memory_budget: expected a positive number of bytes, got {value!r}")
+    return int(value)
 
 
 def check_topk(topk, n: int, name: str = "topk", *, minimum: int = 1) -> int:

@@ -23,9 +23,9 @@ import numbers
 import numpy as np
 import torch
 
-from prh_fast._validate import as_features
+from prh_fast._validate import as_features, as_tensor
 
-__all__ = ["prepare_features"]
+__all__ = ["prepare_features", "normalize_rows", "row_norms"]
 
 # Values handled per chunk: bounds the temporary |x| copies (64 MB in float32) and is also the
 # largest input torch.quantile accepts, below which kthvalue is the cheapest selection.
@@ -146,6 +146,69 @@ def _clip(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# row norms and L2 normalisation (SPEC "Pipeline" step 3), safe at any scale
+# --------------------------------------------------------------------------------------------
+#: Rows whose plain norm is below this (or not finite) are normalised through a power-of-two
+#: rescale. It is also F.normalize's eps: above it the plain formula is exact and unclamped.
+_NORM_SAFE_MIN = 1e-12
+
+
+def _pow2_exponents(maxabs: torch.Tensor) -> torch.Tensor:
+    """Per entry the exponent ``e`` with ``maxabs = m · 2**e``, ``0.5 <= m < 1`` (0 for 0)."""
+    return torch.frexp(maxabs.to(torch.float64)).exponent.to(torch.int64)
+
+
+def _scale_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x · 2**-e`` in float64, exactly (two steps, so ``2**-e`` itself never leaves the float64
+    range even for subnormal or huge ``x``); ``e`` broadcasts against ``x``."""
+    a = torch.div(-e, 2, rounding_mode="floor")
+    one = torch.ones(e.shape, dtype=torch.float64, device=x.device)
+    return x.to(torch.float64) * torch.ldexp(one, a) * torch.ldexp(one, -e - a)
+
+
+def row_norms(X: torch.Tensor, chunk_values: int = 1 << 24) -> torch.Tensor:
+    """``[N]`` float64 Euclidean norms of the rows of ``X`` (any float dtype), safe at any scale.
+
+    Each row is scaled by the power of two of its largest ``|x|`` (exact) before the squares
+    are summed, so nothing overflows (rows of ``1e200``) or underflows (rows of ``1e-200``);
+    the result is scaled back. Row chunks keep the float64 copy to ``chunk_values`` values.
+    """
+    n = X.shape[0]
+    out = torch.empty(n, dtype=torch.float64, device=X.device)
+    rows = max(1, chunk_values // max(1, X.shape[1]))
+    for r0 in range(0, n, rows):
+        x = X[r0:r0 + rows]
+        e = _pow2_exponents(x.abs().amax(dim=1)).unsqueeze(1)
+        xs = _scale_pow2(x, e)
+        out[r0:r0 + rows] = torch.ldexp(torch.linalg.vector_norm(xs, dim=1), e.squeeze(1))
+    return out
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` divided by their L2 norm (zero rows stay zero), in ``x``'s dtype.
+
+    Scale-free: ``normalize_rows(c · x)`` equals ``normalize_rows(x)`` for every ``c > 0`` that
+    keeps ``c · x`` finite (bit for bit when ``c`` is a power of two). Rows whose norm is
+    representable and at least ``1e-12`` get exactly ``F.normalize(x, p=2, dim=-1)`` (the
+    reference's step); the others -- squares that overflow (``|x| ~ 1e20`` in float32) or
+    underflow (``|x| ~ 1e-30``), where ``F.normalize`` returns zeros or ``x / 1e-12`` -- are
+    first scaled by the power of two of their largest ``|x|``, which is exact and puts the norm
+    in range, and then divided by it.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    bad = ~(torch.isfinite(norm) & (norm >= _NORM_SAFE_MIN)).squeeze(-1)
+    bad &= x.ne(0).any(dim=-1)  # all-zero rows: F.normalize keeps them zero
+    y = x / norm.clamp_min(_NORM_SAFE_MIN)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        xb = x[rows]
+        e = _pow2_exponents(xb.abs().amax(dim=-1, keepdim=True))
+        xs = _scale_pow2(xb, e).to(x.dtype)  # largest |x| now in [0.5, 1)
+        y[rows] = xs / torch.linalg.vector_norm(xs, dim=-1, keepdim=True)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
 def _check_q(q) -> float:
@@ -164,13 +227,10 @@ def _cast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_3d(feats, name: str) -> torch.Tensor:
-    if isinstance(feats, np.ndarray):
-        if not np.issubdtype(feats.dtype, np.floating):
-            raise ValueError(f"{name}: expected a floating-point array, got dtype {feats.dtype}")
-        feats = torch.from_numpy(feats if feats.flags.writeable else feats.copy())
-    if not isinstance(feats, torch.Tensor):
+    if not isinstance(feats, (torch.Tensor, np.ndarray)):
         raise ValueError(f"{name}: expected a [N, L, D] tensor/array or a list of [N, D] "
                          f"tensors, got {type(feats).__name__}")
+    feats = as_tensor(feats, name)
     if not feats.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got dtype {feats.dtype}")
     if feats.dim() != 3:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prh_fast._validate import _to_tensor, check_topk
+from prh_fast._validate import as_tensor, check_memory_budget, check_topk
 from prh_fast.distributed._env import (
     agree,
     collective,
@@ -54,7 +54,7 @@ def shard(X, rank: int | None = None, world_size: int | None = None):
 
 def _check_local(X):
     """This rank's shard as a 2-D float tensor (an empty ``[0, D]`` shard is allowed)."""
-    t = _to_tensor(X, "X")
+    t = as_tensor(X, "X")
     if not t.is_floating_point():
         raise ValueError(f"X: expected a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 2:
@@ -214,10 +214,7 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
             raise ValueError(f"gather: expected one of {_GATHER}, got {gather!r}")
         if mode not in _MODES:
             raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-        if budget <= 0:
-            raise ValueError(f"memory_budget: expected a positive number of bytes, got "
-                             f"{memory_budget}")
+        budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
         t = _check_local(X)
         _local_backend(backend, t.device if t.device.type == "cuda" else comm_device())
     except (ValueError, TypeError, RuntimeError) as e:

@@ -59,8 +59,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from prh_fast.prepare import normalize_rows
 from prh_fast.store._sharded import FeatureStore, open_store
 
 __all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan", "COUNTERS",
@@ -97,17 +97,11 @@ def as_store(store, arg: str = "store") -> FeatureStore:
 
 
 def check_budget(memory_budget, default: int = DEFAULT_STREAM_BUDGET) -> int:
-    """``memory_budget`` as a positive int (bytes); ValueError naming the argument."""
-    if memory_budget is None:
-        return int(default)
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)):
-        if not (isinstance(memory_budget, float) and memory_budget.is_integer()):
-            raise ValueError(f"memory_budget: expected a positive number of bytes, got "
-                             f"{memory_budget!r}")
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got "
-                         f"{memory_budget!r}")
-    return int(memory_budget)
+    """``memory_budget`` as a positive int (bytes); ValueError naming the argument
+    (``prh_fast._validate.check_memory_budget``, the one check every entry point uses)."""
+    from prh_fast._validate import check_memory_budget
+
+    return check_memory_budget(memory_budget, default)
 
 
 def _check_layer(st: FeatureStore, layer) -> int:
@@ -388,7 +382,7 @@ class StreamPrep:
         if t is not None:
             x = torch.clamp(x, -t, t)
         if self.normalize:
-            x = F.normalize(x, p=2, dim=-1)
+            x = normalize_rows(x)
         return x
 
 
