@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from prh_fast._backend import ANN_BACKENDS, resolve_knn_backend
-from prh_fast._validate import as_features, check_positive_int, check_topk, compute_dtype
+from prh_fast._validate import (as_features, check_memory_budget, check_positive_int, check_topk,
+                                compute_dtype)
 from prh_fast.knn._faiss_ann import AnnParams, AnnReport
 
 __all__ = ["knn", "DEFAULT_MEMORY_BUDGET", "AnnParams", "AnnReport"]
@@ -40,11 +41,18 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = None,
         return_scores: bool = False, keys=None, exact: bool = True,
-        precision: str | None = None, return_report: bool = False):
+        precision: str | None = None, return_report: bool = False,
+        include_self: bool = False):
     """Indices ``[N, k]`` (int64, on ``X``'s device) of each row's ``k`` nearest other rows.
 
+    The exact backends rank by the fixed-order float64 inner product (``prh_fast.knn._exact``):
+    the ``k`` largest ``<x_i, x_j>``, ``j != i``, ties -- exact duplicates included -- to the
+    lower index. Features of any scale are searched (they are scaled by a power of two when
+    their inner products would leave the compute dtype's range; the lists do not change).
+
     Args:
-        X: ``[N, D]`` torch tensor (any float dtype, CPU or CUDA) or NumPy array.
+        X: ``[N, D]`` torch tensor (any float dtype, CPU or CUDA; a tensor that requires grad
+            is detached) or NumPy array.
         k: number of neighbours, ``1 <= k <= N - 1`` (``<= M`` for a cross search).
         backend: ``"auto"`` (default), ``"cpu"``, ``"torch"``, ``"faiss"``, ``"triton"``,
             ``"cuda"``, or an approximate search: ``"faiss-ivf"``, ``"faiss-ivfpq"``,
@@ -52,7 +60,8 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
             ``AnnParams`` (see the module docstring).
         memory_budget: bytes of scratch for score tiles (default 256 MiB).
         return_scores: also return the ``[N, k]`` inner products, in the compute dtype
-            (float64 for float64 input, float32 otherwise).
+            (float64 for float64 input, float32 otherwise); ``ValueError`` when they overflow
+            it (e.g. float32 features ~1e20: pass float64, or normalise the rows).
         keys: ``[M, D]`` keys for a cross search: each row of ``X`` gets its ``k`` best keys
             (nothing excluded). ``torch``, ``triton`` and the approximate faiss backends.
         exact: ``False`` lets the triton backend skip the float32 re-score (approximate lists
@@ -63,7 +72,33 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
             In exact mode it changes only the speed, never the lists. Ignored elsewhere.
         return_report: also return the approximate search's ``AnnReport`` (``None`` for the
             exact backends) as the last element: ``(idx, report)`` or ``(idx, vals, report)``.
+        include_self: the row's own entry is eligible too (score ``<x_i, x_i>``): each row's
+            ``k`` largest entries of the whole row ``X X^T``, ``1 <= k <= N - 1`` (what
+            ``cknna(unbiased=False)`` masks, as the reference). Self search only.
     """
+    idx, vals, report, cd = _search(X, k, backend=backend, memory_budget=memory_budget,
+                                    keys=keys, exact=exact, precision=precision,
+                                    include_self=include_self)
+    res = (idx,)
+    if return_scores:
+        out = vals.to(cd)
+        if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
+            raise ValueError(f"X: the neighbours' inner products exceed the {cd} range (largest "
+                             f"{float(vals.abs().max()):.3g}); pass float64 features, normalise "
+                             f"the rows, or leave return_scores=False")
+        res = res + (out,)
+    if return_report:
+        res = res + (report,)
+    return res if len(res) > 1 else res[0]
+
+
+def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, precision=None,
+            include_self=False):
+    """``knn``'s work: ``(idx, float64 scores, report, compute dtype)``. The float64 scores are
+    the exact backends' fixed-order scores (other backends: theirs, widened), unscaled."""
+    from prh_fast.knn._exact import fixed_self, merge_self, search_exponent
+    from prh_fast.prepare import row_norms
+
     X = as_features(X, "X")
     if keys is not None:
         keys = as_features(keys, "keys")
@@ -73,42 +108,66 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
         if keys.device != X.device:
             raise ValueError(f"keys: must be on X's device ({X.device}), got {keys.device}")
         k = check_positive_int(k, "k", minimum=1, maximum=keys.shape[0])
+        if include_self:
+            raise ValueError("include_self: only for a self search (keys=None)")
     else:
         k = check_topk(k, X.shape[0], "k")
     if not isinstance(exact, bool):
         raise ValueError(f"exact: expected True or False, got {exact!r}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
+    if not isinstance(include_self, bool):
+        raise ValueError(f"include_self: expected True or False, got {include_self!r}")
+    budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
     name = resolve_knn_backend(backend, X.device, cross=keys is not None)
-
-    def out(idx, vals, report=None):
-        res = (idx, vals) if return_scores else (idx,)
-        res = res + (report,) if return_report else res
-        return res if len(res) > 1 else res[0]
-
+    cd = compute_dtype(X) if keys is None else torch.promote_types(compute_dtype(X),
+                                                                    compute_dtype(keys))
+    Xc = X.to(cd).contiguous()
+    # Inner products must stay inside the compute dtype: scale by a power of two if they
+    # would not (exact; the lists are the same, scores are scaled back in float64).
+    xn = row_norms(Xc)
+    ex = search_exponent(float(xn.max()), cd)
+    ek = ex
+    Kc = None
+    if keys is not None:
+        Kc = keys.to(cd).contiguous()
+        ek = search_exponent(float(row_norms(Kc).max()), cd)
+        if ek:
+            Kc = torch.ldexp(Kc, torch.tensor(-ek, device=Kc.device)).to(cd)
+    if ex:
+        Xc = torch.ldexp(Xc, torch.tensor(-ex, device=Xc.device)).to(cd)
+        xn = torch.ldexp(xn, torch.tensor(-ex, device=xn.device))
+    report = None
     if name in ANN_BACKENDS:
         from prh_fast.knn._faiss_ann import as_ann_params, knn_ann
 
-        return out(*knn_ann(X, k, as_ann_params(backend, name), budget, keys=keys))
-    if name == "triton":
+        idx, vals, report = knn_ann(Xc, k, as_ann_params(backend, name), budget, keys=Kc)
+    elif name == "triton":
         from prh_fast.knn._triton import knn_triton
 
-        return out(*knn_triton(X, k, budget, keys=keys, exact=exact, precision=precision))
-    if precision is not None:
-        from prh_fast.knn._triton import product_format
-
-        product_format(X.dtype, precision, exact)  # a bad name is still an error
-    if keys is not None:
-        cd = torch.promote_types(compute_dtype(X), compute_dtype(keys))
-        from prh_fast.knn._torch import knn_torch
-
-        return out(*knn_torch(X.to(cd).contiguous(), k, budget, keys=keys.to(cd).contiguous()))
-    Xc = X.to(compute_dtype(X)).contiguous()
-    if name == "cpu":
-        from prh_fast.knn._cpu import knn_cpu as impl
-    elif name == "faiss":
-        from prh_fast.knn._faiss import knn_faiss as impl
+        idx, vals = knn_triton(Xc, k, budget, keys=Kc, exact=exact, precision=precision)
     else:
-        from prh_fast.knn._torch import knn_torch as impl
-    return out(*impl(Xc, k, budget))
+        if precision is not None:
+            from prh_fast.knn._triton import product_format
+
+            product_format(X.dtype, precision, exact)  # a bad name is still an error
+        if keys is not None:
+            from prh_fast.knn._torch import knn_torch
+
+            idx, vals = knn_torch(Xc, k, budget, keys=Kc, norms=xn)
+        elif name == "cpu":
+            from prh_fast.knn._cpu import knn_cpu
+
+            idx, vals = knn_cpu(Xc, k, budget, norms=xn)
+        elif name == "faiss":
+            from prh_fast.knn._faiss import knn_faiss
+
+            idx, vals = knn_faiss(Xc, k, budget)
+        else:
+            from prh_fast.knn._torch import knn_torch
+
+            idx, vals = knn_torch(Xc, k, budget, norms=xn)
+    vals = vals.to(torch.float64)
+    if include_self:
+        idx, vals = merge_self(idx, vals, fixed_self(Xc).to(vals.device), k)
+    if ex or ek:
+        vals = torch.ldexp(vals, torch.tensor(ex + ek, device=vals.device))
+    return idx, vals, report, cd

@@ -2,11 +2,13 @@
 
 For a self search the score matrix is symmetric, so each tile ``X_I X_J^T`` (``J >= I``) is
 computed once and used twice: rows of block ``I`` against keys of ``J``, and (transposed) rows
-of ``J`` against keys of ``I``. The native ``topk_update`` keeps each row's running top-k
-sorted and inserts only scores *strictly* greater than the current k-th; because every query
-row sees its key tiles in increasing index order (block ``J`` receives keys ``0..J-1`` as
-transposes while the outer loop advances, then ``J..`` directly), an equal score never
-displaces a lower index: the tie rule costs nothing.
+of ``J`` against keys of ``I``. The native ``topk_update`` keeps each row's running
+candidates sorted and inserts only scores *strictly* greater than the current last; because
+every query row sees its key tiles in increasing index order (block ``J`` receives keys
+``0..J-1`` as transposes while the outer loop advances, then ``J..`` directly), an equal score
+never displaces a lower index. Each entry that enters a list also gets its fixed-order float64
+score (the tile's rows are passed along); ``prh_fast.knn._exact`` ranks the final lists by those,
+so exact duplicates tie exactly whatever BLAS did.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from prh_fast._native import native
+from prh_fast.knn._exact import candidate_count, refine_in_memory
 from prh_fast.knn._tiles import square_tile
 
 
@@ -23,19 +26,29 @@ def cpu_tile(n: int, itemsize: int, budget: int) -> int:
     Tiles of 256..1024 rows: small enough that the symmetric saving is real (about half the
     products at 8+ blocks), large enough for BLAS to run at full speed (measured on 2 cores:
     N=4096, D=768 takes 0.097 s with 512-row tiles, 0.135 s with 2048, 0.163 s unblocked).
-    The streaming search (``prh_fast.store._stream``) uses the same tiles: BLAS sums a product
-    in an order that depends on the tile's shape, so equal tiles give bit-equal scores.
+    The streaming search (``prh_fast.store._stream``) uses the same tiles.
     """
     return square_tile(n, itemsize, budget, buffers=1, maximum=min(1024, max(256, -(-n // 8))))
 
 
-def knn_cpu(X: torch.Tensor, k: int, budget: int):
+def cpu_candidates(X: torch.Tensor, kc: int, budget: int, with_fixed: bool = False):
+    """``(idx, prod, fixed)`` ``[N, kc]``: each row's ``kc`` best other rows by the BLAS score
+    (lower index at ties), with those scores and -- ``with_fixed`` -- the candidates'
+    fixed-order float64 scores, computed as they enter (else ``fixed`` is None: in memory a
+    pass over the final candidates is cheaper, about ``kc`` instead of ``kc·(1 + ln(N/kc))``
+    re-scores per row)."""
     _C = native()
     n = X.shape[0]
     dtype = X.dtype
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    vals = np.full((n, k), -np.inf, dtype=np_dtype)
-    idx = np.full((n, k), -1, dtype=np.int64)
+    vals = np.full((n, kc), -np.inf, dtype=np_dtype)
+    idx = np.full((n, kc), -1, dtype=np.int64)
+    fixed = np.full((n, kc), -np.inf, dtype=np.float64) if with_fixed else None
+    xn = X.numpy()
+
+    def rows(a, b):
+        return (xn[a], xn[b], fixed[a]) if with_fixed else (None, None, None)
+
     b = cpu_tile(n, X.element_size(), budget)
     # One flat buffer viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
     buf = torch.empty(b * b, dtype=dtype)
@@ -46,12 +59,23 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int):
             j1 = min(n, j0 + b)
             S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
             torch.mm(Xi, X[j0:j1].T, out=S)
-            _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
+            _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True,
+                           *rows(slice(i0, i1), slice(j0, j1)))
             if j0 != i0:
                 # The transposed view goes in as is: the native kernel walks column-major tiles
                 # in row blocks (measured: as fast as a transposed copy at N = 4096, 9% faster
                 # at N = 16384, and no second tile buffer).
-                _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True)
+                _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True,
+                               *rows(slice(j0, j1), slice(i0, i1)))
     if (idx < 0).any():
         raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
-    return torch.from_numpy(idx), torch.from_numpy(vals)
+    return (torch.from_numpy(idx), torch.from_numpy(vals),
+            torch.from_numpy(fixed) if with_fixed else None)
+
+
+def knn_cpu(X: torch.Tensor, k: int, budget: int, norms: torch.Tensor | None = None):
+    """Exact lists ``(idx [N, k], fixed scores [N, k] float64)`` of a self search."""
+    n = X.shape[0]
+    kc = candidate_count(k, n - 1)
+    cand = cpu_candidates(X, kc, budget)
+    return refine_in_memory(X, None, k, cand, budget, norms=norms)

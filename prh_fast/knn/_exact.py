@@ -1,0 +1,319 @@
+"""Exact lists from fast products: fixed-order re-scoring, a certified margin, and the sweep for
+rows the margin cannot certify. Shared by every exact search that ranks BLAS-style products:
+``cpu`` and ``torch`` (``prh_fast.knn``), the streamed search (``prh_fast.store._stream``) and
+the distributed one (``prh_fast.distributed._knn``).
+
+Why: a tiled matrix product (BLAS, cuBLAS) sums each ``<x_i, x_j>`` in an order that depends
+on where ``x_j`` sits in its tile, so two *identical* key rows can score one ulp apart and the
+lower-index tie rule silently breaks (43 of 1000 rows of a duplicate-heavy float64 set). So
+the product only *proposes* candidates; the lists are ranked by a second score.
+
+Definition. ``fixed(i, j)`` is ``<x_i, x_j>`` accumulated in float64 in one fixed order that
+depends on ``D`` only (``dot_fixed`` in ``csrc/common/rowops.h`` on CPU; a pairwise tree of
+elementwise adds elsewhere, see :func:`fixed_dots`): equal rows give bit-equal scores, wherever
+they are. ``knn(X, k)[i]`` is the ``k`` keys ``j != i`` with the largest ``fixed(i, j)``, ties
+to the lower index. For float32 (and float16 / bfloat16) features the products are exact in
+float64, so ``fixed`` is the exact inner product up to a float64 rounding of the sum.
+
+Mechanism, per query row ``i``:
+
+1. the search keeps the ``k' = k + extra`` best keys by the product score ``a_ij`` (lower index
+   at ties) and, for each, ``fixed(i, j)``;
+2. the row's list is the top ``k`` of those candidates by ``(fixed desc, index asc)``;
+3. certificate: every score pair obeys ``|a_ij - fixed(i, j)| <= e_i`` with
+   ``e_i = c · |x_i| · max_j |x_j| + eta`` (:func:`margins`). A key outside the candidates has
+   ``a_ij <= a_min`` (the smallest kept product score), hence ``fixed(i, j) <= a_min + e_i``. If
+   ``a_min + e_i < f_k`` (the ``k``-th fixed score kept) no outside key can enter or tie: the
+   list is exact. Rows with all keys as candidates are exact by construction;
+4. other rows (many near-ties: duplicated rows, quantised features) go through :class:`Sweep`:
+   every key with a product score ``>= f_k - e_i`` -- a superset of the true top-k -- is
+   re-scored and merged in index order. Exact, whatever the data.
+
+Error bound ``c`` (per unit ``|x_i| |x_j|``): the product in the compute dtype, recursive
+summation worst case ``γ(D, u)`` with ``u = 2^-24`` (float32) or ``2^-53`` (float64), plus the
+rounding of float32 inputs to the tensor-core format when ``torch.get_float32_matmul_precision``
+allows it (tf32: ``2^-10``, bf16: ``2^-8``, as the triton backend's bound); plus the fixed-order
+sum's own ``γ(D + 1, 2^-53)``. ``eta`` covers underflow. Norms are float64, rounded up.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prh_fast import _native
+
+__all__ = ["fixed_dots", "candidate_count", "margins", "finish", "Sweep", "merge_self",
+           "fixed_self", "check_scores_finite", "search_exponent", "refine_in_memory"]
+
+#: Extra candidates kept beyond ``k`` (cheap: one more compare per accepted score).
+EXTRA_MIN = 8
+
+
+def candidate_count(k: int, n_keys: int) -> int:
+    """``k'``: candidates kept per row for lists of ``k`` among ``n_keys`` keys."""
+    return min(n_keys, k + max(EXTRA_MIN, k // 4))
+
+
+# --------------------------------------------------------------------------------------------
+# the fixed-order score
+
+
+def _tree_dots(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``<A[p], B[p]>`` in float64 by a pairwise tree over ``D`` (zero-padded to a power
+    of two): elementwise multiplies and adds only, no reduction kernel, so the order of every
+    sum is fixed by ``D`` on any device and for any number of rows."""
+    p = A.to(torch.float64) * B.to(torch.float64)
+    d = p.shape[1]
+    w = 1 << max(0, d - 1).bit_length()
+    if w != d:
+        p = torch.cat([p, p.new_zeros((p.shape[0], w - d))], dim=1)
+    while w > 1:
+        w //= 2
+        p = p[:, :w] + p[:, w:2 * w]
+    return p[:, 0]
+
+
+def _native_ok(*ts) -> bool:
+    return _native.HAS_NATIVE and all(t.device.type == "cpu" for t in ts)
+
+
+def fixed_dots(X: torch.Tensor, Y: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+               chunk_values: int = 1 << 24) -> torch.Tensor:
+    """``fixed(X[i[p]], Y[j[p]])`` for every pair ``p``: float64 ``[P]`` on ``X``'s device.
+
+    CPU tensors use the native ``pair_dots`` (``dot_fixed``: four float64 partial sums, one
+    fixed order); other devices (or a build without the native module) the pairwise tree of
+    :func:`_tree_dots`. Either way the value depends only on the two rows and ``D``.
+    """
+    P = int(i.numel())
+    if P == 0:
+        return torch.empty(0, dtype=torch.float64, device=X.device)
+    if _native_ok(X, Y):
+        x = X.contiguous() if X.stride(-1) != 1 else X
+        y = Y.contiguous() if Y.stride(-1) != 1 else Y
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        out = _native.native().pair_dots(x.numpy(), y.numpy(),
+                                          i.to(torch.int64).contiguous().numpy(),
+                                          j.to(torch.int64).contiguous().numpy())
+        return torch.from_numpy(out)
+    step = max(1, chunk_values // max(1, X.shape[1]))
+    out = torch.empty(P, dtype=torch.float64, device=X.device)
+    for p0 in range(0, P, step):
+        out[p0:p0 + step] = _tree_dots(X[i[p0:p0 + step]], Y[j[p0:p0 + step]])
+    return out
+
+
+def fixed_self(X: torch.Tensor) -> torch.Tensor:
+    """``fixed(x_i, x_i)`` for every row: ``[N]`` float64."""
+    r = torch.arange(X.shape[0], device=X.device)
+    return fixed_dots(X, X, r, r)
+
+
+# --------------------------------------------------------------------------------------------
+# margin and certificate
+
+
+def _gamma(n: int, u: float) -> float:
+    nu = n * u
+    if nu >= 0.5:
+        raise ValueError(f"X: dimension {n} too large for a certified error bound")
+    return nu / (1.0 - nu)
+
+
+def _product_unit(dtype: torch.dtype) -> tuple:
+    """``(input rounding, accumulation unit)`` of a ``torch.mm`` in ``dtype``: float32 products
+    may round their inputs to tf32 (``"high"``) or bf16 (``"medium"``) when
+    ``torch.set_float32_matmul_precision`` allows it (bounds as in ``_triton.product_format``)."""
+    if dtype == torch.float64:
+        return 0.0, 2.0**-53
+    prec = torch.get_float32_matmul_precision()
+    if prec == "high":
+        return 2.0**-10, 2.0**-24
+    if prec == "medium":
+        return 2.0**-8, 2.0**-24
+    return 0.0, 2.0**-24
+
+
+def margins(qnorm: torch.Tensor, kmax: float, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """``e_i``: a bound on ``|product score - fixed score|`` for query ``i`` against any key
+    (``qnorm`` = float64 query norms ``[r]``, ``kmax`` = the largest key norm)."""
+    uin, uacc = _product_unit(dtype)
+    c = 2.0 * uin + uin * uin + _gamma(d + 2, uacc) * (1.0 + uin) ** 2 + _gamma(d + 1, 2.0**-53)
+    c *= 1.0 + 2.0**-20  # absorbs the rounding of the norms and of this product
+    # underflow: at most one unit of the smallest normal per product and per addition (flushed
+    # subnormals included), in the product and in the float64 re-score
+    eta = 4.0 * (d + 2) * (torch.finfo(dtype).tiny + torch.finfo(torch.float64).tiny)
+    return qnorm.to(torch.float64) * (c * kmax) + eta
+
+
+def check_scores_finite(vals: torch.Tensor, what: str) -> None:
+    """The search's own scores must be finite (finite features, scaled into range)."""
+    if vals.numel() and not bool(torch.isfinite(vals).all()):
+        raise ValueError(f"{what}: the neighbour search produced non-finite inner products "
+                         f"(the features' scale overflows {vals.dtype}); normalise the rows or "
+                         f"pass float64 features")
+
+
+def _canonical(vals: torch.Tensor, idx: torch.Tensor):
+    """Order each row by score desc, ties by index asc (two stable sorts)."""
+    o = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = vals.gather(1, o), idx.gather(1, o)
+    o = torch.argsort(vals, dim=1, descending=True, stable=True)
+    return vals.gather(1, o), idx.gather(1, o)
+
+
+def _ranked(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """The first ``k`` of each row by ``(vals desc, idx asc)``: one sort by value; rows where
+    equal values meet (rare: exact ties) are put in canonical order by the two stable sorts."""
+    v, o = torch.sort(vals, dim=1, descending=True, stable=True)
+    i = idx.gather(1, o)
+    tied = (v[:, 1:] == v[:, :-1]).any(dim=1) if v.shape[1] > 1 else v.new_zeros(0, dtype=bool)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        v[rows], i[rows] = _canonical(v[rows], i[rows])
+    return v[:, :k].contiguous(), i[:, :k].contiguous()
+
+
+def finish(idx: torch.Tensor, prod: torch.Tensor, fixed: torch.Tensor, k: int,
+           e: torch.Tensor, all_keys: bool):
+    """Final lists from candidates: ``(idx [r, k], fixed [r, k] float64, uncertain rows)``.
+
+    ``idx``, ``prod``, ``fixed``: ``[r, k']`` candidates (product scores in any order), ``e``:
+    ``[r]`` margins, ``all_keys``: the candidates are every key (nothing to certify).
+    ``uncertain`` holds the rows (positions) that need :class:`Sweep`, with their threshold
+    ``f_k - e`` as the second element: ``(rows, thresholds)``.
+    """
+    check_scores_finite(prod, "X")
+    f, i = _ranked(fixed, idx, k)
+    if all_keys or idx.shape[1] == 0:
+        rows = torch.empty(0, dtype=torch.int64, device=idx.device)
+        return i, f, (rows, f.new_empty(0))
+    fk = f[:, k - 1]
+    amin = prod.amin(dim=1).to(torch.float64)
+    bad = ~(amin + e < fk)
+    rows = bad.nonzero().squeeze(1)
+    return i, f, (rows, (fk - e)[rows])
+
+
+class Sweep:
+    """Exact lists for rows the certificate left open: every key whose product score reaches the
+    row's threshold is re-scored (fixed order) and merged by ``(fixed desc, index asc)``.
+
+    ``Q``: the rows' features ``[r, D]`` (same values and dtype as the search's), ``qids``: their
+    global row ids (a key with the same id is skipped: self), ``thr``: float64 thresholds
+    ``[r]``, ``k``: list length, ``budget``: bytes of scratch. Feed every key block once with
+    :meth:`add`, in any order; :meth:`result` returns ``(idx [r, k], fixed [r, k])``.
+    """
+
+    _EMPTY = torch.iinfo(torch.int64).max  # sorts after every real index at a -inf score
+
+    def __init__(self, Q: torch.Tensor, qids: torch.Tensor, thr: torch.Tensor, k: int,
+                 budget: int, exclude_self: bool = True):
+        self.Q, self.k, self.budget = Q, k, budget
+        self.qids, self.thr = qids.to(Q.device), thr.to(Q.device, torch.float64)
+        self.exclude_self = exclude_self
+        r = Q.shape[0]
+        self.vals = torch.full((r, k), float("-inf"), dtype=torch.float64, device=Q.device)
+        self.idx = torch.full((r, k), self._EMPTY, dtype=torch.int64, device=Q.device)
+
+    def add(self, K: torch.Tensor, k0: int) -> None:
+        """Merge keys ``K`` ``[m, D]`` with global ids ``k0 .. k0 + m - 1``."""
+        r, m = self.Q.shape[0], K.shape[0]
+        if r == 0 or m == 0:
+            return
+        K = K.to(self.Q.device)
+        cols = min(m, 4096)
+        # float64 S and F, a mask, ids; at least 64 rows (as the search's smallest tiles)
+        rows = max(1, min(r, max(64, self.budget // (32 * cols))))
+        for c0 in range(0, m, cols):
+            c1 = min(m, c0 + cols)
+            ids = torch.arange(k0 + c0, k0 + c1, device=K.device)
+            for r0 in range(0, r, rows):
+                r1 = min(r, r0 + rows)
+                self._block(r0, r1, K, c0, c1, ids)
+
+    def _block(self, r0, r1, K, c0, c1, ids):
+        S = (self.Q[r0:r1] @ K[c0:c1].T).to(torch.float64)
+        hit = S >= self.thr[r0:r1].unsqueeze(1)
+        if self.exclude_self:
+            hit &= ids.unsqueeze(0) != self.qids[r0:r1].unsqueeze(1)
+        rr, cc = hit.nonzero(as_tuple=True)
+        if rr.numel() == 0:
+            return
+        F = torch.full_like(S, float("-inf"))
+        F[rr, cc] = fixed_dots(self.Q[r0:r1], K, rr, cc + c0)
+        width = min(int(hit.sum(dim=1).max()), self.k)
+        # the row's best hits of this block, ties to the lower index
+        fv, fi = _canonical(F, ids.unsqueeze(0).expand_as(F))
+        fv, fi = fv[:, :width], fi[:, :width].masked_fill(fv[:, :width] == float("-inf"),
+                                                          self._EMPTY)
+        v, i = _canonical(torch.cat([self.vals[r0:r1], fv], dim=1),
+                          torch.cat([self.idx[r0:r1], fi], dim=1))
+        self.vals[r0:r1], self.idx[r0:r1] = v[:, :self.k], i[:, :self.k]
+
+    def result(self):
+        if bool((self.vals == float("-inf")).any()):
+            raise ValueError("X: the exact re-score found fewer than k keys above a row's "
+                             "threshold (non-finite scores?)")
+        return self.idx, self.vals
+
+
+def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
+                     norms: torch.Tensor | None = None):
+    """Exact lists ``(idx [N, k], fixed [N, k] float64)`` from candidates ``cand = (idx, prod,
+    fixed)`` of the rows of ``X`` against ``keys`` (``None``: ``X`` itself, self excluded;
+    ``fixed`` None: re-scored here, one pass over the candidates);
+    uncertain rows are swept over the keys in memory. ``norms``: ``X``'s float64 row norms
+    when already known."""
+    from prh_fast.prepare import row_norms
+
+    K = X if keys is None else keys
+    qn = row_norms(X) if norms is None else norms.to(torch.float64)
+    kn = qn if keys is None else row_norms(K)
+    kmax = float(kn.max()) if kn.numel() else 0.0
+    e = margins(qn, kmax, X.shape[1], X.dtype)
+    n_keys = K.shape[0] - (1 if keys is None else 0)
+    ci, cv, cf = cand
+    if cf is None:
+        rows = torch.arange(ci.shape[0], device=ci.device).repeat_interleave(ci.shape[1])
+        cf = fixed_dots(X, K, rows, ci.reshape(-1)).view(ci.shape)
+    idx, fixed, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=ci.shape[1] >= n_keys)
+    if rows.numel():
+        sw = Sweep(X[rows], rows, thr, k, budget, exclude_self=keys is None)
+        step = 4096
+        for c0 in range(0, K.shape[0], step):
+            sw.add(K[c0:c0 + step], c0)
+        idx[rows], fixed[rows] = sw.result()
+    return idx, fixed
+
+
+# --------------------------------------------------------------------------------------------
+# range: the search runs on features scaled by a power of two
+
+
+def search_exponent(max_norm: float, dtype: torch.dtype) -> int:
+    """``e`` such that the search runs on ``X · 2**-e``: 0 when the largest row norm keeps every
+    inner product comfortably inside ``dtype``'s range, else the exponent of ``max_norm`` (the
+    scaled rows then have norms below 1). Exact, and the lists do not change: every inner
+    product scales by the same ``4**-e``."""
+    if not max_norm > 0 or not math.isfinite(max_norm):
+        return 0
+    info = torch.finfo(dtype)
+    lo, hi = info.tiny ** 0.25, info.max ** 0.25
+    if lo <= max_norm <= hi:
+        return 0
+    return math.frexp(max_norm)[1]
+
+
+def merge_self(idx: torch.Tensor, vals: torch.Tensor, self_vals: torch.Tensor, k: int):
+    """Lists that also admit the row itself: each row's ``k`` best of its own entry (score
+    ``self_vals[i]``) and its ``k`` best other keys ``(idx, vals)``, by ``(score desc, index
+    asc)``. The top-k of a whole row is either its self-excluded top-k or itself plus the
+    self-excluded top-(k-1), so this equals the top-k of the row with the diagonal eligible."""
+    n = idx.shape[0]
+    me = torch.arange(n, device=idx.device).unsqueeze(1)
+    v, i = _canonical(torch.cat([vals.to(self_vals.dtype), self_vals.unsqueeze(1)], dim=1),
+                      torch.cat([idx, me], dim=1))
+    return i[:, :k].contiguous(), v[:, :k].contiguous()
