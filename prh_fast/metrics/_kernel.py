@@ -22,10 +22,29 @@ import torch
 
 from prh_fast.knn._tiles import block_rows
 
+#: The reference's constant in ``hsic_kl / (sqrt(hsic_kk · hsic_ll) + 1e-6)``.
+CKA_EPS = 1e-6
 
-def _centred(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mean = X.to(torch.float64).mean(dim=0, keepdim=True)
-    return (X.to(torch.float64) - mean).to(dtype)
+
+def _pow2_exponent(x: float) -> int:
+    """``e`` with ``x = m · 2**e``, ``0.5 <= m < 1`` (0 for 0)."""
+    return math.frexp(x)[1] if x > 0 else 0
+
+
+def centred(X: torch.Tensor, dtype: torch.dtype):
+    """``(C, e)``: ``X`` with its column means removed (in float64), scaled by ``2**-e`` so that
+    its largest ``|value|`` lies in ``[0.5, 1)``, then cast to ``dtype``.
+
+    The power-of-two scale is exact, so every product formed from ``C`` is the product of the
+    centred features times a known power of two -- nothing overflows (features ~1e20 in
+    float32) or underflows (~1e-30) in the compute dtype. Kernel sums of degree 2 in ``K``
+    scale by ``2**(-4e)``; callers undo it where the formula is not scale-invariant (the
+    ``1e-6`` of the CKA ratio, RBF distances).
+    """
+    X64 = X.to(torch.float64)
+    C = X64 - X64.mean(dim=0, keepdim=True)
+    e = _pow2_exponent(float(C.abs().max())) if C.numel() else 0
+    return torch.ldexp(C, torch.tensor(-e, dtype=torch.int64, device=C.device)).to(dtype), e
 
 
 def _fro2(M: torch.Tensor) -> float:
@@ -51,22 +70,39 @@ def hsic_from_sums(n: int, s_kl: float, sum_k: float, sum_l: float, dot_rows: fl
     return s_kl - (dot_rows + dot_rows_t) / n + sum_k * sum_l / (n * n)
 
 
-def cka_ratio(h_kl: float, h_kk: float, h_ll: float) -> float:
-    """``hsic_kl / (sqrt(hsic_kk · hsic_ll) + 1e-6)``, NaN when the product is negative (as the
-    reference, whose ``torch.sqrt`` of a negative number is NaN)."""
+def cka_ratio(h_kl: float, h_kk: float, h_ll: float, eps: float = CKA_EPS) -> float:
+    """``hsic_kl / (sqrt(hsic_kk · hsic_ll) + eps)`` (``eps = 1e-6`` in the reference), NaN when
+    the product is negative (as the reference, whose ``torch.sqrt`` of a negative number is
+    NaN). HSIC values from kernels scaled by ``2**-a`` (K) and ``2**-b`` (L) pass
+    ``eps = cka_eps(a, b)``: the ratio is then the one of the unscaled kernels."""
     prod = h_kk * h_ll
-    root = math.sqrt(prod) if prod >= 0 else float("nan")
-    return h_kl / (root + 1e-6)
+    if prod == math.inf:  # sqrt(h_kk) sqrt(h_ll) is still finite when each factor is
+        root = math.sqrt(h_kk) * math.sqrt(h_ll)
+    else:
+        root = math.sqrt(prod) if prod >= 0 else float("nan")
+    return h_kl / (root + eps)
+
+
+def cka_eps(a: int, b: int) -> float:
+    """The CKA constant for HSIC values whose kernels were scaled by ``2**-a`` and ``2**-b``
+    (``hsic(K, L)`` and ``sqrt(hsic(K,K) hsic(L,L))`` both scale by ``2**-(a+b)``): ``1e-6 ·
+    2**-(a+b)``, which may round to 0 or inf -- the ratio's limits, both correct."""
+    try:
+        return math.ldexp(CKA_EPS, -(a + b))
+    except OverflowError:
+        return math.inf
 
 
 def linear_cka(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, unbiased: bool) -> float:
     n = A.shape[0]
-    Ac, Bc = _centred(A, dtype), _centred(B, dtype)
+    (Ac, ea), (Bc, eb) = centred(A, dtype), centred(B, dtype)
     ab = _fro2(Ac.T @ Bc)
     aa = _fro2(Ac.T @ Ac)
     bb = _fro2(Bc.T @ Bc)
+    # K = A Aᵀ was scaled by 2**-2ea, L by 2**-2eb
+    eps = cka_eps(2 * ea, 2 * eb)
     if not unbiased:
-        return cka_ratio(ab, aa, bb)
+        return cka_ratio(ab, aa, bb, eps)
     ka = (Ac.to(torch.float64) ** 2).sum(dim=1)
     kb = (Bc.to(torch.float64) ** 2).sum(dim=1)
     sa = Ac.to(torch.float64).sum(dim=0)
@@ -82,31 +118,67 @@ def linear_cka(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, unbiased: b
     h_ab = h(ab - float(ka @ kb), sum_a, sum_b, ra, rb)
     h_aa = h(aa - float(ka @ ka), sum_a, sum_a, ra, ra)
     h_bb = h(bb - float(kb @ kb), sum_b, sum_b, rb, rb)
-    return cka_ratio(h_ab, h_aa, h_bb)
+    return cka_ratio(h_ab, h_aa, h_bb, eps)
 
 
-def _rbf_block(Xq, X, sq_q, sq, r0, gamma):
-    """``exp(-gamma · ||x_i - x_j||²)`` for a block of rows; the diagonal distance is exactly 0."""
-    d2 = (sq_q.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (Xq @ X.T)).clamp_min_(0.0)
+def rbf_gamma(sigma: float, e: int) -> float:
+    """``1 / (2 σ²)`` for features scaled by ``2**-e`` (distances scale by ``4**-e``), in
+    float64; ``inf`` when it does not fit (then every positive distance gives a kernel value of
+    exactly 0, the limit)."""
+    try:
+        return math.ldexp(1.0 / (2.0 * sigma * sigma), 2 * e) if sigma * sigma > 0 else math.inf
+    except OverflowError:
+        return math.inf
+
+
+def rbf_rows(Xq: torch.Tensor, X: torch.Tensor, sq_q: torch.Tensor, sq: torch.Tensor, r0: int,
+             gamma: float) -> torch.Tensor:
+    """``exp(-gamma · ||x_i - x_j||²)`` for the block of rows ``Xq = X[r0:r0+b]``, ``[b, N]``
+    float64.
+
+    Distances come from ``|x_i|² + |x_j|² - 2 <x_i, x_j>`` (one product in the compute dtype),
+    whose rounding error is below ``4 γ_D (|x_i|² + |x_j|²)``. Pairs whose computed distance is
+    within that bound of zero -- the diagonal, duplicated rows, near-duplicates -- are
+    recomputed as ``Σ (x_i - x_j)²`` in float64, so equal rows are at distance exactly 0 and a
+    tiny ``rbf_sigma`` still gives the right values. The exponent is formed in float64 (``gamma``
+    may exceed the float32 range) and a zero distance always gives 1 (``gamma = inf`` included).
+    """
+    d = X.shape[1]
+    u = torch.finfo(X.dtype).eps / 2
+    tol = 4.0 * d * u / max(1e-300, 1.0 - d * u)
+    s = sq_q.to(torch.float64).unsqueeze(1) + sq.to(torch.float64).unsqueeze(0)
+    d2 = s - 2.0 * (Xq @ X.T).to(torch.float64)
+    near = d2 <= tol * s
+    d2.clamp_min_(0.0)
+    if bool(near.any()):
+        r, c = near.nonzero(as_tuple=True)
+        step = max(1, (1 << 22) // max(1, d))
+        for p0 in range(0, r.numel(), step):
+            rr, cc = r[p0:p0 + step], c[p0:p0 + step]
+            diff = Xq[rr].to(torch.float64) - X[cc].to(torch.float64)
+            d2[rr, cc] = (diff * diff).sum(dim=1)
     rows = torch.arange(Xq.shape[0], device=X.device)
     d2[rows, rows + r0] = 0.0
-    return torch.exp(d2.mul_(-gamma))
+    zero = d2 == 0.0
+    K = torch.exp(d2.mul_(-gamma).masked_fill_(zero, 0.0))
+    return K
 
 
 def rbf_cka(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, sigma: float,
             unbiased: bool, memory_budget: int) -> float:
     n = A.shape[0]
-    Ac, Bc = _centred(A, dtype), _centred(B, dtype)  # distances are shift-invariant
+    # distances are shift-invariant; the scale 2**-e is undone in gamma
+    (Ac, ea), (Bc, eb) = centred(A, dtype), centred(B, dtype)
     sqa, sqb = (Ac * Ac).sum(1), (Bc * Bc).sum(1)
-    gamma = 1.0 / (2.0 * sigma**2)
-    rows = min(n, block_rows(n, Ac.element_size(), memory_budget, buffers=4))
+    ga, gb = rbf_gamma(sigma, ea), rbf_gamma(sigma, eb)
+    rows = min(n, block_rows(n, 8, memory_budget, buffers=6))
     s_kl = s_kk = s_ll = 0.0
     rk = torch.empty(n, dtype=torch.float64, device=A.device)
     rl = torch.empty_like(rk)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        K = _rbf_block(Ac[r0:r1], Ac, sqa[r0:r1], sqa, r0, gamma).to(torch.float64)
-        L = _rbf_block(Bc[r0:r1], Bc, sqb[r0:r1], sqb, r0, gamma).to(torch.float64)
+        K = rbf_rows(Ac[r0:r1], Ac, sqa[r0:r1], sqa, r0, ga)
+        L = rbf_rows(Bc[r0:r1], Bc, sqb[r0:r1], sqb, r0, gb)
         s_kl += float((K * L).sum())
         s_kk += float((K * K).sum())
         s_ll += float((L * L).sum())
