@@ -90,11 +90,23 @@ def _int_type(minimum: int, maximum=None):
         return v
 
     parse.__name__ = "integer"
+    parse.bounds = (minimum, maximum)
     return parse
 
 
 positive_int = _int_type(1)
 nonnegative_int = _int_type(0)
+
+
+def _quantile(text):
+    """An argparse ``type``: a number in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return v
 
 
 def check_output_folder(flag: str, path) -> None:
@@ -224,8 +236,6 @@ def _align(args) -> int:
     from prh_fast.distributed import align_models  # one process: prh_fast.grid's
     from prh_fast.grid import output_stem
 
-    if not 0.0 < args.q <= 1.0:
-        raise _UserError(f"--q: expected a number in (0, 1], got {args.q}")
     check_output_folder("--output_dir", args.output_dir)
     x_files = args.x or _discover(args.input_dir, args.pool_x, "x")
     y_files = args.y or _discover(args.input_dir, args.pool_y, "y")
@@ -397,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "no .json is beside it; only for files you wrote yourself")
     pa.add_argument("--force_remake", action="store_true",
                     help="recompute even if the output exists")
-    pa.add_argument("--q", type=float, default=0.95,
+    pa.add_argument("--q", type=_quantile, default=0.95,
                     help="outlier clipping quantile; 1 disables clipping")
     pa.add_argument("--x", nargs="+", metavar="FILE",
                     help="x feature files or store folders (no discovery)")

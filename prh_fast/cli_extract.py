@@ -1,18 +1,30 @@
 """``prh-fast extract`` and ``prh-fast demo``."""
 from __future__ import annotations
 
+import logging
 import sys
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment: one replaced after the handler was made (by a
+    caller of main() capturing output) gets the lines, and a closed one is not kept."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _log_to_stderr() -> None:
     """Show prh_fast's INFO lines (e.g. a one-time model conversion) while a command works."""
-    import logging
-
     log = logging.getLogger("prh_fast")
     if not log.handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
@@ -88,6 +100,9 @@ def _cmd_extract(args) -> int:
                 print("(--skip-missing extracts the others)", file=sys.stderr)
                 return 2
             names = [n for n in names if n in set(ok)]
+            if not names:
+                raise _UserError(f"--models {args.models}: none of its models is available "
+                                 f"here")
     if not names:
         raise _UserError("give --model NAME... or --models SET")
     pool = args.pool or ("avg" if kind == "text" else "cls")
