@@ -195,6 +195,9 @@ def _discover(input_dir, pool, side):
 
     from prh_fast.store import INDEX_NAME
 
+    if os.path.exists(input_dir) and not os.path.isdir(input_dir):
+        raise _UserError(f"--input_dir {input_dir}: is a file, not a folder (feature files go "
+                         f"to --x/--y)")
     if not os.path.isdir(input_dir):
         raise _UserError(f"--input_dir {input_dir}: no such folder (or give --x/--y files)")
     files = sorted([str(p) for p in Path(input_dir).rglob("*.pt")]
@@ -243,7 +246,9 @@ def _align(args) -> int:
 
     missing = [f for f in x_files + y_files if not (os.path.isfile(f) or is_store(f))]
     if missing:
-        raise _UserError(f"{missing[0]}: no such feature file"
+        what = ("a folder but not a feature store (no index)" if os.path.isdir(missing[0])
+                else "no such feature file")
+        raise _UserError(f"{missing[0]}: {what}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     out_dir = args.output_dir
     if not (args.x and args.y):
@@ -319,15 +324,19 @@ def _align(args) -> int:
 def _knn_backend(backend, options):
     """``--backend`` plus ``--knn-option KEY=VALUE`` -> what ``align_models`` takes: the name
     (or spec string) as given, or an ``AnnParams`` when options are given."""
-    if not options:
-        return backend
-    from prh_fast._backend import ANN_BACKENDS
+    from prh_fast._backend import ANN_BACKENDS, KNN_BACKENDS
+    from prh_fast.knn import AnnParams
 
     name = (backend or "").partition(":")[0].lower()
+    if backend is not None and name not in KNN_BACKENDS:
+        raise _UserError(f"--backend {backend}: expected one of {', '.join(KNN_BACKENDS)}")
+    if not options:
+        if backend is not None and ":" in backend:
+            AnnParams.parse(backend)  # its options checked before any file is read
+        return backend
     if name not in ANN_BACKENDS:
         raise _UserError(f"--knn-option: applies to --backend {' / '.join(ANN_BACKENDS)}, "
-                         f"got --backend {backend}")
-    from prh_fast.knn import AnnParams
+                         + (f"got --backend {backend}" if backend else "and no --backend is given"))
 
     sep = "," if ":" in backend else ":"
     return AnnParams.parse(backend + sep + ",".join(options))
