@@ -17,10 +17,17 @@ Each rank merges a running top-k per query row. On CPU that is the native ``topk
 index order for the lower-index tie rule): the ring visits shards ``r, r+1, ..., P-1`` and then
 ``0, ..., r-1``, two increasing runs, so each run keeps its own list and the two lists are merged
 at the end by (score desc, index asc). On GPU (or without the native module) every merge is the
-order-independent ``select_topk``. Either way the lists are those of ``prh_fast.knn.knn``: the
-``k`` largest inner products, self excluded, ties to the lower global index.
+order-independent ``select_topk``. The running lists hold ``k' > k`` candidates with their
+fixed-order float64 scores (computed when they enter, from the key block in hand), and the final
+lists come out of ``prh_fast.knn._exact``'s certificate; rows it leaves open (near-ties:
+duplicated rows) get a second pass over the key shards (:class:`~prh_fast.knn._exact.Sweep`).
+Either way the lists are those of ``prh_fast.knn.knn``: the ``k`` largest fixed-order inner
+products, self excluded, ties to the lower global index. Shards are scaled by the same power of
+two when the global largest row norm would take the products out of range (as ``knn`` does).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -34,6 +41,7 @@ from prh_fast.distributed._env import (
     world,
 )
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET
+from prh_fast.knn._exact import Sweep, candidate_count, finish, margins, search_exponent
 from prh_fast.knn._tiles import block_rows
 
 __all__ = ["knn", "shard"]
@@ -82,20 +90,22 @@ def _local_backend(backend, device) -> str:
 
 
 class _Merger:
-    """Running top-k of ``rows`` query rows (global ids ``q0 ..``) over key blocks fed in any
-    order. ``native``: CPU ``topk_update``, one list per increasing run of key offsets; else
-    ``select_topk`` on the device."""
+    """Running candidates of ``rows`` query rows (global ids ``q0 ..``) over key blocks fed in
+    any order: the ``kc`` best keys by product score with their fixed-order scores. ``native``:
+    CPU ``topk_update``, one list per increasing run of key offsets; else ``merge_tile`` on the
+    device."""
 
-    def __init__(self, Q, q0: int, k: int, budget: int, native: bool):
-        self.Q, self.q0, self.k, self.budget = Q, q0, k, budget
+    def __init__(self, Q, q0: int, kc: int, budget: int, native: bool):
+        self.Q, self.q0, self.k, self.budget = Q, q0, kc, budget
         self.native = native
         self.rows = Q.shape[0]
-        self.runs = []  # native: [vals ndarray, idx ndarray]
+        self.runs = []  # native: [vals, idx, fixed] ndarrays
         self.last = -1
-        self.vals = self.idx = None
+        self.run = None
         if not native:
-            self.vals = torch.full((self.rows, 0), float("-inf"), dtype=Q.dtype, device=Q.device)
-            self.idx = torch.empty((self.rows, 0), dtype=torch.int64, device=Q.device)
+            self.run = (torch.full((self.rows, 0), float("-inf"), dtype=Q.dtype, device=Q.device),
+                        torch.empty((self.rows, 0), dtype=torch.int64, device=Q.device),
+                        torch.empty((self.rows, 0), dtype=torch.float64, device=Q.device))
 
     def add(self, K, k0: int):
         """Merge keys ``K`` ``[m, D]`` with global ids ``k0 .. k0 + m - 1``."""
@@ -103,7 +113,7 @@ class _Merger:
         if m == 0 or self.rows == 0:
             return
         cols = min(m, max(self.k, 1024 if self.native else 4096))
-        rows = min(self.rows, block_rows(cols + self.k, self.Q.element_size() + 8, self.budget,
+        rows = min(self.rows, block_rows(cols + self.k, self.Q.element_size() + 16, self.budget,
                                          buffers=3))
         if self.native:
             self._add_native(K, k0, rows, cols)
@@ -117,10 +127,13 @@ class _Merger:
         if k0 < self.last or not self.runs:
             npd = np.float64 if self.Q.dtype == torch.float64 else np.float32
             self.runs.append((np.full((self.rows, self.k), -np.inf, dtype=npd),
-                              np.full((self.rows, self.k), -1, dtype=np.int64)))
+                              np.full((self.rows, self.k), -1, dtype=np.int64),
+                              np.full((self.rows, self.k), -np.inf, dtype=np.float64)))
         self.last = k0
-        vals, idx = self.runs[-1]
+        vals, idx, fixed = self.runs[-1]
         buf = torch.empty(rows * cols, dtype=self.Q.dtype)
+        K = K.contiguous()
+        qn, kn = self.Q.numpy(), K.numpy()
         for c0 in range(0, K.shape[0], cols):
             c1 = min(K.shape[0], c0 + cols)
             Kt = K[c0:c1].T
@@ -128,51 +141,92 @@ class _Merger:
                 r1 = min(self.rows, r0 + rows)
                 S = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
                 torch.mm(self.Q[r0:r1], Kt, out=S)
-                _C.topk_update(S.numpy(), self.q0 + r0, k0 + c0, vals[r0:r1], idx[r0:r1], True)
+                _C.topk_update(S.numpy(), self.q0 + r0, k0 + c0, vals[r0:r1], idx[r0:r1], True,
+                               qn[r0:r1], kn[c0:c1], fixed[r0:r1])
 
     def _add_torch(self, K, k0, rows, cols):
-        from prh_fast.knn._torch import select_topk
+        from prh_fast.knn._torch import merge_tile
 
         dev = self.Q.device
         K = K.to(dev)
-        out_v, out_i = [], []
+        out = []
         for r0 in range(0, self.rows, rows):
             r1 = min(self.rows, r0 + rows)
-            run_v, run_i = self.vals[r0:r1], self.idx[r0:r1]
-            qi = torch.arange(self.q0 + r0, self.q0 + r1, device=dev).unsqueeze(1)
+            run = tuple(t[r0:r1] for t in self.run)
+            qids = torch.arange(self.q0 + r0, self.q0 + r1, device=dev)
             for c0 in range(0, K.shape[0], cols):
                 c1 = min(K.shape[0], c0 + cols)
-                s = self.Q[r0:r1] @ K[c0:c1].T
-                ids = torch.arange(k0 + c0, k0 + c1, device=dev).expand(r1 - r0, -1)
-                s = s.masked_fill(ids == qi, float("-inf"))
-                cat_v = torch.cat([run_v, s], dim=1)
-                cat_i = torch.cat([run_i, ids], dim=1)
-                run_v, run_i = select_topk(cat_v, cat_i, min(self.k, cat_v.shape[1]))
-            out_v.append(run_v)
-            out_i.append(run_i)
-        self.vals, self.idx = torch.cat(out_v), torch.cat(out_i)
+                run = merge_tile(run, self.Q[r0:r1], K[c0:c1], qids, k0 + c0, self.k, True)
+            out.append(run)
+        self.run = tuple(torch.cat([o[t] for o in out]) for t in range(3))
 
-    def result(self):
-        """``(idx [rows, k] int64, vals [rows, k])`` in canonical order."""
+    def candidates(self):
+        """``(idx, prod, fixed)`` ``[rows, kc]``."""
         from prh_fast.knn._torch import select_topk
 
-        if self.native:
-            if not self.runs:
-                dt = self.Q.dtype
-                return (torch.empty((self.rows, self.k), dtype=torch.int64),
-                        torch.empty((self.rows, self.k), dtype=dt))
+        if not self.native:
+            v, i, f = self.run
+        elif not self.runs:
+            dt = self.Q.dtype
+            return (torch.empty((self.rows, self.k), dtype=torch.int64),
+                    torch.empty((self.rows, self.k), dtype=dt),
+                    torch.empty((self.rows, self.k), dtype=torch.float64))
+        else:
             v = torch.from_numpy(np.concatenate([r[0] for r in self.runs], axis=1))
             i = torch.from_numpy(np.concatenate([r[1] for r in self.runs], axis=1))
+            f = torch.from_numpy(np.concatenate([r[2] for r in self.runs], axis=1))
             if len(self.runs) > 1:
                 # Unfilled slots (-inf, id -1) sort last only if some real score beats them,
-                # which holds for finite inputs: there are N - 1 >= k real candidates.
-                v, i = select_topk(v, i, self.k)
-        else:
-            v, i = self.vals, self.idx
-        if self.rows and (i.shape[1] < self.k or bool((i < 0).any())
-                          or not bool(torch.isfinite(v).all())):
+                # which holds for finite inputs: there are N - 1 >= kc real candidates.
+                v, i, f = select_topk(v, i, self.k, f)
+        if self.rows and (i.shape[1] < self.k or bool((i < 0).any())):
             raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
-        return i, v
+        return i, v, f
+
+
+def _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, fn):
+    """Call ``fn(K, k0)`` with every rank's key shard (global ids from ``k0``), by an all-gather
+    or around the ring; collective on every rank."""
+    import torch.distributed as dist
+
+    nmax = max(sizes)
+
+    def send_ready(x):
+        return x.to(device=cdev, dtype=dtype).contiguous()
+
+    if mode == "allgather":
+        pad = torch.zeros((nmax, D), dtype=dtype, device=cdev)
+        pad[: sizes[rank]] = send_ready(Q)
+        bufs = [torch.empty_like(pad) for _ in range(P)]
+        with collective("all-gathering the key shards"):
+            dist.all_gather(bufs, pad)
+        for src in range(P):
+            fn(bufs[src][: sizes[src]].to(work_dev), offs[src])
+        return
+    cur = torch.empty((nmax, D), dtype=dtype, device=cdev)
+    nxt = torch.empty_like(cur)
+    cur[: sizes[rank]] = send_ready(Q)
+    left, right = (rank - 1) % P, (rank + 1) % P
+    for s in range(P):
+        src = (rank + s) % P
+        works = []
+        if s < P - 1:
+            nsrc = (src + 1) % P
+            ops = []
+            if sizes[src]:
+                ops.append(dist.P2POp(dist.isend, cur[: sizes[src]], left))
+            if sizes[nsrc]:
+                ops.append(dist.P2POp(dist.irecv, nxt[: sizes[nsrc]], right))
+            if ops:
+                with collective(f"ring step {s + 1}/{P - 1} (posting the shard exchange)",
+                                peers=[left, right]):
+                    works = dist.batch_isend_irecv(ops)
+        fn(cur[: sizes[src]].to(work_dev), offs[src])
+        with collective(f"ring step {s + 1}/{P - 1}: sending the key shard to rank {left} "
+                        f"and receiving one from rank {right}", peers=[left, right]):
+            for w in works:
+                w.wait()
+        cur, nxt = nxt, cur
 
 
 def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: int | None = None,
@@ -225,9 +279,15 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
         from prh_fast.knn import knn as knn1
 
         return knn1(t, k, memory_budget=budget, backend=backend, return_scores=return_scores)
-    # Everyone learns everyone's shape and dtype (and errors) in one object all-gather.
-    info = None if t is None else (int(t.shape[0]), int(t.shape[1]),
-                                   t.dtype == torch.float64)
+    # Everyone learns everyone's shape, dtype and largest row norm (and errors) in one object
+    # all-gather.
+    from prh_fast.prepare import row_norms
+
+    info = None
+    if t is not None:
+        tn = row_norms(t) if t.shape[0] else torch.zeros(0, dtype=torch.float64)
+        info = (int(t.shape[0]), int(t.shape[1]), t.dtype == torch.float64,
+                float(tn.max()) if tn.numel() else 0.0)
     metas = [None] * P
     with collective("exchanging shard shapes"):
         dist.all_gather_object(metas, (None if err is None else (type(err).__name__, str(err)),
@@ -255,56 +315,47 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
     out_dev = t.device
     cdev = comm_device()
     work_dev = t.device if t.device.type == "cuda" else cdev
+    # every rank scales by the same power of two when the products would leave the range
+    e_scale = search_exponent(max(m[1][3] for m in metas), dtype)
     Q = t.to(device=work_dev, dtype=dtype).contiguous()
+    if e_scale:
+        Q = torch.ldexp(Q, torch.tensor(-e_scale, device=Q.device)).to(dtype)
+    qn = row_norms(Q) if Q.shape[0] else torch.zeros(0, dtype=torch.float64, device=Q.device)
+    kmax = math.ldexp(max(m[1][3] for m in metas), -e_scale)
     native = _local_backend(backend, work_dev) == "cpu"
-    merger = _Merger(Q, offs[rank], k, budget, native)
+    kc = candidate_count(k, N - 1)
+    merger = _Merger(Q, offs[rank], kc, budget, native)
     nmax = max(sizes)
     itemsize = torch.finfo(dtype).bits // 8
     if mode == "auto":
         mode = "allgather" if P * nmax * D * itemsize <= budget else "ring"
-
-    def send_ready(x):
-        return x.to(device=cdev, dtype=dtype).contiguous()
-
-    if mode == "allgather":
-        pad = torch.zeros((nmax, D), dtype=dtype, device=cdev)
-        pad[: sizes[rank]] = send_ready(Q)
-        bufs = [torch.empty_like(pad) for _ in range(P)]
-        with collective("all-gathering the key shards"):
-            dist.all_gather(bufs, pad)
-        for src in range(P):
-            merger.add(bufs[src][: sizes[src]].to(work_dev), offs[src])
-    else:
-        cur = torch.empty((nmax, D), dtype=dtype, device=cdev)
-        nxt = torch.empty_like(cur)
-        cur[: sizes[rank]] = send_ready(Q)
-        left, right = (rank - 1) % P, (rank + 1) % P
-        for s in range(P):
-            src = (rank + s) % P
-            works = []
-            if s < P - 1:
-                nsrc = (src + 1) % P
-                ops = []
-                if sizes[src]:
-                    ops.append(dist.P2POp(dist.isend, cur[: sizes[src]], left))
-                if sizes[nsrc]:
-                    ops.append(dist.P2POp(dist.irecv, nxt[: sizes[nsrc]], right))
-                if ops:
-                    with collective(f"ring step {s + 1}/{P - 1} (posting the shard exchange)",
-                                    peers=[left, right]):
-                        works = dist.batch_isend_irecv(ops)
-            merger.add(cur[: sizes[src]].to(work_dev), offs[src])
-            with collective(f"ring step {s + 1}/{P - 1}: sending the key shard to rank {left} "
-                            f"and receiving one from rank {right}", peers=[left, right]):
-                for w in works:
-                    w.wait()
-            cur, nxt = nxt, cur
+    _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, merger.add)
+    rows = thr = None
     try:
-        idx, vals = merger.result()
+        ci, cv, cf = merger.candidates()
+        e = margins(qn.to(cv.device), kmax, D, dtype)
+        idx, vals, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=kc >= N - 1)
         err = None
-    except ValueError as e:
-        err = e
+    except ValueError as e_:
+        err = e_
     agree(err, what="search result check")
+    # rows the certificate left open (near-ties) on any rank: one more pass over the keys
+    open_rows = [None] * P
+    with collective("sharing the rows left to re-score"):
+        dist.all_gather_object(open_rows, int(rows.numel()))
+    if any(open_rows):
+        sweep = Sweep(Q[rows.to(Q.device)], rows.to(Q.device) + offs[rank], thr, k, budget)
+        _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, sweep.add)
+        try:
+            si, sv = sweep.result()
+            idx[rows], vals[rows] = si.to(idx.device), sv.to(vals.device)
+            err = None
+        except ValueError as e_:
+            err = e_
+        agree(err, what="re-score check")
+    if e_scale:
+        vals = torch.ldexp(vals, torch.tensor(2 * e_scale, device=vals.device))
+    vals = _checked_scores(vals, dtype)
     if gather == "none":
         idx, vals = idx.to(out_dev), vals.to(out_dev)
         return (idx, vals) if return_scores else idx
@@ -326,3 +377,12 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
     idx = full[:, :k].to(torch.int64).to(out_dev)
     vals = full[:, k:].to(dtype).to(out_dev)
     return (idx, vals) if return_scores else idx
+
+
+def _checked_scores(vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scores in the compute dtype; inf where the float64 ones were finite means overflow."""
+    out = vals.to(dtype)
+    if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
+        raise ValueError(f"X: the neighbours' inner products exceed the {dtype} range; pass "
+                         f"float64 features or normalise the rows")
+    return out

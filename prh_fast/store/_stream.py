@@ -77,6 +77,8 @@ COUNTERS: collections.Counter = collections.Counter()
 
 #: Cache format version: bump when a cached result's meaning changes.
 _CACHE_VERSION = 1
+#: Version of the cached neighbour lists (2: ranked by fixed-order float64 scores).
+_KNN_CACHE_VERSION = 2
 
 # Integer view, bit width and the key of +inf (smallest non-finite |x| key) per stored dtype.
 _BITS = {torch.float16: (torch.int16, 16, 0x7C00),
@@ -433,9 +435,12 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
     from prh_fast.knn._cpu import cpu_tile
     from prh_fast.knn._torch import torch_tiles
 
+    from prh_fast.knn._exact import candidate_count
+
     item = torch.empty((), dtype=compute_dtype).element_size()
     budget = int(memory_budget)
     keyrow = d * (2 * item + store_itemsize)  # a key row: raw read, cast, prepared
+    k = candidate_count(k, n - 1)  # the lists hold candidates (product + fixed scores)
 
     def cost(tile_budget):
         if backend == "cpu":
@@ -447,8 +452,8 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
             rows, cols = torch_tiles(n, n, k, item, tile_budget)
             plan = {"backend": "torch", "rows": rows, "cols": cols, "blocks": -(-n // rows)}
             # knn_torch's scratch (score tile + merge buffers), 2 key tiles in flight
-            fixed = 3 * rows * (cols + k) * (item + 8) + 2 * cols * keyrow
-            per = rows * d * item + 2 * rows * k * (item + 8)  # a query block and its lists
+            fixed = 3 * rows * (cols + k) * (item + 16) + 2 * cols * keyrow
+            per = rows * d * item + 2 * rows * k * (item + 16)  # a query block and its lists
         plan["tile_budget"] = int(tile_budget)
         return plan, fixed, per
 
@@ -464,15 +469,36 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
     return plan
 
 
-def _search_cpu(prep: StreamPrep, l: int, k: int, plan: dict, bar):
+class _Scaled:
+    """Prepared rows of one layer times ``2**-e`` (exact): the search's view of the layer when
+    its inner products would leave the compute dtype's range (``prh_fast.knn._exact``)."""
+
+    def __init__(self, prep: StreamPrep, e: int):
+        self.prep, self.e = prep, e
+        self.n, self.dims, self.name, self.dtype = prep.n, prep.dims, prep.name, prep.dtype
+        self.device = prep.device
+
+    def rows(self, l: int, a: int, b: int) -> torch.Tensor:
+        x = self.prep.rows(l, a, b)
+        if self.e == 0:
+            return x
+        return torch.ldexp(x, torch.tensor(-self.e, device=x.device)).to(x.dtype)
+
+
+def _search_cpu(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
+    """Candidates ``(idx, prod, fixed)`` ``[N, kc]`` of the symmetric tile search, with the
+    fixed-order scores of every entrant (the tile's rows are in hand); ``norms[N]`` receives
+    the rows' float64 norms (each row is read once as a panel row)."""
     from prh_fast._native import native
+    from prh_fast.prepare import row_norms
 
     _C = native()
     n, d = prep.n, prep.dims[l]
     b, P = plan["tile"], plan["panel"]
     np_dtype = np.float64 if prep.dtype == torch.float64 else np.float32
-    vals = np.full((n, k), -np.inf, dtype=np_dtype)
-    idx = np.full((n, k), -1, dtype=np.int64)
+    vals = np.full((n, kc), -np.inf, dtype=np_dtype)
+    idx = np.full((n, kc), -1, dtype=np.int64)
+    fixed = np.full((n, kc), -np.inf, dtype=np.float64)
     starts = list(range(0, n, b))
     nb = len(starts)
     buf = torch.empty(b * b, dtype=prep.dtype)
@@ -483,9 +509,12 @@ def _search_cpu(prep: StreamPrep, l: int, k: int, plan: dict, bar):
     def tile(Xi, i0, i1, Kj, j0, j1, both):
         S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
         torch.mm(Xi, Kj.T, out=S)
-        _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True)
+        xi, kj = Xi.numpy(), Kj.numpy()
+        _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True, xi, kj,
+                       fixed[i0:i1])
         if both:
-            _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True)
+            _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True, kj, xi,
+                           fixed[j0:j1])
         bar.update(1)
 
     for p0 in range(0, nb, P):
@@ -495,6 +524,7 @@ def _search_cpu(prep: StreamPrep, l: int, k: int, plan: dict, bar):
         for J in range(p0, p1):  # block by block: raw-read scratch stays one block
             j0, j1 = span(J)
             panel[j0 - r0:j1 - r0] = prep.rows(l, j0, j1)
+        norms[r0:r1] = row_norms(panel)
         # inside the panel: the in-memory order (outer I, inner J >= I)
         for I in range(p0, p1):
             i0, i1 = span(I)
@@ -512,53 +542,128 @@ def _search_cpu(prep: StreamPrep, l: int, k: int, plan: dict, bar):
     if (idx < 0).any():
         raise ValueError(f"{prep.name}: layer {l}: neighbour search produced empty slots "
                          f"(non-finite scores?)")
-    return torch.from_numpy(idx), torch.from_numpy(vals)
+    return torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(fixed)
 
 
-def _search_torch(prep: StreamPrep, l: int, k: int, plan: dict, bar):
-    from prh_fast.knn._torch import select_topk
+def _search_torch(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
+    """Candidates ``(idx, prod, fixed)`` of the query-block x key-tile merge
+    (``prh_fast.knn._torch.merge_tile``), on the device; ``norms`` as in ``_search_cpu``."""
+    from prh_fast.knn._torch import merge_tile
+    from prh_fast.prepare import row_norms
 
     n = prep.n
     dev = prep.device
     rows, cols, P = plan["rows"], plan["cols"], plan["panel"]
-    out_v = torch.empty((n, k), dtype=prep.dtype, device=dev)
-    out_i = torch.empty((n, k), dtype=torch.int64, device=dev)
+    out_v = torch.empty((n, kc), dtype=prep.dtype, device=dev)
+    out_i = torch.empty((n, kc), dtype=torch.int64, device=dev)
+    out_f = torch.empty((n, kc), dtype=torch.float64, device=dev)
     qstarts = list(range(0, n, rows))
     kstarts = list(range(0, n, cols))
     for p0 in range(0, len(qstarts), P):
         blocks = [(r0, min(n, r0 + rows)) for r0 in qstarts[p0:p0 + P]]
         Q = [prep.rows(l, r0, r1) for r0, r1 in blocks]
+        for (r0, r1), q in zip(blocks, Q):
+            norms[r0:r1] = row_norms(q).to(norms.device)
         run = [(torch.full((r1 - r0, 0), float("-inf"), dtype=prep.dtype, device=dev),
-                torch.empty((r1 - r0, 0), dtype=torch.int64, device=dev)) for r0, r1 in blocks]
+                torch.empty((r1 - r0, 0), dtype=torch.int64, device=dev),
+                torch.empty((r1 - r0, 0), dtype=torch.float64, device=dev))
+               for r0, r1 in blocks]
         for c0, K in _prefetched(lambda c0: prep.rows(l, c0, min(n, c0 + cols)), kstarts):
             c1 = c0 + K.shape[0]
             for j, ((r0, r1), q) in enumerate(zip(blocks, Q)):
-                # prh_fast.knn._torch.knn_torch's step, on the same shapes
-                s = q @ K.T
-                ids = torch.arange(c0, c1, device=dev).expand(r1 - r0, -1)
-                if c0 < r1 and r0 < c1:
-                    qi = torch.arange(r0, r1, device=dev).unsqueeze(1)
-                    s = s.masked_fill(ids == qi, float("-inf"))
-                cat_v = torch.cat([run[j][0], s], dim=1)
-                cat_i = torch.cat([run[j][1], ids], dim=1)
-                run[j] = select_topk(cat_v, cat_i, min(k, cat_v.shape[1]))
+                qids = torch.arange(r0, r1, device=dev)
+                run[j] = merge_tile(run[j], q, K, qids, c0, kc, c0 < r1 and r0 < c1)
                 bar.update(1)
-        for (r0, r1), (v, i) in zip(blocks, run):
-            out_v[r0:r1], out_i[r0:r1] = v, i
+        for (r0, r1), (v, i, f) in zip(blocks, run):
+            out_v[r0:r1], out_i[r0:r1], out_f[r0:r1] = v, i, f
         del Q, run
-    return out_i, out_v
+    return out_i, out_v, out_f
+
+
+def _read_rows(src, l: int, rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows ``rows`` (sorted ids) of layer ``l``, read block by block (only blocks holding one)."""
+    n = src.n
+    out = torch.empty((rows.numel(), src.dims[l]), dtype=src.dtype, device=src.device)
+    rows_cpu = rows.cpu()
+    for a in range(0, n, block):
+        sel = ((rows_cpu >= a) & (rows_cpu < a + block)).nonzero().squeeze(1)
+        if sel.numel():
+            x = src.rows(l, a, min(n, a + block))
+            out[sel.to(out.device)] = x[(rows_cpu[sel] - a).to(x.device)]
+    return out
+
+
+def _exact_lists(src, l: int, k: int, name: str, plan: dict, bar, budget: int):
+    """Exact lists ``(idx [N, k], fixed [N, k] float64)`` of one layer of ``src`` (prepared
+    rows, possibly scaled): the candidate search, the certificate, and a streamed sweep over the
+    layer for the rows it leaves open (``prh_fast.knn._exact``). Also returns ``max |x_i|``."""
+    from prh_fast.knn._exact import Sweep, candidate_count, finish, margins
+
+    n, d = src.n, src.dims[l]
+    kc = candidate_count(k, n - 1)
+    norms = torch.empty(n, dtype=torch.float64)
+    if name == "cpu":
+        ci, cv, cf = _search_cpu(src, l, kc, plan, bar, norms)
+    else:
+        ci, cv, cf = _search_torch(src, l, kc, plan, bar, norms)
+    kmax = float(norms.max())
+    e = margins(norms.to(cv.device), kmax, d, src.dtype)
+    idx, fixed, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=kc >= n - 1)
+    if rows.numel():
+        COUNTERS["knn_sweep_rows"] += int(rows.numel())
+        block = plan.get("tile") or plan.get("cols")
+        sw = Sweep(_read_rows(src, l, rows, block), rows, thr, k, budget)
+        for a, K in _prefetched(lambda a: src.rows(l, a, min(n, a + block)), range(0, n, block)):
+            sw.add(K, a)
+        idx[rows], fixed[rows] = sw.result()
+    return idx, fixed, kmax
+
+
+def _max_norm(src, l: int, block: int) -> float:
+    from prh_fast.prepare import row_norms
+
+    return max(float(row_norms(src.rows(l, a, min(src.n, a + block))).max())
+               for a in range(0, src.n, block))
+
+
+def _stream_search(prep: StreamPrep, l: int, k: int, name: str, plan: dict, bar, budget: int):
+    """``(idx, float64 scores)`` of one layer, searched in range: when the rows' inner products
+    would leave the compute dtype (features ~1e20 or ~1e-30 without normalisation), the search
+    is run again on the rows scaled by a power of two (exact; the scores are scaled back)."""
+    from prh_fast.knn._exact import search_exponent
+
+    block = plan.get("tile") or plan.get("cols")
+    try:
+        idx, fixed, kmax = _exact_lists(prep, l, k, name, plan, bar, budget)
+    except ValueError:  # non-finite products: out of range, or a real error (raised again)
+        kmax = _max_norm(prep, l, block)
+        if search_exponent(kmax, prep.dtype) == 0:
+            raise
+    e = search_exponent(kmax, prep.dtype)
+    if e == 0:
+        return idx, fixed
+    idx, fixed, _ = _exact_lists(_Scaled(prep, e), l, k, name, plan, bar, budget)
+    return idx, torch.ldexp(fixed, torch.tensor(2 * e, device=fixed.device))
+
+
+def _self_scores(prep: StreamPrep, l: int, block: int) -> torch.Tensor:
+    """``fixed(x_i, x_i)`` of every prepared row (``prh_fast.knn._exact.fixed_self``)."""
+    from prh_fast.knn._exact import fixed_self
+
+    return torch.cat([fixed_self(prep.rows(l, a, min(prep.n, a + block)))
+                      for a in range(0, prep.n, block)])
 
 
 def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
                normalize: bool = True, device=None, backend=None,
                memory_budget: int | None = None, return_scores: bool = False,
-               progress: bool = False, cache: bool = True):
+               progress: bool = False, cache: bool = True, include_self: bool = False):
     """Exact neighbour lists ``[N, k]`` (int64, on ``device``) of one layer of a store.
 
     Equal to ``prh_fast.knn.knn(X, k)`` of the layer prepared in memory (``X`` = the layer of
     ``prepare_features(feats, q, exact)``, rows L2-normalised when ``normalize``): self
-    excluded, by decreasing inner product, ties to the lower index; see the module docstring
-    for how the streamed search keeps the lists identical.
+    excluded, by decreasing fixed-order inner product, ties to the lower index (see the module
+    docstring and ``prh_fast.knn._exact``).
 
     Args:
         store: a store folder or :class:`FeatureStore`.
@@ -570,19 +675,40 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
         backend: ``"auto"`` (native ``cpu`` on CPU, ``torch`` on CUDA), ``"cpu"`` or ``"torch"``.
         memory_budget: bytes of scratch (tiles, query panel, key blocks in flight); the
             ``[N, k]`` result is not counted. Default ``DEFAULT_STREAM_BUDGET``.
-        return_scores: also return the ``[N, k]`` inner products (compute dtype).
+        return_scores: also return the ``[N, k]`` inner products (compute dtype; ValueError
+            when they overflow it).
         progress: a tqdm bar over tiles with rate and ETA.
         cache: read / write the lists in the store's cache (``cache/``, atomic writes).
+        include_self: the row's own entry competes too (``knn(..., include_self=True)``).
 
     Raises:
         ValueError naming the argument: bad ``layer`` / ``k`` / ``q`` / ``backend``, a
         ``memory_budget`` that is not positive or too small for one block, NaN/Inf values.
     """
+    idx, vals, cd = _stream_knn(store, layer, k, q=q, exact=exact, normalize=normalize,
+                                device=device, backend=backend, memory_budget=memory_budget,
+                                progress=progress, cache=cache, include_self=include_self)
+    if not return_scores:
+        return idx
+    out = vals.to(cd)
+    if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
+        raise ValueError(f"store: layer {layer}: the neighbours' inner products exceed the {cd} "
+                         f"range; normalise the rows or leave return_scores=False")
+    return idx, out
+
+
+def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=None,
+                backend=None, memory_budget=None, progress=False, cache=True,
+                include_self=False):
+    """``stream_knn``'s work: ``(idx, float64 scores, compute dtype)``."""
     from prh_fast._validate import check_topk
+    from prh_fast.knn._exact import merge_self
 
     st = as_store(store)
     l = _check_layer(st, layer)
     k = check_topk(k, st.n, "k")
+    if not isinstance(include_self, bool):
+        raise ValueError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_budget(memory_budget)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = _resolve_backend(backend, dev)
@@ -591,13 +717,14 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
     d = st.dims[l]
     plan = knn_plan(st.n, d, k, backend=name, compute_dtype=prep.dtype,
                     store_itemsize=st.dtype.itemsize, memory_budget=budget)
-    settings = {"kind": "knn", "version": _CACHE_VERSION, "layer": l, "k": k,
+    settings = {"kind": "knn", "version": _KNN_CACHE_VERSION, "layer": l, "k": k,
                 **prep.settings(), "backend": name, "device": dev.type,
                 "tiles": {a: v for a, v in plan.items()
                           if a in ("tile", "rows", "cols")}}
     fname = f"knn-l{l}-k{k}-{_digest(settings)}.safetensors"
     got = _cache_get(st, fname, settings) if cache else None
-    if got is not None and got.get("idx") is not None and tuple(got["idx"].shape) == (st.n, k):
+    if got is not None and got.get("idx") is not None and tuple(got["idx"].shape) == (st.n, k) \
+            and got.get("vals") is not None and got["vals"].dtype == torch.float64:
         COUNTERS["knn_cache_hits"] += 1
         idx, vals = got["idx"].to(dev), got["vals"].to(dev)
     else:
@@ -607,16 +734,16 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
         total = nb * (nb + 1) // 2 if name == "cpu" else nb * -(-st.n // plan["cols"])
         bar = _bar(total, f"knn {st.path} layer {l}", "tile", progress)
         try:
-            if name == "cpu":
-                idx, vals = _search_cpu(prep, l, k, plan, bar)
-            else:
-                idx, vals = _search_torch(prep, l, k, plan, bar)
+            idx, vals = _stream_search(prep, l, k, name, plan, bar, budget)
         finally:
             bar.close()
         if cache:
             _cache_put(st, fname, {"idx": idx.cpu(), "vals": vals.cpu()}, settings)
         idx, vals = idx.to(dev), vals.to(dev)
-    return (idx, vals) if return_scores else idx
+    if include_self:
+        selfs = _self_scores(prep, l, plan.get("tile") or plan.get("cols")).to(dev)
+        idx, vals = merge_self(idx, vals, selfs, k)
+    return idx, vals, prep.dtype
 
 
 def prepared_bytes(store, normalize: bool = True) -> int:
