@@ -31,7 +31,7 @@ from prh_fast._validate import (as_features, as_tensor, check_memory_budget, che
                                 check_topk, compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import SUPPORTED_METRICS
-from prh_fast.metrics._cknna import cknna_terms
+from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_terms
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import _standardised, _top_eig
@@ -187,14 +187,17 @@ def _cknna_sim(n, p, q, unbiased):
     return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
 
 
-def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, reports=None):
+def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, reports=None,
+                exclude_self=None):
     """One side's ``(lists, self_sims)``: per layer the (indices, similarities) of the search
     and ``sim(K, K)`` (invariant to a relabelling of the samples, so computed once).
-    ``reports``: as in ``_knn_side``."""
+    ``reports``: as in ``_knn_side``. The row's own entry competes for the top-k unless
+    ``cknna_excludes_self(unbiased, exclude_self)`` (the reference: only when unbiased)."""
     n = xs[0].shape[0]
+    excl = cknna_excludes_self(unbiased, exclude_self)
 
     def lists(x):
-        i, s, rep = knn(x, topk, backend=backend, return_scores=True, return_report=True)
+        i, s, rep = cknna_lists(x, topk, backend, excl, return_report=True)
         if reports is not None:
             reports.append(rep)
         s = torch.ones_like(s, dtype=torch.float64) if distance_agnostic else s.double()
@@ -205,14 +208,14 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, repor
 
 
 def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False,
-                x_cache=None, y_cache=None, ann=None):
+                exclude_self=None, x_cache=None, y_cache=None, ann=None):
     n = xs[0].shape[0]
     ann = {} if ann is None else ann
     t0 = time.perf_counter()
     la, self_a = x_cache or _cknna_side(xs, topk, backend, unbiased, distance_agnostic,
-                                        ann.setdefault("x", []))
+                                        ann.setdefault("x", []), exclude_self)
     lb, self_b = y_cache or _cknna_side(ys, topk, backend, unbiased, distance_agnostic,
-                                        ann.setdefault("y", []))
+                                        ann.setdefault("y", []), exclude_self)
     timings["knn"] = time.perf_counter() - t0
 
     def sim(p, q):
@@ -427,7 +430,9 @@ def _metric_options(metric, n, topk, metric_kwargs):
         return k, opts
     if metric == "cknna":
         opts = {"unbiased": bool(kw.pop("unbiased", True)),
-                "distance_agnostic": bool(kw.pop("distance_agnostic", False))}
+                "distance_agnostic": bool(kw.pop("distance_agnostic", False)),
+                "exclude_self": kw.pop("exclude_self", None)}
+        cknna_excludes_self(opts["unbiased"], opts["exclude_self"])  # a bad value is an error
         _no_extra(metric, kw)
         if opts["unbiased"] and n < 4:
             raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")

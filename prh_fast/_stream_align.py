@@ -116,24 +116,28 @@ class StreamPolicy:
         """The model's neighbour data in the form ``prh_fast._align._knn_side`` (``[L, N, k]``)
         or ``_cknna_side`` (``(lists, self_sims)``) returns it."""
         from prh_fast._align import _cknna_sim
-        from prh_fast.store._stream import stream_knn
+        from prh_fast.metrics._cknna import cknna_excludes_self
+        from prh_fast.store._stream import _stream_knn
 
         p = self.prep(m)
         L = p.store.num_layers
+        include_self = metric == "cknna" and not cknna_excludes_self(
+            opts.get("unbiased", True), opts.get("exclude_self"))
 
-        def search(l, scores):
-            return stream_knn(p.store, l, k, q=self.q, exact=self.exact,
-                              normalize=self.normalize, device=self.device, backend=self.backend,
-                              memory_budget=self.budget, return_scores=scores,
-                              progress=self.progress)
+        def search(l):
+            # (idx, float64 scores): the in-memory path's lists and similarities
+            i, s, _ = _stream_knn(p.store, l, k, q=self.q, exact=self.exact,
+                                  normalize=self.normalize, device=self.device,
+                                  backend=self.backend, memory_budget=self.budget,
+                                  progress=self.progress, include_self=include_self)
+            return i, s
 
         if metric != "cknna":
-            return torch.stack([search(l, False) for l in range(L)])
+            return torch.stack([search(l)[0] for l in range(L)])
         lists = []
         for l in range(L):
-            i, s = search(l, True)
-            s = (torch.ones_like(s, dtype=torch.float64) if opts.get("distance_agnostic")
-                 else s.double())
+            i, s = search(l)
+            s = torch.ones_like(s, dtype=torch.float64) if opts.get("distance_agnostic") else s
             lists.append((i, s))
         n = p.n
         return lists, [_cknna_sim(n, x, x, opts.get("unbiased", True)) for x in lists]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from prh_fast._validate import as_pair, check_positive_int, check_topk, compute_dtype
+from prh_fast._validate import (as_pair, check_memory_budget, check_positive_float,
+                                check_positive_int, check_topk, compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.metrics._cknna import cknna_terms
+from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_terms
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums, linear_cka, rbf_cka
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca as _svcca
@@ -86,7 +87,8 @@ def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
 
     ``kernel_metric='ip'`` (linear, computed in feature space) or ``'rbf'``
     (``exp(-||a_i - a_j||² / (2 rbf_sigma²))``, streamed in row blocks). ``unbiased`` selects the
-    unbiased HSIC estimator (needs N >= 4).
+    unbiased HSIC estimator (needs N >= 4). Features of any scale: products are formed from
+    features scaled by a power of two, which is undone exactly.
     """
     A, B = as_pair(feats_A, feats_B)
     n = A.shape[0]
@@ -97,12 +99,10 @@ def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
     if n < 2:
         raise ValueError(f"cka needs at least 2 samples, got N = {n} (feats_A/feats_B)")
     dtype = torch.promote_types(compute_dtype(A), compute_dtype(B))
+    budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
     if kernel_metric == "ip":
         return linear_cka(A, B, dtype, bool(unbiased))
-    sigma = float(rbf_sigma)
-    if not sigma > 0 or sigma == float("inf"):
-        raise ValueError(f"rbf_sigma: expected a positive finite number, got {rbf_sigma!r}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    sigma = check_positive_float(rbf_sigma, "rbf_sigma")
     return rbf_cka(A, B, dtype, sigma, bool(unbiased), budget)
 
 
@@ -113,12 +113,20 @@ def unbiased_cka(*args, **kwargs) -> float:
 
 
 def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *,
-          backend=None) -> float:
+          backend=None, exclude_self=None) -> float:
     """CKA restricted to mutual k-nearest neighbours (CKNNA).
 
-    ``M = M_K ∘ M_L`` with ``M_P[i, j] = 1`` for ``j`` among row ``i``'s ``topk`` largest (self
-    excluded); ``sim(P, Q) = hsic(M∘P, M∘Q)`` (unbiased by default), the score is
+    ``M = M_K ∘ M_L`` with ``M_P[i, j] = 1`` for ``j`` among the ``topk`` largest entries of
+    row ``i`` of ``P``; ``sim(P, Q) = hsic(M∘P, M∘Q)`` (unbiased by default), the score is
     ``sim(K,L) / (sqrt(sim(K,K) sim(L,L)) + 1e-6)`` where ``sim(K,K)`` uses ``M_K`` alone.
+
+    Which entries compete for the top-k, as the reference: with ``unbiased=True`` the diagonal
+    is excluded (a point is not its own neighbour); with ``unbiased=False`` the whole row
+    competes, so row ``i``'s own entry ``K_ii`` is eligible (on normalised features it usually
+    wins: self-similarity 1). ``exclude_self`` overrides that: ``True`` always excludes the
+    diagonal (the corrected biased variant), ``False`` never does; ``None`` (default) follows
+    the reference.
+
     ``topk=None`` means ``N - 1`` (the reference crashes there). With ``distance_agnostic`` the
     masked kernels are replaced by the 0/1 mask itself: ``sim = hsic(M, M)`` (the reference's
     version of that branch does not run; this is our documented reading of it).
@@ -128,9 +136,9 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *
     if unbiased and n < 4:
         raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n} (feats_A/feats_B)")
     k = check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2)
-    ia, sa = knn(A, k, backend=backend, return_scores=True)
-    ib, sb = knn(B, k, backend=backend, return_scores=True)
-    sa, sb = sa.to(torch.float64), sb.to(torch.float64)
+    excl = cknna_excludes_self(unbiased, exclude_self)
+    ia, sa = cknna_lists(A, k, backend, excl)
+    ib, sb = cknna_lists(B, k, backend, excl)
     if distance_agnostic:
         sa, sb = torch.ones_like(sa), torch.ones_like(sb)
 

@@ -1,7 +1,10 @@
 """CKNNA in O(N·k) from two neighbour lists (SPEC, "cknna").
 
-``M_P[i, j] = 1`` for ``j`` in row ``i``'s top-k (self excluded), ``M = M_K ∘ M_L``, and the
-similarity is an HSIC estimator of the masked, non-symmetric matrices ``P = M∘K``, ``Q = M∘L``.
+``M_P[i, j] = 1`` for ``j`` in row ``i``'s top-k, ``M = M_K ∘ M_L``, and the similarity is an
+HSIC estimator of the masked, non-symmetric matrices ``P = M∘K``, ``Q = M∘L``. As the reference,
+the diagonal competes for the top-k unless ``unbiased=True`` (:func:`cknna_excludes_self`); the
+lists come from one search per layer (:func:`cknna_lists`), with the row's own entry merged in
+when it is eligible. The sums below work either way (an entry ``(i, i)`` is its own transpose).
 Only the ``N·k`` masked entries are touched; the five sums the estimators need are
 
 ``Σ_ij P_ij Q_ji`` (the transpose term: nonzero only where j ∈ M_i and i ∈ M_j), ``1ᵀP1``,
@@ -16,6 +19,26 @@ import torch
 
 from prh_fast import _native
 from prh_fast.metrics._neighbours import row_membership
+
+
+def cknna_excludes_self(unbiased, exclude_self) -> bool:
+    """Whether row ``i``'s own entry is kept out of its top-k: the reference masks the diagonal
+    only when ``unbiased``; ``exclude_self`` (True / False) overrides, ``None`` follows it."""
+    if exclude_self is None:
+        return bool(unbiased)
+    if not isinstance(exclude_self, bool):
+        raise ValueError(f"exclude_self: expected None, True or False, got {exclude_self!r}")
+    return exclude_self
+
+
+def cknna_lists(X, k: int, backend, exclude_self: bool, *, return_report: bool = False):
+    """One layer's CKNNA lists ``(idx [N, k], float64 similarities [N, k])`` -- and the search's
+    report with ``return_report``. ``exclude_self=False``: the top-k of the whole row of
+    ``X Xᵀ``, diagonal included (``knn(..., include_self=True)``)."""
+    from prh_fast.knn import _search
+
+    idx, vals, report, _ = _search(X, k, backend=backend, include_self=not exclude_self)
+    return (idx, vals, report) if return_report else (idx, vals)
 
 
 def cknna_terms(ia, sa, ib, sb):
