@@ -306,11 +306,12 @@ def unbiased_cka(*args, **kwargs) -> float:
     return cka(*args, **kwargs)
 
 
-def _topk_mask(P: torch.Tensor, topk: int) -> torch.Tensor:
-    """0/1 N x N mask: M[i, j] = 1 iff j is among the topk largest of row i of P with its
-    diagonal set to -inf (self excluded); ties go to the lower index (stable sort)."""
+def _topk_mask(P: torch.Tensor, topk: int, exclude_self: bool) -> torch.Tensor:
+    """0/1 N x N mask: M[i, j] = 1 iff j is among the topk largest of row i of P -- with its
+    diagonal set to -inf first when ``exclude_self`` (self excluded), else the whole row
+    (self eligible); ties go to the lower index (stable sort)."""
     n = P.shape[0]
-    Ph = P.clone().fill_diagonal_(float("-inf"))
+    Ph = P.clone().fill_diagonal_(float("-inf")) if exclude_self else P
     idx = torch.argsort(Ph, dim=1, descending=True, stable=True)[:, :topk]
     mask = torch.zeros(n, n, dtype=P.dtype)
     mask[torch.arange(n).unsqueeze(1), idx] = 1.0
@@ -318,13 +319,16 @@ def _topk_mask(P: torch.Tensor, topk: int) -> torch.Tensor:
 
 
 def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
-          unbiased: bool = True) -> float:
+          unbiased: bool = True, exclude_self=None) -> float:
     """Centred kernel nearest-neighbour alignment.
 
-    With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks, self excluded),
+    With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks),
     sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of the
     SPEC's "or M itself": the 0/1 mask replaces both masked kernels), hsic = hsic_unbiased when
     ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
+    As the reference, the masks exclude the diagonal only when ``unbiased``: with
+    ``unbiased=False`` the top-k is taken over the whole row, self included.
+    ``exclude_self`` (True / False) overrides that; None follows the reference.
     topk None means N - 1; topk must be >= 2.
     """
     A, B = _pair(feats_A, feats_B)
@@ -336,11 +340,15 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
     topk = _check_topk(topk, n, lo=2)
     if unbiased and n < 4:
         raise ValueError(f"unbiased CKNNA needs N >= 4 samples, got N = {n}")
+    if exclude_self is None:
+        exclude_self = bool(unbiased)
+    elif not isinstance(exclude_self, bool):
+        raise ValueError(f"exclude_self: expected None, True or False, got {exclude_self!r}")
     hsic = hsic_unbiased if unbiased else hsic_biased
     K, L = A @ A.T, B @ B.T
 
     def similarity(P, Q):
-        M = _topk_mask(P, topk) * _topk_mask(Q, topk)
+        M = _topk_mask(P, topk, exclude_self) * _topk_mask(Q, topk, exclude_self)
         if distance_agnostic:
             return hsic(M, M)
         return hsic(M * P, M * Q)

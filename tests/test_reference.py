@@ -186,8 +186,11 @@ def test_cknna_full_neighbourhood_is_unbiased_cka():
 def test_cknna_masks_exclude_self_and_break_ties_low():
     P = torch.tensor([[9.0, 1.0, 1.0, 0.0], [1.0, 9.0, 2.0, 2.0],
                       [5.0, 5.0, 9.0, 5.0], [0.0, 3.0, 3.0, 9.0]], dtype=torch.float64)
-    M = R._topk_mask(P, 2)
+    M = R._topk_mask(P, 2, exclude_self=True)
     assert M.tolist() == [[0, 1, 1, 0], [0, 0, 1, 1], [1, 1, 0, 0], [0, 1, 1, 0]]
+    # the reference's biased variant: the whole row competes, so the diagonal (9) wins here
+    M = R._topk_mask(P, 2, exclude_self=False)
+    assert M.tolist() == [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1]]
 
 
 def test_cknna_hand_formula_small():
@@ -195,26 +198,35 @@ def test_cknna_hand_formula_small():
     k = 4
     K, L = A @ A.T, B @ B.T
 
-    def mask(P):
+    def mask(P, self_ok):
+        # the reference: the diagonal is masked out only for the unbiased estimator
         M = torch.zeros_like(P)
         for i in range(P.shape[0]):
-            order = sorted((j for j in range(P.shape[0]) if j != i), key=lambda j: (-P[i, j], j))
+            order = sorted((j for j in range(P.shape[0]) if self_ok or j != i),
+                           key=lambda j: (-P[i, j], j))
             M[i, order[:k]] = 1
         return M
 
-    def sim(P, Q, h):
-        M = mask(P) * mask(Q)
+    def sim(P, Q, h, self_ok):
+        M = mask(P, self_ok) * mask(Q, self_ok)
         return h(M * P, M * Q)
 
     for unbiased, h in ((True, R.hsic_unbiased), (False, R.hsic_biased)):
-        kl, kk, ll = sim(K, L, h), sim(K, K, h), sim(L, L, h)
-        want = float(kl / (torch.sqrt(kk * ll) + 1e-6))
-        assert R.cknna(A, B, topk=k, unbiased=unbiased) == pytest.approx(want, rel=1e-12)
-        M = mask(K) * mask(L)
-        MK, ML = mask(K), mask(L)
-        want_da = float(h(M, M) / (torch.sqrt(h(MK, MK) * h(ML, ML)) + 1e-6))
-        got_da = R.cknna(A, B, topk=k, distance_agnostic=True, unbiased=unbiased)
-        assert got_da == pytest.approx(want_da, rel=1e-12)
+        for excl in (None, True, False):
+            self_ok = (not unbiased) if excl is None else not excl
+            kl, kk, ll = sim(K, L, h, self_ok), sim(K, K, h, self_ok), sim(L, L, h, self_ok)
+            want = float(kl / (torch.sqrt(kk * ll) + 1e-6))
+            got = R.cknna(A, B, topk=k, unbiased=unbiased, exclude_self=excl)
+            assert got == pytest.approx(want, rel=1e-12)
+            M = mask(K, self_ok) * mask(L, self_ok)
+            MK, ML = mask(K, self_ok), mask(L, self_ok)
+            want_da = float(h(M, M) / (torch.sqrt(h(MK, MK) * h(ML, ML)) + 1e-6))
+            got_da = R.cknna(A, B, topk=k, distance_agnostic=True, unbiased=unbiased,
+                             exclude_self=excl)
+            assert got_da == pytest.approx(want_da, rel=1e-12)
+    # the biased variant with self eligible differs from the self-excluded one here
+    assert R.cknna(A, B, topk=k, unbiased=False) != pytest.approx(
+        R.cknna(A, B, topk=k, unbiased=False, exclude_self=True), rel=1e-3)
 
 
 @pytest.mark.parametrize("topk", [0, 1])
