@@ -500,3 +500,14 @@ def test_subprocess_bug_shows_traceback():
     p = _subprocess("info", code=code)
     assert p.returncode == 1
     assert "Traceback" in p.stderr and "RuntimeError: a bug" in p.stderr
+
+
+def test_run_demo_checks_its_arguments_before_any_work(tmp_path):
+    from prh_fast.demo import run_demo
+
+    out = tmp_path / "demo"
+    for kw, name in (({"n": 5}, "topk"), ({"topk": 1}, "cknna"), ({"batch_size": 0}, "batch_size"),
+                     ({"null_permutations": -1}, "null_permutations"), ({"n": 0}, "n")):
+        with pytest.raises(ValueError, match=name):
+            run_demo(out, verbose=False, progress=False, **kw)
+    assert not out.exists()
