@@ -25,14 +25,20 @@ def _exit_code(err: BaseException):
     checks, ``StoreError``, ``DataNotFoundError``, ``ModelNotAvailableError``), ``OSError``
     (missing file, a folder where a file is expected, permissions, disk full) and an optional
     package that is not installed (an ``ImportError`` about a module outside prh_fast; one about
-    prh_fast itself is a bug). A failed distributed job (``DistributedError``) exits 1, as
-    torchrun users are told in docs/distributed.md.
+    prh_fast itself is a bug), and running out of memory (sizes too large for this machine). A
+    failed distributed job (``DistributedError``) exits 1, as torchrun users are told in
+    docs/distributed.md.
     """
     from prh_fast.distributed import DistributedError
 
     if isinstance(err, DistributedError):
         return 1
-    if isinstance(err, (_UserError, ValueError, OSError)):
+    if isinstance(err, (_UserError, ValueError, OSError, MemoryError)):
+        return 2
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(
+        getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
         return 2
     if isinstance(err, ImportError):
         name = err.name or ""

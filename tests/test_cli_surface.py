@@ -394,6 +394,8 @@ def _raise(exc):
     (ModuleNotFoundError("No module named 'faiss'", name="faiss"), 2,
      "No module named 'faiss'"),
     (ValueError("first line\n  second line"), 2, "first line; second line"),
+    (MemoryError("cannot allocate 80 GiB"), 2, "cannot allocate 80 GiB"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory."), 2, "CUDA out of memory."),
 ])
 def test_user_errors_are_one_line(monkeypatch, capsys, exc, code, text):
     monkeypatch.setattr(cli, "_cmd_info", _raise(exc))
