@@ -20,19 +20,20 @@ error of the metric on the recall sample (``ann_pair_report``).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from prh_fast._validate import (as_features, as_tensor, check_memory_budget, check_positive_int,
-                                check_topk, compute_dtype)
+from prh_fast._validate import (as_features, as_tensor, check_memory_budget,
+                                check_positive_float, check_positive_int, check_topk,
+                                compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_terms
-from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
+from prh_fast.metrics._kernel import (CKA_EPS, centred, cka_eps, cka_ratio, hsic_from_sums,
+                                      rbf_gamma, rbf_rows)
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import _standardised, _top_eig
 from prh_fast.prepare import normalize_rows
@@ -234,27 +235,29 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
 
 
 def _kernel_block(x, sq, r0, r1, kernel, gamma, zero_diag):
-    """Rows ``r0:r1`` of one layer's kernel: ip (features pre-centred) or RBF."""
-    g = x[r0:r1] @ x.T
+    """Rows ``r0:r1`` of one layer's kernel: ip (features pre-centred and scaled) or RBF
+    (``prh_fast.metrics._kernel.rbf_rows``, ``gamma`` for the scaled features)."""
     rows = torch.arange(r1 - r0, device=x.device)
     if kernel == "rbf":
-        g = (sq[r0:r1].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * g).clamp_min_(0.0)
-        g[rows, rows + r0] = 0.0
-        g = torch.exp(g.mul_(-gamma))
+        g = rbf_rows(x[r0:r1], x, sq[r0:r1], sq, r0, gamma).to(x.dtype)
+    else:
+        g = x[r0:r1] @ x.T
     if zero_diag:
         g[rows, rows + r0] = 0.0
     return g
 
 
-def _grid_cka_gram(xs, ys, kernel, sigma, unbiased, budget):
-    """All pair sums from streamed kernel row blocks; O((Lx+Ly)·block·N) memory."""
+def _grid_cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
+    """All pair sums from streamed kernel row blocks; O((Lx+Ly)·block·N) memory. ``ex``,
+    ``ey``: each layer's power-of-two scale (``centred``)."""
     n = xs[0].shape[0]
-    dtype = xs[0].dtype
-    gamma = 1.0 / (2.0 * sigma**2)
+    gx = [rbf_gamma(sigma, e) for e in ex] if kernel == "rbf" else [None] * len(xs)
+    gy = [rbf_gamma(sigma, e) for e in ey] if kernel == "rbf" else [None] * len(ys)
     sqx = [(x * x).sum(1) for x in xs]
     sqy = [(y * y).sum(1) for y in ys]
     lx, ly = len(xs), len(ys)
-    rows = max(1, min(n, budget // (max(1, (lx + ly) * n) * xs[0].element_size() * 2)))
+    item = 8 if kernel == "rbf" else xs[0].element_size()  # RBF rows are formed in float64
+    rows = max(1, min(n, budget // (max(1, (lx + ly) * n) * item * 2)))
     S = torch.zeros((lx, ly), dtype=torch.float64)
     sxx = torch.zeros(lx, dtype=torch.float64)
     syy = torch.zeros(ly, dtype=torch.float64)
@@ -262,10 +265,10 @@ def _grid_cka_gram(xs, ys, kernel, sigma, unbiased, budget):
     ry = torch.empty((ly, n), dtype=torch.float64)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        X = torch.stack([_kernel_block(x, s, r0, r1, kernel, gamma, unbiased)
-                         for x, s in zip(xs, sqx)]).reshape(lx, -1)
-        Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, gamma, unbiased)
-                         for y, s in zip(ys, sqy)]).reshape(ly, -1)
+        X = torch.stack([_kernel_block(x, s, r0, r1, kernel, g, unbiased)
+                         for x, s, g in zip(xs, sqx, gx)]).reshape(lx, -1)
+        Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, g, unbiased)
+                         for y, s, g in zip(ys, sqy, gy)]).reshape(ly, -1)
         S += (X @ Y.T).double().cpu()
         sxx += (X.double() ** 2).sum(1).cpu()
         syy += (Y.double() ** 2).sum(1).cpu()
@@ -283,11 +286,13 @@ def _grid_cka_gram(xs, ys, kernel, sigma, unbiased, budget):
     out = torch.empty((lx, ly), dtype=torch.float64)
     for i in range(lx):
         for j in range(ly):
-            out[i, j] = cka_ratio(h(S[i, j], rx[i], ry[j], tx[i], ty[j]), hx[i], hy[j])
+            # linear kernels of scaled features: the CKA constant scales with them
+            eps = cka_eps(2 * ex[i], 2 * ey[j]) if kernel == "ip" else CKA_EPS
+            out[i, j] = cka_ratio(h(S[i, j], rx[i], ry[j], tx[i], ty[j]), hx[i], hy[j], eps)
     return out
 
 
-def _grid_cka_features(xs, ys, unbiased):
+def _grid_cka_features(xs, ys, ex, ey, unbiased):
     """Linear CKA pair by pair in feature space (cheaper when N >> D)."""
     n = xs[0].shape[0]
 
@@ -311,7 +316,7 @@ def _grid_cka_features(xs, ys, unbiased):
     out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
     for i, a in enumerate(sx):
         for j, b in enumerate(sy):
-            out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j])
+            out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j], cka_eps(2 * ex[i], 2 * ey[j]))
     return out
 
 
@@ -322,23 +327,23 @@ def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False
     n = xs[0].shape[0]
     if unbiased and n < 4:
         raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
+    sigma = check_positive_float(rbf_sigma, "rbf_sigma") if kernel_metric == "rbf" else 1.0
     dtype = torch.promote_types(xs[0].dtype, ys[0].dtype)
-    # Centre once per layer (both estimators are shift-invariant; RBF distances too).
-    cen = lambda x: (x.double() - x.double().mean(0, keepdim=True)).to(dtype)  # noqa: E731
-    xs, ys = [cen(x) for x in xs], [cen(y) for y in ys]
+    # Centre once per layer (both estimators are shift-invariant; RBF distances too), scaled
+    # by a power of two so that no product leaves the dtype's range (undone exactly).
+    cx, cy = [centred(x, dtype) for x in xs], [centred(y, dtype) for y in ys]
+    xs, ex = [c for c, _ in cx], [e for _, e in cx]
+    ys, ey = [c for c, _ in cy], [e for _, e in cy]
     dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
     gram_cost = n * n * (sum(dx) + sum(dy) + len(xs) * len(ys))
     feat_cost = n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
                      + sum(b * b for b in dy))
     if kernel_metric == "rbf" or gram_cost <= feat_cost:
-        sigma = float(rbf_sigma)
-        if kernel_metric == "rbf" and (not sigma > 0 or math.isinf(sigma)):
-            raise ValueError(f"rbf_sigma: expected a positive finite number, got {rbf_sigma!r}")
-        out = _grid_cka_gram(xs, ys, kernel_metric, sigma, bool(unbiased), budget)
+        out = _grid_cka_gram(xs, ys, ex, ey, kernel_metric, sigma, bool(unbiased), budget)
         timings["space"] = "gram"
     else:
-        out = _grid_cka_features(xs, ys, bool(unbiased))
+        out = _grid_cka_features(xs, ys, ex, ey, bool(unbiased))
         timings["space"] = "feature"
     return out
 

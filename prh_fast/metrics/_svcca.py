@@ -13,17 +13,24 @@ import torch
 
 
 def _standardised(X: torch.Tensor, dtype: torch.dtype):
+    """``(X - mean) / (std + 1e-8)`` per column (unbiased std, as ``torch.std`` in the
+    reference), in float64, then cast to ``dtype``. The std is computed on each column scaled
+    by the power of two of its largest ``|x - mean|`` (exact, undone after the square root), so
+    it neither overflows (columns ~1e200) nor underflows (~1e-200)."""
     X64 = X.to(torch.float64)
-    mean = X64.mean(dim=0, keepdim=True)
-    std = X64.std(dim=0, keepdim=True)  # unbiased, as torch.std in the reference
-    return ((X64 - mean) / (std + 1e-8)).to(dtype)
+    C = X64 - X64.mean(dim=0, keepdim=True)
+    e = torch.frexp(C.abs().amax(dim=0, keepdim=True)).exponent
+    std = torch.ldexp(torch.ldexp(C, -e).std(dim=0, keepdim=True), e)
+    return (C / (std + 1e-8)).to(dtype)
 
 
 def _top_eig(G: torch.Tensor, r: int, name: str):
     evals, evecs = torch.linalg.eigh(G)  # ascending
     evals, evecs = evals.flip(0)[:r], evecs.flip(1)[:, :r]
-    tol = max(float(evals[0]), 1.0) * G.shape[0] * torch.finfo(torch.float64).eps * 16
-    if float(evals[-1]) <= tol:
+    # relative to the largest eigenvalue: standardised columns of features far below the 1e-8
+    # of the standardisation (~1e-30) have tiny but well-defined spectra
+    tol = float(evals[0]) * G.shape[0] * torch.finfo(torch.float64).eps * 16
+    if not float(evals[0]) > 0 or float(evals[-1]) <= tol:
         raise ValueError(
             f"cca_dim: {r} exceeds the numerical rank of {name} after standardisation "
             f"(its {r}-th singular value is ~0)"

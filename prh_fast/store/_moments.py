@@ -160,8 +160,8 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
         progress: a tqdm bar over rows (rate, ETA).
         device: where the float64 accumulation runs (default: CPU).
     """
-    from prh_fast._validate import check_positive_int
-    from prh_fast.store._stream import _bar, _prefetched, check_budget
+    from prh_fast._validate import check_memory_budget, check_positive_int
+    from prh_fast.store._stream import DEFAULT_STREAM_BUDGET, _bar, _prefetched
 
     if metric not in KERNEL_METRICS:
         raise ValueError(f"metric: the one-pass kernel statistics compute {KERNEL_METRICS}, got "
@@ -179,7 +179,7 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
     if metric == "svcca":
         r = check_positive_int(cca_dim, "cca_dim", minimum=1,
                                maximum=max(1, min([n - 1] + dx + dy)))
-    budget = check_budget(memory_budget)
+    budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     # one row chunk: prepared rows of every layer (raw read + compute dtype + float64 shifted
     # copy + row norms) of both sides
@@ -215,6 +215,12 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
             pairs.update(gp)
     finally:
         bar.close()
+    # float64 sums of squares of the features: finite unless the features are ~1e150 or more
+    bad = [f"x layer {i}" for i, t in enumerate(sx) if not bool(torch.isfinite(t.G).all())] + \
+          [f"y layer {j}" for j, t in enumerate(sy) if not bool(torch.isfinite(t.G).all())]
+    if bad:
+        raise ValueError(f"{x_src.name} / {y_src.name}: the float64 sums of {', '.join(bad)} "
+                         f"overflow (features too large to square); normalise the rows")
     out = torch.empty((len(dx), len(dy)), dtype=_F64)
     if metric == "svcca":
         ex = [_svcca_basis(s, n, r, f"x layer {i} ({x_src.name})") for i, s in enumerate(sx)]
