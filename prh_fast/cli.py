@@ -196,7 +196,6 @@ def _discover(input_dir, pool, side):
     ``pool-<pool>`` (the reference's
     ``<input_dir>/<dataset>/<subset>/<model>_pool-<pool>_prompt-<bool>.pt``); all of them, with
     a note, when none does."""
-    import os
     from pathlib import Path
 
     from prh_fast.store import INDEX_NAME
@@ -240,8 +239,6 @@ def _cmd_align(args) -> int:
 
 
 def _align(args) -> int:
-    import os
-
     from prh_fast.distributed import align_models  # one process: prh_fast.grid's
     from prh_fast.grid import output_stem
 

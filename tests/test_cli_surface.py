@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from prh_fast import cli
-from prh_fast.cli import build_parser, commands, main
+from prh_fast.cli import commands, main
 
 N = 40
 FAKE_REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "fake_reference")
