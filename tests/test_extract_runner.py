@@ -198,3 +198,17 @@ def test_writer_drops_gap_and_rejects_bad_shapes(tmp_path):
 def test_safe_name():
     assert safe_name("openlm-research/open_llama_3b") == "openlm-research_open_llama_3b"
     assert safe_name("../x y") == "_x_y"
+
+
+def test_failure_before_any_row_leaves_no_partial_extraction(tmp_path):
+    out = tmp_path / "f.pt"
+    with pytest.raises(RuntimeError, match="model failed"):
+        with PtWriter(out, fingerprint={"a": 1}):
+            raise RuntimeError("model failed to load")
+    assert not os.path.exists(str(out) + ".partial") and not out.exists()
+    # once a row is written, a failure keeps the parts for a resume
+    with pytest.raises(RuntimeError):
+        with PtWriter(out, fingerprint={"a": 1}) as w:
+            w.append([torch.ones(2, 3)])
+            raise RuntimeError("interrupted")
+    assert PtWriter(out, fingerprint={"a": 1}).rows_done == 2

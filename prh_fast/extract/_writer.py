@@ -190,7 +190,11 @@ class PtWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and not self._parts and self._held is not None:
+            # Failed before any row was written (e.g. the model did not load): leave no
+            # unfinished extraction behind.
+            shutil.rmtree(self.partial, ignore_errors=True)
         self.close()
         return False
 

@@ -121,8 +121,13 @@ def _load(path, map_location, trust: bool, mmap: bool = False):
 
 
 def _first_line(err: Exception) -> str:
+    """The gist of a loader's error: its first sentence (torch appends paragraphs of advice
+    that do not apply here), at most 160 characters."""
     lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    return lines[0][:200] if lines else ""
+    if not lines:
+        return ""
+    first = re.split(r"(?<=\.)\s", lines[0], maxsplit=1)[0]
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def _first_global(err: Exception) -> str:
