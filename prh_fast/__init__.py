@@ -11,7 +11,14 @@ __version__ = "0.1.0"
 from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
 from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search
 from prh_fast._info import info
-from prh_fast._lock import DestinationLocked
+from prh_fast.errors import (
+    BackendUnavailableError,
+    DestinationLocked,
+    DistributedError,
+    InputError,
+    PrhFastError,
+    StoreError,
+)
 from prh_fast._align import AlignmentResult, align, compute_score
 from prh_fast.metrics import AlignmentMetrics, SUPPORTED_METRICS, measure
 from prh_fast.grid import Alignment, GridResult, align_models
@@ -35,5 +42,11 @@ __all__ = [
     "measure",
     "AlignmentMetrics",
     "SUPPORTED_METRICS",
+    "errors",
+    "PrhFastError",
+    "InputError",
+    "StoreError",
+    "BackendUnavailableError",
+    "DistributedError",
     "DestinationLocked",
 ]

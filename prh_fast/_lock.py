@@ -28,6 +28,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from prh_fast.errors import DestinationLocked
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -38,16 +40,6 @@ __all__ = ["DestinationLocked", "exclusive_lock", "lock_path"]
 LOCK_NAME = ".prh_fast.lock"
 
 
-class DestinationLocked(BlockingIOError):
-    """Another writer holds the destination (the message names the destination and holder).
-
-    A ``BlockingIOError`` (an ``OSError``): the destination is busy, not wrong; retry later."""
-
-    def __init__(self, destination: str, holder: str):
-        self.destination = destination
-        self.holder = holder
-        super().__init__(f"{destination}: another writer is using it ({holder}); wait for it to "
-                         f"finish, or write somewhere else")
 
 
 def lock_path(destination, *, folder: bool | None = None) -> str:

@@ -13,8 +13,10 @@ import json
 import os
 import sys
 
+from prh_fast.errors import InputError
 
-class _UserError(Exception):
+
+class _UserError(InputError):
     """Bad input on the command line: reported in one line, exit code 2, no traceback."""
 
 

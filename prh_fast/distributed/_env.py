@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from prh_fast.errors import DistributedError
+
 logger = logging.getLogger("prh_fast")
 
 __all__ = [
@@ -35,10 +37,6 @@ __all__ = [
 #: Generous, because ranks wait for each other at the end of unevenly sized work; a rank that
 #: *dies* is noticed much sooner (its connections close; torchrun also stops the job).
 DEFAULT_TIMEOUT_S = 1800.0
-
-
-class DistributedError(RuntimeError):
-    """A collective failed: a peer rank died, was killed, or did not answer in time."""
 
 
 def _dist():

@@ -65,6 +65,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from prh_fast._io import confined
+from prh_fast.errors import DataNotFoundError
 
 __all__ = ["PairedDataset", "load_pairs", "EASY_VQA_LEVELS", "DataNotFoundError",
            "easy_vqa_attributes", "easy_vqa_caption"]
@@ -91,10 +92,6 @@ _POSITIONS = (("in the top left", "at the top", "in the top right"),
               ("in the bottom left", "at the bottom", "in the bottom right"))
 _IMAGE_KEYS = ("image", "image_path", "img", "file", "filename", "path", "file_name")
 _CAPTION_KEYS = ("caption", "captions", "text", "sentence", "sentences", "description")
-
-
-class DataNotFoundError(FileNotFoundError, ValueError):
-    """A data source that is not there (missing folder, file or package)."""
 
 
 # ----------------------------------------------------------------------------- data set

@@ -54,6 +54,7 @@ from typing import Optional
 
 import torch
 
+from prh_fast.errors import ModelNotAvailableError
 from prh_fast.extract._packages import package_dir as _package_dir
 
 __all__ = ["POOLINGS", "PROMPT_TEMPLATE", "PACKAGED_TEXT_MODELS", "TextBatch", "TextEncoder",
@@ -77,10 +78,6 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16}
 _CACHE_MARKER = "prh_fast_source.json"
-
-
-class ModelNotAvailableError(FileNotFoundError, ValueError):
-    """The weights are neither on disk nor fetchable; the message lists what was tried."""
 
 
 @dataclass

@@ -45,6 +45,7 @@ import torch
 
 from prh_fast import _lock
 from prh_fast._io import atomic_write, confined
+from prh_fast.errors import StoreError
 
 __all__ = ["StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
            "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
@@ -70,10 +71,6 @@ _NP_RAW = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16,
 DEFAULT_SHARD_BYTES = 128 * 2**20
 
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
-
-
-class StoreError(ValueError):
-    """A store folder that is missing, malformed, truncated or corrupt (names the file)."""
 
 
 def is_store(path) -> bool:
