@@ -1,14 +1,18 @@
-"""Packaging: setup.py's reuse of a CMake build folder. Nothing here builds: setup.py's helpers
-run on fake CMake caches."""
+"""Packaging: setup.py's reuse of a CMake build folder, and what the sdist ships. Nothing here
+builds: setup.py's helpers run on fake CMake caches, MANIFEST.in is read by setuptools' own
+``FileList`` (what ``sdist`` uses)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +116,70 @@ def test_generator_and_make_program_are_explicit(setup_py, monkeypatch, tmp_path
     (tmp_path / "ninja").unlink()
     monkeypatch.delenv("CMAKE_GENERATOR")
     assert setup_py.cmake_generator() == ("Unix Makefiles", str(tmp_path / "make"))
+
+
+# ---- what the sdist ships ------------------------------------------------------------------------
+
+def _manifest_files(monkeypatch) -> set[str]:
+    """Files MANIFEST.in adds to the sdist, by setuptools' own reading of it."""
+    pytest.importorskip("setuptools")
+    from setuptools.command.egg_info import FileList
+
+    monkeypatch.chdir(ROOT)
+    files = FileList()
+    for line in (ROOT / "MANIFEST.in").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            files.process_template_line(line)
+    return {Path(f).as_posix() for f in files.files}
+
+
+def _sdist_files(monkeypatch) -> set[str]:
+    """MANIFEST.in's files and setuptools' defaults (the package's modules, setup.py,
+    pyproject.toml, README.md)."""
+    package = {f for f in _tree(ROOT / "prh_fast") if f.endswith(".py")}
+    return _manifest_files(monkeypatch) | package | {"setup.py", "pyproject.toml", "README.md"}
+
+
+def _tree(folder: Path) -> set[str]:
+    """Files under folder that belong to the source tree (no caches or build outputs)."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+        for name in filenames:
+            if not name.endswith((".pyc", ".pyo", ".so", ".tmp")):
+                out.add((Path(dirpath) / name).relative_to(ROOT).as_posix())
+    return out
+
+
+def _folders_tests_reach() -> set[str]:
+    """Top-level folders of the checkout that test modules open (``parents[1] / "x"``,
+    ``ROOT / "x"``)."""
+    found = set()
+    for path in TESTS.glob("*.py"):
+        found |= set(re.findall(r"""(?:parents\[1\]|\bROOT)\s*/\s*["']([\w.-]+)["']""",
+                                path.read_text()))
+    return {name for name in found if (ROOT / name).is_dir()}
+
+
+def test_sdist_ships_a_runnable_test_tree(monkeypatch):
+    shipped = _sdist_files(monkeypatch)
+    reached = _folders_tests_reach()
+    assert {"benchmarks", "csrc"} <= reached  # the scan above still finds what tests open
+    needed = _tree(TESTS)
+    for name in reached:
+        needed |= _tree(ROOT / name)
+    assert {"tests/conftest.py", "tests/_data.py", "tests/golden/demo.json"} <= needed
+    missing = sorted(needed - shipped)
+    assert not missing, f"MANIFEST.in leaves out files the tests need: {missing}"
+
+
+def test_sdist_stays_small_and_text_only(monkeypatch):
+    shipped = _manifest_files(monkeypatch)
+    sizes = {f: (ROOT / f).stat().st_size for f in shipped}
+    big = {f: s for f, s in sizes.items() if s > 256 * 1024}
+    assert not big, f"large files in the sdist: {big}"
+    assert sum(sizes.values()) < 2 * 1024 * 1024
+    for f in shipped:
+        assert b"\0" not in (ROOT / f).read_bytes()[:4096], f"binary file in the sdist: {f}"
+    assert not [f for f in shipped if "__pycache__" in f or f.endswith((".pyc", ".so"))]
