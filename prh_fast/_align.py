@@ -31,7 +31,8 @@ from prh_fast._validate import (as_features, as_tensor, check_memory_budget,
                                 compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import SUPPORTED_METRICS
-from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_terms
+from prh_fast.metrics._cknna import (cknna_excludes_self, cknna_lists, cknna_terms,
+                                     cknna_values)
 from prh_fast.metrics._kernel import (CKA_EPS, centred, cka_eps, cka_ratio, hsic_from_sums,
                                       rbf_gamma, rbf_rows)
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
@@ -201,8 +202,7 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, repor
         i, s, rep = cknna_lists(x, topk, backend, excl, return_report=True)
         if reports is not None:
             reports.append(rep)
-        s = torch.ones_like(s, dtype=torch.float64) if distance_agnostic else s.double()
-        return i, s
+        return i, cknna_values(i, s, unbiased, distance_agnostic)
 
     la = [lists(x) for x in xs]
     return la, [_cknna_sim(n, p, p, unbiased) for p in la]

@@ -116,7 +116,7 @@ class StreamPolicy:
         """The model's neighbour data in the form ``prh_fast._align._knn_side`` (``[L, N, k]``)
         or ``_cknna_side`` (``(lists, self_sims)``) returns it."""
         from prh_fast._align import _cknna_sim
-        from prh_fast.metrics._cknna import cknna_excludes_self
+        from prh_fast.metrics._cknna import cknna_excludes_self, cknna_values
         from prh_fast.store._stream import _stream_knn
 
         p = self.prep(m)
@@ -137,8 +137,8 @@ class StreamPolicy:
         lists = []
         for l in range(L):
             i, s = search(l)
-            s = torch.ones_like(s, dtype=torch.float64) if opts.get("distance_agnostic") else s
-            lists.append((i, s))
+            lists.append((i, cknna_values(i, s, opts.get("unbiased", True),
+                                          opts.get("distance_agnostic", False))))
         n = p.n
         return lists, [_cknna_sim(n, x, x, opts.get("unbiased", True)) for x in lists]
 

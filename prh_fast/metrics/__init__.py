@@ -15,7 +15,8 @@ import torch
 from prh_fast._validate import (as_pair, check_memory_budget, check_positive_float,
                                 check_positive_int, check_topk, compute_dtype)
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_terms
+from prh_fast.metrics._cknna import (cknna_excludes_self, cknna_lists, cknna_terms,
+                                     cknna_values)
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums, linear_cka, rbf_cka
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca as _svcca
@@ -139,8 +140,8 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *
     excl = cknna_excludes_self(unbiased, exclude_self)
     ia, sa = cknna_lists(A, k, backend, excl)
     ib, sb = cknna_lists(B, k, backend, excl)
-    if distance_agnostic:
-        sa, sb = torch.ones_like(sa), torch.ones_like(sb)
+    sa = cknna_values(ia, sa, bool(unbiased), bool(distance_agnostic))
+    sb = cknna_values(ib, sb, bool(unbiased), bool(distance_agnostic))
 
     def sim(i1, s1, i2, s2):
         t, p, q, pq, qp = cknna_terms(i1, s1, i2, s2)

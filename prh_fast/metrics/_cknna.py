@@ -41,6 +41,18 @@ def cknna_lists(X, k: int, backend, exclude_self: bool, *, return_report: bool =
     return (idx, vals, report) if return_report else (idx, vals)
 
 
+def cknna_values(idx, vals, unbiased: bool, distance_agnostic: bool):
+    """The masked kernel's entries at the listed positions, float64: the similarities, or ones
+    (``distance_agnostic``: the mask itself). The unbiased estimator works on zero-diagonal
+    kernels, so a row's own entry (listed when self competes) is 0 there: it keeps its place
+    in the top-k but adds nothing."""
+    v = torch.ones_like(vals, dtype=torch.float64) if distance_agnostic else vals.double()
+    if unbiased:
+        me = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+        v = v.masked_fill(idx == me, 0.0)
+    return v
+
+
 def cknna_terms(ia, sa, ib, sb):
     """The five float64 sums for lists ``ia [N, ka]`` / scores ``sa`` and ``ib`` / ``sb``."""
     if ia.device.type == "cpu" and _native.HAS_NATIVE:
