@@ -251,7 +251,8 @@ def prepare_features(feats, q: float = 0.95, exact: bool = False):
     Args:
         feats: a ``[N, L, D]`` tensor (one threshold over all ``N * L * D`` values) or a
             list/tuple of per-layer ``[N, D_l]`` tensors (one threshold per layer). Torch
-            tensors (any device, any float dtype, any strides) or NumPy arrays.
+            tensors (any device, any float dtype, any strides; detached if they require grad) or
+            NumPy arrays (negative strides are copied).
         q: the quantile, in ``(0, 1]``; ``q = 1`` means no clipping.
         exact: exact mode ``t = sorted(|x|)[int(q * M)]``; otherwise the mean over samples of
             each sample's linear-interpolation q-quantile of ``|x|``.

@@ -5,6 +5,15 @@ similarity, ties broken by the lower index (SPEC, "Nearest neighbours"). No back
 an ``N x N`` matrix: queries are processed in blocks against key tiles, with a running top-k
 merge, under a memory budget.
 
+What "largest" means for the exact ``cpu`` / ``torch`` backends (and the streamed and
+distributed searches, which share the mechanism, ``_exact.py``): tile products only propose
+``k + extra`` candidates; the lists rank them by the inner product accumulated in float64 in
+one fixed order per pair, so exact duplicate rows tie exactly (BLAS sums a product in an order
+that depends on the tile, which can set equal rows an ulp apart), and a certified error margin
+(with an exact sweep for rows it leaves open) makes the lists those of the fixed-order scores,
+whatever the tiles. Features whose inner products would leave the compute dtype's range are
+searched scaled by a power of two (exact; the lists are the same).
+
 Backends (``backend=`` or ``PRH_FAST_BACKEND``):
 
 - ``"cpu"``: BLAS tile products (through torch) + native C++/OpenMP selection. Symmetric

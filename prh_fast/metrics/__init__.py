@@ -5,8 +5,10 @@ included, SPEC-metrics.md), Python floats out. ``from prh_fast.metrics import Al
 replaces the reference's import.
 
 Inputs are paired feature matrices ``feats_A [N, Da]`` and ``feats_B [N, Db]`` (torch tensors on
-any device, any float dtype, or NumPy arrays). Computation is float64 for float64 input and
+any device, any float dtype -- tensors that require grad are detached: no metric here is
+differentiable -- or NumPy arrays, any strides). Computation is float64 for float64 input and
 float32 otherwise; scalars are combined in float64. Nothing builds an ``N x N`` matrix.
+Features of any finite scale work: products are formed from power-of-two-scaled features.
 """
 from __future__ import annotations
 

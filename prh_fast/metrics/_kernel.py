@@ -12,7 +12,11 @@ estimators need (``Σ K∘L``, ``Σ K∘K``, ``Σ L∘L``, row sums, diagonals) 
 ``O(block · N)``.
 
 Products run in the compute dtype (float64 for float64 input, float32 otherwise); every
-scalar is combined in float64.
+scalar is combined in float64. Features of any scale: the centred features are scaled by a
+power of two (exact) before any product, and the scale is undone where the formula is not
+scale-invariant -- the ``1e-6`` of the CKA ratio (``cka_eps``) and the RBF's ``1/(2σ²)``
+(``rbf_gamma``). RBF distances of near-identical rows are recomputed from differences, so
+duplicated rows are at distance exactly 0 and a tiny ``rbf_sigma`` gives the right kernel.
 """
 from __future__ import annotations
 

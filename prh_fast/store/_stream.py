@@ -27,8 +27,12 @@ The threshold (:func:`clip_thresholds`) is the in-memory one, bit for bit:
 Thresholds are cached in the store (``cache/``, keyed on q, mode and the store's content).
 
 Neighbours (:func:`stream_knn`) are the in-memory ``prh_fast.knn.knn`` lists (self excluded,
-ties to the lower index), identical to them, computed from a query *panel* held in memory and
-key blocks streamed from the store:
+ties to the lower index), identical to them: the tiles propose candidates, each with its
+fixed-order float64 score computed as it enters (both rows are in hand), and
+``prh_fast.knn._exact`` certifies the lists; rows it leaves open (near-ties) get one more
+streamed pass. Since the lists are those of the fixed-order scores, any tiling gives the same
+lists and scores. Candidates come from a query *panel* held in memory and key blocks streamed
+from the store:
 
 - ``cpu`` (the native backend): the symmetric tile search of ``prh_fast.knn._cpu`` with the
   same ``b x b`` tiles (``cpu_tile``) and the same native running top-k (``topk_update``). A
@@ -36,9 +40,8 @@ key blocks streamed from the store:
   order, then every later key block is read once and multiplied with each panel block, its
   transposed tile feeding that key block's own lists. Every row therefore sees its key tiles in
   increasing index order, exactly as in memory, so the strictly-greater insertion keeps the
-  lower index at ties and the lists equal the in-memory ones (BLAS sums a product in an order
-  that depends on the tile's shape only; equal tiles give bit-equal scores). Flops are those of
-  the in-memory search; the store is read about ``1 + blocks/panel`` times.
+  lower index at product ties. Flops are those of the in-memory search; the store is read
+  about ``1 + blocks/panel`` times.
 - ``torch`` (CPU or CUDA): the query-block x key-tile merge of ``prh_fast.knn._torch`` with its
   ``select_topk``, tile shapes from ``torch_tiles``; a panel of query blocks stays on the
   device while key tiles stream past it.
