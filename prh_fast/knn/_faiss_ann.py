@@ -367,6 +367,7 @@ def exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
 
     kk = min(K.shape[0], k + 1) if ids is not None else k
     idx, vals = knn_torch(Q, kk, budget, keys=K)
+    vals = vals.to(Q.dtype)  # knn_torch's fixed-order scores are float64
     if ids is None:
         return idx, vals
     # Drop the row itself wherever it appears; if duplicates crowded it out, drop the last.
