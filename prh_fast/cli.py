@@ -263,28 +263,12 @@ def _align(args) -> int:
     backend = _knn_backend(args.backend, args.knn_option)
     k = f" (topk {args.topk})" if "knn" in args.metric else ""
     print(f"{args.metric}{k}: {len(x_files)} x model(s) vs {len(y_files)} y model(s)")
-    # Streaming settings travel as environment variables, so that the grid's model cache sees
-    # them on every rank under torchrun too; restored afterwards.
-    env = {"PRH_FAST_STREAM": args.stream,
-           "PRH_FAST_STREAM_BUDGET": None if args.stream_budget is None
-           else str(args.stream_budget)}
-    old_env = {a: os.environ.get(a) for a in env}
-    try:
-        for a, v in env.items():
-            if v is not None:
-                os.environ[a] = v
-        res = align_models(_named(x_files), _named(y_files), metric=args.metric,
-                           topk=args.topk, q=None if args.q >= 1.0 else args.q,
-                           exact=args.precise, output_dir=out_dir,
-                           force_remake=args.force_remake, progress=not args.no_progress,
-                           backend=backend, null_permutations=args.null_permutations,
-                           trust=args.trust)
-    finally:
-        for a, v in old_env.items():
-            if v is None:
-                os.environ.pop(a, None)
-            else:
-                os.environ[a] = v
+    res = align_models(_named(x_files), _named(y_files), metric=args.metric,
+                       topk=args.topk, q=None if args.q >= 1.0 else args.q,
+                       exact=args.precise, output_dir=out_dir,
+                       force_remake=args.force_remake, progress=not args.no_progress,
+                       backend=backend, null_permutations=args.null_permutations,
+                       trust=args.trust, stream=args.stream, stream_budget=args.stream_budget)
     print(res.table())
     ann = res.options.get("ann")
     if ann:

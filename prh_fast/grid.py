@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -257,8 +258,95 @@ class _ModelCache:
         return self._sides[ckey]
 
 
-def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutations, seed):
-    """One model pair: ``(matrix [Lx, Ly] numpy, best, (i, j) or None, null dict or None)``."""
+class PairScore(NamedTuple):
+    """One model pair's scores."""
+
+    matrix: np.ndarray        # [Lx, Ly] float64, x-oriented: matrix[i, j] = (x layer i, y layer j)
+    best: float               # the best score under the reference's tie rule (0 if none > 0)
+    pair: tuple | None        # (x layer, y layer) of the best score, None when none is positive
+    null: dict | None         # best_mean / best_std / best_z under shuffled pairings, or None
+    seconds: float = 0.0      # scoring time (searches and loads are counted by the cache)
+
+    def transposed(self, reference_order: bool) -> "PairScore":
+        """The same pair with the models swapped (a symmetric metric's mirrored pair)."""
+        mat = self.matrix.T.copy()
+        best, pair = _best(mat, reference_order)
+        return PairScore(mat, best, pair, self.null, 0.0)
+
+
+def plan_pairs(xm, ym, symmetric: bool):
+    """``(compute, mirror)``: the pairs ``(a, b)`` a grid computes, in row-major order, and
+    ``{(a, b): (a', b')}`` for those it copies (transposed) from an earlier pair: with a
+    symmetric metric, (y, x) is (x, y) transposed when both models appear on both sides."""
+    done, compute, mirror = {}, [], {}
+    for a, x in enumerate(xm):
+        for b, y in enumerate(ym):
+            src = done.get((y.key, x.key)) if symmetric else None
+            if src is not None:
+                mirror[(a, b)] = src
+            else:
+                compute.append((a, b))
+            done[(x.key, y.key)] = (a, b)
+    return compute, mirror
+
+
+def score_pair(cache, x, y, metric, k, opts, reference_order, null_permutations,
+               seed) -> PairScore:
+    """``_score_pair`` with errors that do not name a model prefixed by the pair's names."""
+    try:
+        return _score_pair(cache, x, y, metric, k, opts, reference_order, null_permutations,
+                           seed)
+    except ValueError as err:
+        msg = str(err)
+        if x.where in msg or y.where in msg:
+            raise
+        raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
+
+
+def assemble(metric: str, topk, xm, ym, computed: dict, mirror: dict, *,
+             reference_order: bool, null_permutations: int, timings: dict,
+             options: dict) -> "GridResult":
+    """The ``GridResult`` of a grid from its computed pairs ``{(a, b): PairScore}`` and its
+    mirrored pairs ``{(a, b): (a', b')}`` (see :func:`plan_pairs`); used by the single-process
+    and the distributed grid alike."""
+    mx_, my_ = len(xm), len(ym)
+    scores = np.zeros((mx_, my_), dtype=np.float64)
+    indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
+    nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
+             if null_permutations else None)
+    pair_scores: dict = {}
+    scored = dict(computed)  # mirrored pairs join it: a mirror's source may be a mirror too
+    for a, x in enumerate(xm):
+        for b, y in enumerate(ym):
+            if (a, b) in mirror:
+                ps = scored[(a, b)] = scored[mirror[(a, b)]].transposed(reference_order)
+            else:
+                ps = scored[(a, b)]
+            pair_scores[(x.name, y.name)] = ps.matrix
+            scores[a, b] = ps.best
+            if ps.pair is not None:
+                indices[a, b] = ps.pair
+            if nulls is not None and ps.null is not None:
+                for s in nulls:
+                    nulls[s][a, b] = ps.null[s]
+    return GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
+                      y_names=[m.name for m in ym], scores=scores, indices=indices,
+                      pair_scores=pair_scores, timings=timings, options=options, null=nulls)
+
+
+def grid_options(xm, ym, opts: dict, **settings) -> dict:
+    """``GridResult.options``: the run's settings, the models' sources and the metric's plain
+    keyword values."""
+    return {**settings,
+            "x_sources": [m.source if isinstance(m.source, str) else None for m in xm],
+            "y_sources": [m.source if isinstance(m.source, str) else None for m in ym],
+            "metric_kwargs": {a: v for a, v in opts.items()
+                              if isinstance(v, (bool, int, float, str))}}
+
+
+def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutations,
+                seed) -> PairScore:
+    """One model pair (see :class:`PairScore`)."""
     a, b = (my, mx) if reference_order else (mx, my)
     timings: dict = {}
     if metric in _KNN_RAW or metric == "cknna":
@@ -268,7 +356,7 @@ def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutatio
         mat = cache.stream.kernel_matrix(a, b, metric, opts, cache.layers, timings).numpy()
         mat = mat.T if reference_order else mat
         best, pair = _best(mat, reference_order)
-        return mat, best, pair, None, timings.get("score", 0.0)
+        return PairScore(mat, best, pair, None, timings.get("score", 0.0))
     else:
         xa, xb = cache.layers(a), cache.layers(b)
         ca = cb = None
@@ -285,7 +373,7 @@ def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutatio
     null = None
     if res.null is not None:
         null = {a: res.null[a] for a in ("best_mean", "best_std", "best_z")}
-    return mat, best, pair, null, timings.get("score", 0.0)
+    return PairScore(mat, best, pair, null, timings.get("score", 0.0))
 
 
 def _best(mat: np.ndarray, reference_order: bool):
@@ -585,69 +673,30 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
                             cache_bytes=cache_bytes, stream=stream, stream_budget=stream_budget,
                             progress=progress and sys.stderr.isatty())
-        mx_, my_ = len(xm), len(ym)
-        scores = np.zeros((mx_, my_), dtype=np.float64)
-        indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
-        nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
-                 if null_permutations else None)
-        pair_scores: dict = {}
-        done: dict = {}  # (x key, y key) -> (a, b) of a computed pair
-        t_score, computed, mirrored = 0.0, 0, 0
+        compute, mirror = plan_pairs(xm, ym, symmetric)
+        computed: dict = {}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=mx_ * my_, desc=f"align {metric}", unit="pair",
+        bar = tqdm(total=len(compute), desc=f"align {metric}", unit="pair",
                    disable=not progress or not sys.stderr.isatty())
         try:
-            for a, x in enumerate(xm):
-                for b, y in enumerate(ym):
-                    src = done.get((y.key, x.key)) if symmetric else None
-                    if src is not None:
-                        # (y, x) was scored with y as the x model: the same pair, transposed.
-                        mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
-                        best, pair = _best(mat, reference_order)
-                        null = None if nulls is None else {
-                            s: float(v[src]) for s, v in nulls.items()}
-                        mirrored += 1
-                    else:
-                        try:
-                            mat, best, pair, null, ts = _score_pair(
-                                cache, x, y, metric, k, opts, reference_order, null_permutations,
-                                seed)
-                        except ValueError as err:
-                            msg = str(err)
-                            if x.where in msg or y.where in msg:
-                                raise
-                            raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
-                        t_score += ts
-                        computed += 1
-                    done[(x.key, y.key)] = (a, b)
-                    pair_scores[(x.name, y.name)] = mat
-                    scores[a, b] = best
-                    if pair is not None:
-                        indices[a, b] = pair
-                    if nulls is not None and null is not None:
-                        for s in nulls:
-                            nulls[s][a, b] = null[s]
-                    bar.update(1)
+            for a, b in compute:
+                computed[(a, b)] = score_pair(cache, xm[a], ym[b], metric, k, opts,
+                                              reference_order, null_permutations, seed)
+                bar.update(1)
         finally:
             bar.close()
         timings = dict(cache.timings)
-        timings.update(score=t_score, total=time.perf_counter() - t_all, pairs=mx_ * my_,
-                       computed=computed, mirrored=mirrored, **cache.counts)
-        res = GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
-                         y_names=[m.name for m in ym], scores=scores, indices=indices,
-                         pair_scores=pair_scores, timings=timings,
-                         options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
-                                  "reference_order": bool(reference_order),
-                                  "symmetric_shortcut": symmetric, "k": k,
-                                  "stream": cache.stream.mode,
-                                  "x_sources": [m.source if isinstance(m.source, str) else None
-                                                for m in xm],
-                                  "y_sources": [m.source if isinstance(m.source, str) else None
-                                                for m in ym],
-                                  "metric_kwargs": {a: v for a, v in opts.items()
-                                                    if isinstance(v, (bool, int, float, str))}},
-                         null=nulls)
+        timings.update(score=sum(p.seconds for p in computed.values()),
+                       total=time.perf_counter() - t_all, pairs=len(xm) * len(ym),
+                       computed=len(compute), mirrored=len(mirror), **cache.counts)
+        res = assemble(metric, topk, xm, ym, computed, mirror, reference_order=reference_order,
+                       null_permutations=null_permutations, timings=timings,
+                       options=grid_options(xm, ym, opts, q=q, exact=bool(exact),
+                                            normalize=bool(normalize),
+                                            reference_order=bool(reference_order),
+                                            symmetric_shortcut=symmetric, k=k,
+                                            stream=cache.stream.mode))
         if cache.ann:
             res.options["ann"] = _ann_grid(cache.ann, xm, ym, metric, k, opts)
         if output_dir is not None:

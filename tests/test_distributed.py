@@ -184,7 +184,8 @@ def _y_of(models):
 
 def _grid_summary(res):
     return {"scores": res.scores, "indices": res.indices, "pairs": dict(res.pair_scores),
-            "null": res.null, "timings": res.timings, "x": res.x_names, "y": res.y_names}
+            "null": res.null, "timings": res.timings, "x": res.x_names, "y": res.y_names,
+            "ann": res.options.get("ann")}
 
 
 def _worker_grid(folder):
@@ -199,6 +200,10 @@ def _worker_grid(folder):
     for metric, opts in GRID_CASES:
         res = align_models(models, _y_of(models), metric=metric, progress=False, **opts)
         out[metric] = _grid_summary(res)
+    # approximate lists: the recall / metric-error report is gathered from every rank
+    res = align_models(models, _y_of(models), metric="mutual_knn", topk=5, progress=False,
+                       backend="faiss-ivf")
+    out["ann"] = _grid_summary(res)
     torch.save(out, os.path.join(folder, f"grid_rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -381,8 +386,21 @@ def test_grid_equals_single_process(tmp_path, world):
             for r, o in enumerate(outs):
                 _assert_grid_equal(o[metric], ref, f"{metric} rank {r}")
                 assert o[metric]["timings"]["world_size"] == world
+        ref = align_models(models, _y_of(models), metric="mutual_knn", topk=5, progress=False,
+                           backend="faiss-ivf")
     finally:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    for r, o in enumerate(outs):
+        got, want = o["ann"]["ann"], ref.options["ann"]
+        assert got is not None, f"rank {r} lost the approximate-search report"
+        assert got["pairs"] == want["pairs"]
+
+        def untimed(models):  # the reports' search timings differ from run to run
+            return {m: [{a: v for a, v in rep.items() if a != "timings"} for rep in reps]
+                    for m, reps in models.items()}
+
+        assert untimed(got["models"]) == untimed(want["models"])
+        assert got["recall_min"] == want["recall_min"]
     # The symmetric metric computed each unordered pair once, over all ranks together.
     t = outs[0]["mutual_knn"]["timings"]
     assert t["computed"] == 6 and t["mirrored"] == 3

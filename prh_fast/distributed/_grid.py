@@ -27,7 +27,6 @@ import time
 
 import numpy as np
 
-from prh_fast import _lock
 from prh_fast._io import atomic_write
 from prh_fast.distributed._env import (
     DistributedError,
@@ -39,24 +38,11 @@ from prh_fast.distributed._env import (
     world,
 )
 
+from prh_fast.grid import PairScore, plan_pairs
+
 __all__ = ["align_models", "plan_pairs"]
 
 logger = logging.getLogger("prh_fast")
-
-
-def plan_pairs(xm, ym, symmetric: bool):
-    """``(compute, mirror)``: the pairs ``(a, b)`` the single-process grid computes, in its
-    order, and ``{(a, b): (a', b')}`` for those it copies (transposed) from an earlier pair."""
-    done, compute, mirror = {}, [], {}
-    for a, x in enumerate(xm):
-        for b, y in enumerate(ym):
-            src = done.get((y.key, x.key)) if symmetric else None
-            if src is not None:
-                mirror[(a, b)] = src
-            else:
-                compute.append((a, b))
-            done[(x.key, y.key)] = (a, b)
-    return compute, mirror
 
 
 def _source_id(m):
@@ -93,17 +79,16 @@ def _load_part(path, fingerprint):
         if mat.ndim != 2 or (pair is not None and len(pair) != 2) or not (
                 null is None or isinstance(null, dict)):
             return None
-        return mat, float(d["best"]), pair, null, 0.0
+        return PairScore(mat, float(d["best"]), pair, null, 0.0)
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def _save_part(path, fingerprint, a, b, x, y, item):
-    mat, best, pair, null, _ = item
+def _save_part(path, fingerprint, a, b, x, y, ps: PairScore):
     d = {"fingerprint": fingerprint, "a": a, "b": b, "x": x, "y": y,
-         "mat": mat.tolist(), "best": float(best),
-         "pair": None if pair is None else [int(v) for v in pair],
-         "null": null}
+         "mat": ps.matrix.tolist(), "best": float(ps.best),
+         "pair": None if ps.pair is None else [int(v) for v in ps.pair],
+         "null": ps.null}
     text = json.dumps(d)  # floats as repr: they read back bit for bit
     atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -112,7 +97,8 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                  q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
                  progress: bool = True, backend=None, reference_order: bool = True,
                  null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int | None = None, trust: bool = False, **metric_kwargs):
+                 cache_bytes: int | None = None, stream=None, stream_budget=None,
+                 trust: bool = False, **metric_kwargs):
     """``prh_fast.grid.align_models`` with the model pairs split over the ranks.
 
     Same arguments and the same ``GridResult`` (returned on every rank); without a process
@@ -131,7 +117,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                   output_dir=output_dir, force_remake=force_remake, progress=progress,
                   backend=backend, reference_order=reference_order,
                   null_permutations=null_permutations, seed=seed, device=device, trust=trust,
-                  **metric_kwargs)
+                  stream=stream, stream_budget=stream_budget, **metric_kwargs)
     if cache_bytes is not None:
         kwargs["cache_bytes"] = cache_bytes
     rank, P = world()
@@ -154,7 +140,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
     if rank == 0 and output_dir is not None:
         try:
             held.enter_context(g.output_lock(output_dir, metric, topk))
-        except (ValueError, _lock.DestinationLocked, OSError) as e:
+        except (ValueError, OSError) as e:
             err = e
     agree(err, what="output lock")
     try:
@@ -197,8 +183,9 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         a0, a1 = shard_range(len(compute), rank, P)
         mine = compute[a0:a1]
         cache = g._ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
+                              stream=stream, stream_budget=stream_budget,
                               **({} if cache_bytes is None else {"cache_bytes": cache_bytes}))
-        results, resumed, t_score = {}, 0, 0.0
+        results, resumed = {}, 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine), desc=f"align {metric} (rank {rank}/{P})", unit="pair",
@@ -213,18 +200,11 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
                 if item is not None:
                     resumed += 1
                 else:
-                    try:
-                        item = g._score_pair(cache, x, y, metric, k, opts, reference_order,
-                                             null_permutations, seed)
-                    except ValueError as e:
-                        msg = str(e)
-                        if x.where in msg or y.where in msg:
-                            raise
-                        raise ValueError(f"{x.name} vs {y.name}: {msg}") from e
-                    t_score += item[4]
+                    item = g.score_pair(cache, x, y, metric, k, opts, reference_order,
+                                        null_permutations, seed)
                     if parts_dir is not None:
                         _save_part(_part_path(parts_dir, a, b), fp, a, b, x.name, y.name, item)
-                results[(a, b)] = item[:4]
+                results[(a, b)] = item
                 bar.update(1)
         except (ValueError, TypeError, FileNotFoundError) as e:
             err = e
@@ -232,10 +212,14 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             bar.close()
         mark_done(f"grid-{fp}")
         # Everyone shares its pairs (small: [Lx, Ly] matrices) and its error, if any.
+        ann_mine = {m.name: cache.ann[m.key] for m in xm + ym if m.key in cache.ann}
         mine_out = {"err": None if err is None else (type(err).__name__, str(err)),
-                    "results": results if err is None else {},
+                    "results": ({ab: tuple(ps) for ab, ps in results.items()}
+                                if err is None else {}),
+                    # model keys are object ids in memory: share the reports by model name
+                    "ann": ann_mine if err is None else {},
                     "timings": dict(cache.timings), "counts": dict(cache.counts),
-                    "computed": len(mine) - resumed, "resumed": resumed, "score": t_score}
+                    "computed": len(mine) - resumed, "resumed": resumed}
         got = [None] * P
         import torch.distributed as dist
 
@@ -249,50 +233,28 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             types = {"ValueError": ValueError, "TypeError": TypeError,
                      "FileNotFoundError": FileNotFoundError}
             raise types.get(kind, DistributedError)(f"(on rank {r}) {msg}")
-        results = {}
+        results, ann = {}, {}
         for o in got:
-            results.update(o["results"])
-        mx_, my_ = len(xm), len(ym)
-        scores = np.zeros((mx_, my_), dtype=np.float64)
-        indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
-        nulls = ({s: np.full((mx_, my_), np.nan) for s in ("best_mean", "best_std", "best_z")}
-                 if null_permutations else None)
-        pair_scores = {}
-        for a, x in enumerate(xm):
-            for b, y in enumerate(ym):
-                if (a, b) in mirror:
-                    src = mirror[(a, b)]
-                    mat = pair_scores[(xm[src[0]].name, ym[src[1]].name)].T.copy()
-                    best, pair = g._best(mat, reference_order)
-                    null = None if nulls is None else {s: float(v[src]) for s, v in nulls.items()}
-                else:
-                    mat, best, pair, null = results[(a, b)]
-                pair_scores[(x.name, y.name)] = mat
-                scores[a, b] = best
-                if pair is not None:
-                    indices[a, b] = pair
-                if nulls is not None and null is not None:
-                    for s in nulls:
-                        nulls[s][a, b] = null[s]
+            results.update({ab: PairScore(*ps) for ab, ps in o["results"].items()})
+            ann.update(o["ann"])
         timings = {key: sum(o["timings"].get(key, 0.0) for o in got)
                    for key in ("load", "prepare", "neighbours")}
         counts = {key: sum(o["counts"].get(key, 0) for o in got)
                   for key in ("loads", "searched_models")}
-        timings.update(score=sum(o["score"] for o in got), total=time.perf_counter() - t_all,
-                       pairs=mx_ * my_, computed=sum(o["computed"] for o in got),
-                       mirrored=len(mirror), resumed=sum(o["resumed"] for o in got),
-                       world_size=P, **counts)
-        res = g.GridResult(
-            metric=metric, topk=topk, x_names=[m.name for m in xm], y_names=[m.name for m in ym],
-            scores=scores, indices=indices, pair_scores=pair_scores, timings=timings,
-            options={"q": q, "exact": bool(exact), "normalize": bool(normalize),
-                     "reference_order": bool(reference_order), "symmetric_shortcut": symmetric, "k": k,
-                     "x_sources": [m.source if isinstance(m.source, str) else None for m in xm],
-                     "y_sources": [m.source if isinstance(m.source, str) else None for m in ym],
-                     "metric_kwargs": {a: v for a, v in opts.items()
-                                       if isinstance(v, (bool, int, float, str))},
-                     "distributed": {"world_size": P, "split": "model_pair"}},
-            null=nulls)
+        timings.update(score=sum(ps.seconds for ps in results.values()),
+                       total=time.perf_counter() - t_all, pairs=len(xm) * len(ym),
+                       computed=sum(o["computed"] for o in got), mirrored=len(mirror),
+                       resumed=sum(o["resumed"] for o in got), world_size=P, **counts)
+        res = g.assemble(metric, topk, xm, ym, results, mirror, reference_order=reference_order,
+                         null_permutations=null_permutations, timings=timings,
+                         options=g.grid_options(
+                             xm, ym, opts, q=q, exact=bool(exact), normalize=bool(normalize),
+                             reference_order=bool(reference_order), symmetric_shortcut=symmetric,
+                             k=k, stream=cache.stream.mode,
+                             distributed={"world_size": P, "split": "model_pair"}))
+        if ann:
+            ann = {m.key: ann[m.name] for m in xm + ym if m.name in ann}
+            res.options["ann"] = g._ann_grid(ann, xm, ym, metric, k, opts)
         if output_dir is not None:
             err = None
             if rank == 0:
