@@ -13,14 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import importlib
 from prh_fast import reference, store
 from prh_fast._align import align
 from prh_fast.grid import Alignment, GridResult, align_models, output_stem
 from prh_fast.prepare import prepare_features
-
-# the layer-grid module is private (prh_fast._align); prh_fast.align is the function
-align_mod = importlib.import_module("prh_fast._align")
 
 N = 80
 
@@ -172,14 +168,17 @@ def test_unbiased_cknna_is_asymmetric_biased_is_not(models):
 
 # ------------------------------------------------------------------------ one search per model
 def _count_knn(monkeypatch):
+    # every neighbour search (knn, and CKNNA's lists) goes through prh_fast.knn._search
+    import prh_fast.knn as knn_mod
+
     calls = []
-    real = align_mod.knn
+    real = knn_mod._search
 
     def counting(x, k, **kw):
         calls.append(x.shape)
         return real(x, k, **kw)
 
-    monkeypatch.setattr(align_mod, "knn", counting)
+    monkeypatch.setattr(knn_mod, "_search", counting)
     return calls
 
 
