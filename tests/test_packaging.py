@@ -1,11 +1,13 @@
-"""Packaging: setup.py's reuse of a CMake build folder, and what the sdist ships. Nothing here
-builds: setup.py's helpers run on fake CMake caches, MANIFEST.in is read by setuptools' own
-``FileList`` (what ``sdist`` uses)."""
+"""Packaging: setup.py's reuse of a CMake build folder, what the sdist ships, and the one Python
+floor (pyproject's requires-python, the README, and the syntax and standard library the code
+uses). Nothing here builds: setup.py's helpers run on fake CMake caches, MANIFEST.in is read by
+setuptools' own ``FileList`` (what ``sdist`` uses), the floor is checked statically."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +185,32 @@ def test_sdist_stays_small_and_text_only(monkeypatch):
     for f in shipped:
         assert b"\0" not in (ROOT / f).read_bytes()[:4096], f"binary file in the sdist: {f}"
     assert not [f for f in shipped if "__pycache__" in f or f.endswith((".pyc", ".so"))]
+
+
+# ---- one Python floor ----------------------------------------------------------------------------
+
+def _requires_python() -> tuple[int, int]:
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r'^requires-python\s*=\s*">=\s*(\d+)\.(\d+)"\s*$', text, re.M)
+    assert m, "pyproject.toml: requires-python should read \">=X.Y\""
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_readme_states_the_python_floor_of_pyproject():
+    floor = "%d.%d" % _requires_python()
+    readme = (ROOT / "README.md").read_text()
+    stated = set(re.findall(r"Python\s*>=\s*(\d+\.\d+)", readme))
+    assert stated == {floor}, f"README says Python >= {sorted(stated)}, pyproject >= {floor}"
+
+
+def test_code_needs_no_python_newer_than_the_floor():
+    """The syntax and standard library of the package, tests, benchmarks and setup.py against
+    requires-python (vermin: a static check; annotations counted as evaluated)."""
+    pytest.importorskip("vermin")
+    major, minor = _requires_python()
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-q", "--no-tips",
+         "--violations", "--eval-annotations", "--backport", "dataclasses",
+         f"-t={major}.{minor}-", "prh_fast", "tests", "benchmarks", "setup.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
