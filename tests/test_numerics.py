@@ -280,6 +280,18 @@ def test_scores_out_of_the_dtype_range_are_an_error_not_inf():
                       torch.ones(2, 2, dtype=torch.float64), 1, e, False)
 
 
+def test_one_pass_kernel_sums_in_range_or_named():
+    from prh_fast.store._moments import TensorSource, kernel_scores
+
+    A, B = latent_pair(n=40, normalize=False, dtype=torch.float64)
+    As, Bs = A.float() * 1e20, B.float() * 1e20  # fine in the float64 sums
+    for metric, ref in (("cka", R.cka), ("unbiased_cka", R.unbiased_cka)):
+        got = float(kernel_scores(TensorSource([As]), TensorSource([Bs]), metric)[0, 0])
+        assert got == pytest.approx(ref(As.double(), Bs.double()), rel=1e-6), metric
+    with pytest.raises(ValueError, match="overflow"):  # float64 features ~1e200 cannot square
+        kernel_scores(TensorSource([A * 1e200]), TensorSource([B]), "cka")
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e-30])
 def test_stream_search_of_out_of_range_features(tmp_path, scale):
     from prh_fast.store._stream import stream_knn

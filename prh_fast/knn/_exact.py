@@ -46,13 +46,15 @@ from prh_fast import _native
 __all__ = ["fixed_dots", "candidate_count", "margins", "finish", "Sweep", "merge_self",
            "fixed_self", "check_scores_finite", "search_exponent", "refine_in_memory"]
 
-#: Extra candidates kept beyond ``k`` (cheap: one more compare per accepted score).
-EXTRA_MIN = 8
+#: Candidates kept beyond ``k``: room for a few near-ties at the boundary (duplicated rows)
+#: before a row needs the sweep. Each one costs a little in the running lists (an insertion
+#: shifts up to ``k'`` entries) and one fixed-order re-score.
+EXTRA = 8
 
 
 def candidate_count(k: int, n_keys: int) -> int:
     """``k'``: candidates kept per row for lists of ``k`` among ``n_keys`` keys."""
-    return min(n_keys, k + max(EXTRA_MIN, k // 4))
+    return min(n_keys, k + EXTRA)
 
 
 # --------------------------------------------------------------------------------------------
