@@ -105,7 +105,7 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
             include_self=False):
     """``knn``'s work: ``(idx, float64 scores, report, compute dtype)``. The float64 scores are
     the exact backends' fixed-order scores (other backends: theirs, widened), unscaled."""
-    from prh_fast.knn._exact import fixed_self, merge_self, search_exponent
+    from prh_fast.knn._exact import check_scores_finite, fixed_self, merge_self, search_exponent
     from prh_fast.prepare import row_norms
 
     X = as_features(X, "X")
@@ -175,6 +175,7 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
 
             idx, vals = knn_torch(Xc, k, budget, norms=xn)
     vals = vals.to(torch.float64)
+    check_scores_finite(vals, "X")  # every backend: never a list ranked by inf or NaN
     if include_self:
         idx, vals = merge_self(idx, vals, fixed_self(Xc).to(vals.device), k)
     if ex or ek:
