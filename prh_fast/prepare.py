@@ -169,18 +169,26 @@ def _scale_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def row_norms(X: torch.Tensor, chunk_values: int = 1 << 24) -> torch.Tensor:
     """``[N]`` float64 Euclidean norms of the rows of ``X`` (any float dtype), safe at any scale.
 
-    Each row is scaled by the power of two of its largest ``|x|`` (exact) before the squares
-    are summed, so nothing overflows (rows of ``1e200``) or underflows (rows of ``1e-200``);
-    the result is scaled back. Row chunks keep the float64 copy to ``chunk_values`` values.
+    Squares are summed in float64, which holds every float32 value's square; float64 rows whose
+    norm leaves a safe range (``1e200``, ``1e-200``) are scaled by the power of two of their
+    largest ``|x|`` (exact) first, and the result is scaled back. Row chunks keep the float64
+    copy to ``chunk_values`` values.
     """
     n = X.shape[0]
     out = torch.empty(n, dtype=torch.float64, device=X.device)
     rows = max(1, chunk_values // max(1, X.shape[1]))
     for r0 in range(0, n, rows):
         x = X[r0:r0 + rows]
-        e = _pow2_exponents(x.abs().amax(dim=1)).unsqueeze(1)
-        xs = _scale_pow2(x, e)
-        out[r0:r0 + rows] = torch.ldexp(torch.linalg.vector_norm(xs, dim=1), e.squeeze(1))
+        nr = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+        if x.dtype == torch.float64:
+            # float32 (or narrower) values square safely in float64; float64 ones may not
+            bad = ~(torch.isfinite(nr) & (nr > 1e-150) & (nr < 1e150)) & x.ne(0).any(dim=1)
+            if bool(bad.any()):
+                xb = x[bad]
+                e = _pow2_exponents(xb.abs().amax(dim=1)).unsqueeze(1)
+                nr[bad] = torch.ldexp(torch.linalg.vector_norm(_scale_pow2(xb, e), dim=1),
+                                      e.squeeze(1))
+        out[r0:r0 + rows] = nr
     return out
 
 
