@@ -279,8 +279,13 @@ def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
     n_keys = K.shape[0] - (1 if keys is None else 0)
     ci, cv, cf = cand
     if cf is None:
-        rows = torch.arange(ci.shape[0], device=ci.device).repeat_interleave(ci.shape[1])
-        cf = fixed_dots(X, K, rows, ci.reshape(-1)).view(ci.shape)
+        cf = torch.empty(ci.shape, dtype=torch.float64, device=ci.device)
+        step = max(1, (1 << 22) // max(1, ci.shape[1]))  # index temporaries of ~4M pairs
+        for r0 in range(0, ci.shape[0], step):
+            c = ci[r0:r0 + step]
+            rows = torch.arange(r0, r0 + c.shape[0], device=ci.device).repeat_interleave(
+                c.shape[1])
+            cf[r0:r0 + step] = fixed_dots(X, K, rows, c.reshape(-1)).view(c.shape)
     idx, fixed, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=ci.shape[1] >= n_keys)
     if rows.numel():
         sw = Sweep(X[rows], rows, thr, k, budget, exclude_self=keys is None)
