@@ -5,8 +5,8 @@ the distributed one (``prh_fast.distributed._knn``).
 
 Why: a tiled matrix product (BLAS, cuBLAS) sums each ``<x_i, x_j>`` in an order that depends
 on where ``x_j`` sits in its tile, so two *identical* key rows can score one ulp apart and the
-lower-index tie rule silently breaks (43 of 1000 rows of a duplicate-heavy float64 set). So
-the product only *proposes* candidates; the lists are ranked by a second score.
+lower-index tie rule silently breaks (for several percent of the rows of duplicate-heavy
+data). So the product only *proposes* candidates; the lists are ranked by a second score.
 
 Definition. ``fixed(i, j)`` is ``<x_i, x_j>`` accumulated in float64 in one fixed order that
 depends on ``D`` only (``dot_fixed`` in ``csrc/common/rowops.h`` on CPU; a pairwise tree of
