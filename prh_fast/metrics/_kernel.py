@@ -47,8 +47,15 @@ def centred(X: torch.Tensor, dtype: torch.dtype):
     """
     X64 = X.to(torch.float64)
     C = X64 - X64.mean(dim=0, keepdim=True)
-    e = _pow2_exponent(float(C.abs().max())) if C.numel() else 0
-    return torch.ldexp(C, torch.tensor(-e, dtype=torch.int64, device=C.device)).to(dtype), e
+    if not C.numel():
+        return C.to(dtype), 0
+    lo, hi = torch.aminmax(C)  # max |value| without an |C| temporary
+    e = _pow2_exponent(max(-float(lo), float(hi)))
+    if e and -1021 <= -e <= 1023:
+        C.mul_(2.0 ** -e)  # a power of two: exact, in place
+    elif e:
+        C = torch.ldexp(C, torch.tensor(-e, dtype=torch.int64, device=C.device))
+    return C.to(dtype), e
 
 
 def _fro2(M: torch.Tensor) -> float:
