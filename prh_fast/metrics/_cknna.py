@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from prh_fast import _native
+from prh_fast.errors import BackendUnavailableError
 from prh_fast.metrics._neighbours import row_membership
 
 
@@ -69,9 +70,6 @@ def cknna_terms_cuda(ia, sa, ib, sb):
     from prh_fast._backend import CUDA_MAX_K
     from prh_fast.metrics._neighbours import check_lists_in_range
 
-    if not _native.HAS_CUDA_KERNELS:
-        raise RuntimeError("prh_fast._C was built without CUDA kernels (rebuild with "
-                           "PRH_FAST_CUDA=1 and nvcc on PATH)")
     n = ia.shape[0]
     if ia.dim() != 2 or ib.dim() != 2 or ib.shape[0] != n or sa.shape != ia.shape \
             or sb.shape != ib.shape:
@@ -81,6 +79,9 @@ def cknna_terms_cuda(ia, sa, ib, sb):
     devs = {t.device for t in (ia, sa, ib, sb)}
     if len(devs) != 1 or ia.device.type != "cuda":
         raise ValueError(f"ia, sa, ib, sb: expected one CUDA device, got {sorted(map(str, devs))}")
+    if not _native.HAS_CUDA_KERNELS:  # after the input checks: bad input is named first
+        raise BackendUnavailableError("prh_fast._C was built without CUDA kernels (rebuild "
+                                      "with PRH_FAST_CUDA=1 and nvcc on PATH)")
     if not (1 <= ia.shape[1] <= CUDA_MAX_K and 1 <= ib.shape[1] <= CUDA_MAX_K) or n < 1:
         raise ValueError(f"k: the CUDA CKNNA kernel takes 1 <= k <= {CUDA_MAX_K}, got "
                          f"{ia.shape[1]} and {ib.shape[1]}")
