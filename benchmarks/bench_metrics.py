@@ -1,5 +1,5 @@
 """Every metric, prh_fast against the reference provider (``prh_fast.reference``: the literal
-float64 N x N implementation of the SPEC).
+float64 N x N implementation of docs/metrics.md).
 
     python benchmarks/bench_metrics.py                 # N in {1024, 4096, 16384}
     python benchmarks/bench_metrics.py --n 1024 --quick

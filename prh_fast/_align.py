@@ -1,4 +1,4 @@
-"""Alignment between two models: every layer pair in one pass (SPEC, "Pipeline").
+"""Alignment between two models: every layer pair in one pass (docs/metrics.md, "The pipeline").
 
 The reference recomputes both neighbour lists (or both Gram matrices) for every layer pair.
 Here each layer is prepared once and all ``Lx x Ly`` pairs are scored from those statistics:

@@ -2,7 +2,7 @@
 
 ``backend=`` argument, else the ``PRH_FAST_BACKEND`` environment variable, else ``"auto"``.
 An automatically chosen backend falls back with one log line; a backend the user asked for by
-name raises if it cannot run (STYLE: "one dispatch point").
+name raises if it cannot run (one dispatch point).
 
 Names (one family for the whole computation):
 

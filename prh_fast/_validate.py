@@ -2,7 +2,7 @@
 
 Every public entry point funnels its arguments through these helpers so that bad input gives a
 ``ValueError`` that names the argument, never a crash deep inside a kernel or a silent wrong
-number (STYLE: "validate at the boundary"). The native entry points check again.
+number (validation at the boundary). The native entry points check again.
 """
 from __future__ import annotations
 

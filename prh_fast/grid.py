@@ -1,4 +1,4 @@
-"""Alignment over a grid of models (SPEC-metrics.md, "Pipeline" step 5).
+"""Alignment over a grid of models (docs/metrics.md, "The pipeline" step 5).
 
 ``align_models`` scores every (x model, y model) pair over all their layer pairs, as the
 reference's ``measure_alignment.py`` does, but

@@ -1,4 +1,4 @@
-"""Outlier clipping of a model's features before alignment (SPEC-metrics.md, "Pipeline" step 2).
+"""Outlier clipping of a model's features before alignment (docs/metrics.md, pipeline step 2).
 
 Drop-in for the reference's ``prepare_features`` (``measure_alignment.py``), which calls
 ``remove_outliers(feats.float(), q=q, exact=exact)``: find a threshold ``t`` from the absolute
@@ -146,7 +146,7 @@ def _clip(x: torch.Tensor, q: float, exact: bool = False) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# row norms and L2 normalisation (SPEC "Pipeline" step 3), safe at any scale
+# row norms and L2 normalisation (docs/metrics.md, pipeline step 3), safe at any scale
 # --------------------------------------------------------------------------------------------
 #: Rows whose plain norm is below this (or not finite) are normalised through a power-of-two
 #: rescale. It is also F.normalize's eps: above it the plain formula is exact and unclamped.
@@ -230,7 +230,7 @@ def _check_q(q) -> float:
 
 def _cast(t: torch.Tensor) -> torch.Tensor:
     # The reference casts with .float(); float64 is kept as float64 here (more precision, never
-    # less: SPEC "computation is float32 or better").
+    # less: docs/metrics.md: "computation is float32 or better").
     return t if t.dtype == torch.float64 else t.float()
 
 

@@ -1,6 +1,6 @@
-"""Readable float64 oracle of the alignment metrics (SPEC-metrics.md), for tests only.
+"""Readable float64 oracle of the alignment metrics (docs/metrics.md), for tests only.
 
-Every function here is a literal, slow transcription of the SPEC: it builds the ``N x N`` Gram
+Every function here is a literal, slow transcription of the contract: it builds the ``N x N`` Gram
 matrices, dense 0/1 neighbour masks and centring matrices that the fast paths avoid, and runs the
 combinatorial parts (LCS, Levenshtein) as plain Python dynamic programmes. It is the spec the test
 suite compares the fast metrics against ("one op, one place"), so clarity wins over speed: use it
@@ -324,7 +324,7 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
 
     With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks),
     sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of the
-    SPEC's "or M itself": the 0/1 mask replaces both masked kernels), hsic = hsic_unbiased when
+    the contract's "the mask M itself": the 0/1 mask replaces both masked kernels), hsic = hsic_unbiased when
     ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
     As the reference, the masks exclude the diagonal only when ``unbiased``: with
     ``unbiased=False`` the top-k is taken over the whole row, self included.

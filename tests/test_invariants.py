@@ -1,4 +1,4 @@
-"""Properties every implementation of the SPEC must have, checked on the fast path:
+"""Properties every implementation of the contract (docs/metrics.md) must have, checked on the fast path:
 self-alignment, symmetry in (A, B) (cycle_knn excepted), invariance to a shared permutation of
 the samples, CKA's invariance to isotropic scaling and translation, lcs normalisation, and real
 structure scoring well above chance."""
@@ -75,7 +75,7 @@ def test_symmetric_in_A_and_B(metric, kwargs):
 
 def test_unbiased_cknna_is_not_symmetric():
     # The unbiased estimator's 1ᵀ P Q 1 term is not symmetric for the non-symmetric masked
-    # kernels P = M∘K, Q = M∘L (the biased trace(P H Q H) is, by cyclicity); the SPEC keeps the
+    # kernels P = M∘K, Q = M∘L (the biased trace(P H Q H) is, by cyclicity); the contract keeps the
     # reference's formula, so swapping A and B moves the score slightly, as in the oracle.
     A, B = data()
     ab, ba = metrics.cknna(A, B, topk=K), metrics.cknna(B, A, topk=K)

@@ -2,7 +2,7 @@
 
 - CKNNA's masks follow the reference: the diagonal competes for the top-k unless unbiased, in
   ``prh_fast.metrics``, ``align``, the streamed grid path and the package oracle, checked
-  against a float64 oracle written here from the SPEC wording; ``exclude_self`` overrides.
+  against a float64 oracle written here from the wording of docs/metrics.md; ``exclude_self`` overrides.
 - Scale: features times 1e20 or 1e-30 (float32) give the unscaled answer through the pipeline
   (row normalisation is scale-free), raw kNN lists are the unscaled ones, kernel metrics are
   the formula's value (never NaN, never a silent 0 or 1), or a ValueError says why not.
@@ -65,7 +65,7 @@ def write_store(path, layers, dtype="float32"):
 
 
 # --------------------------------------------------------------------------------------------
-# an oracle from the SPEC's wording, in float64 with dense N x N matrices
+# an oracle from the contract's wording, in float64 with dense N x N matrices
 # --------------------------------------------------------------------------------------------
 def spec_hsic(K, L, unbiased):
     n = K.shape[0]
@@ -79,7 +79,7 @@ def spec_hsic(K, L, unbiased):
 
 
 def spec_cknna(A, B, topk, unbiased=True, distance_agnostic=False, self_eligible=None):
-    """SPEC "cknna" (with its CORRECTION): the diagonal is set to -inf only when unbiased;
+    """docs/metrics.md, "cknna": the diagonal is set to -inf only when unbiased;
     ``self_eligible`` overrides. Ties to the lower index."""
     A, B = A.double(), B.double()
     n = A.shape[0]

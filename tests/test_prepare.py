@@ -1,5 +1,5 @@
 """prepare_features (outlier clipping) against literal oracles: the reference's sort for exact
-mode, torch.quantile for approximate mode (SPEC-metrics.md, "Pipeline" step 2)."""
+mode, torch.quantile for approximate mode (docs/metrics.md, pipeline step 2)."""
 from __future__ import annotations
 
 import numpy as np

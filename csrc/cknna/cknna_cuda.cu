@@ -1,6 +1,6 @@
 // CKNNA's five sums on the GPU, one thread per row, reusing rowops.h's cknna_row (the code the
 // CPU tests cover). Row sums go to a workspace, column sums are atomic scatters, and a second
-// kernel reduces Σ_j colsum·rowsum. Built when CMake finds nvcc; not yet run on a GPU in CI.
+// kernel reduces Σ_j colsum·rowsum. Built when CMake finds nvcc.
 #include <cstdint>
 
 #include "../common/cuda_check.h"

@@ -2,7 +2,7 @@
 // rowops.h code the CPU path runs (and its tests cover); here one thread handles one row of one
 // layer pair (blockIdx.y = pair), sums are reduced per block and added atomically.
 //
-// Built when CMake finds nvcc; it has not yet run on a GPU in this project's CI (no GPU there).
+// Built when CMake finds nvcc.
 #include <cstdint>
 
 #include "../common/cuda_check.h"

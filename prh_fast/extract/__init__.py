@@ -1,4 +1,4 @@
-"""Feature extraction from language and vision models, offline first (issue 5).
+"""Feature extraction from language and vision models, offline first.
 
 ``extract_text`` / ``extract_images`` run a model over a paired data set and write one feature
 file per (data set, model, pooling): the reference's ``.pt`` layout, written atomically and

@@ -1,7 +1,7 @@
 """Exact k-nearest-neighbour search by inner product, the step every ``*_knn`` metric shares.
 
 ``knn(X, k)[i]`` holds the ``k`` rows ``j != i`` with the largest ``<x_i, x_j>``, by decreasing
-similarity, ties broken by the lower index (SPEC, "Nearest neighbours"). No backend ever holds
+similarity, ties broken by the lower index (docs/metrics.md, "Nearest neighbours"). No backend ever holds
 an ``N x N`` matrix: queries are processed in blocks against key tiles, with a running top-k
 merge, under a memory budget.
 

@@ -28,7 +28,7 @@ points) are completed by an exact search of those rows; the report counts them.
 GPU: features on a CUDA device use FAISS's GPU IVF indexes when a faiss build with GPU support
 is installed (``faiss.StandardGpuResources``); HNSW always runs on the CPU (FAISS has no GPU
 HNSW). That path is guarded but has never run: the project's GPU machine has no FAISS and no
-GPU FAISS wheel fits there (DESIGN.md), so it is untested. Without GPU FAISS, CUDA features are
+GPU FAISS wheel fits there, so it is untested. Without GPU FAISS, CUDA features are
 copied to the CPU for the index (one log line); lists come back on the features' device.
 
 Determinism: the training sample is drawn with ``numpy.random.default_rng(seed)``, FAISS's

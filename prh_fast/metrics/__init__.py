@@ -1,7 +1,7 @@
 """The eight alignment metrics of *The Platonic Representation Hypothesis*.
 
 Drop-in for the reference's ``metrics.py``: same names, same signatures, same numbers (quirks
-included, SPEC-metrics.md), Python floats out. ``from prh_fast.metrics import AlignmentMetrics``
+included, docs/metrics.md), Python floats out. ``from prh_fast.metrics import AlignmentMetrics``
 replaces the reference's import.
 
 Inputs are paired feature matrices ``feats_A [N, Da]`` and ``feats_B [N, Db]`` (torch tensors on

@@ -1,4 +1,4 @@
-"""CKNNA in O(N·k) from two neighbour lists (SPEC, "cknna").
+"""CKNNA in O(N·k) from two neighbour lists (docs/metrics.md, "cknna").
 
 ``M_P[i, j] = 1`` for ``j`` in row ``i``'s top-k, ``M = M_K ∘ M_L``, and the similarity is an
 HSIC estimator of the masked, non-symmetric matrices ``P = M∘K``, ``Q = M∘L``. As the reference,

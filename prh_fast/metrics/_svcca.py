@@ -1,4 +1,4 @@
-"""Exact, deterministic SVCCA from D x D products (SPEC, "svcca").
+"""Exact, deterministic SVCCA from D x D products (docs/metrics.md, "svcca").
 
 Columns are standardised (mean 0, divided by the unbiased std + 1e-8). The top ``r`` left
 singular vectors of the standardised ``A_s`` are ``U_A = A_s V_A Λ_A^{-1/2}`` with ``(Λ_A, V_A)``

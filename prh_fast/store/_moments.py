@@ -1,5 +1,5 @@
 """Linear CKA, unbiased CKA and SVCCA of every layer pair of two models in one pass over row
-chunks (SPEC "Kernel metrics": "at scale, form them from D x D products").
+chunks (docs/metrics.md, "Kernel metrics": at scale, from D x D products).
 
 For each layer ``x`` (rows ``x_i``, shifted by a fixed vector ``c``: ``x'_i = x_i - c``, see
 below) and each layer pair ``(x, y)`` the pass accumulates, in float64:

@@ -1,4 +1,4 @@
-"""The reference's ``.pt`` feature files (SPEC-metrics.md, "Reference feature files").
+"""The reference's ``.pt`` feature files (docs/metrics.md, "Reference feature files").
 
 A model's features are stored as ``torch.save({"feats": Tensor[N, L, D] or a list of
 [N, D_l] tensors, "num_params": int, ...})``; language models add ``"mask"``, ``"loss"`` and

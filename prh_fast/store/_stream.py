@@ -2,7 +2,7 @@
 exact neighbour lists. Nothing here holds a whole layer unless the memory budget allows it.
 
 Preparation (:class:`StreamPrep`) applies, row chunk by row chunk, exactly what the alignment
-pipeline applies to a model in memory (SPEC "Pipeline", ``prh_fast.grid``): cast as
+pipeline applies to a model in memory (docs/metrics.md, "The pipeline"; ``prh_fast.grid``): cast as
 ``prepare_features`` does (float64 stays float64, everything else float32), clamp to
 ``[-t, t]`` with the model's clipping threshold ``t``, L2-normalise each row. Every step is
 element- or row-wise once ``t`` is known, so a chunk comes out bit-equal to the same rows of
@@ -324,7 +324,7 @@ def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
 class StreamPrep:
     """Rows of a store prepared as the alignment pipeline prepares a model in memory.
 
-    ``q=None`` (or 1) skips clipping; ``normalize`` L2-normalises rows (SPEC "Pipeline" steps
+    ``q=None`` (or 1) skips clipping; ``normalize`` L2-normalises rows (docs/metrics.md, pipeline steps
     2-3). ``rows(l, a, b)`` returns rows ``a:b`` of layer ``l`` on ``device`` in the compute
     dtype (float64 for a float64 store, else float32), bit-equal to the same rows of the
     in-memory preparation. The threshold is found (or read from the cache) on first use.
@@ -396,7 +396,7 @@ class StreamPrep:
 # ------------------------------------------------------------------------------------------------
 def _resolve_backend(backend, device: torch.device) -> str:
     """``cpu`` (native) or ``torch``. An explicitly requested other backend raises; one from
-    ``PRH_FAST_BACKEND`` that cannot stream falls back with a log line (STYLE: one dispatch
+    ``PRH_FAST_BACKEND`` that cannot stream falls back with a log line (one dispatch
     point: the auto choice falls back, the requested one raises)."""
     import os
 
