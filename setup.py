@@ -27,7 +27,7 @@ _PROGRAMS = ("CMAKE_COMMAND", "CMAKE_MAKE_PROGRAM", "CMAKE_CXX_COMPILER", "CMAKE
 
 
 def _version() -> str:
-    text = (ROOT / "prh_fast" / "__init__.py").read_text()
+    text = (ROOT / "prh_fast" / "_version.py").read_text()
     return re.search(r'__version__ = "([^"]+)"', text).group(1)
 
 

@@ -6,7 +6,7 @@ matrices. ``import prh_fast`` never touches CUDA.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from prh_fast._version import __version__
 
 from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
 from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search

@@ -17,7 +17,8 @@ def collect() -> dict:
     """Return a dict describing the build and the runtime (queries CUDA only here)."""
     import torch
 
-    from prh_fast import __version__, _native
+    from prh_fast import _native
+    from prh_fast._version import __version__
 
     out = {
         "prh_fast": __version__,
