@@ -55,7 +55,7 @@ def _kind(args) -> str:
     text."""
     if not args.models:
         return args.modality or "text"
-    from prh_fast.cli import _UserError
+    from prh_fast._cli_common import _UserError
     from prh_fast.extract._registry import MODEL_SETS, model_set_kind
 
     if args.models.strip().lower() not in MODEL_SETS:
@@ -69,7 +69,12 @@ def _kind(args) -> str:
 
 
 def _cmd_extract(args) -> int:
-    from prh_fast.cli import _about, _UserError, check_device, check_output_folder
+    from prh_fast._cli_common import (
+        _about,
+        _UserError,
+        check_device,
+        check_output_folder,
+    )
 
     kind = _kind(args)
     if kind == "text":
@@ -135,7 +140,7 @@ def _extract_distributed(args, kind, names, pool) -> int:
     restart resumes from the ranges (and batches) already written."""
     import torch.distributed as dist
 
-    from prh_fast.cli import _about
+    from prh_fast._cli_common import _about
     from prh_fast.distributed import init_from_env
     from prh_fast.extract._runner import extract_sharded
 
@@ -166,7 +171,7 @@ def _extract_distributed(args, kind, names, pool) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from prh_fast.cli import check_device, check_output_folder
+    from prh_fast._cli_common import check_device, check_output_folder
     from prh_fast.demo import check_metric_settings
     from prh_fast.metrics import SUPPORTED_METRICS
 
@@ -184,7 +189,7 @@ def _cmd_demo(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from prh_fast.cli import nonnegative_int, positive_int
+    from prh_fast._cli_common import nonnegative_int, positive_int
     from prh_fast.metrics import SUPPORTED_METRICS
 
     pe = sub.add_parser("extract", help="per-layer features of language or vision models "

@@ -40,7 +40,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from prh_fast.cli import _UserError, check_output_folder
+    from prh_fast._cli_common import _UserError, check_output_folder
     from prh_fast.store import is_store, pt_to_store, store_to_pt
 
     src, dst = args.src, args.dst
@@ -62,7 +62,7 @@ def _cmd_convert(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register ``prh-fast store ...`` on the top-level subparsers."""
-    from prh_fast.cli import positive_int
+    from prh_fast._cli_common import positive_int
 
     ps = sub.add_parser("store", help="feature stores: info, verify, convert (.pt <-> store)")
     ss = ps.add_subparsers(dest="store_cmd", required=True)
