@@ -35,7 +35,8 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["DestinationLocked", "exclusive_lock", "lock_path"]
+__all__ = ["DestinationLocked", "HoldsLock", "acquire", "release", "exclusive_lock",
+           "lock_path"]
 
 LOCK_NAME = ".prh_fast.lock"
 
@@ -136,6 +137,33 @@ def release(held: _Held) -> None:
     with _HELD_GUARD:
         _HELD.discard(held.path)
     held.release()
+
+
+class HoldsLock:
+    """For writers that hold their destination's lock (``self._held``, from :func:`acquire`)
+    from opening until ``finish`` or :meth:`close`; usable as a context manager."""
+
+    _held = None
+
+    def close(self) -> None:
+        """Release the destination's lock (``finish`` does). What was made durable stays, and
+        a new writer of the same path resumes from it."""
+        held, self._held = self._held, None
+        if held is not None:
+            release(held)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
 
 @contextmanager

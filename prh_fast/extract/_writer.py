@@ -40,7 +40,7 @@ def _canon(d: dict) -> str:
     return json.dumps(d, sort_keys=True, default=_json_default)
 
 
-class PtWriter:
+class PtWriter(_lock.HoldsLock):
     """Write a reference-format ``.pt`` feature file batch by batch.
 
     Batches are kept as atomic part files in ``<path>.partial/`` next to a ``job.json`` that
@@ -181,25 +181,9 @@ class PtWriter:
         self.close()
         return self.path
 
-    def close(self) -> None:
-        """Release the output's lock (``finish`` does); the parts stay for a later resume."""
-        held, self._held = getattr(self, "_held", None), None
-        if held is not None:
-            _lock.release(held)
-
-    def __enter__(self):
-        return self
-
     def __exit__(self, exc_type, *exc):
         if exc_type is not None and not self._parts and self._held is not None:
             # Failed before any row was written (e.g. the model did not load): leave no
             # unfinished extraction behind.
             shutil.rmtree(self.partial, ignore_errors=True)
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
+        return super().__exit__(exc_type, *exc)

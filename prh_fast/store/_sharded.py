@@ -191,7 +191,7 @@ def _read_header(path: str) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------
-class StoreWriter:
+class StoreWriter(_lock.HoldsLock):
     """Write a store incrementally; reopen the same path to resume.
 
     Args:
@@ -503,26 +503,6 @@ class StoreWriter:
         self._write_index()
         self.close()
         return self.path
-
-    def close(self) -> None:
-        """Release the store's writer lock (``finish`` does; rows not yet flushed are not
-        written). Reopening the path resumes."""
-        held, self._held = getattr(self, "_held", None), None
-        if held is not None:
-            _lock.release(held)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
 
 def _canon(v) -> str:
