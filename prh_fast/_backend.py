@@ -22,14 +22,12 @@ Names (one family for the whole computation):
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 import torch
 
 from prh_fast import _native
-
-logger = logging.getLogger("prh_fast")
+from prh_fast._log import _log_once, _logged, logger  # noqa: F401  (re-exported)
 
 ANN_BACKENDS = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 KNN_BACKENDS = ("auto", "cpu", "torch", "faiss", "triton", "cuda") + ANN_BACKENDS
@@ -39,13 +37,6 @@ CUDA_MAX_K = 256
 #: they have passed ``tests/test_cuda.py`` on hardware (see docs/gpu.md); ``backend="cuda"``
 #: runs them regardless.
 CUDA_SETOPS_AUTO = False
-_logged: set = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.warning(msg)
 
 
 def faiss_available() -> bool:

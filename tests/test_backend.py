@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from prh_fast import _backend, _native
+from prh_fast import _backend, _log, _native
 from prh_fast.knn import knn
 
 
@@ -45,7 +45,7 @@ def test_explicit_faiss_missing_raises(monkeypatch):
 
 def test_auto_fallback_logs_once(monkeypatch, caplog):
     monkeypatch.setattr(_native, "HAS_NATIVE", False)
-    monkeypatch.setattr(_backend, "_logged", set())
+    monkeypatch.setattr(_log, "_logged", set())
     with caplog.at_level(logging.WARNING, logger="prh_fast"):
         for _ in range(3):
             assert _backend.resolve_knn_backend(None, torch.device("cpu")) == "torch"

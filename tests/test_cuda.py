@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _data import assert_knn_lists_match, integer_features, with_duplicates
-from prh_fast import _backend, _native
+from prh_fast import _backend, _log, _native
 from prh_fast.knn import knn
 from prh_fast.metrics import _cknna, _neighbours
 
@@ -125,7 +125,7 @@ def test_triton_near_ties_on_gpu(precision):
 
 @pytest.mark.cuda
 def test_triton_fast_mode_is_close_and_logged(caplog, monkeypatch):
-    monkeypatch.setattr(_backend, "_logged", set())
+    monkeypatch.setattr(_log, "_logged", set())
     X = _features(3000, 256, seed=7)
     with caplog.at_level(logging.WARNING, logger="prh_fast"):
         got = knn(X.cuda(), 10, backend="triton", exact=False)

@@ -26,7 +26,7 @@ if (not torch.cuda.is_available() and "triton" not in sys.modules
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _data import assert_knn_lists_match, integer_features, with_duplicates  # noqa: E402
-from prh_fast import _backend  # noqa: E402
+from prh_fast import _backend, _log  # noqa: E402
 from prh_fast import reference as R  # noqa: E402
 from prh_fast.knn import _triton as T  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
@@ -293,7 +293,7 @@ def test_explicit_triton_without_triton_raises(monkeypatch):
 
 
 def test_auto_on_cuda_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(_backend, "_logged", set())
+    monkeypatch.setattr(_log, "_logged", set())
     monkeypatch.setattr(_backend, "triton_unavailable", lambda device: "no triton here")
     with caplog.at_level(logging.WARNING, logger="prh_fast"):
         for _ in range(3):

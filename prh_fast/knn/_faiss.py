@@ -13,7 +13,7 @@ import torch
 def knn_faiss(X: torch.Tensor, k: int, budget: int):
     import faiss  # imported lazily: optional dependency
 
-    from prh_fast._backend import _log_once
+    from prh_fast._log import _log_once
 
     if X.dtype == torch.float64:
         _log_once("prh_fast: the faiss backend computes in float32; float64 features lose "

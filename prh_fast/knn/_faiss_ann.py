@@ -487,7 +487,7 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
     ``X``: ``[N, D]`` prepared features; ``keys``: ``[M, D]`` for a cross search (nothing
     excluded), else ``X`` searches itself with each row excluded.
     """
-    from prh_fast._backend import _log_once, logger
+    from prh_fast._log import _log_once, logger
 
     faiss = _faiss()
     self_search = keys is None

@@ -382,7 +382,7 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
     stats = {"rows": m, "KP": kp, "G": g, "precision": fmt, "exact": bool(exact),
              "retried": 0, "fallback": 0}
     if not exact:
-        from prh_fast._backend import _log_once
+        from prh_fast._log import _log_once
 
         _log_once(f"prh_fast: triton kNN in fast mode ({stats['precision']} products, no "
                   "float32 re-score): neighbour lists and scores are approximate")

@@ -401,7 +401,7 @@ def _resolve_backend(backend, device: torch.device) -> str:
     import os
 
     from prh_fast import _native
-    from prh_fast._backend import _log_once
+    from prh_fast._log import _log_once
 
     explicit = backend is not None
     name = backend if explicit else os.environ.get("PRH_FAST_BACKEND", "auto")
