@@ -369,6 +369,16 @@ def _grid_svcca(xs, ys, timings, cca_dim=10):
 
 # --------------------------------------------------------------------------------------------
 
+#: ``align`` on paths (store folders, feature files) runs the model grid's path for one pair,
+#: ``prh_fast.grid.align_paths``; the grid sits above this module and registers it when it is
+#: imported (``import prh_fast`` imports it).
+_PATH_RUNNER: list = []
+
+
+def set_path_runner(fn) -> None:
+    """Register the function ``align`` calls for paths (``prh_fast.grid.align_paths``)."""
+    _PATH_RUNNER[:] = [fn]
+
 
 def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
           *, concat: bool = False, backend: str | None = None, null_permutations: int = 0,
@@ -398,11 +408,9 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
     if isinstance(x_feats, (str, os.PathLike)) or isinstance(y_feats, (str, os.PathLike)):
         # store folders (streamed) or feature files: the grid's path for one model pair
-        from prh_fast._stream_align import align_paths
-
-        return align_paths(x_feats, y_feats, metric, topk, normalize, concat=concat,
-                           backend=backend, null_permutations=null_permutations, seed=seed,
-                           **metric_kwargs)
+        return _PATH_RUNNER[0](x_feats, y_feats, metric, topk, normalize, concat=concat,
+                               backend=backend, null_permutations=null_permutations, seed=seed,
+                               **metric_kwargs)
     t_all = time.perf_counter()
     lx_raw, ly_raw = as_layers(x_feats, "x_feats"), as_layers(y_feats, "y_feats")
     n = lx_raw[0].shape[0]

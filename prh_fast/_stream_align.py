@@ -21,7 +21,7 @@ import time
 
 import torch
 
-__all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy", "align_paths"]
+__all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy"]
 
 #: In ``"auto"`` mode a store whose prepared features exceed this many bytes is streamed for the
 #: kernel metrics (and on a GPU for the neighbour metrics too); smaller ones are loaded.
@@ -189,33 +189,3 @@ class StreamPolicy:
         timings["space"] = "stream"
         return out
 
-
-def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, backend=None,
-                null_permutations=0, seed=0, stream=None, stream_budget=None, **metric_kwargs):
-    """``prh_fast.align`` for store folders or feature files (either side may also be in
-    memory): the model grid's path (``align_models``) for one pair, as an
-    ``AlignmentResult`` read x first. ``concat`` and per-pair null statistics need every
-    layer in memory: load the features for those."""
-    from prh_fast._align import AlignmentResult, best_pair
-    from prh_fast.grid import align_models
-
-    if concat:
-        raise ValueError("concat: concatenating all layers needs them in memory; load the "
-                         "features (prh_fast.store.load_features) to use it")
-    if null_permutations:
-        raise ValueError("null_permutations: per-pair null statistics need the features in "
-                         "memory; prh_fast.align_models gives the best-score null from files "
-                         "and stores")
-    t0 = time.perf_counter()
-    r = align_models({"x": x_feats}, {"y": y_feats}, metric, topk=topk, normalize=normalize,
-                     backend=backend, reference_order=False, progress=False, seed=seed,
-                     stream=stream, stream_budget=stream_budget, **metric_kwargs)
-    mat = torch.from_numpy(r.pair_scores[("x", "y")])
-    best, pair = best_pair(mat)
-    timings = dict(r.timings)
-    timings["total"] = time.perf_counter() - t0
-    return AlignmentResult(metric=metric, scores=mat, best_score=best, best_pair=pair,
-                           x_layers=list(range(mat.shape[0])),
-                           y_layers=list(range(mat.shape[1])),
-                           topk=r.options.get("k") if "knn" in metric else None,
-                           timings=timings)

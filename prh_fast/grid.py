@@ -43,6 +43,7 @@ from prh_fast import _lock, store
 from prh_fast._io import atomic_write
 from prh_fast._align import (
     _KNN_RAW,
+    AlignmentResult,
     _align_prepared,
     _cknna_side,
     _knn_side,
@@ -51,6 +52,7 @@ from prh_fast._align import (
     ann_pair_report,
     as_layers,
     best_pair,
+    set_path_runner,
 )
 from prh_fast._stream_align import StreamPolicy
 from prh_fast.metrics import SUPPORTED_METRICS
@@ -846,3 +848,36 @@ class Alignment:
             return list(data[modality])
         raise ValueError(f"data: expected a dict of lists or a JSONL path, got "
                          f"{type(data).__name__}")
+
+
+def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, backend=None,
+                null_permutations=0, seed=0, stream=None, stream_budget=None, **metric_kwargs):
+    """``prh_fast.align`` for store folders or feature files (either side may also be in
+    memory): the model grid's path (``align_models``) for one pair, as an
+    ``AlignmentResult`` read x first. ``concat`` and per-pair null statistics need every
+    layer in memory: load the features for those."""
+    if concat:
+        raise ValueError("concat: concatenating all layers needs them in memory; load the "
+                         "features (prh_fast.store.load_features) to use it")
+    if null_permutations:
+        raise ValueError("null_permutations: per-pair null statistics need the features in "
+                         "memory; prh_fast.align_models gives the best-score null from files "
+                         "and stores")
+    t0 = time.perf_counter()
+    r = align_models({"x": x_feats}, {"y": y_feats}, metric, topk=topk, normalize=normalize,
+                     backend=backend, reference_order=False, progress=False, seed=seed,
+                     stream=stream, stream_budget=stream_budget, **metric_kwargs)
+    mat = torch.from_numpy(r.pair_scores[("x", "y")])
+    best, pair = best_pair(mat)
+    timings = dict(r.timings)
+    timings["total"] = time.perf_counter() - t0
+    return AlignmentResult(metric=metric, scores=mat, best_score=best, best_pair=pair,
+                           x_layers=list(range(mat.shape[0])),
+                           y_layers=list(range(mat.shape[1])),
+                           topk=r.options.get("k") if "knn" in metric else None,
+                           timings=timings)
+
+
+# ``prh_fast.align`` on store folders or feature files runs this (``prh_fast._align`` sits below
+# the grid and does not import it).
+set_path_runner(align_paths)
