@@ -7,7 +7,8 @@ float64 N x N implementation of docs/metrics.md).
 Correctness is checked at every size where the reference runs: kernel metrics within 1e-4
 relative; neighbour metrics equal to 1e-12 when the reference scores prh_fast's own float32
 lists (rows whose float64 lists differ by near-ties are counted and reported). Then each
-provider is timed. The reference is skipped above ``--ref-max-n`` (its N x N float64 matrices and N^3 products take hours at 16384).
+provider is timed. The reference is skipped above ``--ref-max-n`` (its N x N float64 matrices
+and N^3 products take hours at 16384).
 """
 from __future__ import annotations
 

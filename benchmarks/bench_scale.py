@@ -80,7 +80,8 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[6])
 from _harness import peak_rss_mib
 from prh_fast.store import StoreWriter
-path, n, d, layers, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+path, dtype = sys.argv[1], sys.argv[5]
+n, d, layers = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rank, batch = 32, 8192
 t0 = time.perf_counter()
 for m, name in enumerate(("x", "y")):
@@ -172,7 +173,8 @@ for l in range(prep.store.num_layers):
     hit = (got.unsqueeze(2) == want.unsqueeze(1)).any(2).float().mean().item()
     rows.append({"layer": l, "seconds": dt, "recall_all_rows": hit,
                  "recall_sample": rep.recall if rep is not None else None,
-                 "params": rep.params if rep is not None else None, "timings": rep.timings if rep is not None else None,
+                 "params": rep.params if rep is not None else None,
+                 "timings": rep.timings if rep is not None else None,
                  "peak_mib": peak_rss_mib()})
     del X
 print(json.dumps(rows, default=str))

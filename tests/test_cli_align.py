@@ -67,7 +67,8 @@ def test_align_folder_discovery_writes_outputs(feature_dir, tmp_path, capsys):
 
 def test_align_explicit_files_and_options(feature_dir, tmp_path, capsys):
     sub = feature_dir / "prh" / "wit_1024"
-    files = [str(sub / "llama_pool-avg_prompt-False.pt"), str(sub / "bloom_pool-avg_prompt-False.pt")]
+    files = [str(sub / "llama_pool-avg_prompt-False.pt"),
+             str(sub / "bloom_pool-avg_prompt-False.pt")]
     out = tmp_path / "o"
     rc = main(["align", "--x", *files, "--y", *files, "--metric", "cka", "--q", "1",
                "--output_dir", str(out), "--no-progress", "--null-permutations", "3"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -334,7 +333,7 @@ def test_knn_equals_single_process(tmp_path, world):
 
     _run_task("knn", tmp_path, world)
     outs = [torch.load(tmp_path / f"knn_rank{r}.pt") for r in range(world)]
-    for name, n, d, k, mode, data, dtype, backend, budget in KNN_CASES:
+    for name, n, d, k, _mode, data, dtype, _backend, _budget in KNN_CASES:
         X = _case_data(name, n, d, data, dtype)
         ref_i, ref_v = knn1(X, k, return_scores=True)
         for r, o in enumerate(outs):
@@ -354,7 +353,7 @@ def test_knn_equals_single_process(tmp_path, world):
     for o in outs:
         assert o["bad"] is not None and "NaN" in o["bad"]
         assert "k:" in o["bad_k"]
-    for r, o in enumerate(outs[:-1]):
+    for o in outs[:-1]:
         assert f"rank {world - 1}" in o["bad"]
 
 
@@ -449,7 +448,7 @@ def test_cli_align_under_torchrun_environment(tmp_path):
     files = _grid_files(str(tmp_path))
     res = _launch(lambda r: [sys.executable, "-m", "prh_fast.cli",
                              *_cli_args(files, str(tmp_path / "dist"))], 2)
-    for rc, o, e in res:
+    for rc, _out, e in res:
         assert rc == 0, e[-3000:]
     assert "wrote:" in res[0][1] and res[1][1] == ""  # one report, from rank 0
     assert main(_cli_args(files, str(tmp_path / "one"))) == 0

@@ -197,5 +197,6 @@ def test_inputs_are_not_modified():
 def test_cca_dim_above_the_numerical_rank():
     # rank-2 features: a third canonical direction does not exist
     A, B = paired_features(50, 6, 6, dtype=torch.float64)
-    A = A[:, :2] @ torch.randn(2, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    A = A[:, :2] @ torch.randn(2, 6, generator=g, dtype=torch.float64)
     _raises("cca_dim", "svcca", A, B, cca_dim=3)

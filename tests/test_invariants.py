@@ -1,7 +1,7 @@
-"""Properties every implementation of the contract (docs/metrics.md) must have, checked on the fast path:
-self-alignment, symmetry in (A, B) (cycle_knn excepted), invariance to a shared permutation of
-the samples, CKA's invariance to isotropic scaling and translation, lcs normalisation, and real
-structure scoring well above chance."""
+"""Properties every implementation of the contract (docs/metrics.md) must have, checked on the
+fast path: self-alignment, symmetry in (A, B) (cycle_knn excepted), invariance to a shared
+permutation of the samples, CKA's invariance to isotropic scaling and translation, lcs
+normalisation, and real structure scoring well above chance."""
 from __future__ import annotations
 
 import functools

@@ -210,7 +210,8 @@ def test_results_do_not_depend_on_thread_count():
         for threads in (1, 2, 3):
             _C.set_num_threads(threads)
             assert _C.build_info()["omp_max_threads"] == threads or not _C.build_info()["openmp"]
-            got[threads] = ([_C.neighbour_scores(m, a, b) for m in ("mutual", "cycle", "lcs", "edit")],
+            got[threads] = ([_C.neighbour_scores(m, a, b)
+                             for m in ("mutual", "cycle", "lcs", "edit")],
                             _C.cknna_terms(ia, sa, ib, sb))
     finally:
         _C.set_num_threads(before)

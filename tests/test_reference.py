@@ -68,7 +68,8 @@ def test_lcs_and_levenshtein_textbook_cases(a, b, lcs, lev):
 
 
 def _set_formulas(A, B, k):
-    """Neighbour metrics written from the contract's set formulas (docs/metrics.md) with Python loops."""
+    """Neighbour metrics written from the contract's set formulas (docs/metrics.md) with Python
+    loops."""
     a, b = R.knn(A, k).tolist(), R.knn(B, k).tolist()
     n = len(a)
     mutual = sum(len(set(a[i]) & set(b[i])) / k for i in range(n)) / n

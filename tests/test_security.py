@@ -100,7 +100,8 @@ def test_trust_reads_a_reference_npy_written_by_us(tmp_path):
     assert (tmp_path / "cka.json").exists()  # the missing file is written again
 
 
-@pytest.mark.parametrize("text", ["{", '{"metric": "cka"}', "[1, 2]", '{"metric": 3, "x_names": 1}'])
+@pytest.mark.parametrize("text", ["{", '{"metric": "cka"}', "[1, 2]",
+                                  '{"metric": 3, "x_names": 1}'])
 def test_malformed_saved_json_is_a_named_error(tmp_path, text):
     (tmp_path / "cka.json").write_text(text)
     with pytest.raises(ValueError, match=r"cka\.json: unreadable or malformed"):
