@@ -27,7 +27,27 @@ def _umask() -> int:
 
 
 def atomic_write(path, write) -> str:
-    """Call ``write(f)`` on a binary file object, then move the result to ``path``."""
+    """Call ``write(f)`` on a binary file object, then move the result to ``path``.
+
+    The file appears complete or not at all: a failure inside ``write`` (or a crash) leaves
+    any previous ``path`` untouched and no temporary file behind.
+
+    Args:
+        path: The file to write (str or path-like); its folder is created if needed.
+        write: A callable taking the open binary file object and writing the content.
+
+    Returns:
+        ``path`` as a string.
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._io import atomic_write
+        >>> path = os.path.join(tempfile.mkdtemp(), "out", "notes.txt")
+        >>> atomic_write(path, lambda f: f.write(b"hello")) == path
+        True
+        >>> open(path, "rb").read()
+        b'hello'
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -61,10 +81,31 @@ def atomic_write(path, write) -> str:
 
 
 def confined(root, rel, *, direct: bool = False) -> str | None:
-    """``root/rel`` when it stays inside ``root`` once symlinks and ``..`` are resolved, else
-    None. ``rel`` must be relative; with ``direct=True`` it must name an entry of ``root``
-    itself (no sub-folders). For paths named by files inside a folder a user hands us (a store
-    index, a captions file), which must not lead the reader elsewhere on the machine."""
+    """``root/rel`` when it stays inside ``root`` once symlinks and ``..`` are resolved.
+
+    For paths named by files inside a folder a user hands us (a store index, a captions file),
+    which must not lead the reader elsewhere on the machine.
+
+    Args:
+        root: The folder the path must stay in.
+        rel: The relative path read from the untrusted file.
+        direct: Require ``rel`` to name an entry of ``root`` itself (no sub-folders).
+
+    Returns:
+        The joined path (unresolved), or None when ``rel`` is empty, absolute, contains a NUL
+        byte, or leads outside ``root``.
+
+    Example:
+        >>> import tempfile
+        >>> from prh_fast._io import confined
+        >>> root = tempfile.mkdtemp()
+        >>> confined(root, "shard-00000.safetensors") is not None
+        True
+        >>> print(confined(root, "../etc/passwd"), confined(root, "/etc/passwd"))
+        None None
+        >>> print(confined(root, "sub/file.bin", direct=True))
+        None
+    """
     rel = os.fspath(rel)
     if not rel or os.path.isabs(rel) or "\0" in rel:
         return None

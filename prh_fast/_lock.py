@@ -41,11 +41,25 @@ __all__ = ["DestinationLocked", "HoldsLock", "acquire", "release", "exclusive_lo
 LOCK_NAME = ".prh_fast.lock"
 
 
-
-
 def lock_path(destination, *, folder: bool | None = None) -> str:
-    """The lock file of ``destination``: inside it when it is (or will be) a folder, beside it
-    (hidden) when it is a file."""
+    """The lock file of ``destination``.
+
+    Args:
+        destination: The folder or file a writer is about to write.
+        folder: Whether ``destination`` is (or will be) a folder; None looks at the disk.
+
+    Returns:
+        ``<destination>/.prh_fast.lock`` for a folder, ``<dir>/.<name>.lock`` (hidden, beside
+        it) for a file; absolute.
+
+    Example:
+        >>> import os
+        >>> from prh_fast._lock import lock_path
+        >>> os.path.basename(lock_path("/data/features.pt", folder=False))
+        '.features.pt.lock'
+        >>> os.path.basename(lock_path("/data/store", folder=True))
+        '.prh_fast.lock'
+    """
     dest = os.path.abspath(os.fspath(destination))
     if folder is None:
         folder = os.path.isdir(dest)
@@ -99,7 +113,29 @@ _HELD_GUARD = threading.Lock()
 
 
 def acquire(destination, *, folder: bool | None = None) -> _Held:
-    """Take the lock of ``destination`` or raise :class:`DestinationLocked` (no waiting)."""
+    """Take the lock of ``destination`` without waiting.
+
+    Args:
+        destination: The folder or file to lock (its parent folders are created).
+        folder: As in :func:`lock_path`.
+
+    Returns:
+        The held lock; give it to :func:`release` when done.
+
+    Raises:
+        DestinationLocked: Another writer (another process, or another lock object in this
+            one) holds it; the message names the holder.
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._lock import acquire, release
+        >>> held = acquire(os.path.join(tempfile.mkdtemp(), "grid"), folder=True)
+        >>> os.path.exists(held.path)
+        True
+        >>> release(held)
+        >>> os.path.exists(held.path)
+        False
+    """
     dest = os.path.abspath(os.fspath(destination))
     path = lock_path(dest, folder=folder)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -134,14 +170,41 @@ def acquire(destination, *, folder: bool | None = None) -> _Held:
 
 
 def release(held: _Held) -> None:
+    """Release a lock taken by :func:`acquire` and remove its lock file.
+
+    Args:
+        held: What :func:`acquire` returned. Releasing twice is harmless.
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._lock import acquire, release
+        >>> out = os.path.join(tempfile.mkdtemp(), "features.pt")
+        >>> release(acquire(out, folder=False))
+        >>> release(acquire(out, folder=False))  # free again once released
+    """
     with _HELD_GUARD:
         _HELD.discard(held.path)
     held.release()
 
 
 class HoldsLock:
-    """For writers that hold their destination's lock (``self._held``, from :func:`acquire`)
-    from opening until ``finish`` or :meth:`close`; usable as a context manager."""
+    """Base class of writers that hold their destination's lock while open.
+
+    A subclass stores what :func:`acquire` returned in ``self._held`` when it opens and calls
+    :meth:`close` when it finishes; ``with`` blocks and the finaliser close it too.
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._lock import HoldsLock, acquire
+        >>> class Writer(HoldsLock):
+        ...     def __init__(self, path):
+        ...         self._held = acquire(path, folder=False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "out.bin")
+        >>> with Writer(path) as w:
+        ...     held = w._held is not None
+        >>> held, w._held
+        (True, None)
+    """
 
     _held = None
 
@@ -168,7 +231,26 @@ class HoldsLock:
 
 @contextmanager
 def exclusive_lock(destination, *, folder: bool | None = None):
-    """``with exclusive_lock(path): ...`` — hold the destination's lock for the block."""
+    """Hold the lock of ``destination`` for a ``with`` block.
+
+    Args:
+        destination: The folder or file to lock.
+        folder: As in :func:`lock_path`.
+
+    Yields:
+        The held lock.
+
+    Raises:
+        DestinationLocked: Another writer holds it.
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._lock import exclusive_lock
+        >>> out = os.path.join(tempfile.mkdtemp(), "store")
+        >>> with exclusive_lock(out, folder=True) as held:
+        ...     print(os.path.basename(held.path))
+        .prh_fast.lock
+    """
     held = acquire(destination, folder=folder)
     try:
         yield held

@@ -25,37 +25,109 @@ __all__ = ["PrhFastError", "InputError", "StoreError", "DataNotFoundError",
 
 
 class PrhFastError(Exception):
-    """Root of every error prh_fast raises on purpose."""
+    """Root of every error prh_fast raises on purpose.
+
+    Example:
+        >>> from prh_fast.errors import InputError, PrhFastError
+        >>> issubclass(InputError, PrhFastError)
+        True
+    """
 
 
 class InputError(PrhFastError, ValueError):
-    """Bad input: an argument's value or shape, or the contents of a file (names which)."""
+    """Bad input: an argument's value or shape, or the contents of a file (names which).
+
+    A ``ValueError``, so callers that catch ``ValueError`` keep working.
+
+    Example:
+        >>> import tempfile
+        >>> import prh_fast
+        >>> try:
+        ...     prh_fast.store.open_store(tempfile.mkdtemp())  # a folder with no store index
+        ... except prh_fast.InputError as err:
+        ...     print(type(err).__name__, isinstance(err, ValueError))
+        StoreError True
+    """
 
 
 class StoreError(InputError):
-    """A store folder that is missing, malformed, truncated or corrupt (names the file)."""
+    """A store folder that is missing, malformed, truncated or corrupt (names the file).
+
+    Example:
+        >>> import tempfile
+        >>> from prh_fast.store import open_store
+        >>> from prh_fast.errors import StoreError
+        >>> try:
+        ...     open_store(tempfile.mkdtemp())
+        ... except StoreError:
+        ...     print("not a store")
+        not a store
+    """
 
 
 class DataNotFoundError(InputError, FileNotFoundError):
-    """A data source that is not there (missing folder, file or package)."""
+    """A data source that is not there (missing folder, file or package).
+
+    Example:
+        >>> from prh_fast.errors import DataNotFoundError
+        >>> issubclass(DataNotFoundError, FileNotFoundError)
+        True
+    """
 
 
 class ModelNotAvailableError(InputError, FileNotFoundError):
-    """The weights are neither on disk nor fetchable; the message lists what was tried."""
+    """The weights are neither on disk nor fetchable; the message lists what was tried.
+
+    Example:
+        >>> from prh_fast.errors import ModelNotAvailableError
+        >>> issubclass(ModelNotAvailableError, FileNotFoundError)
+        True
+    """
 
 
 class BackendUnavailableError(PrhFastError, RuntimeError):
-    """A backend the caller asked for by name cannot run here (the message says why)."""
+    """A backend the caller asked for by name cannot run here (the message says why).
+
+    Example:
+        >>> from prh_fast.errors import BackendUnavailableError
+        >>> err = BackendUnavailableError("backend='faiss': faiss is not installed")
+        >>> isinstance(err, RuntimeError)
+        True
+    """
 
 
 class DistributedError(PrhFastError, RuntimeError):
-    """A collective failed: a peer rank died, was killed, or did not answer in time."""
+    """A collective failed: a peer rank died, was killed, or did not answer in time.
+
+    Example:
+        >>> from prh_fast.errors import DistributedError
+        >>> isinstance(DistributedError("rank 1 did not answer"), RuntimeError)
+        True
+    """
 
 
 class DestinationLocked(PrhFastError, BlockingIOError):
     """Another writer holds the destination (the message names the destination and holder).
 
-    A ``BlockingIOError`` (an ``OSError``): the destination is busy, not wrong; retry later."""
+    A ``BlockingIOError`` (an ``OSError``): the destination is busy, not wrong; retry later.
+
+    Args:
+        destination: The path another writer is using.
+        holder: Who holds it (process, host, start time and command, when known).
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast._lock import exclusive_lock
+        >>> from prh_fast.errors import DestinationLocked
+        >>> out = os.path.join(tempfile.mkdtemp(), "store")
+        >>> with exclusive_lock(out, folder=True):
+        ...     try:
+        ...         with exclusive_lock(out, folder=True):
+        ...             pass
+        ...     except DestinationLocked as err:
+        ...         print(err.holder)
+        this process
+    """
 
     def __init__(self, destination: str, holder: str):
         self.destination = destination
