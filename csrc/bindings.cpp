@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/limits.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -349,6 +350,8 @@ PYBIND11_MODULE(_C, m) {
         "CKNNA sums (Σ P_ij Q_ji, 1ᵀP1, 1ᵀQ1, 1ᵀPQ1, 1ᵀQP1) for P = M∘K, Q = M∘L.");
   m.def("build_info", &build_info, "What this module was compiled with.");
   m.def("set_num_threads", &set_omp_threads, py::arg("n"), "Set the OpenMP thread count.");
+  // Exported in every build: the Python layer checks k against it before any launch.
+  m.attr("CUDA_MAX_K") = kCudaMaxK;
 #ifdef PRH_FAST_WITH_CUDA
   m.attr("has_cuda_kernels") = true;
   m.def("cuda_neighbour_scores", &cuda_neighbour_scores, py::arg("metric"), py::arg("knn_a_ptr"),

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "limits.h"  // kCudaMaxK, used by every kernel that includes this header
+
 #define PRH_CUDA_CHECK(expr)                                                               \
   do {                                                                                     \
     cudaError_t err__ = (expr);                                                            \
@@ -15,8 +17,3 @@
   } while (0)
 
 #define PRH_CUDA_CHECK_LAUNCH() PRH_CUDA_CHECK(cudaGetLastError())
-
-namespace prh_fast {
-// The CUDA kernels keep per-thread scratch in local arrays of this many entries.
-constexpr int kCudaMaxK = 256;
-}
