@@ -173,6 +173,20 @@ def row_norms(X: torch.Tensor, chunk_values: int = 1 << 24) -> torch.Tensor:
     norm leaves a safe range (``1e200``, ``1e-200``) are scaled by the power of two of their
     largest ``|x|`` (exact) first, and the result is scaled back. Row chunks keep the float64
     copy to ``chunk_values`` values.
+
+    Args:
+        X: ``[N, D]`` floating-point tensor, any device.
+        chunk_values: Values converted to float64 at a time.
+
+    Returns:
+        ``[N]`` float64 tensor on ``X``'s device.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.prepare import row_norms
+        >>> X = torch.tensor([[3.0, 4.0], [3e200, 4e200]], dtype=torch.float64)
+        >>> [f"{v:.6g}" for v in row_norms(X).tolist()]  # the squares would overflow
+        ['5', '5e+200']
     """
     n = X.shape[0]
     out = torch.empty(n, dtype=torch.float64, device=X.device)
@@ -202,6 +216,19 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     underflow (``|x| ~ 1e-30``), where ``F.normalize`` returns zeros or ``x / 1e-12`` -- are
     first scaled by the power of two of their largest ``|x|``, which is exact and puts the norm
     in range, and then divided by it.
+
+    Args:
+        x: Floating-point tensor whose last dimension holds the rows' values.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and device.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.prepare import normalize_rows
+        >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [3e-30, 4e-30]])
+        >>> normalize_rows(x).tolist()
+        [[0.6000000238418579, 0.800000011920929], [0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
     """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     bad = ~(torch.isfinite(norm) & (norm >= _NORM_SAFE_MIN)).squeeze(-1)
@@ -257,12 +284,12 @@ def prepare_features(feats, q: float = 0.95, exact: bool = False):
     """Clip a model's features to the ``q`` outlier threshold (reference ``prepare_features``).
 
     Args:
-        feats: a ``[N, L, D]`` tensor (one threshold over all ``N * L * D`` values) or a
+        feats: A ``[N, L, D]`` tensor (one threshold over all ``N * L * D`` values) or a
             list/tuple of per-layer ``[N, D_l]`` tensors (one threshold per layer). Torch
             tensors (any device, any float dtype, any strides; detached if they require grad) or
             NumPy arrays (negative strides are copied).
-        q: the quantile, in ``(0, 1]``; ``q = 1`` means no clipping.
-        exact: exact mode ``t = sorted(|x|)[int(q * M)]``; otherwise the mean over samples of
+        q: The quantile, in ``(0, 1]``; ``q = 1`` means no clipping.
+        exact: Exact mode ``t = sorted(|x|)[int(q * M)]``; otherwise the mean over samples of
             each sample's linear-interpolation q-quantile of ``|x|``.
 
     Returns:
@@ -272,9 +299,20 @@ def prepare_features(feats, q: float = 0.95, exact: bool = False):
         returned (the input object itself when it is already float32/float64), as the reference.
 
     Raises:
-        ValueError (naming ``q`` or ``feats``): ``q`` outside ``(0, 1]``; NaN/Inf values; a
-        rank other than 3 (tensor) or 2 (list items); an empty tensor or list; list layers with
-        different numbers of samples.
+        ValueError: Naming ``q`` or ``feats``: ``q`` outside ``(0, 1]``; NaN/Inf values; a
+            rank other than 3 (tensor) or 2 (list items); an empty tensor or list; list layers
+            with different numbers of samples.
+
+    Example:
+        >>> import torch
+        >>> import prh_fast
+        >>> feats = torch.randn(64, 3, 16, generator=torch.Generator().manual_seed(0))
+        >>> clipped = prh_fast.prepare_features(feats, q=0.95, exact=True)
+        >>> clipped.shape, clipped.dtype
+        (torch.Size([64, 3, 16]), torch.float32)
+        >>> t = torch.sort(feats.abs().flatten()).values[int(0.95 * feats.numel())]
+        >>> bool(clipped.abs().max() == t)
+        True
     """
     q = _check_q(q)
     exact = bool(exact)
