@@ -54,6 +54,27 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
     For ``.pt`` files see :func:`prh_fast.store._pt.load_features`. A store folder gives
     ``{"feats": [N, L, D] (layout "tensor") or a list of [N, D_l], **meta, **extras}`` with the
     stored dtype, read entirely into memory (use :func:`open_store` to stream instead).
+
+    Args:
+        path: A ``.pt`` file or a store folder.
+        map_location: Where the tensors go (``torch.load``'s argument; for a store, a device).
+        trust: Allow the unsafe pickle fallback for ``.pt`` files (runs code from the file).
+
+    Returns:
+        The record dict: ``"feats"`` and every other key the file holds.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: A corrupt, truncated or malformed file (the message names it).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> prh_fast.save_features(path, torch.zeros(10, 3, 4), num_params=123)
+        >>> rec = prh_fast.load_features(path)
+        >>> tuple(rec["feats"].shape), rec["num_params"]
+        ((10, 3, 4), 123)
     """
     if not isinstance(path, dict) and is_store(path):
         rec = open_store(path).to_record()
@@ -66,8 +87,22 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
 
 
 def feature_info(path, *, trust: bool = False) -> dict:
-    """Summary of a feature file, a loaded record, or a store folder (no features read):
-    ``{"n", "num_layers", "dims", "dtype", "layout", "keys", "num_params"}``."""
+    """Summary of a feature file, a loaded record, or a store folder (no features read).
+
+    Args:
+        path: A ``.pt`` file, a store folder, or a record dict already loaded.
+        trust: As in :func:`load_features`.
+
+    Returns:
+        ``{"n", "num_layers", "dims", "dtype", "layout", "keys", "num_params"}``.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.store import feature_info
+        >>> info = feature_info({"feats": [torch.zeros(8, 4), torch.zeros(8, 6)]})
+        >>> info["n"], info["dims"], info["layout"]
+        (8, [4, 6], 'list')
+    """
     if not isinstance(path, dict) and is_store(path):
         info = open_store(path).info()
         return {k: info[k] for k in ("n", "num_layers", "dims", "dtype", "layout", "keys",
@@ -76,8 +111,23 @@ def feature_info(path, *, trust: bool = False) -> dict:
 
 
 def check_same_samples(paths_or_dicts) -> int:
-    """Check that every model (``.pt`` file, store folder or record dict) has the same ``N``
-    and return it; ValueError naming the first one that differs."""
+    """Check that every model has the same number of samples ``N``.
+
+    Args:
+        paths_or_dicts: ``.pt`` files, store folders or record dicts.
+
+    Returns:
+        The common ``N``.
+
+    Raises:
+        ValueError: An empty list, or a model whose ``N`` differs (naming it and the first).
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.store import check_same_samples
+        >>> check_same_samples([{"feats": torch.zeros(5, 2, 3)}, {"feats": torch.zeros(5, 1, 7)}])
+        5
+    """
     items = list(paths_or_dicts)
     if not items:
         raise ValueError("paths_or_dicts: expected at least one feature file or record")

@@ -15,9 +15,37 @@ def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = Non
                 overwrite: bool = False, trust: bool = False, progress: bool = False) -> str:
     """Write the reference feature file ``pt_path`` as a store folder ``store_path``.
 
-    ``dtype``: storage dtype (default: the file's own). Every other key of the record is kept:
-    tensors in ``extras.safetensors``, the rest in the index's metadata. The features are read
-    memory-mapped (zip-format files), so the file need not fit in memory twice.
+    Every key of the record besides ``feats`` is kept: tensors in ``extras.safetensors``, the
+    rest in the index's metadata. The features are read memory-mapped (zip-format files), so
+    the file need not fit in memory twice. An interrupted conversion resumes where it stopped.
+
+    Args:
+        pt_path: The reference ``.pt`` file.
+        store_path: The store folder to write.
+        dtype: Storage dtype (default: the file's own).
+        shard_rows: Rows per shard (default: about 128 MiB per shard).
+        overwrite: Replace a finished store at ``store_path``.
+        trust: As in :func:`prh_fast.store.load_features`.
+        progress: Show a progress bar.
+
+    Returns:
+        ``store_path``.
+
+    Raises:
+        ValueError: A finished store is already there (without ``overwrite``), or the file
+            is malformed or empty.
+        DestinationLocked: Another writer holds ``store_path``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> from prh_fast.store import open_store, pt_to_store
+        >>> tmp = tempfile.mkdtemp()
+        >>> pt = os.path.join(tmp, "model.pt")
+        >>> prh_fast.save_features(pt, torch.zeros(20, 2, 4), num_params=5)
+        >>> store = open_store(pt_to_store(pt, os.path.join(tmp, "store"), dtype="bfloat16"))
+        >>> store.n, store.dtype, store.meta["num_params"]
+        (20, torch.bfloat16, 5)
     """
     from tqdm.auto import tqdm
 
@@ -48,7 +76,28 @@ def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = Non
 
 
 def store_to_pt(store_path, pt_path) -> str:
-    """Write a store folder as one reference ``.pt`` file (features in memory once)."""
+    """Write a store folder as one reference ``.pt`` file (features in memory once).
+
+    Args:
+        store_path: The store folder.
+        pt_path: The ``.pt`` file to write (atomically).
+
+    Returns:
+        ``pt_path`` as a string.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> from prh_fast.store import StoreWriter, store_to_pt
+        >>> tmp = tempfile.mkdtemp()
+        >>> with StoreWriter(os.path.join(tmp, "store")) as w:
+        ...     w.append([torch.ones(3, 2), torch.ones(3, 5)])
+        ...     _ = w.finish({"num_params": 9})
+        >>> pt = store_to_pt(os.path.join(tmp, "store"), os.path.join(tmp, "model.pt"))
+        >>> rec = prh_fast.load_features(pt)
+        >>> [tuple(t.shape) for t in rec["feats"]], rec["num_params"]
+        ([(3, 2), (3, 5)], 9)
+    """
     s = open_store(store_path)
     rec = s.to_record()
     feats = rec.pop("feats")

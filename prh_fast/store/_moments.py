@@ -47,9 +47,22 @@ _F64 = torch.float64
 
 
 class TensorSource:
-    """In-memory prepared layers with the row-source interface of ``StreamPrep``
-    (``n``, ``dims``, ``name``, ``rows(l, a, b)``), so a store can be paired with a model
-    already in memory."""
+    """In-memory prepared layers with the row-source interface of ``StreamPrep``.
+
+    The interface is ``n``, ``dims``, ``name`` and ``rows(l, a, b)``, so a store can be paired
+    with a model already in memory.
+
+    Args:
+        layers: Per-layer ``[N, D_l]`` tensors, already prepared.
+        name: How errors name this source.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.store._moments import TensorSource
+        >>> src = TensorSource([torch.zeros(5, 3), torch.zeros(5, 4)], name="x")
+        >>> src.n, src.dims, tuple(src.rows(1, 0, 2).shape)
+        (5, [3, 4], (2, 4))
+    """
 
     def __init__(self, layers, name: str = "features"):
         self.layers = list(layers)
@@ -151,14 +164,34 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
     """``[Lx, Ly]`` float64 scores of ``metric`` between every layer of two row sources.
 
     Args:
-        x_src, y_src: prepared row sources with the same ``n``: ``StreamPrep`` (a store, clipped
-            and normalised chunk by chunk) or :class:`TensorSource` (layers in memory).
+        x_src: Prepared row source: ``StreamPrep`` (a store, clipped and normalised chunk by
+            chunk) or :class:`TensorSource` (layers in memory).
+        y_src: The other model's row source, with the same ``n``.
         metric: ``"cka"`` (``unbiased=True`` for the unbiased estimator), ``"unbiased_cka"`` or
             ``"svcca"`` (``cca_dim`` components).
-        memory_budget: bytes for accumulators and one row chunk (default
+        unbiased: For ``"cka"``: use the unbiased HSIC estimator.
+        cca_dim: Number of SVCCA components.
+        memory_budget: Bytes for accumulators and one row chunk (default
             ``DEFAULT_STREAM_BUDGET``); layer pairs are grouped into passes to fit.
-        progress: a tqdm bar over rows (rate, ETA).
-        device: where the float64 accumulation runs (default: CPU).
+        progress: A tqdm bar over rows (rate, ETA).
+        device: Where the float64 accumulation runs (default: CPU).
+
+    Returns:
+        ``[Lx, Ly]`` float64 tensor.
+
+    Raises:
+        ValueError: An unknown metric, different ``n``, too few samples, a bad ``cca_dim``,
+            or a ``memory_budget`` too small for one layer pair.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.store import kernel_scores
+        >>> from prh_fast.store._moments import TensorSource
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = TensorSource([torch.randn(200, 8, generator=g) for _ in range(2)])
+        >>> scores = kernel_scores(x, x, "cka")
+        >>> tuple(scores.shape), round(float(scores[0, 0]), 6), bool(scores[0, 1] < 0.5)
+        ((2, 2), 1.0, True)
     """
     from prh_fast._validate import check_memory_budget, check_positive_int
     from prh_fast.store._stream import DEFAULT_STREAM_BUDGET, _bar, _prefetched

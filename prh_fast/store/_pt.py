@@ -139,9 +139,9 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
     """Read a reference feature file ``torch.save({"feats": ..., "num_params": ..., ...})``.
 
     Args:
-        path: the ``.pt`` file.
-        map_location: passed to ``torch.load`` (default ``"cpu"``).
-        trust: when the safe loader (``weights_only=True``) refuses a type in the file, retry
+        path: The ``.pt`` file.
+        map_location: Passed to ``torch.load`` (default ``"cpu"``).
+        trust: When the safe loader (``weights_only=True``) refuses a type in the file, retry
             with ``weights_only=False`` (runs code from the file) instead of raising.
 
     Returns:
@@ -149,10 +149,18 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
         tensors, dtype unchanged) and every other key (``"num_params"``, ``"mask"``, ...).
 
     Raises:
-        FileNotFoundError: no such file (the message names it).
-        ValueError (naming the file): corrupt or truncated file; a refused type without
-        ``trust``; not a dict; no ``"feats"``; feats of the wrong type, rank or dtype; list
-        layers with different numbers of samples.
+        FileNotFoundError: No such file (the message names it).
+        ValueError: Naming the file: corrupt or truncated file; a refused type without
+            ``trust``; not a dict; no ``"feats"``; feats of the wrong type, rank or dtype; list
+            layers with different numbers of samples.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from prh_fast.store import _pt
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
+        >>> _pt.save_features(path, [torch.zeros(4, 2), torch.zeros(4, 3)], num_params=7)
+        >>> sorted(_pt.load_features(path))
+        ['feats', 'num_params']
     """
     obj = _load(path, map_location, trust)
     _check_record(obj, os.fspath(path))
@@ -162,10 +170,24 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
 def feature_info(path, *, trust: bool = False) -> dict:
     """Summary of a feature file (or of an already-loaded record dict).
 
-    Returns ``{"n", "num_layers", "dims", "dtype", "layout", "keys", "num_params"}``: samples,
-    layers, the width of every layer, the feats dtype (as a string like ``"torch.float32"``),
-    ``"tensor"`` or ``"list"``, all keys of the record, and ``num_params`` (None when absent).
     Files in the zip format are memory-mapped, so the features are not read into memory.
+
+    Args:
+        path: The ``.pt`` file, or a record dict.
+        trust: As in :func:`load_features`.
+
+    Returns:
+        ``{"n", "num_layers", "dims", "dtype", "layout", "keys", "num_params"}``: samples,
+        layers, the width of every layer, the feats dtype (as a string like
+        ``"torch.float32"``), ``"tensor"`` or ``"list"``, all keys of the record, and
+        ``num_params`` (None when absent).
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.store._pt import feature_info
+        >>> info = feature_info({"feats": torch.zeros(6, 2, 3, dtype=torch.float16)})
+        >>> info["n"], info["num_layers"], info["dtype"], info["num_params"]
+        (6, 2, 'torch.float16', None)
     """
     if isinstance(path, dict):
         obj, where = path, "record"
@@ -201,13 +223,27 @@ def _compact(t):
 def save_features(path, feats, **extra) -> None:
     """Write ``{"feats": feats, **extra}`` in the reference format, atomically.
 
-    ``feats``: a ``[N, L, D]`` float tensor or a list of ``[N, D_l]`` float tensors (saved as
-    they are, dtype and device kept; views are compacted so only their own data is written).
-    ``extra``: other keys, e.g. ``num_params=...``, ``mask=...``.
-
     The record goes to a temporary file in the target's folder, is flushed and fsynced, then
     renamed over ``path`` (``os.replace``), so ``path`` is never half-written: after a failure
     the old file (if any) is intact and no temporary file is left. Parent folders are created.
+
+    Args:
+        path: The ``.pt`` file to write.
+        feats: A ``[N, L, D]`` float tensor or a list of ``[N, D_l]`` float tensors (saved as
+            they are, dtype and device kept; views are compacted so only their own data is
+            written).
+        **extra: Other keys, e.g. ``num_params=...``, ``mask=...``.
+
+    Raises:
+        ValueError: ``feats`` of the wrong type, rank or dtype (naming ``path``).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> path = os.path.join(tempfile.mkdtemp(), "features", "model.pt")
+        >>> prh_fast.save_features(path, torch.zeros(100, 2, 8)[:10], num_params=1)
+        >>> os.path.getsize(path) < 100 * 2 * 8 * 4  # the view's 10 rows, not its storage
+        True
     """
     path = os.fspath(path)
     if isinstance(feats, tuple):

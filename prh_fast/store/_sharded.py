@@ -74,7 +74,20 @@ _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
 
 
 def is_store(path) -> bool:
-    """True when ``path`` is a folder holding a store index."""
+    """Whether ``path`` is a folder holding a store index.
+
+    Args:
+        path: Anything; non-paths give False.
+
+    Returns:
+        True for a store folder (finished or not).
+
+    Example:
+        >>> import tempfile
+        >>> from prh_fast.store import is_store
+        >>> is_store(tempfile.mkdtemp()), is_store(None)
+        (False, False)
+    """
     try:
         p = os.fspath(path)
     except TypeError:
@@ -195,25 +208,42 @@ class StoreWriter(_lock.HoldsLock):
     """Write a store incrementally; reopen the same path to resume.
 
     Args:
-        path: the store folder (created; parents too).
-        layers: number of layers (optional when ``dims`` is given or inferred from the first
+        path: The store folder (created; parents too).
+        layers: Number of layers (optional when ``dims`` is given or inferred from the first
             :meth:`append`).
-        dims: width of every layer (inferred from the first append when omitted).
-        dtype: storage dtype, ``"float32"`` / ``"float16"`` / ``"bfloat16"`` / ``"float64"``
+        dims: Width of every layer (inferred from the first append when omitted).
+        dtype: Storage dtype, ``"float32"`` / ``"float16"`` / ``"bfloat16"`` / ``"float64"``
             or a torch dtype (default: the first batch's dtype when it is one of those, else
             float32). Appended tensors are cast to it.
-        meta: metadata recorded when the store is created (e.g. the extraction's settings).
+        meta: Metadata recorded when the store is created (e.g. the extraction's settings).
             Reopening an unfinished store with a different ``meta`` is an error (a resume must
             not mix two jobs) unless ``overwrite=True``.
-        shard_rows: rows per shard (default: about 128 MiB per shard, at least 1 row).
+        shard_rows: Rows per shard (default: about 128 MiB per shard, at least 1 row).
         layout: ``"tensor"`` (read back as ``[N, L, D]``, needs equal widths) or ``"list"``;
             default ``"tensor"`` when all widths are equal, as the reference stores them.
-        overwrite: delete an existing store at ``path`` and start over.
+        overwrite: Delete an existing store at ``path`` and start over.
 
     ``rows_done`` is the number of rows safely on disk (the index's count): a resumed job
     continues from there. :meth:`append` takes one ``[B, D_l]`` tensor per layer; rows go to
     disk a shard at a time. :meth:`finish` writes the last (short) shard and the final metadata
     (tensors in it, e.g. ``mask``/``loss``, go to ``extras.safetensors``).
+
+    Raises:
+        ValueError: Bad arguments, or ``path`` is a file or a folder that is not a store.
+        DestinationLocked: Another writer holds the store.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from prh_fast.store import StoreWriter, open_store
+        >>> path = os.path.join(tempfile.mkdtemp(), "store")
+        >>> g = torch.Generator().manual_seed(0)
+        >>> with StoreWriter(path, dims=[8, 8], shard_rows=16) as w:
+        ...     for _ in range(3):
+        ...         w.append([torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)])
+        ...     _ = w.finish({"num_params": 1000})
+        >>> s = open_store(path)
+        >>> s.n, s.dims, len(s.shards), s.meta["num_params"]
+        (30, [8, 8], 2, 1000)
     """
 
     def __init__(self, path, *, layers: int | None = None, dims=None, dtype=None,
@@ -380,7 +410,16 @@ class StoreWriter(_lock.HoldsLock):
 
     # -- appending -------------------------------------------------------------------------------
     def append(self, layers) -> None:
-        """Append one batch: a list with one ``[B, D_l]`` tensor (or array) per layer."""
+        """Append one batch of rows.
+
+        Args:
+            layers: A list with one ``[B, D_l]`` tensor (or array) per layer, or a
+                ``[B, L, D]`` tensor. Rows are cast to the store's dtype.
+
+        Raises:
+            ValueError: Wrong number of layers, widths or row counts, or a finished/closed
+                writer.
+        """
         self._check_open()
         if isinstance(layers, torch.Tensor) and layers.dim() == 3:
             layers = list(layers.unbind(1))
@@ -467,10 +506,14 @@ class StoreWriter(_lock.HoldsLock):
             self._flush(self._buf_rows)
 
     def finish(self, extra_meta: dict | None = None) -> str:
-        """Write the buffered rows and the metadata; mark the store complete. Returns the path.
+        """Write the buffered rows and the metadata; mark the store complete.
 
-        ``extra_meta``: JSON-able values go to the index's ``meta``; tensors / arrays (per-sample
-        masks, losses, ...) go to ``extras.safetensors``.
+        Args:
+            extra_meta: JSON-able values go to the index's ``meta``; tensors / arrays
+                (per-sample masks, losses, ...) go to ``extras.safetensors``.
+
+        Returns:
+            The store's path.
         """
         self._check_open()
         if self._index is None:
@@ -665,9 +708,39 @@ def _check_shard_size(path: str, shard: dict) -> None:
 class FeatureStore:
     """Lazy reader of a store folder (see the module docstring). Use :func:`open_store`.
 
-    Attributes: ``path``, ``n`` (rows), ``num_layers``, ``dims``, ``dtype`` (torch dtype),
-    ``layout``, ``meta`` (dict), ``complete``, ``content_id`` (changes when the rows change),
-    ``shards`` (the index's shard table).
+    Args:
+        path: The store folder.
+        mmap: Read shards through memory maps (zero-copy views where a range lies in one shard).
+        allow_partial: Open an unfinished store (the rows written so far).
+
+    Attributes:
+        path: The folder.
+        n: Number of rows (samples).
+        num_layers: Number of layers.
+        dims: Width of every layer.
+        dtype: The stored torch dtype.
+        layout: ``"tensor"`` or ``"list"``, as the features were given.
+        meta: User metadata (dict).
+        complete: Whether the writer finished.
+        content_id: Changes whenever the rows change (keys the derived-data cache).
+        shards: The index's shard table.
+
+    Raises:
+        StoreError: Not a store, an unfinished one (without ``allow_partial``), or a shard
+            whose size differs from the index.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from prh_fast.store import StoreWriter, open_store
+        >>> path = os.path.join(tempfile.mkdtemp(), "store")
+        >>> with StoreWriter(path, dims=[4, 4, 4]) as w:
+        ...     w.append(torch.arange(60, dtype=torch.float32).reshape(5, 3, 4))
+        ...     _ = w.finish()
+        >>> s = open_store(path)
+        >>> s.layer(1, slice(2, 4)).tolist()
+        [[28.0, 29.0, 30.0, 31.0], [40.0, 41.0, 42.0, 43.0]]
+        >>> s.verify()["ok"]
+        True
     """
 
     def __init__(self, path, *, mmap: bool = False, allow_partial: bool = False):
@@ -800,10 +873,17 @@ class FeatureStore:
 
     # -- public reading --------------------------------------------------------------------------
     def layer(self, l: int, rows=None) -> torch.Tensor:
-        """Rows ``rows`` (a slice; None = all) of layer ``l``: ``[r, D_l]`` in the stored dtype.
+        """Rows of one layer, reading only those rows.
 
-        Reads only those rows. With ``mmap=True`` a range inside one shard comes back as a
-        zero-copy (copy-on-write) view of the memory-mapped file.
+        With ``mmap=True`` a range inside one shard comes back as a zero-copy (copy-on-write)
+        view of the memory-mapped file.
+
+        Args:
+            l: Layer index (negative counts from the end).
+            rows: A slice of rows; None for all.
+
+        Returns:
+            ``[r, D_l]`` tensor in the stored dtype.
         """
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not (
                 -self.num_layers <= l < self.num_layers):
@@ -831,10 +911,18 @@ class FeatureStore:
 
     def iter_rows(self, chunk: int | None = None, layers=None, *, start: int = 0,
                   stop: int | None = None, prefetch: bool = True):
-        """Yield ``(start, [tensor per layer])`` over consecutive row chunks.
+        """Iterate over consecutive row chunks.
 
-        ``chunk``: rows per step (default: the shard size). The next chunk is read in a
-        background thread while the caller works on the current one (``prefetch``).
+        Args:
+            chunk: Rows per step (default: the shard size).
+            layers: Layer indices to read (default: all).
+            start: First row.
+            stop: End row (default: ``n``).
+            prefetch: Read the next chunk in a background thread while the caller works on
+                the current one.
+
+        Yields:
+            ``(first_row, [tensor per layer])``.
         """
         chunk = self.shard_rows if chunk is None else int(chunk)
         if chunk < 1:
@@ -911,8 +999,19 @@ class FeatureStore:
 
     # -- integrity -------------------------------------------------------------------------------
     def verify(self, *, checksums: bool = True, progress: bool = False) -> dict:
-        """Check every shard (size, header, and SHA-256 unless ``checksums=False``) and the
-        extras file. Raises :class:`StoreError` naming the first bad file; returns a summary."""
+        """Check every shard (size, header and SHA-256) and the extras file.
+
+        Args:
+            checksums: Also compare SHA-256 digests (reads every byte).
+            progress: Show a progress bar.
+
+        Returns:
+            A summary dict (``path``, ``n``, ``shards``, ``bytes``, ``checksums``, ``complete``,
+            ``ok``).
+
+        Raises:
+            StoreError: Naming the first bad file.
+        """
         from tqdm.auto import tqdm
 
         total = sum(int(s["bytes"]) for s in self.shards)
@@ -985,5 +1084,28 @@ class FeatureStore:
 
 
 def open_store(path, *, mmap: bool = False, allow_partial: bool = False) -> FeatureStore:
-    """Open a store folder for reading (see :class:`FeatureStore`)."""
+    """Open a store folder for reading.
+
+    Args:
+        path: The store folder.
+        mmap: As in :class:`FeatureStore`.
+        allow_partial: As in :class:`FeatureStore`.
+
+    Returns:
+        A :class:`FeatureStore`; rows are read only when asked for.
+
+    Raises:
+        StoreError: Not a store folder, or a damaged one.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from prh_fast.store import StoreWriter, open_store
+        >>> path = os.path.join(tempfile.mkdtemp(), "store")
+        >>> with StoreWriter(path) as w:
+        ...     w.append([torch.ones(6, 2)])
+        ...     _ = w.finish()
+        >>> store = open_store(path)
+        >>> store.n, store.num_layers, store.dtype
+        (6, 1, torch.float32)
+    """
     return FeatureStore(path, mmap=mmap, allow_partial=allow_partial)
