@@ -105,10 +105,29 @@ def _check_topk(topk, n: int, lo: int = 1) -> int:
 # nearest neighbours and the neighbour-set metrics
 # --------------------------------------------------------------------------------------------
 def knn(feats, topk: int) -> torch.Tensor:
-    """``[N, topk]`` LongTensor: row i lists the topk rows j != i by decreasing <x_i, x_j>.
+    """Neighbour lists: row i lists the ``topk`` rows j != i by decreasing <x_i, x_j>.
 
     As the reference: Gram matrix, diagonal set to -1e8, sort each row descending. The sort is
     stable so equal scores keep ascending column order: ties go to the lower index.
+
+    Args:
+        feats: ``[N, D]`` float tensor or array.
+        topk: Neighbours per row, ``1 <= topk <= N - 1``.
+
+    Returns:
+        ``[N, topk]`` int64 tensor.
+
+    Raises:
+        ValueError: A non-float, non-2-D, empty or non-finite input, or a bad ``topk``.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> reference.knn(A, 3)[:2].tolist()
+        [[24, 18, 12], [26, 0, 23]]
     """
     X = _as_float64(feats, "feats")
     topk = _check_topk(topk, X.shape[0])
@@ -124,13 +143,46 @@ def _knn_pair(feats_A, feats_B, topk):
 
 
 def mutual_knn(feats_A, feats_B, topk: int) -> float:
-    """mean_i |set(a_i) ∩ set(b_i)| / topk, via dense N x N 0/1 masks as the reference."""
+    """Mutual kNN: mean_i |set(a_i) ∩ set(b_i)| / topk, via dense N x N 0/1 masks.
+
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        topk: Neighbours per row.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.mutual_knn(A, B, topk=5), 4)
+        0.5312
+    """
     knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
     return mutual_knn_from_lists(knn_A, knn_B)
 
 
 def mutual_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
-    """mutual_knn given the two ``[N, topk]`` neighbour lists."""
+    """Mutual kNN given the two ``[N, topk]`` neighbour lists.
+
+    Args:
+        knn_A: ``[N, topk]`` int64 neighbour lists of the first model.
+        knn_B: The second model's lists, same shape.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import mutual_knn_from_lists
+        >>> a = torch.tensor([[1, 2], [0, 2], [0, 1]])
+        >>> mutual_knn_from_lists(a, a.flip(1))  # the order does not matter
+        1.0
+    """
     n, topk = knn_A.shape
     rows = torch.arange(n).unsqueeze(1)
     mask_A = torch.zeros(n, n, dtype=torch.float64)
@@ -142,14 +194,50 @@ def mutual_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
 
 
 def cycle_knn(feats_A, feats_B, topk: int) -> float:
-    """mean_i [ i ∈ ∪_{j ∈ b_i} a_j ]: does A's neighbourhood of a B-neighbour lead back to i?"""
+    """Cycle kNN: mean_i [ i ∈ ∪_{j ∈ b_i} a_j ].
+
+    Does A's neighbourhood of one of i's B-neighbours lead back to i?
+
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        topk: Neighbours per row.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.cycle_knn(A, B, topk=5), 4)
+        0.9375
+    """
     knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
     return cycle_knn_from_lists(knn_A, knn_B)
 
 
 def cycle_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
-    """cycle_knn given the lists. As the reference: ``knn_A[knn_B]`` is ``[N, topk, topk]``;
-    row i is a hit if it contains i."""
+    """Cycle kNN given the lists.
+
+    As the reference: ``knn_A[knn_B]`` is ``[N, topk, topk]``; row i is a hit if it contains i.
+
+    Args:
+        knn_A: ``[N, topk]`` int64 neighbour lists of the first model.
+        knn_B: The second model's lists, same shape.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import cycle_knn_from_lists
+        >>> lists = torch.tensor([[1], [0], [1]])
+        >>> round(cycle_knn_from_lists(lists, lists), 4)
+        0.6667
+    """
     n = knn_A.shape[0]
     cycles = knn_A[knn_B]
     hit = (cycles == torch.arange(n).view(-1, 1, 1)).reshape(n, -1).any(dim=1)
@@ -157,7 +245,20 @@ def cycle_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
 
 
 def longest_common_subsequence(a, b) -> int:
-    """Length of the LCS of two sequences: the textbook O(len(a) * len(b)) table."""
+    """Length of the longest common subsequence: the textbook O(len(a) * len(b)) table.
+
+    Args:
+        a: A sequence.
+        b: Another sequence.
+
+    Returns:
+        The length.
+
+    Example:
+        >>> from prh_fast.reference import longest_common_subsequence
+        >>> longest_common_subsequence([1, 2, 3, 4], [2, 4, 3])
+        2
+    """
     a, b = list(a), list(b)
     table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
@@ -170,7 +271,20 @@ def longest_common_subsequence(a, b) -> int:
 
 
 def levenshtein(a, b) -> int:
-    """Edit distance with unit-cost insert, delete and substitute (Wagner-Fischer table)."""
+    """Edit distance with unit-cost insert, delete and substitute (Wagner-Fischer table).
+
+    Args:
+        a: A sequence.
+        b: Another sequence.
+
+    Returns:
+        The number of edits turning ``a`` into ``b``.
+
+    Example:
+        >>> from prh_fast.reference import levenshtein
+        >>> levenshtein("kitten", "sitting")
+        3
+    """
     a, b = list(a), list(b)
     table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(len(a) + 1):
@@ -189,16 +303,50 @@ def levenshtein(a, b) -> int:
 
 
 def lcs_knn(feats_A, feats_B, topk: int, normalize: bool = False) -> float:
-    """mean_i LCS(a_i, b_i): the raw mean length in [0, topk] (the reference's quirk).
+    """LCS kNN: mean_i LCS(a_i, b_i), the raw mean length in [0, topk] (the reference's quirk).
 
-    ``normalize=True`` divides by topk (the paper's "normalized" reading), range [0, 1].
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        topk: Neighbours per row.
+        normalize: Divide by ``topk`` (the paper's "normalized" reading), range [0, 1].
+
+    Returns:
+        The score.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.lcs_knn(A, B, topk=5), 4)
+        1.9062
+        >>> round(reference.lcs_knn(A, B, topk=5, normalize=True), 4)
+        0.3812
     """
     knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
     return lcs_knn_from_lists(knn_A, knn_B, normalize=normalize)
 
 
 def lcs_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor, normalize: bool = False) -> float:
-    """lcs_knn given the lists."""
+    """LCS kNN given the lists.
+
+    Args:
+        knn_A: ``[N, topk]`` int64 neighbour lists of the first model.
+        knn_B: The second model's lists, same shape.
+        normalize: Divide by ``topk``.
+
+    Returns:
+        The score.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import lcs_knn_from_lists
+        >>> lcs_knn_from_lists(torch.tensor([[1, 2], [0, 2], [0, 1]]),
+        ...                    torch.tensor([[1, 2], [2, 0], [0, 1]]))
+        1.6666666666666667
+    """
     topk = knn_A.shape[1]
     lengths = [
         longest_common_subsequence(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())
@@ -208,13 +356,45 @@ def lcs_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor, normalize: bool
 
 
 def edit_distance_knn(feats_A, feats_B, topk: int) -> float:
-    """1 - mean_i lev(a_i, b_i) / topk, with lev the Levenshtein distance of the ordered lists."""
+    """Edit-distance kNN: 1 - mean_i lev(a_i, b_i) / topk over the ordered lists.
+
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        topk: Neighbours per row.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.edit_distance_knn(A, B, topk=5), 4)
+        0.1875
+    """
     knn_A, knn_B, _ = _knn_pair(feats_A, feats_B, topk)
     return edit_distance_knn_from_lists(knn_A, knn_B)
 
 
 def edit_distance_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
-    """edit_distance_knn given the lists."""
+    """Edit-distance kNN given the lists.
+
+    Args:
+        knn_A: ``[N, topk]`` int64 neighbour lists of the first model.
+        knn_B: The second model's lists, same shape.
+
+    Returns:
+        The score in [0, 1].
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import edit_distance_knn_from_lists
+        >>> edit_distance_knn_from_lists(torch.tensor([[1, 2]]), torch.tensor([[2, 1]]))
+        0.0
+    """
     topk = knn_A.shape[1]
     dists = [levenshtein(ra, rb) for ra, rb in zip(knn_A.tolist(), knn_B.tolist())]
     return 1.0 - (sum(dists) / len(dists)) / topk
@@ -232,7 +412,25 @@ FROM_LISTS = {
 # HSIC and the kernel metrics
 # --------------------------------------------------------------------------------------------
 def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """trace(K H L H), H = I - 11ᵀ/N (no 1/(N-1)² factor: it cancels in every ratio)."""
+    """Biased HSIC: trace(K H L H), H = I - 11ᵀ/N.
+
+    No 1/(N-1)² factor: it cancels in every ratio.
+
+    Args:
+        K: ``[N, N]`` float64 kernel matrix.
+        L: ``[N, N]`` float64 kernel matrix.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import hsic_biased
+        >>> A = torch.randn(32, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> K = A @ A.T
+        >>> round(float(hsic_biased(K, K)), 1)
+        9678.8
+    """
     n = K.shape[0]
     H = torch.eye(n, dtype=K.dtype) - torch.full((n, n), 1.0 / n, dtype=K.dtype)
     return torch.trace(K @ H @ L @ H)
@@ -244,6 +442,24 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     [ Σ_ij K̃_ij L̃_ji + (Σ K̃)(Σ L̃) / ((N-1)(N-2)) - 2/(N-2) · 1ᵀ K̃ L̃ 1 ] / (N (N-3)).
 
     The first term uses L̃ᵀ; that matters for the non-symmetric masked kernels of CKNNA.
+
+    Args:
+        K: ``[N, N]`` float64 kernel matrix.
+        L: ``[N, N]`` float64 kernel matrix.
+
+    Returns:
+        A 0-d float64 tensor.
+
+    Raises:
+        ValueError: ``N < 4``.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.reference import hsic_unbiased
+        >>> A = torch.randn(32, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> K = A @ A.T
+        >>> round(float(hsic_unbiased(K, K)), 3)
+        7.651
     """
     n = K.shape[0]
     if n < 4:
@@ -277,10 +493,32 @@ def _rbf_kernel(X: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def cka(feats_A, feats_B, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
         unbiased: bool = False) -> float:
-    """hsic(K, L) / (sqrt(hsic(K, K) · hsic(L, L)) + 1e-6).
+    """CKA: hsic(K, L) / (sqrt(hsic(K, K) · hsic(L, L)) + 1e-6).
 
-    kernel_metric 'ip': K = A Aᵀ, L = B Bᵀ; 'rbf': K_ij = exp(-||a_i - a_j||² / (2 σ²)).
-    hsic is hsic_unbiased when ``unbiased`` else hsic_biased.
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        kernel_metric: ``"ip"``: K = A Aᵀ, L = B Bᵀ; ``"rbf"``:
+            K_ij = exp(-||a_i - a_j||² / (2 σ²)).
+        rbf_sigma: σ of the RBF kernel.
+        unbiased: Use :func:`hsic_unbiased` instead of :func:`hsic_biased`.
+
+    Returns:
+        The score (NaN when a self-similarity is negative, as the reference).
+
+    Raises:
+        ValueError: A bad ``kernel_metric`` or ``rbf_sigma``, or ``N < 4`` when unbiased.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.cka(A, B), 4)
+        0.743
+        >>> round(reference.cka(A, B, kernel_metric="rbf", rbf_sigma=2.0), 4)
+        0.8132
     """
     A, B = _pair(feats_A, feats_B)
     n = A.shape[0]
@@ -301,7 +539,24 @@ def cka(feats_A, feats_B, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
 
 
 def unbiased_cka(*args, **kwargs) -> float:
-    """cka(..., unbiased=True)."""
+    """Unbiased CKA: :func:`cka` with ``unbiased=True``.
+
+    Args:
+        *args: As :func:`cka`.
+        **kwargs: As :func:`cka` (``unbiased`` is forced to True).
+
+    Returns:
+        The score.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.unbiased_cka(A, B), 4)
+        0.7032
+    """
     kwargs["unbiased"] = True
     return cka(*args, **kwargs)
 
@@ -323,13 +578,36 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
     """Centred kernel nearest-neighbour alignment.
 
     With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks),
-    sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of the
-    the contract's "the mask M itself": the 0/1 mask replaces both masked kernels), hsic = hsic_unbiased when
-    ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
+    sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of
+    the contract's "the mask M itself": the 0/1 mask replaces both masked kernels), hsic =
+    hsic_unbiased when ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
     As the reference, the masks exclude the diagonal only when ``unbiased``: with
     ``unbiased=False`` the top-k is taken over the whole row, self included.
     ``exclude_self`` (True / False) overrides that; None follows the reference.
-    topk None means N - 1; topk must be >= 2.
+
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        topk: Mask size, ``2 <= topk <= N - 1``; None means ``N - 1``.
+        distance_agnostic: Score the masks alone (hsic(M, M)).
+        unbiased: Use :func:`hsic_unbiased` (needs ``N >= 4``).
+        exclude_self: Whether a row's own entry is kept out of its top-k; None follows the
+            reference (excluded only when ``unbiased``).
+
+    Returns:
+        The score.
+
+    Raises:
+        ValueError: A bad ``topk`` or ``exclude_self``, or too few samples.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.cknna(A, B, topk=5), 4)
+        0.639
     """
     A, B = _pair(feats_A, feats_B)
     n = A.shape[0]
@@ -371,6 +649,26 @@ def svcca(feats_A, feats_B, cca_dim: int = 10) -> float:
        square root of its covariance, take the singular values of the whitened cross-covariance
        C_AA^{-1/2} C_AB C_BB^{-1/2}: these are the canonical correlations.
     4. Score: their mean.
+
+    Args:
+        feats_A: ``[N, D_A]`` float tensor or array (any dtype; computed in float64).
+        feats_B: ``[N, D_B]`` float tensor or array, the same ``N`` samples.
+        cca_dim: Number of components, ``1 <= cca_dim <= min(D_A, D_B, N - 1)``.
+
+    Returns:
+        The mean canonical correlation, in [0, 1].
+
+    Raises:
+        ValueError: A bad ``cca_dim`` or input.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.svcca(A, B, cca_dim=4), 4)
+        0.6601
     """
     A, B = _pair(feats_A, feats_B)
     n = A.shape[0]
@@ -397,7 +695,28 @@ def svcca(feats_A, feats_B, cca_dim: int = 10) -> float:
 # dispatch
 # --------------------------------------------------------------------------------------------
 def measure(metric: str, *args, **kwargs) -> float:
-    """Call the metric named ``metric`` (one of SUPPORTED_METRICS) with the other arguments."""
+    """Call the oracle metric named ``metric`` with the other arguments.
+
+    Args:
+        metric: One of :data:`SUPPORTED_METRICS`.
+        *args: The metric's positional arguments (``feats_A, feats_B, ...``).
+        **kwargs: The metric's keyword arguments.
+
+    Returns:
+        The score.
+
+    Raises:
+        ValueError: An unknown metric.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import reference
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        >>> B = A @ torch.randn(8, 6, generator=g, dtype=torch.float64)
+        >>> round(reference.measure("mutual_knn", A, B, topk=5), 4)
+        0.5312
+    """
     if metric not in SUPPORTED_METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; expected one of {SUPPORTED_METRICS}")
     return globals()[metric](*args, **kwargs)
