@@ -26,7 +26,7 @@ def test_generators_are_deterministic_and_shaped():
     z = latent(300, 8, clusters=16, spread=0.5, seed=1)
     X = layer_features(z, 12, seed=2)
     assert X.shape == (300, 12) and X.dtype == torch.float32
-    assert torch.equal(X, layer_features(z, 12, seed=2, chunk_rows=7))
+    assert torch.equal(X, layer_features(z, 12, seed=2))
     assert drifting_layers(20, 3, 5, seed=1).shape == (20, 3, 5)
 
 
