@@ -14,7 +14,19 @@ def _version(dist: str):
 
 
 def collect() -> dict:
-    """Return a dict describing the build and the runtime (queries CUDA only here)."""
+    """Describe the build and the runtime (the one place that queries CUDA).
+
+    Returns:
+        A dict: versions (``prh_fast``, ``python``, ``torch``, ``numpy``, ``triton``,
+        ``faiss``), ``native`` (whether ``prh_fast._C`` loaded) and its ``build`` record,
+        ``cuda_kernels``, ``torch_threads``, ``gpus`` and ``torch_cuda``.
+
+    Example:
+        >>> from prh_fast._info import collect
+        >>> d = collect()
+        >>> isinstance(d["native"], bool), isinstance(d["gpus"], list)
+        (True, True)
+    """
     import torch
 
     from prh_fast import _native
@@ -51,7 +63,22 @@ def collect() -> dict:
 
 
 def info(file=None) -> dict:
-    """Print what prh_fast was built with and what it can use here; return it as a dict."""
+    """Print what prh_fast was built with and what it can use here.
+
+    Args:
+        file: Where to print (default: ``sys.stdout``).
+
+    Returns:
+        The dict of :func:`collect`.
+
+    Example:
+        >>> import io
+        >>> import prh_fast
+        >>> out = io.StringIO()
+        >>> d = prh_fast.info(file=out)
+        >>> d["prh_fast"] == prh_fast.__version__, out.getvalue().startswith("prh_fast ")
+        (True, True)
+    """
     import sys
 
     d = collect()

@@ -8,7 +8,6 @@ made, so ``import prh_fast`` never needs it).
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from prh_fast._io import atomic_write
@@ -66,8 +65,28 @@ def _metric_label(metric, topk):
 
 
 def plot_grid(grid_result, path) -> str:
-    """Heatmap of ``grid_result.scores`` (rows: x models, columns: y models), written to
-    ``path`` as PNG; returns the path."""
+    """Heatmap of a model grid's best scores, one annotated cell per model pair.
+
+    Args:
+        grid_result: A :class:`prh_fast.GridResult` (or anything with ``scores`` ``[Mx, My]``,
+            ``x_names``, ``y_names``, ``metric`` and ``topk``).
+        path: The PNG file to write (atomically).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import os, tempfile, types
+        >>> from prh_fast.plots import plot_grid
+        >>> grid = types.SimpleNamespace(scores=[[0.5, 0.2], [0.1, 0.4]], x_names=["a", "b"],
+        ...                              y_names=["c", "d"], metric="mutual_knn", topk=10)
+        >>> path = plot_grid(grid, os.path.join(tempfile.mkdtemp(), "grid.png"))
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
+    """
     mat = np.asarray(grid_result.scores, dtype=np.float64)
     mx, my = mat.shape
     xn, yn = list(grid_result.x_names), list(grid_result.y_names)
@@ -92,8 +111,33 @@ def plot_grid(grid_result, path) -> str:
 
 def plot_layers(scores, path, x_name: str, y_name: str, metric: str, best_pair=None,
                 topk=None) -> str:
-    """Heatmap of one model pair's ``[Lx, Ly]`` layer scores (rows: x layers), the best pair
-    ``(i, j)`` outlined in red; written to ``path`` as PNG; returns the path."""
+    """Heatmap of one model pair's layer x layer scores, the best pair outlined in red.
+
+    Args:
+        scores: ``[Lx, Ly]`` array or tensor (rows: x layers).
+        path: The PNG file to write (atomically).
+        x_name: The x model's name.
+        y_name: The y model's name.
+        metric: The metric's name (the colour bar's label).
+        best_pair: ``(i, j)`` to outline, or None.
+        topk: Shown in the label of kNN metrics.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from prh_fast.plots import plot_layers
+        >>> scores = np.arange(12, dtype=float).reshape(3, 4) / 12
+        >>> path = plot_layers(scores, os.path.join(tempfile.mkdtemp(), "pair.png"), "x", "y",
+        ...                    "cka", best_pair=(2, 3))
+        >>> os.path.basename(path)
+        'pair.png'
+    """
     from matplotlib.patches import Rectangle
 
     if hasattr(scores, "detach"):

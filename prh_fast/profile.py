@@ -28,6 +28,16 @@ __all__ = ["load_reference", "profile_against", "ProfileReport"]
 
 @dataclass
 class ReferenceModules:
+    """The reference checkout's modules, as :func:`load_reference` imported them.
+
+    Attributes:
+        path: The checkout's folder.
+        metrics: Its ``metrics`` module (with ``AlignmentMetrics``).
+        measure_alignment: Its ``measure_alignment`` module (with ``compute_score``), or None
+            when it is missing or failed to import.
+        measure_alignment_error: Why ``measure_alignment`` is None.
+    """
+
     path: Path
     metrics: object  # the module with AlignmentMetrics
     measure_alignment: object | None  # the module with compute_score, if importable
@@ -52,8 +62,29 @@ def _import_file(name: str, file: Path):
 
 
 def load_reference(path) -> ReferenceModules:
-    """Import the reference's ``metrics.py`` (required) and ``measure_alignment.py`` (optional)
-    from a checkout at ``path``; errors name the file and what is missing."""
+    """Import the reference's ``metrics.py`` and ``measure_alignment.py`` from a checkout.
+
+    Args:
+        path: The reference repository's folder.
+
+    Returns:
+        A :class:`ReferenceModules`; ``measure_alignment`` is optional (its heavy dependencies
+        may be missing), ``metrics.py`` is required.
+
+    Raises:
+        ValueError: Not a folder, no ``metrics.py``, an import failure, or no
+            ``AlignmentMetrics.measure`` (the message names the file).
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast.profile import load_reference
+        >>> ref = tempfile.mkdtemp()
+        >>> with open(os.path.join(ref, "metrics.py"), "w") as f:
+        ...     _ = f.write("class AlignmentMetrics:\\n    def measure(*a, **k): return 0.0\\n")
+        >>> mods = load_reference(ref)
+        >>> mods.measure_alignment is None, mods.measure_alignment_error.endswith("not found")
+        (True, True)
+    """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise ValueError(f"--against: {root} is not a folder (expected a checkout of the "
@@ -84,7 +115,23 @@ def load_reference(path) -> ReferenceModules:
 
 
 def paired_features(n: int, layers: int, d: int, seed: int = 0):
-    """Two [N, L, D] float32 feature tensors sharing a latent (not pure noise)."""
+    """Two ``[N, L, D]`` float32 feature tensors sharing a latent (not pure noise).
+
+    Args:
+        n: Samples.
+        layers: Layers per model.
+        d: Width of every layer.
+        seed: Seed of the generator.
+
+    Returns:
+        ``(x_feats, y_feats)``.
+
+    Example:
+        >>> from prh_fast.profile import paired_features
+        >>> x, y = paired_features(16, 2, 8)
+        >>> tuple(x.shape), tuple(y.shape)
+        ((16, 2, 8), (16, 2, 8))
+    """
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 16, generator=g)
 
@@ -113,11 +160,28 @@ def _as_float(v):
 
 @dataclass
 class ProfileReport:
+    """What :func:`profile_against` measured.
+
+    Attributes:
+        rows: One dict per metric: times, values, speed-up and absolute difference (or
+            ``error`` when the reference failed).
+        grid: One dict per grid metric: times, best pairs and whether they agree.
+        notes: Lines explaining what was skipped.
+
+    Example:
+        >>> from prh_fast.profile import ProfileReport
+        >>> print(ProfileReport(notes=["layer grid skipped"]).table())
+        metric | reference | prh_fast | speed-up | ref value | prh value | abs diff
+        ---...
+        note: layer grid skipped
+    """
+
     rows: list = field(default_factory=list)
     grid: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
     def table(self) -> str:
+        """The report as a fixed-width text table, one line per metric and grid."""
         lines = [f"{'metric':>18} | {'reference':>10} | {'prh_fast':>10} | {'speed-up':>8} | "
                  f"{'ref value':>10} | {'prh value':>10} | {'abs diff':>8}"]
         lines.append("-" * len(lines[0]))
@@ -149,6 +213,39 @@ def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int =
 
     Per metric: the last layers of ``x_feats``/``y_feats`` (L2-normalised when ``normalize``).
     Grid: ``compute_score`` over all layer pairs, for each of ``grid_metrics``.
+
+    Args:
+        path: A checkout of the reference repository (see :func:`load_reference`).
+        x_feats: ``[N, L, D]`` features of one model (default: :func:`paired_features`).
+        y_feats: The other model's features, same ``N``.
+        n: Samples of the generated features.
+        d: Width of the generated features.
+        layers: Layers of the generated features.
+        topk: ``topk`` of the kNN metrics.
+        metrics: Metric names (default: all eight).
+        grid_metrics: Metrics timed over the layer grid (default: ``["mutual_knn"]``).
+        normalize: L2-normalise rows, as the reference's ``compute_score`` does.
+
+    Returns:
+        A :class:`ProfileReport`.
+
+    Raises:
+        ValueError: The reference cannot be imported (see :func:`load_reference`).
+
+    Example:
+        >>> import os, tempfile
+        >>> from prh_fast.profile import profile_against
+        >>> ref = tempfile.mkdtemp()  # a stand-in checkout that runs the float64 oracle
+        >>> with open(os.path.join(ref, "metrics.py"), "w") as f:
+        ...     _ = f.write("from prh_fast import reference\\n"
+        ...                 "class AlignmentMetrics:\\n"
+        ...                 "    measure = staticmethod(reference.measure)\\n")
+        >>> report = profile_against(ref, n=64, d=16, layers=2, topk=5,
+        ...                          metrics=["mutual_knn", "cka"])
+        >>> [(r["metric"], r["abs_diff"] < 1e-5) for r in report.rows]
+        [('mutual_knn', True), ('cka', True)]
+        >>> report.notes
+        ['layer grid skipped: .../measure_alignment.py not found']
     """
     ref = load_reference(path)
     if x_feats is None or y_feats is None:
