@@ -35,8 +35,21 @@ __all__ = ["run_sharded", "part_path"]
 
 
 def part_path(out_path, start: int, stop: int) -> str:
-    """Where rows ``[start, stop)`` of ``out_path`` are written before the merge:
-    ``<out_path>.ranges/rows-<start>-<stop>`` (plus ``.pt`` when ``out_path`` ends in it)."""
+    """Where rows ``[start, stop)`` of ``out_path`` are written before the merge.
+
+    Args:
+        out_path: The merged output.
+        start: First row of the range.
+        stop: End of the range (exclusive).
+
+    Returns:
+        ``<out_path>.ranges/rows-<start>-<stop>``, plus ``.pt`` when ``out_path`` ends in it.
+
+    Example:
+        >>> from prh_fast.distributed import part_path
+        >>> part_path("out/model.pt", 0, 512)
+        'out/model.pt.ranges/rows-000000000000-000000000512.pt'
+    """
     out_path = os.fspath(out_path)
     ext = ".pt" if out_path.endswith(".pt") else ""
     return os.path.join(out_path + ".ranges", f"rows-{start:012d}-{stop:012d}{ext}")
@@ -46,18 +59,37 @@ def run_sharded(n: int, extract_range, out_path, *, merge=None, meta=None,
                 keep_parts: bool = False):
     """Run ``extract_range(start, stop, part_path)`` on each rank's sample range, then merge.
 
-    Args:
-        n: number of samples.
-        extract_range: callable writing rows ``[start, stop)`` to the given path (see the
-            module notes); its return value, if a path, replaces the given one.
-        out_path: the merged output (``.pt`` file, or a store folder).
-        merge: ``merge(parts, out_path)`` run on rank 0 (default: ``merge_parts``, which
-            concatenates ``.pt`` parts, or store parts with the store package); ``meta``
-            (dict) is passed to the default merge as extra keys / store metadata.
-        keep_parts: keep ``<out_path>.ranges/`` after merging.
+    An existing ``out_path`` is returned at once (delete it to extract again). Without a
+    process group it runs the whole range in this process.
 
-    Returns ``out_path`` on every rank. An existing ``out_path`` is returned at once (delete it
-    to extract again). Without a process group it runs the whole range in this process.
+    Args:
+        n: Number of samples.
+        extract_range: Callable writing rows ``[start, stop)`` to the given path (see the
+            module notes); its return value, if a path, replaces the given one.
+        out_path: The merged output (``.pt`` file, or a store folder).
+        merge: ``merge(parts, out_path)`` run on rank 0 (default: :func:`merge_parts`, which
+            concatenates ``.pt`` parts or store parts).
+        meta: Dict passed to the default merge as extra keys / store metadata.
+        keep_parts: Keep ``<out_path>.ranges/`` after merging.
+
+    Returns:
+        ``out_path``, on every rank.
+
+    Raises:
+        ValueError: A bad ``n`` or ``extract_range``.
+        DestinationLocked: Another job is writing ``out_path``.
+        DistributedError: A rank failed or died (raised on every rank).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> from prh_fast.distributed import run_sharded
+        >>> data = torch.arange(40, dtype=torch.float32).reshape(10, 1, 4)
+        >>> def extract_range(start, stop, part):
+        ...     prh_fast.save_features(part, data[start:stop])
+        >>> out = run_sharded(10, extract_range, os.path.join(tempfile.mkdtemp(), "m.pt"))
+        >>> bool((prh_fast.load_features(out)["feats"] == data).all())
+        True
     """
     out_path = os.fspath(out_path)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -1,10 +1,9 @@
-"""The one place this package touches feature storage: reference ``.pt`` files, and the sharded
-store (``prh_fast.store.open_store`` / ``StoreWriter``) when it is installed.
+"""The one place this package touches feature storage: merging the row-range parts of a
+sharded extraction into one reference ``.pt`` file or one store folder.
 
-Only the store's public API is used (``open_store(path)`` with ``.n``, ``.num_layers``,
-``.dims``, ``.meta``, ``.layer(l, rows=slice)``; ``StoreWriter(path)`` with ``.rows_done``,
-``.append(list_of_layer_tensors)``, ``.finish(meta)``), looked up when called, so this module
-works before and after the store lands.
+Only the store's public API is used: ``open_store(path)`` with ``.n``, ``.num_layers``,
+``.meta``, ``.layer(l, rows=slice)``; ``StoreWriter(path)`` with ``.rows_done``,
+``.append(list_of_layer_tensors)``, ``.finish(meta)``.
 """
 from __future__ import annotations
 
@@ -12,20 +11,10 @@ import os
 
 import torch
 
-__all__ = ["store_api", "merge_parts"]
+__all__ = ["merge_parts"]
 
 #: Rows copied per step when merging store parts.
 MERGE_CHUNK = 65536
-
-
-def store_api():
-    """``(open_store, StoreWriter)`` from ``prh_fast.store``, or ``None`` before it exists."""
-    try:
-        from prh_fast import store
-    except ImportError:  # pragma: no cover - prh_fast.store always exists in some form
-        return None
-    o, w = getattr(store, "open_store", None), getattr(store, "StoreWriter", None)
-    return None if o is None or w is None else (o, w)
 
 
 def _merge_pt(parts, out_path, meta):
@@ -65,16 +54,11 @@ def _merge_pt(parts, out_path, meta):
 
 
 def _merge_store(parts, out_path, meta):
-    api = store_api()
-    if api is None:
-        raise ValueError(f"{parts[0]}: a store folder, but prh_fast.store has no open_store / "
-                         f"StoreWriter here; pass merge= to run_sharded")
-    open_store, StoreWriter = api
-    try:
-        w = StoreWriter(out_path)
-    except TypeError as err:
-        raise ValueError(f"{out_path}: StoreWriter needs more arguments than a path ({err}); "
-                         f"pass merge= to run_sharded") from None
+    from prh_fast.store import StoreWriter, open_store
+
+    # Widths, dtype and layout come from the first appended rows; reopening the same output
+    # resumes an interrupted merge at its rows_done.
+    w = StoreWriter(out_path)
     row = 0
     merged_meta = {}
     for p in parts:
@@ -96,8 +80,37 @@ def _merge_store(parts, out_path, meta):
 
 
 def merge_parts(parts, out_path, meta=None):
-    """Concatenate the row-range parts ``parts`` (in order) into ``out_path``: ``.pt`` files
-    into one reference ``.pt`` file; store folders into one store (with the store package)."""
+    """Concatenate row-range parts, in order, into one feature file or store.
+
+    ``.pt`` parts become one reference ``.pt`` file (per-sample tensors such as ``mask`` are
+    concatenated, other keys taken from the first part); store folders become one store.
+
+    Args:
+        parts: The parts' paths, in row order (all files or all folders).
+        out_path: The merged ``.pt`` file or store folder.
+        meta: Extra keys (``.pt``) or store metadata added to the merged output.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ValueError: No parts, parts that disagree on layers or widths, or a mix of files and
+            folders.
+        FileNotFoundError: A part is missing.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> from prh_fast.distributed import merge_parts
+        >>> tmp = tempfile.mkdtemp()
+        >>> parts = [os.path.join(tmp, f"part{i}.pt") for i in range(2)]
+        >>> for i, p in enumerate(parts):
+        ...     prh_fast.save_features(p, torch.full((3, 2, 4), float(i)), num_params=10)
+        >>> out = merge_parts(parts, os.path.join(tmp, "all.pt"), meta={"model": "m"})
+        >>> rec = prh_fast.load_features(out)
+        >>> tuple(rec["feats"].shape), rec["feats"][:, 0, 0].tolist(), rec["model"]
+        ((6, 2, 4), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], 'm')
+    """
     if not parts:
         raise ValueError(f"{out_path}: no parts to merge (no rows were extracted)")
     if all(os.path.isfile(p) for p in parts):

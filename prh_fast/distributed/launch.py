@@ -19,7 +19,22 @@ __all__ = ["run_align_command"]
 
 
 def run_align_command(run, args) -> int:
-    """``run(args)`` on this rank; distributed when launched with more than one rank."""
+    """Run a ``prh-fast`` command on this rank; distributed when launched with several ranks.
+
+    Args:
+        run: The command's function, ``run(args) -> exit code``.
+        args: The parsed command line (``heatmap`` and ``no_progress`` are switched off on
+            ranks other than 0).
+
+    Returns:
+        The exit code: ``run``'s, or 1 after a failed collective (with one line on stderr).
+
+    Example:
+        >>> import argparse
+        >>> from prh_fast.distributed.launch import run_align_command
+        >>> run_align_command(lambda args: 0, argparse.Namespace())  # outside torchrun
+        0
+    """
     if not launched_by_torchrun():
         return run(args)
     import torch.distributed as dist
