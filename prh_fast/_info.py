@@ -86,7 +86,8 @@ def info(file=None) -> dict:
     b = d.get("build", {})
     lines = [
         f"prh_fast {d['prh_fast']}  (python {d['python']}, torch {d['torch']}, numpy {d['numpy']})",
-        f"  native CPU kernels : {'yes' if d['native'] else 'NO (' + d.get('native_error', '') + ')'}",
+        "  native CPU kernels : "
+        + ("yes" if d["native"] else "NO (" + d.get("native_error", "") + ")"),
     ]
     if b:
         lines += [

@@ -227,8 +227,8 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
         >>> import torch
         >>> from prh_fast.prepare import normalize_rows
         >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [3e-30, 4e-30]])
-        >>> normalize_rows(x).tolist()
-        [[0.6000000238418579, 0.800000011920929], [0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
+        >>> [[round(v, 4) for v in row] for row in normalize_rows(x).tolist()]
+        [[0.6, 0.8], [0.0, 0.0], [0.6, 0.8]]
     """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     bad = ~(torch.isfinite(norm) & (norm >= _NORM_SAFE_MIN)).squeeze(-1)

@@ -97,8 +97,34 @@ _CAPTION_KEYS = ("caption", "captions", "text", "sentence", "sentences", "descri
 # ----------------------------------------------------------------------------- data set
 
 class PairedDataset:
-    """Image-caption pairs. ``name`` identifies the data (and subset) in file paths; ``meta``
-    records how it was made (``meta["ids"]``: one id per pair, used to fingerprint images)."""
+    """Image-caption pairs; made by :func:`load_pairs`.
+
+    Args:
+        name: Identifies the data (and subset) in file paths.
+        meta: How it was made; ``meta["ids"]`` (one id per pair, used to fingerprint images)
+            is added.
+        captions: One caption per pair.
+        image_fn: ``image_fn(id) -> PIL image``, called when an image is asked for.
+        ids: One id per pair.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> from PIL import Image
+        >>> from prh_fast.extract import load_pairs
+        >>> root = tempfile.mkdtemp()
+        >>> with open(os.path.join(root, "captions.jsonl"), "w") as f:
+        ...     for i, colour in enumerate(["red", "green", "blue"]):
+        ...         Image.new("RGB", (8, 8), colour).save(os.path.join(root, f"{i}.png"))
+        ...         record = {"image": f"{i}.png", "caption": f"a {colour} square"}
+        ...         _ = f.write(json.dumps(record) + "\\n")
+        >>> data = load_pairs(root)
+        >>> len(data), data.captions([0, 2])
+        (3, ['a red square', 'a blue square'])
+        >>> data.images([1])[0].getpixel((0, 0))
+        (0, 128, 0)
+        >>> data.shuffled(seed=0).captions([0, 1, 2]) != data.captions([0, 1, 2])
+        True
+    """
 
     def __init__(self, name: str, meta: dict, captions: Sequence[str], image_fn, ids):
         self.name = name
@@ -134,18 +160,39 @@ class PairedDataset:
         return list(self._ids)
 
     def captions(self, idx) -> list:
-        """The captions of pairs ``idx`` (a sequence of indices), as a list of str."""
+        """The captions of some pairs.
+
+        Args:
+            idx: A sequence of pair indices.
+
+        Returns:
+            A list of str.
+        """
         return [self._captions[i] for i in self._index(idx)]
 
     def images(self, idx) -> list:
-        """The images of pairs ``idx`` as PIL RGB images (read from disk on each call)."""
+        """The images of some pairs, read from disk on each call.
+
+        Args:
+            idx: A sequence of pair indices.
+
+        Returns:
+            A list of PIL RGB images.
+        """
         return [self._image_fn(self._ids[i]) for i in self._index(idx)]
 
     def shuffled(self, seed: int = 0) -> "PairedDataset":
         """The same images with the captions permuted (a control with the pairing broken).
 
         The permutation is a derangement when there are at least two pairs: no image keeps
-        its own caption."""
+        its own caption.
+
+        Args:
+            seed: Seed of the permutation.
+
+        Returns:
+            A new :class:`PairedDataset` named ``<name>-shuffled<seed>``.
+        """
         _check_seed(seed)
         n = len(self)
         perm = np.arange(n)
@@ -274,10 +321,26 @@ def _background_name(rgb) -> str:
 def easy_vqa_attributes(image) -> dict:
     """Colour, shape, size, position and background of one easy-VQA image, from its pixels.
 
-    ``image``: a PIL image or an ``[H, W, 3]`` uint8 array. Returns a dict with ``colour``,
-    ``shape``, ``size``, ``position``, ``row``/``col`` (3x3 cell), ``area`` (mask pixels),
-    ``area_frac``, ``centroid`` (x, y in pixels), ``fill`` (mask / bounding box),
-    ``background`` (a name) and ``background_rgb``, ``shape_rgb``.
+    Args:
+        image: A PIL image or an ``[H, W, 3]`` uint8 array.
+
+    Returns:
+        A dict with ``colour``, ``shape``, ``size``, ``position``, ``row``/``col`` (3x3
+        cell), ``area`` (mask pixels), ``area_frac``, ``centroid`` (x, y in pixels), ``fill``
+        (mask / bounding box), ``background`` (a name), ``background_rgb``, ``shape_rgb`` and
+        ``colour_distance``.
+
+    Raises:
+        ValueError: Not an RGB image, or no shape distinct from the background.
+
+    Example:
+        >>> import numpy as np
+        >>> from prh_fast.extract._data import easy_vqa_attributes
+        >>> img = np.full((64, 64, 3), 255, dtype=np.uint8)
+        >>> img[4:24, 40:60] = (255, 0, 0)  # a red square in the top right
+        >>> a = easy_vqa_attributes(img)
+        >>> a["colour"], a["shape"], a["size"], a["position"]
+        ('red', 'rectangle', 'medium', 'in the top right')
     """
     a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if a.ndim != 3 or a.shape[2] != 3:
@@ -318,7 +381,27 @@ def easy_vqa_attributes(image) -> dict:
 
 
 def easy_vqa_caption(attrs: dict, level: str) -> str:
-    """The caption of one image's attributes at ``level`` (one of ``EASY_VQA_LEVELS``)."""
+    """The caption of one image's attributes at a level of detail.
+
+    Args:
+        attrs: What :func:`easy_vqa_attributes` returns.
+        level: One of ``EASY_VQA_LEVELS`` (``"color"`` is accepted for ``"colour"``).
+
+    Returns:
+        The caption.
+
+    Raises:
+        ValueError: An unknown level.
+
+    Example:
+        >>> from prh_fast.extract._data import easy_vqa_caption
+        >>> attrs = {"colour": "red", "shape": "circle", "size": "large",
+        ...          "position": "in the top left", "area_frac": 0.12, "background": "pink"}
+        >>> easy_vqa_caption(attrs, "shape")
+        'a red circle'
+        >>> easy_vqa_caption(attrs, "detailed")
+        'a large red circle in the top left, covering 12% of the image, on a pink background'
+    """
     level = _check_level(level)
     c, s = attrs["colour"], attrs["shape"]
     if level == "colour":
@@ -626,10 +709,39 @@ def load_pairs(source, *, split=None, n=None, caption_level=None, seed=0,
                caption_column: Optional[str] = None) -> PairedDataset:
     """Image-caption pairs from ``source`` (see the module docstring for sources and rules).
 
-    ``split``: easy-VQA "train" (default) | "test" | "all"; a sub-folder for folders; a split
-    of a saved ``DatasetDict``. ``n``: a seeded random subset of that many pairs (None: all, in
-    source order). ``caption_level``: an easy-VQA level (default "full"), or the caption
-    column for other sources. ``seed``: the subset's random seed.
+    Args:
+        source: ``"easy-vqa"``, a folder with ``captions.jsonl`` / ``captions.csv`` (or that
+            file), or a folder written by ``datasets``' ``save_to_disk``.
+        split: easy-VQA ``"train"`` (default) | ``"test"`` | ``"all"``; a sub-folder for
+            folders; a split of a saved ``DatasetDict``.
+        n: A seeded random subset of that many pairs (None: all, in source order).
+        caption_level: An easy-VQA level (default ``"full"``), or the caption column for
+            other sources.
+        seed: The subset's random seed.
+        image_column: The image column, when not one of the usual names.
+        caption_column: The caption column, when not one of the usual names.
+
+    Returns:
+        A :class:`PairedDataset`.
+
+    Raises:
+        DataNotFoundError: The source, a file it names, or the easy-vqa package is missing.
+        ValueError: A bad option, or a malformed captions file.
+        TypeError: ``source`` is not a name or a path.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> from PIL import Image
+        >>> from prh_fast.extract import load_pairs
+        >>> root = tempfile.mkdtemp()
+        >>> with open(os.path.join(root, "captions.jsonl"), "w") as f:
+        ...     for i, colour in enumerate(["red", "green", "blue"]):
+        ...         Image.new("RGB", (8, 8), colour).save(os.path.join(root, f"{i}.png"))
+        ...         record = {"image": f"{i}.png", "caption": f"a {colour} square"}
+        ...         _ = f.write(json.dumps(record) + "\\n")
+        >>> data = load_pairs(root, n=2, seed=0)
+        >>> len(data), data.name.endswith("-n2-seed0")
+        (2, True)
     """
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source: expected a data-set name or a path, got "

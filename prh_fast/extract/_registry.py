@@ -105,22 +105,68 @@ def _set_key(name: str) -> str:
 
 
 def resolve_model_set(name: str) -> list:
-    """The model names of a named set (a new list)."""
+    """The model names of a named set.
+
+    Args:
+        name: A key of :data:`MODEL_SETS` (case and surrounding spaces ignored).
+
+    Returns:
+        A new list of model names.
+
+    Raises:
+        ValueError: An unknown set (the message lists the known ones).
+        TypeError: ``name`` is not a str.
+
+    Example:
+        >>> from prh_fast.extract import resolve_model_set
+        >>> resolve_model_set("demo-lang")
+        ['smollm2-135m', 'all-minilm-l6-v2']
+    """
     return list(MODEL_SETS[_set_key(name)])
 
 
 def model_set_kind(name: str) -> str:
-    """The kind of the models of a named set: one of :data:`KINDS`."""
+    """The kind of the models of a named set.
+
+    Args:
+        name: A key of :data:`MODEL_SETS`.
+
+    Returns:
+        One of :data:`KINDS` (``"text"`` or ``"vision"``).
+
+    Example:
+        >>> from prh_fast.extract._registry import model_set_kind
+        >>> model_set_kind("paper-val-lang"), model_set_kind("demo-vision")
+        ('text', 'vision')
+    """
     return SET_KINDS[_set_key(name)]
 
 
 def check_available(names, kind: str) -> tuple:
     """Which of ``names`` load here without a download.
 
-    ``names``: a list of model names/paths, or the name of a set. ``kind``: one of
-    :data:`KINDS` ("text" or "vision"; :func:`model_set_kind` gives a set's). Returns
-    ``(available, missing)``: the loadable names in order, and a list of ``(name, reason)``
-    for the others. Reads no weights and makes no network request.
+    Reads no weights and makes no network request.
+
+    Args:
+        names: A list of model names/paths, or the name of a set.
+        kind: One of :data:`KINDS` (``"text"`` or ``"vision"``; :func:`model_set_kind` gives
+            a set's).
+
+    Returns:
+        ``(available, missing)``: the loadable names in order, and a list of
+        ``(name, reason)`` for the others.
+
+    Raises:
+        ValueError: An unknown ``kind`` or set name.
+        TypeError: ``names`` is neither a list nor a set name.
+
+    Example:
+        >>> import tempfile
+        >>> from prh_fast.extract import check_available
+        >>> folder = tempfile.mkdtemp()  # a local model folder counts as available
+        >>> available, missing = check_available([folder, "/no/such/model"], "vision")
+        >>> available == [folder], missing[0][0]
+        (True, '/no/such/model')
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -146,8 +192,6 @@ def _text_status(name: str) -> tuple:
     from prh_fast.extract._text import text_model_status
 
     return text_model_status(name)
-
-
 
 
 def _vision_status(name: str) -> tuple:

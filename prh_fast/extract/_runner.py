@@ -23,7 +23,19 @@ TEXT_POOLINGS = ("avg", "last", "prompt")
 
 
 def safe_name(name: str) -> str:
-    """A model or data-set name usable as a file name (the reference replaces '/' by '_')."""
+    """A model or data-set name usable as a file name (the reference replaces '/' by '_').
+
+    Args:
+        name: A model name, hub id or path.
+
+    Returns:
+        The name with separators and unusual characters replaced by ``_``.
+
+    Example:
+        >>> from prh_fast.extract._runner import safe_name
+        >>> safe_name("bigscience/bloomz-560m")
+        'bigscience_bloomz-560m'
+    """
     s = str(name).rstrip("/\\").replace("/", "_").replace("\\", "_")
     s = "".join(c if (c.isalnum() or c in "-_.+") else "_" for c in s)
     return s.lstrip(".") or "model"
@@ -31,7 +43,25 @@ def safe_name(name: str) -> str:
 
 def feature_path(features_dir, data_name: str, model_name: str, pool: str,
                  prompt: bool = False) -> str:
-    """The reference's feature-file layout."""
+    """Where a model's features are written, in the reference's feature-file layout.
+
+    Args:
+        features_dir: The root folder of feature files.
+        data_name: The data set's name (``PairedDataset.name``; ``/`` makes sub-folders).
+        model_name: The model's name.
+        pool: The pooling.
+        prompt: Whether the captions were wrapped in the paper's prompt.
+
+    Returns:
+        ``<features_dir>/<data>/<model>_pool-<pool>_prompt-<prompt>.pt``.
+
+    Example:
+        >>> from prh_fast.extract import feature_path
+        >>> path = feature_path("results/features", "easy-vqa/train-n1024-seed0/full",
+        ...                     "bigscience/bloomz-560m", "avg")
+        >>> path.split("/")[2:]
+        ['easy-vqa', 'train-n1024-seed0', 'full', 'bigscience_bloomz-560m_pool-avg_prompt-False.pt']
+    """
     parts = [safe_name(p) for p in str(data_name).split("/") if p]
     return os.path.join(os.fspath(features_dir), *parts,
                         f"{safe_name(model_name)}_pool-{pool}_prompt-{bool(prompt)}.pt")
@@ -158,16 +188,46 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
                  out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
                  storage_dtype: str = "float32", caption_level=None, split=None,
                  force: bool = False, progress: bool = True, rows=None) -> str:
-    """Hidden states of a language model for the captions of ``data``; returns the file path.
+    """Hidden states of a language model for the captions of ``data``, written to a file.
 
-    ``model``: a name or path understood by :func:`load_text_model`, or a loaded encoder.
-    ``pool``: "avg" (mean over valid tokens), "last" (last valid token) or "prompt" (the
-    paper's prompt around the caption, last token). The file also records the mean next-token
-    loss (nats per predicted token) and bits per byte (total nats / ln 2 / UTF-8 bytes of the
-    scored text) for causal LMs, and per sample (``sample_nll_sum``, ``sample_n_tokens``,
-    ``sample_n_bytes``) so that files of sample ranges can be merged exactly.
-    ``rows=(start, stop)``: only samples ``start..stop-1`` of the first ``n`` (one rank's range
-    in a distributed extraction, see :func:`extract_sharded`); give ``out`` with it.
+    The file also records the mean next-token loss (nats per predicted token) and bits per
+    byte (total nats / ln 2 / UTF-8 bytes of the scored text) for causal LMs, and per sample
+    (``sample_nll_sum``, ``sample_n_tokens``, ``sample_n_bytes``) so that files of sample
+    ranges can be merged exactly. Writing is resumable and atomic; a finished file of the same
+    job is returned without work unless ``force``.
+
+    Args:
+        model: A name or path understood by :func:`load_text_model`, or a loaded encoder.
+        data: A source for :func:`load_pairs`, or a :class:`PairedDataset`.
+        pool: ``"avg"`` (mean over valid tokens), ``"last"`` (last valid token) or
+            ``"prompt"`` (the paper's prompt around the caption, last token).
+        features_dir: Root of the feature-file layout (see :func:`feature_path`).
+        out: The output file, instead of the layout's path.
+        n: A seeded subset of that many pairs (None: all).
+        batch_size: Captions per forward pass.
+        device: Where the model runs.
+        dtype: The model's compute dtype (default: the loader's).
+        storage_dtype: The dtype written to the file.
+        caption_level: The caption level or column (see :func:`load_pairs`).
+        split: The data set's split.
+        force: Extract again even when a finished file of this job exists.
+        progress: Show a progress bar.
+        rows: ``(start, stop)``: only samples ``start..stop-1`` of the first ``n`` (one rank's
+            range in a distributed extraction, see :func:`extract_sharded`); give ``out``
+            with it.
+
+    Returns:
+        The feature file's path.
+
+    Raises:
+        ValueError: A bad option (checked before any model loads).
+        ModelNotAvailableError: The weights are neither on disk nor fetchable.
+        DestinationLocked: Another job is writing the same file.
+
+    Example:
+        >>> from prh_fast.extract import extract_text
+        >>> path = extract_text("all-minilm-l6-v2", "easy-vqa", n=64,
+        ...                     features_dir="results/features")  # doctest: +SKIP
     """
     if pool not in TEXT_POOLINGS:
         raise ValueError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
@@ -239,10 +299,38 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
                    out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
                    storage_dtype: str = "float32", split=None, force: bool = False,
                    progress: bool = True, rows=None) -> str:
-    """Per-layer features of a vision model for the images of ``data``; returns the file path.
+    """Per-layer features of a vision model for the images of ``data``, written to a file.
 
-    ``pool``: "cls" (class token after each block), "avg" (mean of patch tokens; for CNNs the
-    global average of each stage) or "auto" (cls where the model has a class token, else avg).
+    Args:
+        model: A name or path understood by :func:`load_vision_model`, or a loaded encoder.
+        data: A source for :func:`load_pairs`, or a :class:`PairedDataset`.
+        pool: ``"cls"`` (class token after each block), ``"avg"`` (mean of patch tokens; for
+            CNNs the global average of each stage) or ``"auto"`` (cls where the model has a
+            class token, else avg).
+        features_dir: Root of the feature-file layout (see :func:`feature_path`).
+        out: The output file, instead of the layout's path.
+        n: A seeded subset of that many pairs (None: all).
+        batch_size: Images per forward pass.
+        device: Where the model runs.
+        dtype: The model's compute dtype (default: the loader's).
+        storage_dtype: The dtype written to the file.
+        split: The data set's split.
+        force: Extract again even when a finished file of this job exists.
+        progress: Show a progress bar.
+        rows: ``(start, stop)``: one sample range (see :func:`extract_text`).
+
+    Returns:
+        The feature file's path.
+
+    Raises:
+        ValueError: A bad option.
+        ModelNotAvailableError: The weights are neither on disk nor fetchable.
+        DestinationLocked: Another job is writing the same file.
+
+    Example:
+        >>> from prh_fast.extract import extract_images
+        >>> path = extract_images("efficientnet-lite0", "easy-vqa", n=64,
+        ...                       pool="avg")  # doctest: +SKIP
     """
     job = _Job("vision", model, data, pool=pool, features_dir=features_dir, out=out, n=n,
                batch_size=batch_size, storage_dtype=storage_dtype, caption_level=None,
@@ -291,13 +379,37 @@ def _meta(enc, ds, n, pool, storage_dtype, fingerprint, seconds) -> dict:
 def extract_sharded(kind: str, model, data, *, pool=None, features_dir="./results/features",
                     out=None, n=None, caption_level=None, split=None, force: bool = False,
                     **kwargs) -> str:
-    """``extract_text`` (``kind="text"``) or ``extract_images`` (``"vision"``) with the samples
-    split over the ranks of a ``torch.distributed`` job (``torchrun``); one process without one.
+    """:func:`extract_text` or :func:`extract_images` with the samples split over ranks.
 
-    Each rank extracts ``shard_range(n, rank, world_size)`` into its own part (resumable like any
-    extraction), rank 0 merges the parts in row order into the same file a single process would
-    write (same path, same features, loss and bits per byte recomputed over all samples, same
-    job fingerprint, so later single-process runs reuse it), and every rank returns its path.
+    Under ``torchrun`` each rank extracts ``shard_range(n, rank, world_size)`` into its own
+    part (resumable like any extraction), rank 0 merges the parts in row order into the same
+    file a single process would write (same path, same features, loss and bits per byte
+    recomputed over all samples, same job fingerprint, so later single-process runs reuse it),
+    and every rank returns its path. Without a process group it runs in this process alone.
+
+    Args:
+        kind: ``"text"`` or ``"vision"``.
+        model: As in :func:`extract_text` / :func:`extract_images`.
+        data: As in :func:`extract_text`.
+        pool: The pooling (default ``"avg"`` for text, ``"cls"`` for vision).
+        features_dir: Root of the feature-file layout.
+        out: The output file, instead of the layout's path.
+        n: A seeded subset of that many pairs (None: all).
+        caption_level: For text: the caption level or column.
+        split: The data set's split.
+        force: Extract again even when a finished file of this job exists.
+        **kwargs: Passed on to the extraction function (``batch_size``, ``device``, ...).
+
+    Returns:
+        The merged feature file's path, on every rank.
+
+    Raises:
+        ValueError: An unknown ``kind`` or a bad option.
+        DistributedError: A rank failed or died.
+
+    Example:
+        >>> from prh_fast.extract import extract_sharded
+        >>> path = extract_sharded("text", "smollm2-135m", "easy-vqa", n=1024)  # doctest: +SKIP
     """
     from prh_fast.distributed import run_sharded, world
     from prh_fast.distributed._env import agree
