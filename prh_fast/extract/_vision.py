@@ -128,11 +128,30 @@ def _parse_device(device) -> torch.device:
 class ImageEncoder:
     """Runs a vision model and pools each layer (see the module docstring).
 
-    Attributes: ``name`` (as given), ``source`` (file or folder the weights came from, or
-    ``hub:<id>``), ``num_params``, ``num_layers``, ``dims`` (per layer), ``device``, ``dtype``,
-    ``pool`` (resolved: "cls" or "avg"), ``kind`` ("timm-tokens", "timm-cnn", "hf-tokens",
-    "hf-conv"), ``has_class_token``, ``num_prefix_tokens``, ``data_config`` (the preprocessing:
-    input size, interpolation, crop, mean, std).
+    Made by :func:`load_vision_model`, which passes the model, its preprocessing and the
+    details below.
+
+    Attributes:
+        name: As given.
+        source: The file or folder the weights came from, or ``hub:<id>``.
+        num_params: Number of parameters.
+        num_layers: Number of pooled layers.
+        dims: Width of every layer.
+        device: Where the model runs.
+        dtype: The compute dtype.
+        pool: The resolved pooling, ``"cls"`` or ``"avg"``.
+        kind: ``"timm-tokens"``, ``"timm-cnn"``, ``"hf-tokens"`` or ``"hf-conv"``.
+        has_class_token: Whether the model has a class token.
+        num_prefix_tokens: Class and register tokens before the patches.
+        data_config: The preprocessing: input size, interpolation, crop, mean, std.
+
+    Example:
+        >>> from PIL import Image
+        >>> from prh_fast.extract import load_vision_model
+        >>> enc = load_vision_model("efficientnet-lite0", pool="avg")  # doctest: +SKIP
+        >>> feats = enc.encode([Image.new("RGB", (64, 64), "red")])  # doctest: +SKIP
+        >>> len(feats) == enc.num_layers  # doctest: +SKIP
+        True
     """
 
     def __init__(self, model, *, name: str, source: str, kind: str, preprocess, data_config,
@@ -260,7 +279,18 @@ class ImageEncoder:
         return (x.shape[-2] // ph) * (x.shape[-1] // pw)
 
     def encode(self, images) -> list:
-        """Per-layer features ``[B, D_l]`` (float32, CPU) of a list of PIL images."""
+        """Per-layer pooled features of some images.
+
+        Args:
+            images: A non-empty list of PIL images (converted to RGB).
+
+        Returns:
+            One ``[B, D_l]`` float32 CPU tensor per layer.
+
+        Raises:
+            TypeError: Not a list of PIL images.
+            ValueError: An empty list.
+        """
         from PIL import Image
 
         if isinstance(images, Image.Image) or not isinstance(images, (list, tuple)):
@@ -338,9 +368,27 @@ def _kind_of(key: str) -> str:
 def load_packaged_state_dict(alias: str, model) -> tuple:
     """The packaged checkpoint mapped onto ``model``'s state-dict keys, in order.
 
-    Returns ``(state_dict, path)``. Every pair (package key, timm key) must agree in shape and
-    kind (weight, bias, running mean/var, batch counter), else ``ValueError`` names the first
-    mismatch."""
+    Args:
+        alias: A key of ``PACKAGED_VISION_MODELS`` (e.g. ``"efficientnet-lite0"``).
+        model: The timm model the weights are for.
+
+    Returns:
+        ``(state_dict, path)``: the weights under the model's keys, and the file they came
+        from.
+
+    Raises:
+        ValueError: A pair (package key, timm key) that disagrees in shape or kind (weight,
+            bias, running mean/var, batch counter); the message names the first.
+        ModelNotAvailableError: The package is not installed.
+
+    Example:
+        >>> import timm
+        >>> from prh_fast.extract._vision import load_packaged_state_dict
+        >>> model = timm.create_model("tf_efficientnet_lite0")  # doctest: +SKIP
+        >>> state, path = load_packaged_state_dict("efficientnet-lite0", model)  # doctest: +SKIP
+        >>> model.load_state_dict(state)  # doctest: +SKIP
+        <All keys matched successfully>
+    """
     path = _packaged_file(alias)
     src = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(src, dict) and "state_dict" in src and isinstance(src["state_dict"], dict):
@@ -528,12 +576,28 @@ def load_vision_model(name_or_path, *, device="cpu", dtype=None, pool: str = "cl
                       checkpoint=None, hub: Optional[bool] = None) -> ImageEncoder:
     """Load a vision model for per-layer feature extraction (see the module docstring).
 
-    ``name_or_path``: ``efficientnet-lite0``, ``<timm arch>@<weights file>``, a timm or
-    Hugging Face folder, a timm model name or a Hugging Face hub id. ``checkpoint``: a local
-    weights file for the timm architecture ``name_or_path``. ``dtype``: compute dtype
-    (default float32); features are returned as float32 either way. ``pool``: "cls", "avg" or
-    "auto". ``hub``: None = download only when the hub answers and no offline variable is set;
-    False = never; True = try even with an offline variable set.
+    Args:
+        name_or_path: ``efficientnet-lite0``, ``<timm arch>@<weights file>``, a timm or
+            Hugging Face folder, a timm model name or a Hugging Face hub id.
+        device: A torch device.
+        dtype: Compute dtype (default float32); features are returned as float32 either way.
+        pool: ``"cls"``, ``"avg"`` or ``"auto"``.
+        checkpoint: A local weights file for the timm architecture ``name_or_path``.
+        hub: None = download only when the hub answers and no offline variable is set;
+            False = never; True = try even with an offline variable set.
+
+    Returns:
+        An :class:`ImageEncoder`.
+
+    Raises:
+        ValueError: A bad option.
+        ModelNotAvailableError: The weights are neither on disk nor fetchable.
+
+    Example:
+        >>> from prh_fast.extract import load_vision_model
+        >>> enc = load_vision_model("efficientnet-lite0", pool="avg")  # doctest: +SKIP
+        >>> enc.kind, enc.pool  # doctest: +SKIP
+        ('timm-cnn', 'avg')
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path: expected a str or path, got "

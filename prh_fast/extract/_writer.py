@@ -56,6 +56,31 @@ class PtWriter(_lock.HoldsLock):
     One writer per output: the writer holds the output's lock (``.<name>.lock`` beside it)
     from opening until :meth:`finish` or :meth:`close`; a second writer of the same path
     fails at once with :class:`prh_fast.DestinationLocked` naming the first.
+
+    Args:
+        path: The ``.pt`` file to write.
+        fingerprint: JSON-able description of the job; a resume must match it.
+        dtype: Storage dtype, one of :data:`STORAGE_DTYPES`.
+        overwrite: Discard an unfinished extraction of another job at ``path``.
+
+    Raises:
+        ValueError: A bad ``dtype``, or unfinished parts of a different job.
+        DestinationLocked: Another writer holds ``path``.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import prh_fast
+        >>> from prh_fast.extract._writer import PtWriter
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> with PtWriter(path, fingerprint={"model": "m"}) as w:
+        ...     w.append([torch.zeros(4, 8), torch.ones(4, 8)])
+        >>> with PtWriter(path, fingerprint={"model": "m"}) as w:  # resumes after row 4
+        ...     print(w.rows_done)
+        ...     w.append([torch.zeros(2, 8), torch.ones(2, 8)])
+        ...     _ = w.finish({"num_params": 3})
+        4
+        >>> tuple(prh_fast.load_features(path)["feats"].shape)
+        (6, 2, 8)
     """
 
     def __init__(self, path, *, fingerprint: dict, dtype: str = "float32",
@@ -120,9 +145,19 @@ class PtWriter(_lock.HoldsLock):
 
     @property
     def rows_done(self) -> int:
+        """Rows durably written: a resumed extraction continues from here."""
         return self._parts[-1][1] if self._parts else 0
 
     def append(self, layers, extras: dict | None = None) -> None:
+        """Write one batch as a durable part file.
+
+        Args:
+            layers: One ``[B, D_l]`` tensor per layer (cast to the storage dtype).
+            extras: Per-sample ``[B]`` tensors kept with the batch (e.g. token losses).
+
+        Raises:
+            ValueError: Shapes that disagree, or a closed writer.
+        """
         if self._held is None:
             raise ValueError(f"{self.path}: this writer was closed; open a new one to resume")
         if not layers:
@@ -160,6 +195,17 @@ class PtWriter(_lock.HoldsLock):
         return {k: torch.cat(v) for k, v in out.items()}
 
     def finish(self, meta: dict) -> str:
+        """Concatenate the parts into the feature file, remove them and release the lock.
+
+        Args:
+            meta: Other keys of the record (``num_params``, settings, ...).
+
+        Returns:
+            The file's path.
+
+        Raises:
+            ValueError: Nothing was written, or the parts disagree or are unreadable.
+        """
         from prh_fast.store import save_features
 
         if not self._parts:
