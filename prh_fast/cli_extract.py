@@ -189,6 +189,20 @@ def _cmd_demo(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    """Register ``prh-fast extract`` and ``prh-fast demo`` on the top-level subparsers.
+
+    Args:
+        sub: What ``ArgumentParser.add_subparsers()`` returned for ``prh-fast``.
+
+    Example:
+        >>> import argparse
+        >>> from prh_fast.cli_extract import add_parsers
+        >>> parser = argparse.ArgumentParser(prog="prh-fast")
+        >>> add_parsers(parser.add_subparsers(dest="cmd"))
+        >>> args = parser.parse_args(["demo", "--n", "256"])
+        >>> args.n, args.topk, args.out
+        (256, 10, './prh-fast-demo')
+    """
     from prh_fast._cli_common import nonnegative_int, positive_int
     from prh_fast.metrics import SUPPORTED_METRICS
 

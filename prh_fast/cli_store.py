@@ -5,8 +5,7 @@ import json
 import os
 import sys
 
-
-# Errors: raised; prh_fast.cli.main reports user errors in one line (exit 2).
+# Errors are raised; prh_fast.cli.main reports user errors in one line (exit 2).
 
 
 def _cmd_info(args) -> int:
@@ -61,7 +60,20 @@ def _cmd_convert(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    """Register ``prh-fast store ...`` on the top-level subparsers."""
+    """Register ``prh-fast store info | verify | convert`` on the top-level subparsers.
+
+    Args:
+        sub: What ``ArgumentParser.add_subparsers()`` returned for ``prh-fast``.
+
+    Example:
+        >>> import argparse
+        >>> from prh_fast.cli_store import add_parsers
+        >>> parser = argparse.ArgumentParser(prog="prh-fast")
+        >>> add_parsers(parser.add_subparsers(dest="cmd"))
+        >>> args = parser.parse_args(["store", "convert", "a.pt", "a.store", "--dtype", "float16"])
+        >>> args.store_cmd, args.dtype, args.func.__name__
+        ('convert', 'float16', '_cmd_convert')
+    """
     from prh_fast._cli_common import positive_int
 
     ps = sub.add_parser("store", help="feature stores: info, verify, convert (.pt <-> store)")
