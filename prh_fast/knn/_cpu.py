@@ -2,7 +2,8 @@
 
 For a self search the score matrix is symmetric, so each tile ``X_I X_J^T`` (``J >= I``) is
 computed once and used twice: rows of block ``I`` against keys of ``J``, and (transposed) rows
-of ``J`` against keys of ``I``. The native ``topk_update`` keeps each row's running
+of ``J`` against keys of ``I`` (``TopK.add_product(..., symmetric=True)`` of
+``prh_fast.knn._merge``). The native ``topk_update`` keeps each row's running
 candidates sorted and inserts only scores *strictly* greater than the current last; because
 every query row sees its key tiles in increasing index order (block ``J`` receives keys
 ``0..J-1`` as transposes while the outer loop advances, then ``J..`` directly), an equal score
@@ -12,11 +13,10 @@ so exact duplicates tie exactly whatever BLAS did.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from prh_fast._native import native
 from prh_fast.knn._exact import candidate_count, refine_in_memory
+from prh_fast.knn._merge import TopK
 from prh_fast.knn._tiles import square_tile
 
 
@@ -37,40 +37,19 @@ def cpu_candidates(X: torch.Tensor, kc: int, budget: int, with_fixed: bool = Fal
     fixed-order float64 scores, computed as they enter (else ``fixed`` is None: in memory a
     pass over the final candidates is cheaper, about ``kc`` instead of ``kc·(1 + ln(N/kc))``
     re-scores per row)."""
-    _C = native()
     n = X.shape[0]
-    dtype = X.dtype
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    vals = np.full((n, kc), -np.inf, dtype=np_dtype)
-    idx = np.full((n, kc), -1, dtype=np.int64)
-    fixed = np.full((n, kc), -np.inf, dtype=np.float64) if with_fixed else None
-    xn = X.numpy()
-
-    def rows(a, b):
-        return (xn[a], xn[b], fixed[a]) if with_fixed else (None, None, None)
-
+    top = TopK(n, kc, X.dtype, native=True, with_fixed=with_fixed)
     b = cpu_tile(n, X.element_size(), budget)
-    # One flat buffer viewed as contiguous [rows, cols] tiles (edge tiles are smaller).
-    buf = torch.empty(b * b, dtype=dtype)
     for i0 in range(0, n, b):
-        i1 = min(n, i0 + b)
-        Xi = X[i0:i1]
+        Xi = X[i0:i0 + b]
         for j0 in range(i0, n, b):
-            j1 = min(n, j0 + b)
-            S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-            torch.mm(Xi, X[j0:j1].T, out=S)
-            _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True,
-                           *rows(slice(i0, i1), slice(j0, j1)))
-            if j0 != i0:
-                # The transposed view goes in as is: the native kernel walks column-major tiles
-                # in row blocks (measured: as fast as a transposed copy at N = 4096, 9% faster
-                # at N = 16384, and no second tile buffer).
-                _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True,
-                               *rows(slice(j0, j1), slice(i0, i1)))
-    if (idx < 0).any():
-        raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
-    return (torch.from_numpy(idx), torch.from_numpy(vals),
-            torch.from_numpy(fixed) if with_fixed else None)
+            # Off the diagonal the transposed tile feeds block j0's lists as a view: the native
+            # kernel walks column-major tiles in row blocks (measured: as fast as a transposed
+            # copy at N = 4096, 9% faster at N = 16384, and no second tile buffer).
+            top.add_product(Xi, X[j0:j0 + b], row0=i0, col0=j0, exclude_self=True,
+                            symmetric=j0 != i0)
+    vals, idx, fixed = top.result("X")
+    return idx, vals, fixed
 
 
 def knn_cpu(X: torch.Tensor, k: int, budget: int, norms: torch.Tensor | None = None):

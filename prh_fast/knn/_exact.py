@@ -10,15 +10,17 @@ data). So the product only *proposes* candidates; the lists are ranked by a seco
 
 Definition. ``fixed(i, j)`` is ``<x_i, x_j>`` accumulated in float64 in one fixed order that
 depends on ``D`` only (``dot_fixed`` in ``csrc/common/rowops.h`` on CPU; a pairwise tree of
-elementwise adds elsewhere, see :func:`fixed_dots`): equal rows give bit-equal scores, wherever
-they are. ``knn(X, k)[i]`` is the ``k`` keys ``j != i`` with the largest ``fixed(i, j)``, ties
-to the lower index. For float32 (and float16 / bfloat16) features the products are exact in
-float64, so ``fixed`` is the exact inner product up to a float64 rounding of the sum.
+elementwise adds elsewhere, see ``prh_fast.knn._merge.fixed_dots``): equal rows give bit-equal
+scores, wherever they are. ``knn(X, k)[i]`` is the ``k`` keys ``j != i`` with the largest
+``fixed(i, j)``, ties to the lower index. For float32 (and float16 / bfloat16) features the
+products are exact in float64, so ``fixed`` is the exact inner product up to a float64 rounding
+of the sum.
 
 Mechanism, per query row ``i``:
 
 1. the search keeps the ``k' = k + extra`` best keys by the product score ``a_ij`` (lower index
-   at ties) and, for each, ``fixed(i, j)``;
+   at ties) and, for each, ``fixed(i, j)``: a running :class:`~prh_fast.knn._merge.TopK` with
+   fixed-order payloads, whatever the backend;
 2. the row's list is the top ``k`` of those candidates by ``(fixed desc, index asc)``;
 3. certificate: every score pair obeys ``|a_ij - fixed(i, j)| <= e_i`` with
    ``e_i = c · |x_i| · max_j |x_j| + eta`` (:func:`margins`). A key outside the candidates has
@@ -41,10 +43,14 @@ import math
 
 import torch
 
-from prh_fast import _native
+from prh_fast.knn._merge import (TopK, _canonical, _tree_dots, fixed_dots, fixed_self,
+                                 merge_results)
 
+# fixed_dots, fixed_self (and the tree order of _tree_dots) are defined with the running merge
+# whose entries carry them (prh_fast.knn._merge) and re-exported here with the mechanism.
 __all__ = ["fixed_dots", "candidate_count", "margins", "finish", "Sweep", "merge_self",
-           "fixed_self", "check_scores_finite", "search_exponent", "refine_in_memory"]
+           "fixed_self", "check_scores_finite", "search_exponent", "refine_in_memory",
+           "_tree_dots"]
 
 #: Candidates kept beyond ``k``: room for a few near-ties at the boundary (duplicated rows)
 #: before a row needs the sweep. Each one costs a little in the running lists (an insertion
@@ -55,62 +61,6 @@ EXTRA = 8
 def candidate_count(k: int, n_keys: int) -> int:
     """``k'``: candidates kept per row for lists of ``k`` among ``n_keys`` keys."""
     return min(n_keys, k + EXTRA)
-
-
-# --------------------------------------------------------------------------------------------
-# the fixed-order score
-
-
-def _tree_dots(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``<A[p], B[p]>`` in float64 by a pairwise tree over ``D`` (zero-padded to a power
-    of two): elementwise multiplies and adds only, no reduction kernel, so the order of every
-    sum is fixed by ``D`` on any device and for any number of rows."""
-    p = A.to(torch.float64) * B.to(torch.float64)
-    d = p.shape[1]
-    w = 1 << max(0, d - 1).bit_length()
-    if w != d:
-        p = torch.cat([p, p.new_zeros((p.shape[0], w - d))], dim=1)
-    while w > 1:
-        w //= 2
-        p = p[:, :w] + p[:, w:2 * w]
-    return p[:, 0]
-
-
-def _native_ok(*ts) -> bool:
-    return _native.HAS_NATIVE and all(t.device.type == "cpu" for t in ts)
-
-
-def fixed_dots(X: torch.Tensor, Y: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
-               chunk_values: int = 1 << 24) -> torch.Tensor:
-    """``fixed(X[i[p]], Y[j[p]])`` for every pair ``p``: float64 ``[P]`` on ``X``'s device.
-
-    CPU tensors use the native ``pair_dots`` (``dot_fixed``: four float64 partial sums, one
-    fixed order); other devices (or a build without the native module) the pairwise tree of
-    :func:`_tree_dots`. Either way the value depends only on the two rows and ``D``.
-    """
-    P = int(i.numel())
-    if P == 0:
-        return torch.empty(0, dtype=torch.float64, device=X.device)
-    if _native_ok(X, Y):
-        x = X.contiguous() if X.stride(-1) != 1 else X
-        y = Y.contiguous() if Y.stride(-1) != 1 else Y
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-        out = _native.native().pair_dots(x.numpy(), y.numpy(),
-                                          i.to(torch.int64).contiguous().numpy(),
-                                          j.to(torch.int64).contiguous().numpy())
-        return torch.from_numpy(out)
-    step = max(1, chunk_values // max(1, X.shape[1]))
-    out = torch.empty(P, dtype=torch.float64, device=X.device)
-    for p0 in range(0, P, step):
-        out[p0:p0 + step] = _tree_dots(X[i[p0:p0 + step]], Y[j[p0:p0 + step]])
-    return out
-
-
-def fixed_self(X: torch.Tensor) -> torch.Tensor:
-    """``fixed(x_i, x_i)`` for every row: ``[N]`` float64."""
-    r = torch.arange(X.shape[0], device=X.device)
-    return fixed_dots(X, X, r, r)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,14 +108,6 @@ def check_scores_finite(vals: torch.Tensor, what: str) -> None:
                          f"pass float64 features")
 
 
-def _canonical(vals: torch.Tensor, idx: torch.Tensor):
-    """Order each row by score desc, ties by index asc (two stable sorts)."""
-    o = torch.argsort(idx, dim=1, stable=True)
-    vals, idx = vals.gather(1, o), idx.gather(1, o)
-    o = torch.argsort(vals, dim=1, descending=True, stable=True)
-    return vals.gather(1, o), idx.gather(1, o)
-
-
 def _ranked(vals: torch.Tensor, idx: torch.Tensor, k: int):
     """The first ``k`` of each row by ``(vals desc, idx asc)``: one sort by value; rows where
     equal values meet (rare: exact ties) are put in canonical order by the two stable sorts."""
@@ -201,7 +143,8 @@ def finish(idx: torch.Tensor, prod: torch.Tensor, fixed: torch.Tensor, k: int,
 
 class Sweep:
     """Exact lists for rows the certificate left open: every key whose product score reaches the
-    row's threshold is re-scored (fixed order) and merged by ``(fixed desc, index asc)``.
+    row's threshold is re-scored (fixed order) and merged by ``(fixed desc, index asc)`` into a
+    running :class:`~prh_fast.knn._merge.TopK` of fixed scores.
 
     ``Q``: the rows' features ``[r, D]`` (same values and dtype as the search's), ``qids``: their
     global row ids (a key with the same id is skipped: self), ``thr``: float64 thresholds
@@ -209,16 +152,13 @@ class Sweep:
     :meth:`add`, in any order; :meth:`result` returns ``(idx [r, k], fixed [r, k])``.
     """
 
-    _EMPTY = torch.iinfo(torch.int64).max  # sorts after every real index at a -inf score
-
     def __init__(self, Q: torch.Tensor, qids: torch.Tensor, thr: torch.Tensor, k: int,
                  budget: int, exclude_self: bool = True):
         self.Q, self.k, self.budget = Q, k, budget
         self.qids, self.thr = qids.to(Q.device), thr.to(Q.device, torch.float64)
         self.exclude_self = exclude_self
-        r = Q.shape[0]
-        self.vals = torch.full((r, k), float("-inf"), dtype=torch.float64, device=Q.device)
-        self.idx = torch.full((r, k), self._EMPTY, dtype=torch.int64, device=Q.device)
+        # keys below the threshold enter as -inf: a list that keeps one is an error (result)
+        self._top = TopK(Q.shape[0], k, torch.float64, Q.device)
 
     def add(self, K: torch.Tensor, k0: int) -> None:
         """Merge keys ``K`` ``[m, D]`` with global ids ``k0 .. k0 + m - 1``."""
@@ -231,35 +171,29 @@ class Sweep:
         rows = max(1, min(r, max(64, self.budget // (32 * cols))))
         for c0 in range(0, m, cols):
             c1 = min(m, c0 + cols)
-            ids = torch.arange(k0 + c0, k0 + c1, device=K.device)
             for r0 in range(0, r, rows):
                 r1 = min(r, r0 + rows)
-                self._block(r0, r1, K, c0, c1, ids)
+                self._block(r0, r1, K, c0, c1, k0)
 
-    def _block(self, r0, r1, K, c0, c1, ids):
+    def _block(self, r0, r1, K, c0, c1, k0):
         S = (self.Q[r0:r1] @ K[c0:c1].T).to(torch.float64)
         hit = S >= self.thr[r0:r1].unsqueeze(1)
         if self.exclude_self:
+            ids = torch.arange(k0 + c0, k0 + c1, device=K.device)
             hit &= ids.unsqueeze(0) != self.qids[r0:r1].unsqueeze(1)
         rr, cc = hit.nonzero(as_tuple=True)
         if rr.numel() == 0:
             return
         F = torch.full_like(S, float("-inf"))
         F[rr, cc] = fixed_dots(self.Q[r0:r1], K, rr, cc + c0)
-        width = min(int(hit.sum(dim=1).max()), self.k)
-        # the row's best hits of this block, ties to the lower index
-        fv, fi = _canonical(F, ids.unsqueeze(0).expand_as(F))
-        fv, fi = fv[:, :width], fi[:, :width].masked_fill(fv[:, :width] == float("-inf"),
-                                                          self._EMPTY)
-        v, i = _canonical(torch.cat([self.vals[r0:r1], fv], dim=1),
-                          torch.cat([self.idx[r0:r1], fi], dim=1))
-        self.vals[r0:r1], self.idx[r0:r1] = v[:, :self.k], i[:, :self.k]
+        self._top.add(F, k0 + c0, row0=r0)
 
     def result(self):
-        if bool((self.vals == float("-inf")).any()):
+        vals, idx, _ = self._top.result()
+        if bool((vals == float("-inf")).any()):
             raise ValueError("X: the exact re-score found fewer than k keys above a row's "
                              "threshold (non-finite scores?)")
-        return self.idx, self.vals
+        return idx, vals
 
 
 def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
@@ -319,8 +253,6 @@ def merge_self(idx: torch.Tensor, vals: torch.Tensor, self_vals: torch.Tensor, k
     ``self_vals[i]``) and its ``k`` best other keys ``(idx, vals)``, by ``(score desc, index
     asc)``. The top-k of a whole row is either its self-excluded top-k or itself plus the
     self-excluded top-(k-1), so this equals the top-k of the row with the diagonal eligible."""
-    n = idx.shape[0]
-    me = torch.arange(n, device=idx.device).unsqueeze(1)
-    v, i = _canonical(torch.cat([vals.to(self_vals.dtype), self_vals.unsqueeze(1)], dim=1),
-                      torch.cat([idx, me], dim=1))
-    return i[:, :k].contiguous(), v[:, :k].contiguous()
+    me = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+    v, i = merge_results([(vals.to(self_vals.dtype), idx), (self_vals.unsqueeze(1), me)], k)
+    return i, v

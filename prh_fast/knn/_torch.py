@@ -1,45 +1,22 @@
 """Pure-torch neighbour search (CPU or CUDA): query blocks x key tiles, running top-k merge.
 
-``torch.topk`` does not define the order of equal values, so each merge is followed by an exact
-fix: rows where a tie straddles the last kept place are redone with a stable sort on
-(score desc, index asc), and every kept list is put in that canonical order. Candidates carry
-their fixed-order float64 scores (computed when they enter, from the tile in hand), and
-``prh_fast.knn._exact`` ranks the final lists by those.
+Each ``[rows, cols]`` product tile goes into a :class:`~prh_fast.knn._merge.TopK` with the torch
+merge (``select_topk``: ``torch.topk`` plus an exact fix where a tie straddles the last kept
+place, every list in canonical order). Candidates carry their fixed-order float64 scores
+(computed when they enter, from the tile in hand), and ``prh_fast.knn._exact`` ranks the final
+lists by those.
 """
 from __future__ import annotations
 
 import torch
 
-from prh_fast.knn._exact import _canonical, candidate_count, fixed_dots, refine_in_memory
+from prh_fast.knn._exact import candidate_count, refine_in_memory
+from prh_fast.knn._merge import TopK, _canonical, select_topk
 from prh_fast.knn._tiles import block_rows
 
-__all__ = ["select_topk", "torch_tiles", "knn_torch", "torch_candidates", "merge_tile",
-           "_canonical"]
-
-
-def _canonical_order(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Column order putting each row by score desc, ties by index asc (two stable sorts)."""
-    o = torch.argsort(idx, dim=1, stable=True)
-    o2 = torch.argsort(vals.gather(1, o), dim=1, descending=True, stable=True)
-    return o.gather(1, o2)
-
-
-def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, payload=None):
-    """Exact top-k of each row of ``scores`` with ties to the lower id.
-
-    ``scores``, ``ids`` (and ``payload``, carried along): ``[b, m]`` with ``m >= k``. Returns
-    ``(vals, idx)`` -- or ``(vals, idx, payload)`` -- ``[b, k]`` in canonical order.
-    """
-    vals, pos = torch.topk(scores, k, dim=1)
-    kth = vals[:, -1:]
-    # A tie straddles the boundary when more than k entries are >= the k-th value.
-    straddle = (scores >= kth).sum(dim=1) > k
-    if bool(straddle.any()):
-        rows = straddle.nonzero().squeeze(1)
-        pos[rows] = _canonical_order(scores[rows], ids[rows])[:, :k]
-    pos = pos.gather(1, _canonical_order(scores.gather(1, pos), ids.gather(1, pos)))
-    out = (scores.gather(1, pos), ids.gather(1, pos))
-    return out if payload is None else out + (payload.gather(1, pos),)
+# select_topk and _canonical are re-exported for the backends that rank lists of their own
+# (prh_fast.knn._faiss, prh_fast.knn._faiss_ann).
+__all__ = ["select_topk", "torch_tiles", "knn_torch", "torch_candidates", "_canonical"]
 
 
 def torch_tiles(n: int, m: int, k: int, itemsize: int, budget: int):
@@ -51,30 +28,6 @@ def torch_tiles(n: int, m: int, k: int, itemsize: int, budget: int):
     return rows, cols
 
 
-def merge_tile(run, q, K, qids, c0, kc, exclude_self):
-    """One merge step: running candidates ``run = (vals, idx, fixed)`` of the query rows ``q``
-    (global ids ``qids``) with the keys ``K`` (ids ``c0 ..``). ``fixed`` None: product scores
-    only; else new entrants get their fixed-order scores. Returns the new ``run``."""
-    dev = q.device
-    c1 = c0 + K.shape[0]
-    s = q @ K.T
-    ids = torch.arange(c0, c1, device=dev).expand(q.shape[0], -1)
-    if exclude_self:
-        s = s.masked_fill(ids == qids.unsqueeze(1), float("-inf"))
-    kk = min(kc, run[0].shape[1] + s.shape[1])
-    if run[2] is None:
-        v, i = select_topk(torch.cat([run[0], s], dim=1), torch.cat([run[1], ids], dim=1), kk)
-        return v, i, None
-    nan = torch.full(s.shape, float("nan"), dtype=torch.float64, device=dev)
-    v, i, f = select_topk(torch.cat([run[0], s], dim=1), torch.cat([run[1], ids], dim=1), kk,
-                          torch.cat([run[2], nan], dim=1))
-    new = torch.isnan(f)
-    if bool(new.any()):
-        rr, tt = new.nonzero(as_tuple=True)
-        f[rr, tt] = fixed_dots(q, K, rr, i[rr, tt] - c0)
-    return v, i, f
-
-
 def torch_candidates(X: torch.Tensor, kc: int, budget: int, keys: torch.Tensor | None = None,
                      with_fixed: bool = False):
     """``(idx, prod, fixed)`` ``[N, kc]``: each query row's ``kc`` best keys by the product
@@ -82,27 +35,14 @@ def torch_candidates(X: torch.Tensor, kc: int, budget: int, keys: torch.Tensor |
     (else None)."""
     K = X if keys is None else keys
     n, m = X.shape[0], K.shape[0]
-    dev = X.device
     rows, cols = torch_tiles(n, m, kc, X.element_size(), budget)
-    out_v = torch.empty((n, kc), dtype=X.dtype, device=dev)
-    out_i = torch.empty((n, kc), dtype=torch.int64, device=dev)
-    out_f = torch.empty((n, kc), dtype=torch.float64, device=dev) if with_fixed else None
+    top = TopK(n, kc, X.dtype, X.device, with_fixed=with_fixed)
     for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        q = X[r0:r1]
-        qids = torch.arange(r0, r1, device=dev)
-        run = (torch.full((r1 - r0, 0), float("-inf"), dtype=X.dtype, device=dev),
-               torch.empty((r1 - r0, 0), dtype=torch.int64, device=dev),
-               torch.empty((r1 - r0, 0), dtype=torch.float64, device=dev) if with_fixed
-               else None)
+        q = X[r0:r0 + rows]
         for c0 in range(0, m, cols):
-            c1 = min(m, c0 + cols)
-            run = merge_tile(run, q, K[c0:c1], qids, c0, kc,
-                             keys is None and c0 < r1 and r0 < c1)
-        out_v[r0:r1], out_i[r0:r1] = run[0], run[1]
-        if with_fixed:
-            out_f[r0:r1] = run[2]
-    return out_i, out_v, out_f
+            top.add_product(q, K[c0:c0 + cols], row0=r0, col0=c0, exclude_self=keys is None)
+    vals, idx, fixed = top.result()
+    return idx, vals, fixed
 
 
 def knn_torch(X: torch.Tensor, k: int, budget: int, keys: torch.Tensor | None = None,
