@@ -124,7 +124,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 
 
 def _version() -> str:
-    from prh_fast import __version__
+    from prh_fast._version import __version__
 
     return __version__
 
