@@ -94,7 +94,7 @@ def info(file=None) -> dict:
             f"  OpenMP             : {'yes' if b.get('openmp') else 'no'}"
             f" ({b.get('omp_max_threads')} threads)",
             f"  compiler           : {b.get('compiler')}  [{b.get('build_type')}]",
-            f"  CUDA kernels       : "
+            "  CUDA kernels       : "
             + (f"yes (CUDA {b.get('cuda_version')}, archs {b.get('cuda_archs')})"
                if b.get("cuda") else "not built"),
         ]

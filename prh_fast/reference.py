@@ -580,7 +580,8 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
     With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks),
     sim(P, Q) = hsic(M ∘ P, M ∘ Q), or hsic(M, M) when ``distance_agnostic`` (our reading of
     the contract's "the mask M itself": the 0/1 mask replaces both masked kernels), hsic =
-    hsic_unbiased when ``unbiased`` else hsic_biased. Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
+    hsic_unbiased when ``unbiased`` else hsic_biased.
+    Score: sim(K, L) / (sqrt(sim(K, K) · sim(L, L)) + 1e-6).
     As the reference, the masks exclude the diagonal only when ``unbiased``: with
     ``unbiased=False`` the top-k is taken over the whole row, self included.
     ``exclude_self`` (True / False) overrides that; None follows the reference.

@@ -134,7 +134,8 @@ def _run_sharded(n, extract_range, out_path, merge, meta, keep_parts, rank, P) -
     if P > 1:
         import torch.distributed as dist
 
-        with collective("gathering the extracted parts", tag=f"extract-{os.path.abspath(out_path)}"):
+        tag = f"extract-{os.path.abspath(out_path)}"
+        with collective("gathering the extracted parts", tag=tag):
             dist.all_gather_object(parts, part if stop > start else None)
     else:
         parts = [part]

@@ -22,7 +22,7 @@ def _merge_pt(parts, out_path, meta):
 
     recs = [load_features(p) for p in parts]
     layers_of = []
-    for p, r in zip(parts, recs):
+    for r in recs:
         f = r["feats"]
         layers_of.append(list(f) if isinstance(f, (list, tuple)) else list(f.unbind(1)))
     nl = {len(x) for x in layers_of}
