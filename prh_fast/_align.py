@@ -26,32 +26,50 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prh_fast._validate import (as_features, as_tensor, check_memory_budget,
-                                check_positive_float, check_positive_int, check_topk,
-                                compute_dtype)
+from prh_fast._validate import (as_layer_pair, as_layers, check_memory_budget,
+                                check_positive_int, check_topk, compute_dtype,
+                                resolve_memory_budget)
+from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import (cknna_excludes_self, cknna_lists, cknna_terms,
                                      cknna_values)
-from prh_fast.metrics._kernel import (CKA_EPS, centred, cka_eps, cka_ratio, hsic_from_sums,
-                                      rbf_gamma, rbf_rows)
+from prh_fast.metrics._kernel import (cka_ratio, cka_scores, check_cka_options,
+                                      hsic_from_sums)
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
-from prh_fast.metrics._svcca import _standardised, _top_eig
+from prh_fast.metrics._svcca import svcca_scores
 from prh_fast.prepare import normalize_rows
 
 __all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers",
            "ann_pair_report"]
 
-_KNN_RAW = {"mutual_knn": "mutual", "cycle_knn": "cycle", "lcs_knn": "lcs",
-            "edit_distance_knn": "edit"}
+#: The neighbour metrics and their ``neighbour_scores`` kinds (``prh_fast.metrics.KNN_KINDS``).
+_KNN_RAW = KNN_KINDS
 
 
 @dataclass
 class AlignmentResult:
-    """Scores of every layer pair of two models for one metric.
+    """Scores of every layer pair of two models for one metric (what :func:`align` returns).
 
     ``scores[i, j]`` is the metric between layer ``i`` of X and layer ``j`` of Y (index
     ``-1``, when ``concat=True``, is all layers concatenated and sits in row/column 0).
+
+    Attributes:
+        metric: the metric's name.
+        scores: ``[Lx, Ly]`` float64 tensor.
+        best_score, best_pair: the best score and its ``(x layer, y layer)`` under the
+            reference's tie rule (``(0, None)`` when no score is positive).
+        x_layers, y_layers: the layer labels of the rows and columns.
+        topk: the neighbours of the "knn" metrics (``None`` for the others).
+        timings: seconds per step.
+
+    Example:
+        >>> import torch
+        >>> import prh_fast
+        >>> X = torch.randn(40, 2, 8, generator=torch.Generator().manual_seed(0))
+        >>> res = prh_fast.align(X, X, "cka")
+        >>> res.best_pair, sorted(res.to_dict())[:3]
+        ((0, 0), ['best_pair', 'best_score', 'metric'])
     """
 
     metric: str
@@ -97,32 +115,6 @@ def best_pair(scores: torch.Tensor, x_layers=None, y_layers=None):
     return best, pair
 
 
-def as_layers(feats, name: str) -> list:
-    """``[N, L, D]`` tensor/array or a list of ``[N, D_l]`` -> list of 2-D tensors (views)."""
-    if isinstance(feats, (list, tuple)):
-        if not feats:
-            raise ValueError(f"{name}: expected at least one layer, got an empty list")
-        layers = [as_features(f, f"{name}[{i}]") for i, f in enumerate(feats)]
-    else:
-        import numpy as np
-
-        if not isinstance(feats, (torch.Tensor, np.ndarray)):
-            raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
-                             f"tensors, got {type(feats).__name__}")
-        t = as_tensor(feats, name)
-        if t.dim() != 3:
-            raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] "
-                             f"tensors, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
-        layers = [as_features(t[:, i, :], f"{name}[:, {i}]") for i in range(t.shape[1])]
-        if not layers:
-            raise ValueError(f"{name}: has no layers (shape {tuple(t.shape)})")
-    n = layers[0].shape[0]
-    for i, x in enumerate(layers):
-        if x.shape[0] != n:
-            raise ValueError(f"{name}[{i}] has {x.shape[0]} samples, {name}[0] has {n}")
-    return layers
-
-
 def _prepare_side(layers, normalize, concat):
     out = list(layers)
     if concat:
@@ -156,15 +148,8 @@ def _knn_side(xs, topk, backend, reports=None):
     return torch.stack(out)
 
 
-def _from_raw(metric, raw, topk, normalize_lcs=False):
-    """A neighbour metric's value from ``neighbour_scores``' raw per-row mean."""
-    if metric == "mutual_knn":
-        return raw / topk
-    if metric == "edit_distance_knn":
-        return 1.0 - raw / topk
-    if metric == "lcs_knn" and normalize_lcs:
-        return raw / topk
-    return raw
+#: A neighbour metric's value from ``neighbour_scores``' raw row mean (the metrics' own rule).
+_from_raw = knn_value
 
 
 def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None, ann=None,
@@ -178,14 +163,15 @@ def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None
     timings["knn"] = time.perf_counter() - t0
 
     def score(perm=None):
-        raw = neighbour_scores(_KNN_RAW[metric], ka, kb if perm is None else _relabel(kb, perm))
+        raw = neighbour_scores(_KNN_RAW[metric], ka, kb if perm is None else _relabel(kb, perm),
+                               backend=backend)
         return _from_raw(metric, raw, topk, kw.get("normalize_lcs"))
 
     return score
 
 
-def _cknna_sim(n, p, q, unbiased):
-    t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1])
+def _cknna_sim(n, p, q, unbiased, backend=None):
+    t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1], backend=backend)
     return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
 
 
@@ -205,7 +191,7 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, repor
         return i, cknna_values(i, s, unbiased, distance_agnostic)
 
     la = [lists(x) for x in xs]
-    return la, [_cknna_sim(n, p, p, unbiased) for p in la]
+    return la, [_cknna_sim(n, p, p, unbiased, backend) for p in la]
 
 
 def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False,
@@ -220,7 +206,7 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
     timings["knn"] = time.perf_counter() - t0
 
     def sim(p, q):
-        return _cknna_sim(n, p, q, unbiased)
+        return _cknna_sim(n, p, q, unbiased, backend)
 
     def score(perm=None):
         out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
@@ -234,137 +220,25 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
     return score
 
 
-def _kernel_block(x, sq, r0, r1, kernel, gamma, zero_diag):
-    """Rows ``r0:r1`` of one layer's kernel: ip (features pre-centred and scaled) or RBF
-    (``prh_fast.metrics._kernel.rbf_rows``, ``gamma`` for the scaled features)."""
-    rows = torch.arange(r1 - r0, device=x.device)
-    if kernel == "rbf":
-        g = rbf_rows(x[r0:r1], x, sq[r0:r1], sq, r0, gamma).to(x.dtype)
-    else:
-        g = x[r0:r1] @ x.T
-    if zero_diag:
-        g[rows, rows + r0] = 0.0
-    return g
-
-
-def _grid_cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
-    """All pair sums from streamed kernel row blocks; O((Lx+Ly)·block·N) memory. ``ex``,
-    ``ey``: each layer's power-of-two scale (``centred``)."""
-    n = xs[0].shape[0]
-    gx = [rbf_gamma(sigma, e) for e in ex] if kernel == "rbf" else [None] * len(xs)
-    gy = [rbf_gamma(sigma, e) for e in ey] if kernel == "rbf" else [None] * len(ys)
-    sqx = [(x * x).sum(1) for x in xs]
-    sqy = [(y * y).sum(1) for y in ys]
-    lx, ly = len(xs), len(ys)
-    item = 8 if kernel == "rbf" else xs[0].element_size()  # RBF rows are formed in float64
-    rows = max(1, min(n, budget // (max(1, (lx + ly) * n) * item * 2)))
-    S = torch.zeros((lx, ly), dtype=torch.float64)
-    sxx = torch.zeros(lx, dtype=torch.float64)
-    syy = torch.zeros(ly, dtype=torch.float64)
-    rx = torch.empty((lx, n), dtype=torch.float64)
-    ry = torch.empty((ly, n), dtype=torch.float64)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        X = torch.stack([_kernel_block(x, s, r0, r1, kernel, g, unbiased)
-                         for x, s, g in zip(xs, sqx, gx)]).reshape(lx, -1)
-        Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, g, unbiased)
-                         for y, s, g in zip(ys, sqy, gy)]).reshape(ly, -1)
-        S += (X @ Y.T).double().cpu()
-        sxx += (X.double() ** 2).sum(1).cpu()
-        syy += (Y.double() ** 2).sum(1).cpu()
-        rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
-        ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
-        del X, Y
-    tx, ty = rx.sum(1), ry.sum(1)
-
-    def h(s, ra, rb, ta, tb):
-        return hsic_from_sums(n, float(s), float(ta), float(tb), float(ra @ rb),
-                              unbiased=unbiased)
-
-    hx = [h(sxx[i], rx[i], rx[i], tx[i], tx[i]) for i in range(lx)]
-    hy = [h(syy[j], ry[j], ry[j], ty[j], ty[j]) for j in range(ly)]
-    out = torch.empty((lx, ly), dtype=torch.float64)
-    for i in range(lx):
-        for j in range(ly):
-            # linear kernels of scaled features: the CKA constant scales with them
-            eps = cka_eps(2 * ex[i], 2 * ey[j]) if kernel == "ip" else CKA_EPS
-            out[i, j] = cka_ratio(h(S[i, j], rx[i], ry[j], tx[i], ty[j]), hx[i], hy[j], eps)
-    return out
-
-
-def _grid_cka_features(xs, ys, ex, ey, unbiased):
-    """Linear CKA pair by pair in feature space (cheaper when N >> D)."""
-    n = xs[0].shape[0]
-
-    def stats(x):
-        x64 = x.double()
-        k = (x64 * x64).sum(1)
-        s = x64.sum(0)
-        r = x64 @ s - k
-        return {"x": x, "k": k, "sum": float(s @ s - k.sum()), "r": r}
-
-    def h(cross_fro2, a, b):
-        if not unbiased:
-            return cross_fro2
-        return hsic_from_sums(n, cross_fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
-                              float(a["r"] @ b["r"]), unbiased=True)
-
-    sx, sy = [stats(x) for x in xs], [stats(y) for y in ys]
-    fro = lambda a, b: float((a["x"].T @ b["x"]).double().pow(2).sum())  # noqa: E731
-    hx = [h(fro(a, a), a, a) for a in sx]
-    hy = [h(fro(b, b), b, b) for b in sy]
-    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
-    for i, a in enumerate(sx):
-        for j, b in enumerate(sy):
-            out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j], cka_eps(2 * ex[i], 2 * ey[j]))
-    return out
-
-
 def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False,
               memory_budget=None):
-    if kernel_metric not in ("ip", "rbf"):
-        raise ValueError(f"kernel_metric: expected 'ip' or 'rbf', got {kernel_metric!r}")
-    n = xs[0].shape[0]
-    if unbiased and n < 4:
-        raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
-    budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
-    sigma = check_positive_float(rbf_sigma, "rbf_sigma") if kernel_metric == "rbf" else 1.0
+    """CKA of every layer pair (``prh_fast.metrics._kernel.cka_scores``, the scorer of
+    ``prh_fast.metrics.cka`` too), in Gram or feature space, whichever costs fewer flops."""
+    sigma, budget = check_cka_options(xs[0].shape[0], kernel_metric, rbf_sigma, unbiased,
+                                      memory_budget, DEFAULT_MEMORY_BUDGET)
     dtype = torch.promote_types(xs[0].dtype, ys[0].dtype)
-    # Centre once per layer (both estimators are shift-invariant; RBF distances too), scaled
-    # by a power of two so that no product leaves the dtype's range (undone exactly).
-    cx, cy = [centred(x, dtype) for x in xs], [centred(y, dtype) for y in ys]
-    xs, ex = [c for c, _ in cx], [e for _, e in cx]
-    ys, ey = [c for c, _ in cy], [e for _, e in cy]
-    dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
-    gram_cost = n * n * (sum(dx) + sum(dy) + len(xs) * len(ys))
-    feat_cost = n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
-                     + sum(b * b for b in dy))
-    if kernel_metric == "rbf" or gram_cost <= feat_cost:
-        out = _grid_cka_gram(xs, ys, ex, ey, kernel_metric, sigma, bool(unbiased), budget)
-        timings["space"] = "gram"
-    else:
-        out = _grid_cka_features(xs, ys, ex, ey, bool(unbiased))
-        timings["space"] = "feature"
+    out, timings["space"] = cka_scores(xs, ys, dtype, kernel_metric=kernel_metric, sigma=sigma,
+                                       unbiased=bool(unbiased), budget=budget, space="auto")
     return out
 
 
 def _grid_svcca(xs, ys, timings, cca_dim=10):
+    """SVCCA of every layer pair (``prh_fast.metrics._svcca.svcca_scores``, the scorer of
+    ``prh_fast.metrics.svcca`` too)."""
     n = xs[0].shape[0]
     r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
         [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
-
-    def basis(x, name):
-        xs_ = _standardised(x, x.dtype)
-        lam, V = _top_eig((xs_.T @ xs_).double(), r, name)
-        return (xs_.double() @ V) / lam.sqrt()  # [N, r] orthonormal, centred columns
-
-    ux = [basis(x, f"x layer {i}") for i, x in enumerate(xs)]
-    uy = [basis(y, f"y layer {j}") for j, y in enumerate(ys)]
-    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
-    for i, a in enumerate(ux):
-        for j, b in enumerate(uy):
-            out[i, j] = float(torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0).mean())
-    return out
+    return svcca_scores(xs, ys, r)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,14 +256,14 @@ def set_path_runner(fn) -> None:
 
 def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
           *, concat: bool = False, backend: str | None = None, null_permutations: int = 0,
-          seed: int = 0, **metric_kwargs) -> AlignmentResult:
+          seed: int = 0, memory_budget: int | None = None, stream_budget: int | None = None,
+          **metric_kwargs) -> AlignmentResult:
     """Score every layer pair of two models' features with one metric.
 
     Args:
         x_feats, y_feats: ``[N, L, D]`` tensors (or arrays) or lists of ``[N, D_l]``, paired
             by row; or paths of store folders (streamed, not loaded: see
-            ``prh_fast._stream_align``; ``stream=`` / ``stream_budget=`` as in
-            ``align_models``) or feature files.
+            ``prh_fast._stream_align``; ``stream=`` as in ``align_models``) or feature files.
         metric: one of ``SUPPORTED_METRICS``.
         topk: neighbours for the metrics whose name contains "knn" (cknna included).
         normalize: L2-normalise each layer's rows first (the reference's default).
@@ -401,41 +275,61 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
             a maximum over many layer pairs inflates raw scores. For kNN metrics a shuffle only
             relabels the lists (O(N·k) per shuffle, no new search); kernel metrics rescore.
         seed: seed of the shuffles.
+        memory_budget: bytes of scratch memory for what is computed in blocks: CKA's kernel
+            row blocks in memory (default 256 MiB) and, for store folders, the streamed
+            searches and accumulators (default 512 MiB). Same meaning as in
+            ``align_models``, ``prh_fast.metrics.cka`` and ``prh_fast.knn``.
+        stream_budget: deprecated name of ``memory_budget`` (a ``FutureWarning``).
         **metric_kwargs: the metric's own options (``kernel_metric``, ``rbf_sigma``,
-            ``unbiased``, ``distance_agnostic``, ``cca_dim``, ``memory_budget``).
+            ``unbiased``, ``distance_agnostic``, ``exclude_self``, ``normalize_lcs``,
+            ``cca_dim``).
+
+    Returns:
+        An :class:`AlignmentResult`: the ``[Lx, Ly]`` scores, the best pair, timings.
+
+    Raises:
+        InputError: naming the argument (shapes, metric, options, budget).
+
+    Example:
+        >>> import torch
+        >>> import prh_fast
+        >>> X = torch.randn(60, 3, 16, generator=torch.Generator().manual_seed(0))
+        >>> res = prh_fast.align(X, X[:, :2], "mutual_knn", topk=5)
+        >>> tuple(res.scores.shape), res.best_score, res.best_pair
+        ((3, 2), 1.0, (0, 0))
     """
     if metric not in SUPPORTED_METRICS:
-        raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+        raise InputError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+    memory_budget = resolve_memory_budget(memory_budget, stream_budget)
     if isinstance(x_feats, (str, os.PathLike)) or isinstance(y_feats, (str, os.PathLike)):
         # store folders (streamed) or feature files: the grid's path for one model pair
         return _PATH_RUNNER[0](x_feats, y_feats, metric, topk, normalize, concat=concat,
                                backend=backend, null_permutations=null_permutations, seed=seed,
-                               **metric_kwargs)
+                               memory_budget=memory_budget, **metric_kwargs)
     t_all = time.perf_counter()
-    lx_raw, ly_raw = as_layers(x_feats, "x_feats"), as_layers(y_feats, "y_feats")
+    lx_raw, ly_raw = as_layer_pair(x_feats, y_feats)
     n = lx_raw[0].shape[0]
-    if ly_raw[0].shape[0] != n:
-        raise ValueError(f"x_feats and y_feats must have the same number of samples, got "
-                         f"{n} and {ly_raw[0].shape[0]}")
-    if lx_raw[0].device != ly_raw[0].device:
-        raise ValueError("x_feats and y_feats must be on the same device")
     timings: dict = {}
     t0 = time.perf_counter()
     xs, ys = _prepare_side(lx_raw, normalize, concat), _prepare_side(ly_raw, normalize, concat)
     timings["prepare"] = time.perf_counter() - t0
     x_idx = ([-1] if concat else []) + list(range(len(lx_raw)))
     y_idx = ([-1] if concat else []) + list(range(len(ly_raw)))
-    k, opts = _metric_options(metric, n, topk, metric_kwargs)
+    k, opts = _metric_options(metric, n, topk, metric_kwargs, memory_budget)
     res = _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations,
                           seed, timings)
     timings["total"] = time.perf_counter() - t_all
     return res
 
 
-def _metric_options(metric, n, topk, metric_kwargs):
+def _metric_options(metric, n, topk, metric_kwargs, memory_budget=None):
     """Validate ``topk`` and the metric's options: ``(k, opts)``; ``k`` is None for metrics
-    that take no ``topk``. ``opts`` is what ``_align_prepared`` and the ``*_side`` caches take."""
+    that take no ``topk``. ``opts`` is what ``_align_prepared`` and the ``*_side`` caches take.
+    ``memory_budget`` (checked here for every metric) joins the options of the metrics that
+    compute in blocks from it (CKA)."""
     kw = dict(metric_kwargs)
+    if memory_budget is not None:
+        check_memory_budget(memory_budget, 1)
     if metric in _KNN_RAW:
         k = check_topk(topk, n)
         opts = {"normalize_lcs": bool(kw.pop("normalize_lcs", False))}
@@ -448,13 +342,15 @@ def _metric_options(metric, n, topk, metric_kwargs):
         cknna_excludes_self(opts["unbiased"], opts["exclude_self"])  # a bad value is an error
         _no_extra(metric, kw)
         if opts["unbiased"] and n < 4:
-            raise ValueError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
+            raise InputError(f"unbiased HSIC needs N >= 4 samples, got N = {n}")
         return check_topk(n - 1 if topk is None else topk, n, "topk", minimum=2), opts
     if metric in ("cka", "unbiased_cka"):
         if metric == "unbiased_cka":
             kw["unbiased"] = True
-        allowed = {"kernel_metric", "rbf_sigma", "unbiased", "memory_budget"}
+        allowed = {"kernel_metric", "rbf_sigma", "unbiased"}
         _no_extra(metric, {a: v for a, v in kw.items() if a not in allowed})
+        if memory_budget is not None:
+            kw["memory_budget"] = memory_budget
         return None, kw
     _no_extra(metric, {a: v for a, v in kw.items() if a != "cca_dim"})  # svcca
     return None, kw
@@ -565,7 +461,7 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
            "y_layers": [layer(r, j) for r, j in zip(y_reports, y_layers)],
            "recall_min": min(r.recall for r in reps), "metrics": out_metrics}
     if log:
-        from prh_fast._backend import logger
+        from prh_fast._log import logger
 
         m = out_metrics["mutual_knn"]
         logger.warning("prh_fast: %s approximate lists, %d x %d layer pairs, on %d sampled "
@@ -600,7 +496,7 @@ def _null_stats(scorer, scores, best, n, P, seed, device):
 
 def _no_extra(metric, extra):
     if extra:
-        raise ValueError(f"{metric}: unexpected keyword argument(s) {sorted(extra)}")
+        raise InputError(f"{metric}: unexpected keyword argument(s) {sorted(extra)}")
 
 
 def compute_score(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10,
@@ -609,6 +505,25 @@ def compute_score(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10,
 
     ``topk`` is passed to exactly the metrics whose name contains "knn" (cknna included), as
     the reference does; all-non-positive scores give ``(0, None)``.
+
+    Args:
+        x_feats, y_feats: as in :func:`align`.
+        metric: one of ``SUPPORTED_METRICS``.
+        topk: neighbours for the "knn" metrics.
+        normalize: L2-normalise each layer's rows first.
+
+    Returns:
+        ``(best_score, (i, j))``, or ``(0, None)`` when no score is positive.
+
+    Raises:
+        InputError: as :func:`align`.
+
+    Example:
+        >>> import torch
+        >>> import prh_fast
+        >>> X = torch.randn(40, 3, 8, generator=torch.Generator().manual_seed(0))
+        >>> prh_fast.compute_score(X, X[:, 1:], "mutual_knn", topk=5)
+        (1.0, (1, 0))
     """
     res = align(x_feats, y_feats, metric=metric, topk=topk, normalize=normalize)
     return res.best_score, res.best_pair

@@ -7,9 +7,14 @@ invariant to a shift of the features, and centring keeps the products well scale
 - unbiased (Song et al. 2012), with ``K̃ = K - diag(K)``, ``k_i = ||ã_i||²``:
   ``Σ K̃∘L̃ᵀ = ||ÃᵀB̃||² - Σ k_i l_i``; ``Σ K̃ = ||Ãᵀ1||² - Σ k_i``; ``K̃1 = Ã(Ãᵀ1) - k``.
 
-RBF kernels stream row blocks of both Gram matrices and accumulate the handful of sums the
-estimators need (``Σ K∘L``, ``Σ K∘K``, ``Σ L∘L``, row sums, diagonals) in float64; memory is
-``O(block · N)``.
+RBF kernels (and linear ones when ``N`` is small next to the widths) stream row blocks of
+every layer's Gram matrix and accumulate the sums the estimators need (``Σ K∘L`` for every
+layer pair with one matrix product per block, ``Σ K∘K``, row sums) in float64; memory is
+``O(layers · block · N)``, never ``N x N``.
+
+One scorer, :func:`cka_scores`, serves both the single-pair metrics (``prh_fast.metrics.cka``,
+the ``1 x 1`` case) and the layer grids of ``prh_fast.align``; the one-pass store
+accumulators (``prh_fast.store._moments``) are its streaming form.
 
 Products run in the compute dtype (float64 for float64 input, float32 otherwise); every
 scalar is combined in float64. Features of any scale: the centred features are scaled by a
@@ -24,7 +29,8 @@ import math
 
 import torch
 
-from prh_fast.knn._tiles import block_rows
+from prh_fast._validate import check_memory_budget, check_positive_float
+from prh_fast.errors import InputError
 
 #: The reference's constant in ``hsic_kl / (sqrt(hsic_kk · hsic_ll) + 1e-6)``.
 CKA_EPS = 1e-6
@@ -56,11 +62,6 @@ def centred(X: torch.Tensor, dtype: torch.dtype):
     elif e:
         C = torch.ldexp(C, torch.tensor(-e, dtype=torch.int64, device=C.device))
     return C.to(dtype), e
-
-
-def _fro2(M: torch.Tensor) -> float:
-    M = M.to(torch.float64)
-    return float((M * M).sum())
 
 
 def hsic_from_sums(n: int, s_kl: float, sum_k: float, sum_l: float, dot_rows: float,
@@ -102,34 +103,6 @@ def cka_eps(a: int, b: int) -> float:
         return math.ldexp(CKA_EPS, -(a + b))
     except OverflowError:
         return math.inf
-
-
-def linear_cka(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, unbiased: bool) -> float:
-    n = A.shape[0]
-    (Ac, ea), (Bc, eb) = centred(A, dtype), centred(B, dtype)
-    ab = _fro2(Ac.T @ Bc)
-    aa = _fro2(Ac.T @ Ac)
-    bb = _fro2(Bc.T @ Bc)
-    # K = A Aᵀ was scaled by 2**-2ea, L by 2**-2eb
-    eps = cka_eps(2 * ea, 2 * eb)
-    if not unbiased:
-        return cka_ratio(ab, aa, bb, eps)
-    ka = (Ac.to(torch.float64) ** 2).sum(dim=1)
-    kb = (Bc.to(torch.float64) ** 2).sum(dim=1)
-    sa = Ac.to(torch.float64).sum(dim=0)
-    sb = Bc.to(torch.float64).sum(dim=0)
-    ra = Ac.to(torch.float64) @ sa - ka  # K̃1
-    rb = Bc.to(torch.float64) @ sb - kb
-    sum_a = float(sa @ sa - ka.sum())
-    sum_b = float(sb @ sb - kb.sum())
-
-    def h(s_kl, sk, sl, r1, r2):
-        return hsic_from_sums(n, s_kl, sk, sl, float(r1 @ r2), unbiased=True)
-
-    h_ab = h(ab - float(ka @ kb), sum_a, sum_b, ra, rb)
-    h_aa = h(aa - float(ka @ ka), sum_a, sum_a, ra, ra)
-    h_bb = h(bb - float(kb @ kb), sum_b, sum_b, rb, rb)
-    return cka_ratio(h_ab, h_aa, h_bb, eps)
 
 
 def rbf_gamma(sigma: float, e: int) -> float:
@@ -175,37 +148,168 @@ def rbf_rows(Xq: torch.Tensor, X: torch.Tensor, sq_q: torch.Tensor, sq: torch.Te
     return K
 
 
-def rbf_cka(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, sigma: float,
-            unbiased: bool, memory_budget: int) -> float:
-    n = A.shape[0]
-    # distances are shift-invariant; the scale 2**-e is undone in gamma
-    (Ac, ea), (Bc, eb) = centred(A, dtype), centred(B, dtype)
-    sqa, sqb = (Ac * Ac).sum(1), (Bc * Bc).sum(1)
-    ga, gb = rbf_gamma(sigma, ea), rbf_gamma(sigma, eb)
-    rows = min(n, block_rows(n, 8, memory_budget, buffers=6))
-    s_kl = s_kk = s_ll = 0.0
-    rk = torch.empty(n, dtype=torch.float64, device=A.device)
-    rl = torch.empty_like(rk)
+def check_cka_options(n: int, kernel_metric, rbf_sigma, unbiased, memory_budget,
+                      default_budget: int, where: str = "") -> tuple:
+    """Validate CKA's options for ``n`` samples: ``(sigma, budget)``.
+
+    Args:
+        n: number of samples.
+        kernel_metric: ``"ip"`` or ``"rbf"``.
+        rbf_sigma: the RBF width (checked only for ``"rbf"``; ``1.0`` is returned otherwise).
+        unbiased: the unbiased estimator needs ``n >= 4``.
+        memory_budget: bytes of scratch memory for the Gram row blocks, or ``None``.
+        default_budget: the budget ``None`` stands for.
+        where: appended to the sample-count errors (which inputs they are about).
+
+    Returns:
+        ``(sigma, budget)``: the RBF width as a float and the budget in bytes.
+
+    Raises:
+        InputError: naming the bad argument.
+    """
+    if kernel_metric not in ("ip", "rbf"):
+        raise InputError(f"kernel_metric: expected 'ip' or 'rbf', got {kernel_metric!r}")
+    if unbiased and n < 4:
+        raise InputError(f"unbiased HSIC needs N >= 4 samples, got N = {n}{where}")
+    if n < 2:
+        raise InputError(f"cka needs at least 2 samples, got N = {n}{where}")
+    budget = check_memory_budget(memory_budget, default_budget)
+    sigma = check_positive_float(rbf_sigma, "rbf_sigma") if kernel_metric == "rbf" else 1.0
+    return sigma, budget
+
+
+def cka_scores(xs: list, ys: list, dtype: torch.dtype, *, kernel_metric: str = "ip",
+               sigma: float = 1.0, unbiased: bool = False, budget: int,
+               space: str = "auto") -> tuple:
+    """CKA of every layer pair, ``[Lx, Ly]`` float64: the one CKA scorer.
+
+    Each layer is centred once (both estimators are shift-invariant, RBF distances too) and
+    scaled by a power of two so that no product leaves ``dtype``'s range (undone exactly).
+
+    Args:
+        xs, ys: lists of ``[N, D]`` tensors (the same ``N`` and device; options checked by
+            :func:`check_cka_options`).
+        dtype: the compute dtype of the products.
+        kernel_metric: ``"ip"`` (linear) or ``"rbf"``.
+        sigma: the RBF width.
+        unbiased: the unbiased HSIC estimator (Song et al. 2012).
+        budget: bytes of scratch memory for the Gram row blocks.
+        space: ``"feature"`` or ``"gram"`` for a linear kernel, or ``"auto"``: whichever costs
+            fewer flops (RBF kernels are always scored in Gram space).
+
+    Returns:
+        ``(scores, space)``: the ``[Lx, Ly]`` float64 tensor and the space used.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.metrics._kernel import cka_scores
+        >>> x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+        >>> s, space = cka_scores([x], [x], torch.float64, budget=1 << 20)
+        >>> round(float(s[0, 0]), 3), space
+        (1.0, 'feature')
+    """
+    n = xs[0].shape[0]
+    cx, cy = [centred(x, dtype) for x in xs], [centred(y, dtype) for y in ys]
+    xs, ex = [c for c, _ in cx], [e for _, e in cx]
+    ys, ey = [c for c, _ in cy], [e for _, e in cy]
+    if space == "auto" and kernel_metric == "ip":
+        dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+        gram_cost = n * n * (sum(dx) + sum(dy) + len(xs) * len(ys))
+        feat_cost = n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
+                         + sum(b * b for b in dy))
+        space = "gram" if gram_cost <= feat_cost else "feature"
+    if kernel_metric == "rbf" or space == "gram":
+        return _cka_gram(xs, ys, ex, ey, kernel_metric, sigma, bool(unbiased), budget), "gram"
+    return _cka_features(xs, ys, ex, ey, bool(unbiased)), "feature"
+
+
+def _kernel_block(x, sq, r0, r1, kernel, gamma, zero_diag):
+    """Rows ``r0:r1`` of one layer's kernel: linear (features pre-centred and scaled, in their
+    dtype) or RBF (:func:`rbf_rows`, float64; ``gamma`` for the scaled features)."""
+    rows = torch.arange(r1 - r0, device=x.device)
+    if kernel == "rbf":
+        g = rbf_rows(x[r0:r1], x, sq[r0:r1], sq, r0, gamma)
+    else:
+        g = x[r0:r1] @ x.T
+    if zero_diag:
+        g[rows, rows + r0] = 0.0
+    return g
+
+
+def _cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
+    """All pair sums from streamed kernel row blocks; ``O((Lx+Ly)·block·N)`` memory. ``ex``,
+    ``ey``: each layer's power-of-two scale (:func:`centred`)."""
+    n = xs[0].shape[0]
+    gx = [rbf_gamma(sigma, e) for e in ex] if kernel == "rbf" else [None] * len(xs)
+    gy = [rbf_gamma(sigma, e) for e in ey] if kernel == "rbf" else [None] * len(ys)
+    sqx = [(x * x).sum(1) for x in xs]
+    sqy = [(y * y).sum(1) for y in ys]
+    lx, ly = len(xs), len(ys)
+    item = 8 if kernel == "rbf" else xs[0].element_size()  # RBF rows are formed in float64
+    rows = max(1, min(n, budget // (max(1, (lx + ly) * n) * item * 2)))
+    S = torch.zeros((lx, ly), dtype=torch.float64)
+    sxx = torch.zeros(lx, dtype=torch.float64)
+    syy = torch.zeros(ly, dtype=torch.float64)
+    rx = torch.empty((lx, n), dtype=torch.float64)
+    ry = torch.empty((ly, n), dtype=torch.float64)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        K = rbf_rows(Ac[r0:r1], Ac, sqa[r0:r1], sqa, r0, ga)
-        L = rbf_rows(Bc[r0:r1], Bc, sqb[r0:r1], sqb, r0, gb)
-        s_kl += float((K * L).sum())
-        s_kk += float((K * K).sum())
-        s_ll += float((L * L).sum())
-        rk[r0:r1] = K.sum(1)
-        rl[r0:r1] = L.sum(1)
-    sum_k, sum_l = float(rk.sum()), float(rl.sum())
-    if not unbiased:
-        def h(s, r1, r2, t1, t2):
-            return hsic_from_sums(n, s, t1, t2, float(r1 @ r2), unbiased=False)
-        return cka_ratio(h(s_kl, rk, rl, sum_k, sum_l), h(s_kk, rk, rk, sum_k, sum_k),
-                         h(s_ll, rl, rl, sum_l, sum_l))
-    # The diagonal of an RBF kernel is exactly 1: remove it for the unbiased estimator.
-    rk_t, rl_t = rk - 1.0, rl - 1.0
+        X = torch.stack([_kernel_block(x, s, r0, r1, kernel, g, unbiased)
+                         for x, s, g in zip(xs, sqx, gx)]).reshape(lx, -1)
+        Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, g, unbiased)
+                         for y, s, g in zip(ys, sqy, gy)]).reshape(ly, -1)
+        S += (X @ Y.T).double().cpu()
+        sxx += (X.double() ** 2).sum(1).cpu()
+        syy += (Y.double() ** 2).sum(1).cpu()
+        rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
+        ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
+        del X, Y
+    tx, ty = rx.sum(1), ry.sum(1)
 
-    def hu(s, r1, r2, t1, t2):
-        return hsic_from_sums(n, s - n, t1 - n, t2 - n, float(r1 @ r2), unbiased=True)
+    def h(s, ra, rb, ta, tb):
+        return hsic_from_sums(n, float(s), float(ta), float(tb), float(ra @ rb),
+                              unbiased=unbiased)
 
-    return cka_ratio(hu(s_kl, rk_t, rl_t, sum_k, sum_l), hu(s_kk, rk_t, rk_t, sum_k, sum_k),
-                     hu(s_ll, rl_t, rl_t, sum_l, sum_l))
+    hx = [h(sxx[i], rx[i], rx[i], tx[i], tx[i]) for i in range(lx)]
+    hy = [h(syy[j], ry[j], ry[j], ty[j], ty[j]) for j in range(ly)]
+    out = torch.empty((lx, ly), dtype=torch.float64)
+    for i in range(lx):
+        for j in range(ly):
+            # linear kernels of scaled features: the CKA constant scales with them
+            eps = cka_eps(2 * ex[i], 2 * ey[j]) if kernel == "ip" else CKA_EPS
+            out[i, j] = cka_ratio(h(S[i, j], rx[i], ry[j], tx[i], ty[j]), hx[i], hy[j], eps)
+    return out
+
+
+def _cka_features(xs, ys, ex, ey, unbiased):
+    """Linear CKA pair by pair in feature space (cheaper when ``N >> D``).
+
+    Biased: ``||ÃᵀB̃||_F²``; unbiased: the module docstring's sums of the zero-diagonal
+    kernels. Products in the features' dtype, sums in float64."""
+    n = xs[0].shape[0]
+
+    def stats(x):
+        x64 = x.double()
+        k = (x64 * x64).sum(1)
+        s = x64.sum(0)
+        r = x64 @ s - k  # K̃1
+        return {"x": x, "k": k, "sum": float(s @ s - k.sum()), "r": r}
+
+    def h(cross_fro2, a, b):
+        if not unbiased:
+            return cross_fro2
+        return hsic_from_sums(n, cross_fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
+                              float(a["r"] @ b["r"]), unbiased=True)
+
+    def fro(a, b):
+        return float((a["x"].T @ b["x"]).double().pow(2).sum())
+
+    sx, sy = [stats(x) for x in xs], [stats(y) for y in ys]
+    hx = [h(fro(a, a), a, a) for a in sx]
+    hy = [h(fro(b, b), b, b) for b in sy]
+    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
+    for i, a in enumerate(sx):
+        for j, b in enumerate(sy):
+            # K = A Aᵀ was scaled by 2**-2ex, L by 2**-2ey
+            out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j], cka_eps(2 * ex[i], 2 * ey[j]))
+    return out

@@ -1,15 +1,20 @@
-"""Exact, deterministic SVCCA from D x D products (docs/metrics.md, "svcca").
+"""Exact, deterministic SVCCA (docs/metrics.md, "svcca").
 
 Columns are standardised (mean 0, divided by the unbiased std + 1e-8). The top ``r`` left
 singular vectors of the standardised ``A_s`` are ``U_A = A_s V_A Λ_A^{-1/2}`` with ``(Λ_A, V_A)``
 the top eigenpairs of ``G_A = A_sᵀA_s``. ``U_A`` is orthonormal with centred columns, so the
-canonical correlations between ``U_A`` and ``U_B`` are the singular values of
-``U_Aᵀ U_B = Λ_A^{-1/2} V_Aᵀ (A_sᵀ B_s) V_B Λ_B^{-1/2}``; the score is their mean. Nothing of size
-``N x N`` (or ``N x r``) is formed: only ``Da x Da``, ``Db x Db`` and ``Da x Db`` products.
+canonical correlations between ``U_A`` and ``U_B`` are the singular values of ``U_Aᵀ U_B``; the
+score is their mean. Each layer's ``[N, r]`` basis is formed once (in float64), so a grid of
+layers costs one eigendecomposition per layer and one ``r x r`` SVD per pair; nothing of size
+``N x N`` is formed. :func:`svcca_scores` is the one scorer: ``prh_fast.metrics.svcca`` is its
+``1 x 1`` case, ``prh_fast.align`` its grid; the store accumulators
+(``prh_fast.store._moments``) are its streaming form.
 """
 from __future__ import annotations
 
 import torch
+
+from prh_fast.errors import InputError
 
 
 def _standardised(X: torch.Tensor, dtype: torch.dtype):
@@ -31,20 +36,55 @@ def _top_eig(G: torch.Tensor, r: int, name: str):
     # of the standardisation (~1e-30) have tiny but well-defined spectra
     tol = float(evals[0]) * G.shape[0] * torch.finfo(torch.float64).eps * 16
     if not float(evals[0]) > 0 or float(evals[-1]) <= tol:
-        raise ValueError(
+        raise InputError(
             f"cca_dim: {r} exceeds the numerical rank of {name} after standardisation "
             f"(its {r}-th singular value is ~0)"
         )
     return evals, evecs
 
 
-def svcca(A: torch.Tensor, B: torch.Tensor, cca_dim: int, dtype: torch.dtype) -> float:
-    As, Bs = _standardised(A, dtype), _standardised(B, dtype)
-    Ga = (As.T @ As).to(torch.float64)
-    Gb = (Bs.T @ Bs).to(torch.float64)
-    Cab = (As.T @ Bs).to(torch.float64)
-    la, Va = _top_eig(Ga, cca_dim, "feats_A")
-    lb, Vb = _top_eig(Gb, cca_dim, "feats_B")
-    M = (Va / la.sqrt()).T @ Cab @ (Vb / lb.sqrt())
-    rho = torch.linalg.svdvals(M).clamp(0.0, 1.0)
-    return float(rho.mean())
+def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = None, *,
+                 x_names=None, y_names=None) -> torch.Tensor:
+    """SVCCA of every layer pair, ``[Lx, Ly]`` float64: the one SVCCA scorer.
+
+    Each layer's top ``cca_dim`` left singular vectors are formed once as the ``[N, r]``
+    orthonormal basis ``U = X_s V Λ^{-1/2}`` (the product in float64); each pair's score is
+    the mean of the singular values of ``U_xᵀ U_y`` (an ``r x r`` SVD), clipped to
+    ``[0, 1]``.
+
+    Args:
+        xs, ys: lists of ``[N, D]`` tensors (the same ``N``).
+        cca_dim: ``r``, at most ``min(N - 1, D)`` of every layer (checked by the caller).
+        dtype: the dtype of the standardised features and their Gram matrices; ``None``:
+            each layer's own dtype.
+        x_names, y_names: how errors name each layer (default ``"x layer i"``,
+            ``"y layer j"``).
+
+    Returns:
+        The ``[Lx, Ly]`` float64 tensor of scores.
+
+    Raises:
+        InputError: ``cca_dim`` exceeds a layer's numerical rank.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.metrics._svcca import svcca_scores
+        >>> x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> round(float(svcca_scores([x], [2 * x], 3)[0, 0]), 3)
+        1.0
+    """
+    x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
+    y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
+
+    def basis(x, name):
+        xs_ = _standardised(x, x.dtype if dtype is None else dtype)
+        lam, V = _top_eig((xs_.T @ xs_).double(), cca_dim, name)
+        return (xs_.double() @ V) / lam.sqrt()  # [N, r] orthonormal, centred columns
+
+    ux = [basis(x, name) for x, name in zip(xs, x_names)]
+    uy = [basis(y, name) for y, name in zip(ys, y_names)]
+    out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
+    for i, a in enumerate(ux):
+        for j, b in enumerate(uy):
+            out[i, j] = float(torch.linalg.svdvals(a.T @ b).clamp(0.0, 1.0).mean())
+    return out
