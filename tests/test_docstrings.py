@@ -24,7 +24,7 @@ PACKAGE = "prh_fast"
 ROOT = Path(prh_fast.__file__).resolve().parent
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
-#: Public names whose docstrings are being rewritten in modules other helpers own; each entry
+#: Public names that still lack an example, grouped by the module that defines them; each entry
 #: is ``"module:name"``. This list is meant to be empty.
 PENDING_EXAMPLES: set = {
     # prh_fast/grid.py, prh_fast/distributed/_grid.py
