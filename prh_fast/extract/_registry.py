@@ -40,8 +40,8 @@ _PAPER_VAL_LANG = [
     "huggyllama/llama-65b",
 ]
 
-# The test set's additions (OLMo, Gemma, Mistral/Mixtral, Llama-3), as recalled from the
-# reference code; ids not verified against the hub.
+# The test set's language models (OLMo, Gemma, Mistral/Mixtral, Llama-3), as the reference's
+# tasks.py lists them (``get_models("test")``).
 _PAPER_TEST_LANG = [
     "allenai/OLMo-1B-hf",
     "allenai/OLMo-7B-hf",
