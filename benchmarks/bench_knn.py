@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import finish, timeit  # noqa: E402
 
-from prh_fast._backend import faiss_available  # noqa: E402
+from prh_fast.knn._backends import faiss_available  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
 
 
@@ -242,7 +242,7 @@ def main_gpu(argv) -> int:
     save()
     rates: dict = {}  # mode -> best TFLOP/s so far
 
-    from prh_fast._backend import faiss_available
+    from prh_fast.knn._backends import faiss_available
     from prh_fast.knn import _triton as T
 
     def run_mode(mode, X, k, check):

@@ -11,6 +11,7 @@ from prh_fast._version import __version__
 from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
 from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search
 from prh_fast._info import info
+from prh_fast._config import config_context, get_config, set_config
 from prh_fast.errors import (
     BackendUnavailableError,
     DestinationLocked,
@@ -30,6 +31,9 @@ __all__ = [
     "metrics",
     "knn",
     "info",
+    "get_config",
+    "set_config",
+    "config_context",
     "align",
     "AlignmentResult",
     "compute_score",

@@ -73,10 +73,17 @@ def _run(args) -> int:
         return 130
     except Exception as err:
         code = _exit_code(err)
-        if code is None or os.environ.get("PRH_FAST_TRACEBACK"):
+        if code is None or _show_traceback():
             raise
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return code
+
+
+def _show_traceback() -> bool:
+    """The configured ``traceback`` setting (``PRH_FAST_TRACEBACK``, ``config_context``)."""
+    from prh_fast import _config
+
+    return bool(_config.get_config().traceback)
 
 
 def _int_type(minimum: int, maximum=None):

@@ -1,5 +1,5 @@
-"""The ``prh_fast`` logger and its once-per-message warning, shared by the backend dispatch
-(``prh_fast._backend``) and the backends themselves (``prh_fast.knn``, ``prh_fast.store``)."""
+"""The ``prh_fast`` logger and its once-per-message warning, shared by the backend registry
+(``prh_fast.knn._backends``) and the backends themselves (``prh_fast.knn``, ``prh_fast.store``)."""
 from __future__ import annotations
 
 import logging

@@ -16,10 +16,11 @@ in-memory path (an error when streaming was forced with ``stream=True``).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
+
+from prh_fast import _config
 
 __all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy"]
 
@@ -27,30 +28,39 @@ __all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy"]
 #: kernel metrics (and on a GPU for the neighbour metrics too); smaller ones are loaded.
 STREAM_AUTO_BYTES = 1 << 30
 
-_MODES = {"auto": "auto", "1": "on", "on": "on", "true": "on", "yes": "on",
-          "0": "off", "off": "off", "false": "off", "no": "off"}
-
-
 def stream_mode(stream=None) -> str:
-    """``"auto"``, ``"on"`` or ``"off"`` from ``stream`` (``None`` -> ``PRH_FAST_STREAM``, else
-    ``"auto"``; ``True`` / ``False`` accepted)."""
+    """``"auto"``, ``"on"`` or ``"off"``: the ``stream`` argument, else the configured mode
+    (``config_context(stream=...)``, ``set_config``, ``PRH_FAST_STREAM``), else ``"auto"``.
+
+    Args:
+        stream: ``None``, ``True`` / ``False``, or ``"auto"`` / ``"on"`` / ``"off"`` (also
+            ``"1"``, ``"yes"``, ``"false"``...).
+
+    Returns:
+        The mode.
+
+    Raises:
+        InputError: naming ``stream`` (or ``PRH_FAST_STREAM``) for another value.
+
+    Example:
+        >>> stream_mode(True), stream_mode("off")
+        ('on', 'off')
+    """
     if stream is None:
-        stream = os.environ.get("PRH_FAST_STREAM", "auto")
-        arg = "PRH_FAST_STREAM"
-    else:
-        arg = "stream"
-    if isinstance(stream, bool):
-        return "on" if stream else "off"
-    mode = _MODES.get(str(stream).strip().lower())
-    if mode is None:
-        raise ValueError(f"{arg}: expected 'auto', 'on'/True or 'off'/False, got {stream!r}")
-    return mode
+        return _config.get_config().stream
+    return _config.parse_stream(stream, "stream")
 
 
 def _knn_backend_streams(backend) -> bool:
-    """Whether the requested neighbour backend has a streaming form (auto, cpu, torch)."""
-    name = backend if backend is not None else os.environ.get("PRH_FAST_BACKEND", "auto")
-    return isinstance(name, str) and name.lower() in ("auto", "cpu", "torch")
+    """Whether the backend (``None``: the configured one) has a streaming search, as the
+    backend registry declares it (``auto``, ``cpu``, ``torch``)."""
+    from prh_fast.knn._backends import BACKENDS
+
+    name = backend if backend is not None else _config.get_config().backend
+    if not isinstance(name, str):
+        return False
+    name = name.strip().lower()
+    return name == "auto" or (name in BACKENDS and BACKENDS[name].streams)
 
 
 class StreamPolicy:
@@ -59,16 +69,15 @@ class StreamPolicy:
 
     def __init__(self, *, stream=None, budget=None, q=None, exact=False, normalize=True,
                  backend=None, device=None, progress=False):
-        from prh_fast.store._stream import check_budget
+        from prh_fast._validate import check_memory_budget
+        from prh_fast.store._stream import DEFAULT_STREAM_BUDGET
 
         self.mode = stream_mode(stream)
-        if budget is None and os.environ.get("PRH_FAST_STREAM_BUDGET"):
-            try:
-                budget = int(os.environ["PRH_FAST_STREAM_BUDGET"])
-            except ValueError:
-                raise ValueError(f"PRH_FAST_STREAM_BUDGET: expected a number of bytes, got "
-                                 f"{os.environ['PRH_FAST_STREAM_BUDGET']!r}") from None
-        self.budget = check_budget(budget)
+        # budget: the memory_budget of the call, else the configured one
+        # (config_context(memory_budget=...), PRH_FAST_MEMORY_BUDGET), else the default
+        if budget is None:
+            budget = _config.get_config().memory_budget
+        self.budget = check_memory_budget(budget, DEFAULT_STREAM_BUDGET)
         self.q, self.exact, self.normalize = q, bool(exact), bool(normalize)
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -140,7 +149,8 @@ class StreamPolicy:
             lists.append((i, cknna_values(i, s, opts.get("unbiased", True),
                                           opts.get("distance_agnostic", False))))
         n = p.n
-        return lists, [_cknna_sim(n, x, x, opts.get("unbiased", True)) for x in lists]
+        return lists, [_cknna_sim(n, x, x, opts.get("unbiased", True), self.backend)
+                       for x in lists]
 
     def stand_ins(self, m) -> list:
         """``[N, 0]`` tensors, one per layer: what the grid scorers read (N, L, device)."""

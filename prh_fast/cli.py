@@ -187,7 +187,7 @@ def _align(args) -> int:
 def _knn_backend(backend, options):
     """``--backend`` plus ``--knn-option KEY=VALUE`` -> what ``align_models`` takes: the name
     (or spec string) as given, or an ``AnnParams`` when options are given."""
-    from prh_fast._backend import ANN_BACKENDS, KNN_BACKENDS
+    from prh_fast.knn._backends import ANN_BACKENDS, KNN_BACKENDS
     from prh_fast.knn import AnnParams
 
     name = (backend or "").partition(":")[0].lower()

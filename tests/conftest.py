@@ -38,6 +38,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: heavier oracle comparisons (still run by default)")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_prh_fast_config():
+    """Every test starts from the environment alone: no ``set_config`` left over from another
+    test, and the environment parsed afresh (tests set variables with ``monkeypatch``)."""
+    from prh_fast import _config
+
+    _config.reset_config()
+    _config.reload_environment()
+    yield
+    _config.reset_config()
+    _config.reload_environment()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from _data import HAS_FAISS, assert_knn_lists_match, paired_features, with_duplicates
-from prh_fast import _backend, align, align_models, metrics, reference, store
+from prh_fast import align, align_models, metrics, reference, store
+from prh_fast.knn import _backends as _backend
 from prh_fast.cli import _UserError, _knn_backend, main
 from prh_fast.knn import AnnParams, knn
 

@@ -139,7 +139,10 @@ LAYER_RULES = [
                          "prh_fast.demo", "prh_fast.distributed")),
     ("prh_fast._stream_align", ("prh_fast.grid", "prh_fast.cli", "prh_fast.demo",
                                 "prh_fast.distributed")),
-    ("prh_fast._backend", ("prh_fast.grid", "prh_fast._align", "prh_fast.cli")),
+    # the backend registry lives in prh_fast.knn (the rule above); the configuration it reads
+    # sits below every computation
+    ("prh_fast._config", ("prh_fast.knn", "prh_fast.metrics", "prh_fast.store", "prh_fast.grid",
+                          "prh_fast._align", "prh_fast.cli", "prh_fast.distributed")),
     ("prh_fast._cli_common", ("prh_fast.cli", "prh_fast.cli_extract", "prh_fast.cli_store")),
     # the package's __init__ imports everything: modules it imports must not import it back
     ("prh_fast._info", ("prh_fast",)),

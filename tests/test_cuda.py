@@ -8,6 +8,7 @@ launch checked (``csrc/common/cuda_check.h``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from _data import assert_knn_lists_match, integer_features, with_duplicates
-from prh_fast import _backend, _log, _native
+from prh_fast import _log, _native
+from prh_fast.knn import _backends as _backend
 from prh_fast.knn import knn
 from prh_fast.metrics import _cknna, _neighbours
 
@@ -296,13 +298,16 @@ def test_cuda_launchers_refuse_cpu_lists():
 
 def test_setops_auto_stays_on_torch_for_cuda_lists_until_verified(monkeypatch):
     dev = torch.device("cuda")
+    verified = _backend.SETOPS["cuda"].verified_on_hardware
     assert _backend.resolve_setops_backend(None, dev, 10) == (
-        "cuda" if _backend.CUDA_SETOPS_AUTO and _native.HAS_CUDA_KERNELS else "torch")
-    monkeypatch.setattr(_backend, "CUDA_SETOPS_AUTO", False)
+        "cuda" if verified and _native.HAS_CUDA_KERNELS else "torch")
+    monkeypatch.setitem(_backend.SETOPS, "cuda", dataclasses.replace(
+        _backend.SETOPS["cuda"], verified_on_hardware=False))
     assert _backend.resolve_setops_backend("auto", dev, 10) == "torch"
     if _native.HAS_CUDA_KERNELS:
         assert _backend.resolve_setops_backend("cuda", dev, 10) == "cuda"
-        monkeypatch.setattr(_backend, "CUDA_SETOPS_AUTO", True)
+        monkeypatch.setitem(_backend.SETOPS, "cuda", dataclasses.replace(
+            _backend.SETOPS["cuda"], verified_on_hardware=True))
         assert _backend.resolve_setops_backend("auto", dev, 10) == "cuda"
         assert _backend.resolve_setops_backend("auto", dev, 300) == "torch"
 

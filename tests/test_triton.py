@@ -26,7 +26,8 @@ if (not torch.cuda.is_available() and "triton" not in sys.modules
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _data import assert_knn_lists_match, integer_features, with_duplicates  # noqa: E402
-from prh_fast import _backend, _log  # noqa: E402
+from prh_fast import _log  # noqa: E402
+from prh_fast.knn import _backends as _backend  # noqa: E402
 from prh_fast import reference as R  # noqa: E402
 from prh_fast.knn import _triton as T  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
@@ -197,11 +198,11 @@ def test_margin_bound_holds_for_emulated_bf16_products():
 @pytest.mark.parametrize("k", [5, 40])
 def test_fast_mode_is_close_and_logged(k, dtype, caplog):
     X = _features(150, 30, seed=k, dtype=dtype, spread=False)
-    monkey_logged = set(_backend._logged)
-    _backend._logged.clear()
+    monkey_logged = set(_log._logged)
+    _log._logged.clear()
     with caplog.at_level(logging.WARNING, logger="prh_fast"):
         idx, vals = T.knn_triton(X, k, BUDGET, exact=False)
-    _backend._logged.update(monkey_logged)
+    _log._logged.update(monkey_logged)
     assert any("approximate" in r.getMessage() for r in caplog.records)
     assert not T.last_stats["exact"]
     scale = float(X.double().norm(dim=1).max() ** 2)

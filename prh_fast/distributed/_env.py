@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from prh_fast import _config
 from prh_fast.errors import DistributedError
 
 logger = logging.getLogger("prh_fast")
@@ -89,24 +90,31 @@ def launched_by_torchrun() -> bool:
 
 
 def default_timeout() -> datetime.timedelta:
-    raw = os.environ.get("PRH_FAST_DIST_TIMEOUT")
-    if raw:
-        try:
-            s = float(raw)
-        except ValueError:
-            raise ValueError(f"PRH_FAST_DIST_TIMEOUT: expected seconds, got {raw!r}") from None
-        if not s > 0:
-            raise ValueError(f"PRH_FAST_DIST_TIMEOUT: expected a positive number, got {raw!r}")
-    else:
-        s = DEFAULT_TIMEOUT_S
-    return datetime.timedelta(seconds=s)
+    """The timeout of every collective: the configured ``dist_timeout``
+    (``config_context(dist_timeout=...)``, ``set_config``, ``PRH_FAST_DIST_TIMEOUT`` in
+    seconds), else 30 minutes.
+
+    Returns:
+        A ``datetime.timedelta``.
+
+    Raises:
+        InputError: naming ``PRH_FAST_DIST_TIMEOUT`` when it is not a positive number.
+
+    Example:
+        >>> import prh_fast
+        >>> with prh_fast.config_context(dist_timeout=90):
+        ...     default_timeout().total_seconds()
+        90.0
+    """
+    s = _config.get_config().dist_timeout
+    return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S if s is None else s)
 
 
 def _pick_backend(backend):
-    name = backend or os.environ.get("PRH_FAST_DIST_BACKEND") or "auto"
-    name = name.lower()
-    if name not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"backend: expected 'auto', 'gloo' or 'nccl', got {name!r}")
+    if backend:
+        name = _config.parse_dist_backend(backend, "backend")
+    else:
+        name = _config.get_config().dist_backend
     if name == "auto":
         # GPUs are used when this rank has one of its own (LOCAL_RANK < visible devices).
         local = _env_int("LOCAL_RANK", 0)
@@ -120,13 +128,21 @@ def init_from_env(backend=None, timeout=None) -> bool:
     """Initialise the default process group from the environment (``torchrun``'s ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 
-    ``backend``: ``"auto"`` (nccl when this rank has a GPU, else gloo), ``"gloo"`` or
-    ``"nccl"`` (also ``PRH_FAST_DIST_BACKEND``). With nccl the rank's device is
-    ``cuda:{LOCAL_RANK}``. ``timeout``: seconds or a ``timedelta`` for every collective
-    (default ``PRH_FAST_DIST_TIMEOUT`` or 30 minutes).
+    Args:
+        backend: ``"auto"`` (nccl when this rank has a GPU, else gloo), ``"gloo"`` or
+            ``"nccl"``; ``None``: the configured ``dist_backend`` (``config_context``,
+            ``set_config``, ``PRH_FAST_DIST_BACKEND``), else ``"auto"``. With nccl the rank's
+            device is ``cuda:{LOCAL_RANK}``.
+        timeout: seconds or a ``timedelta`` for every collective; ``None``:
+            :func:`default_timeout` (the configured ``dist_timeout``, else 30 minutes).
 
-    Returns True if this call created the group (the caller then destroys it), False if one
-    already existed.
+    Returns:
+        True if this call created the group (the caller then destroys it), False if one
+        already existed.
+
+    Example:
+        >>> init_from_env()  # doctest: +SKIP  (inside a torchrun job)
+        True
     """
     dist = _dist()
     if not dist.is_available():

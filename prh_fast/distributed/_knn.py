@@ -77,16 +77,12 @@ def _check_local(X):
 
 
 def _local_backend(backend, device) -> str:
-    from prh_fast._backend import resolve_knn_backend
+    """The search each rank runs on its shard (``cpu``, ``torch`` or ``triton``), as the
+    backend registry resolves a distributed request: faiss and the approximate backends are
+    refused (the distributed search is exact, ties by the lower index)."""
+    from prh_fast.knn._backends import resolve
 
-    name = resolve_knn_backend(backend, device)
-    if name == "faiss":
-        raise ValueError("backend: 'faiss' is not supported by the distributed search (its "
-                         "tie order differs); use 'cpu', 'torch' or 'auto'")
-    if name.startswith("faiss-"):
-        raise ValueError(f"backend: the approximate {name!r} is not supported by the "
-                         "distributed search (it is exact); use 'cpu', 'torch' or 'auto'")
-    return name
+    return resolve(backend, device, distributed=True).search
 
 
 class _Merger:

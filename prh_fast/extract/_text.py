@@ -92,8 +92,11 @@ class TextBatch:
 # ----------------------------------------------------------------------------- locations
 
 def cache_root() -> str:
-    """``$PRH_FAST_CACHE`` or ``~/.cache/prh_fast``; converted models live in ``models/``."""
-    root = os.environ.get("PRH_FAST_CACHE")
+    """The configured ``cache_dir`` (``$PRH_FAST_CACHE``, ``config_context(cache_dir=...)``) or
+    ``~/.cache/prh_fast``; converted models live in ``models/``."""
+    from prh_fast import _config
+
+    root = _config.get_config().cache_dir
     return os.path.abspath(os.path.expanduser(root or os.path.join("~", ".cache", "prh_fast")))
 
 

@@ -14,32 +14,39 @@ that depends on the tile, which can set equal rows an ulp apart), and a certifie
 whatever the tiles. Features whose inner products would leave the compute dtype's range are
 searched scaled by a power of two (exact; the lists are the same).
 
-Backends (``backend=`` or ``PRH_FAST_BACKEND``):
+Backends (``backend=``, else the configured one: ``prh_fast.config_context`` /
+``prh_fast.set_config`` / ``PRH_FAST_BACKEND``). Each is declared once, with what it supports,
+in the registry ``_backends.py``, whose ``resolve`` is the one dispatch point of the in-memory,
+streamed and distributed searches and of the neighbour-set step after them:
 
 - ``"cpu"``: BLAS tile products (through torch) + native C++/OpenMP selection. Symmetric
   search computes each tile once and feeds it to both its query block and its key block.
 - ``"torch"``: pure torch tiles + ``topk`` with an exact tie fix; runs on CPU and CUDA.
 - ``"faiss"``: FAISS flat inner-product search (float32 only; ties at the k-th place follow
   FAISS's order, not the lower-index rule).
-- ``"triton"`` (also ``"cuda"``): the fused GPU kernel (``_triton.py``): tensor-core tile
-  products with an on-chip running top-k, never an ``N x N`` tile in memory. Exact by default
-  (certified candidates re-scored in float32: the lists equal the float32 lists);
-  ``exact=False`` is the faster approximate mode (bf16 products, no re-score, logged).
+- ``"triton"``: the fused GPU kernel (``_triton.py``): tensor-core tile products with an
+  on-chip running top-k, never an ``N x N`` tile in memory. Exact by default (certified
+  candidates re-scored in float32: the lists equal the float32 lists); ``exact=False`` is the
+  faster approximate mode (bf16 products, no re-score, logged).
+- ``"cuda"``: the same Triton search here; the name also selects the native CUDA
+  neighbour-set and CKNNA kernels for the step after the search (``prh_fast.metrics``,
+  ``prh_fast.align``), which ``"triton"`` and ``"auto"`` leave to torch on a GPU.
 - ``"faiss-ivf"``, ``"faiss-ivfpq"``, ``"faiss-hnsw"``: approximate FAISS indexes (IVF-Flat,
   IVF-PQ, HNSW; ``_faiss_ann.py``). Parameters: ``backend=AnnParams(...)`` or a spec string
   ``"faiss-ivf:nprobe=16"``. Every such search measures its recall@k against an exact search
   of a seeded sample of rows and logs it; ``return_report=True`` also returns the
   ``AnnReport``. Self and cross (``keys=``) searches.
-- ``"auto"``: ``cpu`` for CPU tensors (``torch`` for a cross search), ``triton`` for CUDA
-  tensors when Triton can run, else ``torch`` (one log line).
+- ``"auto"``: ``cpu`` for CPU tensors (``torch`` for a cross search or without the native
+  module), ``triton`` for CUDA tensors when Triton can run, else ``torch`` (a backend skipped
+  because it cannot run here is logged once, with the reason).
 """
 from __future__ import annotations
 
 import torch
 
-from prh_fast._backend import ANN_BACKENDS, resolve_knn_backend
 from prh_fast._validate import (as_features, check_memory_budget, check_positive_int, check_topk,
                                 compute_dtype)
+from prh_fast.knn._backends import ANN_BACKENDS, resolve
 from prh_fast.knn._faiss_ann import AnnParams, AnnReport
 
 __all__ = ["knn", "DEFAULT_MEMORY_BUDGET", "AnnParams", "AnnReport"]
@@ -126,7 +133,8 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
     if not isinstance(include_self, bool):
         raise ValueError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
-    name = resolve_knn_backend(backend, X.device, cross=keys is not None)
+    choice = resolve(backend, X.device, k=k, dtype=X.dtype, cross=keys is not None)
+    name = choice.search
     cd = compute_dtype(X) if keys is None else torch.promote_types(compute_dtype(X),
                                                                     compute_dtype(keys))
     Xc = X.to(cd).contiguous()
@@ -146,9 +154,9 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
         xn = torch.ldexp(xn, torch.tensor(-ex, device=xn.device))
     report = None
     if name in ANN_BACKENDS:
-        from prh_fast.knn._faiss_ann import as_ann_params, knn_ann
+        from prh_fast.knn._faiss_ann import knn_ann
 
-        idx, vals, report = knn_ann(Xc, k, as_ann_params(backend, name), budget, keys=Kc)
+        idx, vals, report = knn_ann(Xc, k, choice.params, budget, keys=Kc)
     elif name == "triton":
         from prh_fast.knn._triton import knn_triton
 

@@ -8,8 +8,9 @@ score (descending), ties by the lower index among the candidates the index retur
 Choosing and passing parameters (``AnnParams``; every field ``None`` means "derived from N"):
 
 - as the backend itself: ``knn(X, 10, backend=AnnParams("faiss-ivf", nprobe=16))``;
-- as a spec string, anywhere a backend name is accepted (``backend=``, ``PRH_FAST_BACKEND``,
-  ``prh-fast align --backend``): ``"faiss-ivf:nprobe=16,nlist=1024"``; FAISS's own names
+- as a spec string, anywhere a backend name is accepted (``backend=``, the configured backend:
+  ``PRH_FAST_BACKEND`` or ``prh_fast.config_context(backend=...)``, ``prh-fast align
+  --backend``): ``"faiss-ivf:nprobe=16,nlist=1024"``; FAISS's own names
   (``m``, ``nbits``, ``M``, ``efConstruction``, ``efSearch``) work as aliases there;
 - on the command line: ``--backend faiss-ivf --knn-option nprobe=16``.
 
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-__all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "as_ann_params", "knn_ann"]
+__all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "knn_ann"]
 
 ANN_BACKENDS = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 _SHORT = {"ivf": "faiss-ivf", "ivfflat": "faiss-ivf", "faiss-ivfflat": "faiss-ivf",
@@ -262,20 +263,6 @@ class AnnParams:
             out["ef_construction"] = self.ef_construction or 40
             out["ef_search"] = self.ef_search or max(64, 2 * (k + 1))
         return replace(self, **out)
-
-
-def as_ann_params(backend, name: str) -> AnnParams:
-    """The ``AnnParams`` of a requested backend (an ``AnnParams``, a name, a spec string, or
-    ``None`` for ``PRH_FAST_BACKEND``); ``name`` is the resolved backend name."""
-    if isinstance(backend, AnnParams):
-        return backend
-    if backend is None:
-        import os
-
-        backend = os.environ.get("PRH_FAST_BACKEND", name)
-    if isinstance(backend, str):
-        return AnnParams.parse(backend)
-    return AnnParams(backend=name)
 
 
 # -------------------------------------------------------------------------------- the report

@@ -10,15 +10,17 @@ Only the ``N·k`` masked entries are touched; the five sums the estimators need 
 ``Σ_ij P_ij Q_ji`` (the transpose term: nonzero only where j ∈ M_i and i ∈ M_j), ``1ᵀP1``,
 ``1ᵀQ1``, ``1ᵀPQ1`` and ``1ᵀQP1`` (column sums of one times row sums of the other).
 
-The native kernel computes them on CPU; the torch version below runs elsewhere, and
-``cknna_terms_cuda`` runs the CUDA kernel (``csrc/cknna/cknna_cuda.cu``) on CUDA lists.
+Which implementation computes them is the backend registry's choice (``prh_fast.knn._backends``,
+as for the neighbour-set scores): the native kernel on CPU, the torch version below elsewhere,
+and ``cknna_terms_cuda`` -- the CUDA kernel (``csrc/cknna/cknna_cuda.cu``) -- for CUDA lists
+when the backend is ``"cuda"``.
 """
 from __future__ import annotations
 
 import torch
 
 from prh_fast import _native
-from prh_fast.errors import BackendUnavailableError
+from prh_fast.errors import BackendUnavailableError, InputError
 from prh_fast.metrics._neighbours import row_membership
 
 
@@ -28,7 +30,7 @@ def cknna_excludes_self(unbiased, exclude_self) -> bool:
     if exclude_self is None:
         return bool(unbiased)
     if not isinstance(exclude_self, bool):
-        raise ValueError(f"exclude_self: expected None, True or False, got {exclude_self!r}")
+        raise InputError(f"exclude_self: expected None, True or False, got {exclude_self!r}")
     return exclude_self
 
 
@@ -54,9 +56,36 @@ def cknna_values(idx, vals, unbiased: bool, distance_agnostic: bool):
     return v
 
 
-def cknna_terms(ia, sa, ib, sb):
-    """The five float64 sums for lists ``ia [N, ka]`` / scores ``sa`` and ``ib`` / ``sb``."""
-    if ia.device.type == "cpu" and _native.HAS_NATIVE:
+def cknna_terms(ia, sa, ib, sb, *, backend=None):
+    """The five float64 sums for lists ``ia [N, ka]`` / scores ``sa`` and ``ib`` / ``sb``.
+
+    Args:
+        ia, ib: ``[N, ka]``, ``[N, kb]`` int64 neighbour lists on one device.
+        sa, sb: their masked kernel values (``cknna_values``), same shapes.
+        backend: the computation's backend (``None``: the configured one, else auto); the
+            registry maps it to the native CPU, torch or CUDA implementation (``"cuda"``:
+            the CUDA kernel, for CUDA lists).
+
+    Returns:
+        ``(Σ P_ij Q_ji, 1ᵀP1, 1ᵀQ1, 1ᵀPQ1, 1ᵀQP1)`` as Python floats.
+
+    Raises:
+        InputError: a backend that does not take these lists (``"cuda"`` with CPU lists or
+            ``k > CUDA_MAX_K``).
+        BackendUnavailableError: a backend asked for by name that cannot run here.
+
+    Example:
+        >>> i = torch.tensor([[1], [0]])
+        >>> s = torch.tensor([[0.5], [0.5]], dtype=torch.float64)
+        >>> cknna_terms(i, s, i, s, backend="torch")
+        (0.5, 1.0, 1.0, 0.5, 0.5)
+    """
+    from prh_fast.knn._backends import resolve
+
+    impl = resolve(backend, ia.device, op="setops", k=max(ia.shape[-1], ib.shape[-1])).setops
+    if impl == "cuda":
+        return cknna_terms_cuda(ia, sa, ib, sb)
+    if impl == "cpu":
         t = _native.native().cknna_terms(
             ia.contiguous().numpy(), sa.to(torch.float64).contiguous().numpy(),
             ib.contiguous().numpy(), sb.to(torch.float64).contiguous().numpy(),
@@ -66,36 +95,53 @@ def cknna_terms(ia, sa, ib, sb):
 
 
 def cknna_terms_cuda(ia, sa, ib, sb):
-    """The five sums by the CUDA kernel, for lists and scores on one CUDA device."""
-    from prh_fast._backend import CUDA_MAX_K
-    from prh_fast.metrics._neighbours import check_lists_in_range
+    """The five sums by the CUDA kernel, for lists and scores on one CUDA device.
+
+    Args:
+        ia, sa, ib, sb: as :func:`cknna_terms`, on one CUDA device, ``1 <= k <= CUDA_MAX_K``.
+
+    Returns:
+        The five sums as Python floats.
+
+    Raises:
+        InputError: inputs that are not on one CUDA device, bad shapes, ``k`` or entries.
+        BackendUnavailableError: ``prh_fast._C`` was built without CUDA kernels.
+
+    Example:
+        >>> i = torch.zeros(4, 1, dtype=torch.int64)
+        >>> cknna_terms_cuda(i, i.double(), i, i.double())  # CPU lists
+        Traceback (most recent call last):
+        ...
+        prh_fast.errors.InputError: ia, sa, ib, sb: expected one CUDA device, got ['cpu']
+    """
+    from prh_fast.knn._backends import CUDA_MAX_K, device_type
+    from prh_fast.metrics._neighbours import check_lists_in_range, cuda_stream
 
     n = ia.shape[0]
     if ia.dim() != 2 or ib.dim() != 2 or ib.shape[0] != n or sa.shape != ia.shape \
             or sb.shape != ib.shape:
-        raise ValueError(f"ia, sa, ib, sb: expected [N, ka], [N, ka], [N, kb], [N, kb], got "
+        raise InputError(f"ia, sa, ib, sb: expected [N, ka], [N, ka], [N, kb], [N, kb], got "
                          f"{tuple(ia.shape)}, {tuple(sa.shape)}, {tuple(ib.shape)}, "
                          f"{tuple(sb.shape)}")
     devs = {t.device for t in (ia, sa, ib, sb)}
-    if len(devs) != 1 or ia.device.type != "cuda":
-        raise ValueError(f"ia, sa, ib, sb: expected one CUDA device, got {sorted(map(str, devs))}")
+    if len(devs) != 1 or device_type(ia.device) != "cuda":
+        raise InputError(f"ia, sa, ib, sb: expected one CUDA device, got {sorted(map(str, devs))}")
     if not _native.HAS_CUDA_KERNELS:  # after the input checks: bad input is named first
         raise BackendUnavailableError("prh_fast._C was built without CUDA kernels (rebuild "
                                       "with PRH_FAST_CUDA=1 and nvcc on PATH)")
     if not (1 <= ia.shape[1] <= CUDA_MAX_K and 1 <= ib.shape[1] <= CUDA_MAX_K) or n < 1:
-        raise ValueError(f"k: the CUDA CKNNA kernel takes 1 <= k <= {CUDA_MAX_K}, got "
+        raise InputError(f"k: the CUDA CKNNA kernel takes 1 <= k <= {CUDA_MAX_K}, got "
                          f"{ia.shape[1]} and {ib.shape[1]}")
     ia, ib = ia.to(torch.int64).contiguous(), ib.to(torch.int64).contiguous()
     sa, sb = sa.to(torch.float64).contiguous(), sb.to(torch.float64).contiguous()
     check_lists_in_range(ia, n, "ia")
     check_lists_in_range(ib, n, "ib")
     C = _native.native()
-    with torch.cuda.device(ia.device):
+    with cuda_stream(ia.device) as stream:
         ws = torch.empty(C.cuda_cknna_workspace_bytes(n), dtype=torch.uint8, device=ia.device)
         out = torch.empty(5, dtype=torch.float64, device=ia.device)
         C.cuda_cknna_terms(ia.data_ptr(), sa.data_ptr(), ib.data_ptr(), sb.data_ptr(), n,
-                           ia.shape[1], ib.shape[1], out.data_ptr(), ws.data_ptr(),
-                           torch.cuda.current_stream(ia.device).cuda_stream)
+                           ia.shape[1], ib.shape[1], out.data_ptr(), ws.data_ptr(), stream)
         return tuple(float(v) for v in out.cpu())
 
 

@@ -102,8 +102,8 @@ def as_store(store, arg: str = "store") -> FeatureStore:
 
 
 def check_budget(memory_budget, default: int = DEFAULT_STREAM_BUDGET) -> int:
-    """``memory_budget`` as a positive int (bytes); ValueError naming the argument
-    (``prh_fast._validate.check_memory_budget``, the one check every entry point uses)."""
+    """``prh_fast._validate.check_memory_budget`` (the one budget check) with the streaming
+    default: ``memory_budget`` as a positive int (bytes), ``None`` -> ``default``."""
     from prh_fast._validate import check_memory_budget
 
     return check_memory_budget(memory_budget, default)
@@ -395,33 +395,13 @@ class StreamPrep:
 # neighbours
 # ------------------------------------------------------------------------------------------------
 def _resolve_backend(backend, device: torch.device) -> str:
-    """``cpu`` (native) or ``torch``. An explicitly requested other backend raises; one from
-    ``PRH_FAST_BACKEND`` that cannot stream falls back with a log line (one dispatch
-    point: the auto choice falls back, the requested one raises)."""
-    import os
+    """``cpu`` (native) or ``torch``: the streamed search the backend registry picks
+    (``prh_fast.knn._backends.resolve(..., stream=True)``). A backend passed here that has no
+    streaming form raises; a configured one (``PRH_FAST_BACKEND``, ``config_context``) falls
+    back to ``auto`` with a log line."""
+    from prh_fast.knn._backends import resolve
 
-    from prh_fast import _native
-    from prh_fast._log import _log_once
-
-    explicit = backend is not None
-    name = backend if explicit else os.environ.get("PRH_FAST_BACKEND", "auto")
-    name = name.lower() if isinstance(name, str) else name
-    if name not in ("auto", "cpu", "torch"):
-        if explicit:
-            raise ValueError(f"backend: the streaming search runs 'auto', 'cpu' or 'torch', got "
-                             f"{backend!r} (load the layer and use prh_fast.knn.knn for others)")
-        _log_once(f"prh_fast: PRH_FAST_BACKEND={name!r} cannot stream from a store; the "
-                  f"streaming search uses 'auto'")
-        name = "auto"
-    if name == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' was requested but device is {device}")
-    if name == "auto":
-        if device.type == "cpu" and _native.HAS_NATIVE:
-            return "cpu"
-        return "torch"
-    if name == "cpu":
-        _native.native()  # a clear error when the module is missing
-    return name
+    return resolve(backend, device, stream=True).search
 
 
 def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype,
