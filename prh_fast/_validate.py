@@ -254,7 +254,7 @@ def check_memory_budget(value, default: int) -> int:
     return int(value)
 
 
-def resolve_memory_budget(memory_budget=None, stream_budget=None):
+def resolve_memory_budget(memory_budget=None, stream_budget=None, *, stacklevel: int = 3):
     """The ``memory_budget`` keyword, accepting its deprecated alias ``stream_budget``.
 
     ``memory_budget`` is the one name for "bytes of scratch memory" across prh_fast (the
@@ -263,6 +263,8 @@ def resolve_memory_budget(memory_budget=None, stream_budget=None):
     Args:
         memory_budget: bytes, or ``None`` for the computation's own default.
         stream_budget: the former name; still accepted with a ``FutureWarning``.
+        stacklevel: the warning's ``stacklevel`` (3: the caller of the function that calls
+            this one).
 
     Returns:
         The value given (unchecked beyond the aliasing; ``None`` when neither was given).
@@ -282,7 +284,7 @@ def resolve_memory_budget(memory_budget=None, stream_budget=None):
     import warnings
 
     warnings.warn("stream_budget is deprecated: use memory_budget (the same bytes of scratch "
-                  "memory)", FutureWarning, stacklevel=3)
+                  "memory)", FutureWarning, stacklevel=stacklevel)
     return stream_budget
 
 

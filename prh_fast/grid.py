@@ -50,11 +50,12 @@ from prh_fast._align import (
     _metric_options,
     _prepare_side,
     ann_pair_report,
-    as_layers,
     best_pair,
     set_path_runner,
 )
 from prh_fast._stream_align import StreamPolicy
+from prh_fast._validate import as_layers, count_samples, layer_feats, resolve_memory_budget
+from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import prepare_features
 
@@ -139,20 +140,8 @@ def _as_models(models, arg: str) -> list:
     return out
 
 
-def _feats_of(obj):
-    return obj["feats"] if isinstance(obj, dict) and "feats" in obj else obj
-
-
 def _n_in_memory(m: _Model) -> int:
-    f = _feats_of(m.source)
-    if isinstance(f, (list, tuple)):
-        if not f:
-            raise ValueError(f"{m.where}: has no layers")
-        f = f[0]
-    if not hasattr(f, "shape") or len(f.shape) < 2:
-        raise ValueError(f"{m.where}: expected a [N, L, D] tensor or a list of [N, D] tensors, "
-                         f"got {type(f).__name__}")
-    return int(f.shape[0])
+    return count_samples(m.source, m.where)
 
 
 def _check_n(models) -> int:
@@ -183,7 +172,7 @@ class _ModelCache:
     prepared layers (LRU, ``cache_bytes``) for the kernel metrics."""
 
     def __init__(self, *, q=None, exact=False, normalize=True, backend=None, device=None,
-                 cache_bytes=DEFAULT_CACHE_BYTES, stream=None, stream_budget=None,
+                 cache_bytes=DEFAULT_CACHE_BYTES, stream=None, memory_budget=None,
                  progress=False):
         self.q, self.exact, self.normalize = q, bool(exact), bool(normalize)
         self.backend, self.device = backend, device
@@ -193,7 +182,7 @@ class _ModelCache:
         self.timings = {"load": 0.0, "prepare": 0.0, "neighbours": 0.0}
         self.counts = {"loads": 0, "searched_models": 0, "streamed_models": 0}
         # store folders: streamed instead of loaded (prh_fast._stream_align)
-        self.stream = StreamPolicy(stream=stream, budget=stream_budget, q=q, exact=exact,
+        self.stream = StreamPolicy(stream=stream, budget=memory_budget, q=q, exact=exact,
                                    normalize=normalize, backend=backend, device=device,
                                    progress=progress)
         self.ann: dict = {}  # model key -> its layers' AnnReports (approximate searches)
@@ -206,7 +195,7 @@ class _ModelCache:
         if isinstance(m.source, str):
             feats = store.load_features(m.source, map_location=self.device or "cpu")["feats"]
         else:
-            feats = _feats_of(m.source)
+            feats = layer_feats(m.source)
             if self.device is not None and isinstance(feats, torch.Tensor):
                 feats = feats.to(self.device)
             elif self.device is not None and isinstance(feats, (list, tuple)):
@@ -409,6 +398,19 @@ class GridResult:
         timings: seconds (load, prepare, neighbours, score, total) and counts.
         options: q, exact, normalize, reference_order and whether the symmetric shortcut ran.
         null: with ``null_permutations``: ``best_mean``, ``best_std``, ``best_z`` ``[Mx, My]``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from prh_fast import GridResult, align_models
+        >>> X = torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(0))
+        >>> res = align_models({"a": X}, {"b": X.flip(1)}, "cka", progress=False)
+        >>> res.best("a", "b")[1], res.stem
+        ((0, 1), 'cka')
+        >>> out = tempfile.mkdtemp()
+        >>> sorted(res.save(out))
+        ['csv', 'json', 'npy']
+        >>> GridResult.load(out, "cka").best("a", "b")[1]
+        (0, 1)
     """
 
     metric: str
@@ -611,12 +613,133 @@ def load_existing(output_dir, metric: str, topk, x_names: list, y_names: list, *
 # --------------------------------------------------------------------------------------------
 # the grid
 # --------------------------------------------------------------------------------------------
+class GridPlan(NamedTuple):
+    """What a grid computes, from its models and :class:`GridSpec`."""
+
+    n: int              # samples, the same for every model
+    k: int | None       # the validated topk (None for metrics without one)
+    opts: dict          # the metric's validated options (``_metric_options``)
+    symmetric: bool     # whether mirrored pairs are copied (``_symmetric``)
+    compute: list       # the pairs (a, b) to score, row-major (``plan_pairs``)
+    mirror: dict        # (a, b) -> (a', b') copied transposed (``plan_pairs``)
+
+
+@dataclass
+class GridSpec:
+    """A model grid's settings, checked in one place for the single-process grid
+    (:func:`align_models`) and the distributed one (``prh_fast.distributed.align_models``).
+
+    The fields are ``align_models``' arguments (``metric_kwargs``: the metric's own options).
+    Build it with :meth:`from_args`, which also accepts the deprecated ``stream_budget``.
+
+    Example:
+        >>> from prh_fast.grid import GridSpec
+        >>> spec = GridSpec.from_args("cka", memory_budget=1 << 20)
+        >>> spec.metric, spec.memory_budget, spec.stem
+        ('cka', 1048576, 'cka')
+    """
+
+    metric: str = "mutual_knn"
+    topk: object = 10
+    normalize: bool = True
+    q: object = None
+    exact: bool = False
+    output_dir: object = None
+    force_remake: bool = False
+    progress: bool = True
+    backend: object = None
+    reference_order: bool = True
+    null_permutations: int = 0
+    seed: int = 0
+    device: object = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    stream: object = None
+    memory_budget: object = None
+    trust: bool = False
+    metric_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.metric not in SUPPORTED_METRICS:
+            raise InputError(f"metric: unknown metric {self.metric!r}; supported: "
+                             f"{SUPPORTED_METRICS}")
+        if self.cache_bytes is None:
+            self.cache_bytes = DEFAULT_CACHE_BYTES
+
+    @classmethod
+    def from_args(cls, metric: str = "mutual_knn", *, stream_budget=None, memory_budget=None,
+                  **kwargs) -> "GridSpec":
+        """The spec of ``align_models(x, y, metric, **kwargs)``: keywords that are not
+        fields go to ``metric_kwargs``; ``stream_budget`` is ``memory_budget``'s deprecated
+        alias (a ``FutureWarning``; both is an ``InputError``)."""
+        names = set(cls.__dataclass_fields__) - {"metric", "metric_kwargs"}
+        fields = {a: v for a, v in kwargs.items() if a in names}
+        extra = {a: v for a, v in kwargs.items() if a not in names}
+        budget = resolve_memory_budget(memory_budget, stream_budget, stacklevel=4)
+        return cls(metric=metric, memory_budget=budget, metric_kwargs=extra, **fields)
+
+    @property
+    def stem(self) -> str:
+        """The output files' name (``output_stem``)."""
+        return output_stem(self.metric, self.topk)
+
+    @property
+    def show_progress(self) -> bool:
+        return bool(self.progress) and sys.stderr.isatty()
+
+    def existing(self, xm, ym):
+        """The finished output in ``output_dir`` for these models (``load_existing``), or
+        None (no ``output_dir``, ``force_remake``, or nothing saved)."""
+        if self.output_dir is None or self.force_remake:
+            return None
+        return load_existing(self.output_dir, self.metric, self.topk, [m.name for m in xm],
+                             [m.name for m in ym], trust=self.trust)
+
+    def plan(self, xm, ym) -> GridPlan:
+        """Check the models (same N) and the metric's options; list the pairs to score."""
+        n = _check_n(xm + ym)
+        k, opts = _metric_options(self.metric, n, self.topk, self.metric_kwargs,
+                                  self.memory_budget)
+        symmetric = _symmetric(self.metric, opts)
+        compute, mirror = plan_pairs(xm, ym, symmetric)
+        return GridPlan(n, k, opts, symmetric, compute, mirror)
+
+    def cache(self, progress: bool | None = None) -> "_ModelCache":
+        """A model cache with these settings (loads, preparation, searches, streaming)."""
+        return _ModelCache(q=self.q, exact=self.exact, normalize=self.normalize,
+                           backend=self.backend, device=self.device,
+                           cache_bytes=self.cache_bytes, stream=self.stream,
+                           memory_budget=self.memory_budget,
+                           progress=self.show_progress if progress is None else progress)
+
+    def score(self, cache, plan: GridPlan, x, y) -> PairScore:
+        """One model pair's scores (:func:`score_pair`)."""
+        return score_pair(cache, x, y, self.metric, plan.k, plan.opts, self.reference_order,
+                          self.null_permutations, self.seed)
+
+    def result(self, xm, ym, plan: GridPlan, computed: dict, timings: dict, stream_mode: str,
+               ann: dict | None = None, **extra_options) -> "GridResult":
+        """The grid's :class:`GridResult` (``assemble``), with its ``options`` and, for an
+        approximate search, ``options["ann"]`` (``ann``: model key -> layer reports)."""
+        res = assemble(self.metric, self.topk, xm, ym, computed, plan.mirror,
+                       reference_order=self.reference_order,
+                       null_permutations=self.null_permutations, timings=timings,
+                       options=grid_options(xm, ym, plan.opts, q=self.q,
+                                            exact=bool(self.exact),
+                                            normalize=bool(self.normalize),
+                                            reference_order=bool(self.reference_order),
+                                            symmetric_shortcut=plan.symmetric, k=plan.k,
+                                            stream=stream_mode, **extra_options))
+        if ann:
+            res.options["ann"] = _ann_grid(ann, xm, ym, self.metric, plan.k, plan.opts)
+        return res
+
+
 def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normalize: bool = True,
                  q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
                  progress: bool = True, backend=None, reference_order: bool = True,
                  null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, stream=None, stream_budget=None,
-                 trust: bool = False, **metric_kwargs) -> GridResult:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, stream=None, memory_budget=None,
+                 stream_budget=None, trust: bool = False, **metric_kwargs) -> GridResult:
     """Align every (x model, y model) pair: the reference's ``measure_alignment.py`` grid.
 
     Args:
@@ -633,8 +756,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             only with ``trust=True``. While the grid runs, its output is locked: a second
             run writing the same metric and k to the same folder fails at once
             (``prh_fast.DestinationLocked``, naming the running one).
-        trust: allow reading back a reference-format ``.npy`` (a pickle: it can run code
-            hidden in the file) when no ``.json`` is beside it. Only for files you wrote.
+        force_remake: recompute even when ``output_dir`` holds a finished result.
         progress: a tqdm bar over model pairs (shown only on a terminal).
         backend: neighbour-search backend (see ``prh_fast.knn``).
         reference_order: score each pair as the reference's ``compute_score(y_feats,
@@ -650,60 +772,89 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             (linear CKA, unbiased CKA, SVCCA: one float64 pass) when a store's prepared
             features exceed 1 GiB; ``True``: every store, an error where a metric cannot
             stream (RBF CKA, null permutations of kernel metrics); ``False``: load everything.
-        stream_budget: bytes of scratch for the streamed computations (default 512 MiB).
+        memory_budget: bytes of scratch memory, as in ``align``: the streamed computations
+            (default 512 MiB, or ``PRH_FAST_STREAM_BUDGET``) and CKA's kernel row blocks in
+            memory (default 256 MiB).
+        stream_budget: deprecated name of ``memory_budget`` (a ``FutureWarning``).
+        trust: allow reading back a reference-format ``.npy`` (a pickle: it can run code
+            hidden in the file) when no ``.json`` is beside it. Only for files you wrote.
         **metric_kwargs: the metric's own options, as in ``align``.
 
+    Returns:
+        A :class:`GridResult` (best scores ``[Mx, My]``, every pair's ``[Lx, Ly]`` matrix).
+
     Raises:
-        ValueError naming the file (or model): bad or unreadable features, a number of samples
-        N that differs from the other models'; FileNotFoundError for a missing file.
+        InputError: naming the file (or model): bad or unreadable features, a number of
+            samples N that differs from the other models'; or naming a bad argument.
+        FileNotFoundError: a missing file.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast import align_models
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(40, 2, 8, generator=g)
+        >>> res = align_models({"a": X, "b": X + 0.1 * torch.randn(40, 2, 8, generator=g)},
+        ...                    {"a": X}, "mutual_knn", topk=5, progress=False)
+        >>> res.scores.shape, res.best("a", "a")
+        ((2, 1), (1.0, (0, 0)))
     """
-    if metric not in SUPPORTED_METRICS:
-        raise ValueError(f"metric: unknown metric {metric!r}; supported: {SUPPORTED_METRICS}")
+    spec = GridSpec.from_args(
+        metric, topk=topk, normalize=normalize, q=q, exact=exact, output_dir=output_dir,
+        force_remake=force_remake, progress=progress, backend=backend,
+        reference_order=reference_order, null_permutations=null_permutations, seed=seed,
+        device=device, cache_bytes=cache_bytes, stream=stream, memory_budget=memory_budget,
+        stream_budget=stream_budget, trust=trust, **metric_kwargs)
     t_all = time.perf_counter()
     xm, ym = _as_models(x_models, "x_models"), _as_models(y_models, "y_models")
     # One writer per output: a second run of the same grid into the same folder would mix
     # its files with ours; it fails at once naming this one instead.
     with output_lock(output_dir, metric, topk):
-        if output_dir is not None and not force_remake:
-            res = load_existing(output_dir, metric, topk, [m.name for m in xm],
-                                [m.name for m in ym], trust=trust)
-            if res is not None:
-                return res
-        n = _check_n(xm + ym)
-        k, opts = _metric_options(metric, n, topk, metric_kwargs)
-        symmetric = _symmetric(metric, opts)
-        cache = _ModelCache(q=q, exact=exact, normalize=normalize, backend=backend, device=device,
-                            cache_bytes=cache_bytes, stream=stream, stream_budget=stream_budget,
-                            progress=progress and sys.stderr.isatty())
-        compute, mirror = plan_pairs(xm, ym, symmetric)
-        computed: dict = {}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(compute), desc=f"align {metric}", unit="pair",
-                   disable=not progress or not sys.stderr.isatty())
-        try:
-            for a, b in compute:
-                computed[(a, b)] = score_pair(cache, xm[a], ym[b], metric, k, opts,
-                                              reference_order, null_permutations, seed)
-                bar.update(1)
-        finally:
-            bar.close()
-        timings = dict(cache.timings)
-        timings.update(score=sum(p.seconds for p in computed.values()),
-                       total=time.perf_counter() - t_all, pairs=len(xm) * len(ym),
-                       computed=len(compute), mirrored=len(mirror), **cache.counts)
-        res = assemble(metric, topk, xm, ym, computed, mirror, reference_order=reference_order,
-                       null_permutations=null_permutations, timings=timings,
-                       options=grid_options(xm, ym, opts, q=q, exact=bool(exact),
-                                            normalize=bool(normalize),
-                                            reference_order=bool(reference_order),
-                                            symmetric_shortcut=symmetric, k=k,
-                                            stream=cache.stream.mode))
-        if cache.ann:
-            res.options["ann"] = _ann_grid(cache.ann, xm, ym, metric, k, opts)
+        res = spec.existing(xm, ym)
+        if res is not None:
+            return res
+        plan = spec.plan(xm, ym)
+        cache = spec.cache()
+        computed = _score_all(spec, cache, plan, xm, ym)
+        timings = _grid_timings(cache.timings, cache.counts, computed, plan, t_all,
+                                len(xm) * len(ym), len(plan.compute))
+        res = spec.result(xm, ym, plan, computed, timings, cache.stream.mode, ann=cache.ann)
         if output_dir is not None:
             res.save(output_dir)
         return res
+
+
+def _score_all(spec: GridSpec, cache, plan: GridPlan, xm, ym, pairs=None,
+               desc: str | None = None, score=None) -> dict:
+    """Score ``pairs`` (default: all of ``plan.compute``) under a progress bar:
+    ``{(a, b): PairScore}``. ``score(a, b)`` replaces :meth:`GridSpec.score` (the distributed
+    grid's resumable form)."""
+    from tqdm.auto import tqdm
+
+    pairs = plan.compute if pairs is None else pairs
+    if score is None:
+        def score(a, b):
+            return spec.score(cache, plan, xm[a], ym[b])
+    out: dict = {}
+    bar = tqdm(total=len(pairs), desc=desc or f"align {spec.metric}", unit="pair",
+               disable=not spec.show_progress)
+    try:
+        for a, b in pairs:
+            out[(a, b)] = score(a, b)
+            bar.update(1)
+    finally:
+        bar.close()
+    return out
+
+
+def _grid_timings(times: dict, counts: dict, computed: dict, plan: GridPlan, t_all: float,
+                  pairs: int, n_computed: int, **extra) -> dict:
+    """``GridResult.timings``: the cache's times, scoring time, totals, pair counts,
+    ``extra`` and the cache's counts."""
+    out = dict(times)
+    out.update(score=sum(p.seconds for p in computed.values()),
+               total=time.perf_counter() - t_all, pairs=pairs, computed=n_computed,
+               mirrored=len(plan.mirror), **extra, **counts)
+    return out
 
 
 def _ann_grid(reports, xm, ym, metric, k, opts) -> dict:
@@ -748,13 +899,29 @@ class Alignment:
         metric, topk: defaults for ``score``.
         data: the paired data set, for ``get_data``: a dict of lists (``"image"``, ``"text"``)
             or a JSONL file whose records have ``"image"`` and ``"text"`` fields.
+        backend: neighbour-search backend (see ``prh_fast.knn``).
+        device: where features are loaded (default CPU).
+        memory_budget: bytes of scratch memory, as in :func:`align_models`.
+        stream_budget: deprecated name of ``memory_budget`` (a ``FutureWarning``).
 
     Each reference model is loaded once and, for the neighbour metrics, searched once per
     ``(topk, q, normalize)``; later ``score`` calls reuse its lists.
+
+    Raises:
+        InputError: no feature files, or files with different numbers of samples.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from prh_fast import Alignment
+        >>> X = torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(0))
+        >>> folder = tempfile.mkdtemp()
+        >>> torch.save({"feats": X}, os.path.join(folder, "ref.pt"))
+        >>> Alignment(folder, metric="mutual_knn", topk=5).score(X[:, 1:])
+        {'ref': (1.0, (0, 1))}
     """
 
     def __init__(self, features, *, metric=None, topk=None, data=None, backend=None,
-                 device=None):
+                 device=None, memory_budget=None, stream_budget=None):
         if _is_path(features) and os.path.isdir(features):
             paths = sorted(str(p) for p in Path(features).rglob("*.pt"))
             if not paths:
@@ -767,6 +934,7 @@ class Alignment:
         self.n = _check_n(self._models)
         self.metric, self.topk = metric, topk
         self.backend, self.device = backend, device
+        self.memory_budget = resolve_memory_budget(memory_budget, stream_budget)
         self._data = data
         self._caches: dict = {}
 
@@ -800,12 +968,13 @@ class Alignment:
             m = self._models[0]
             raise ValueError(f"features: has N = {n} samples, but reference model {m.name!r} "
                              f"({m.source}) has N = {self.n}")
-        k, opts = _metric_options(metric, n, topk, metric_kwargs)
+        k, opts = _metric_options(metric, n, topk, metric_kwargs, self.memory_budget)
         ckey = (q, bool(normalize))
         cache = self._caches.get(ckey)
         if cache is None:
             cache = self._caches[ckey] = _ModelCache(q=q, normalize=normalize,
-                                                     backend=self.backend, device=self.device)
+                                                     backend=self.backend, device=self.device,
+                                                     memory_budget=self.memory_budget)
         out = {}
         try:
             for m in self._models:
@@ -851,7 +1020,8 @@ class Alignment:
 
 
 def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, backend=None,
-                null_permutations=0, seed=0, stream=None, stream_budget=None, **metric_kwargs):
+                null_permutations=0, seed=0, stream=None, memory_budget=None,
+                **metric_kwargs):
     """``prh_fast.align`` for store folders or feature files (either side may also be in
     memory): the model grid's path (``align_models``) for one pair, as an
     ``AlignmentResult`` read x first. ``concat`` and per-pair null statistics need every
@@ -866,7 +1036,7 @@ def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, back
     t0 = time.perf_counter()
     r = align_models({"x": x_feats}, {"y": y_feats}, metric, topk=topk, normalize=normalize,
                      backend=backend, reference_order=False, progress=False, seed=seed,
-                     stream=stream, stream_budget=stream_budget, **metric_kwargs)
+                     stream=stream, memory_budget=memory_budget, **metric_kwargs)
     mat = torch.from_numpy(r.pair_scores[("x", "y")])
     best, pair = best_pair(mat)
     timings = dict(r.timings)
