@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from prh_fast.testing import latent, layer_features
+
 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
@@ -60,36 +62,15 @@ def cuda_env(device) -> dict:
 # features with structure
 
 
-def latent(n: int, r: int, seed: int, device, clusters: int = 256) -> torch.Tensor:
-    """``[n, r]`` latent codes: cluster centres plus spread, the structure every layer shares."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    centres = torch.randn(clusters, r, generator=g, device=device)
-    labels = torch.randint(0, clusters, (n,), generator=g, device=device)
-    return centres[labels] + 0.6 * torch.randn(n, r, generator=g, device=device)
-
-
-def layer_features(z: torch.Tensor, d: int, seed: int, noise: float = 0.5,
-                   dtype=torch.float32, chunk_rows: int = 65536,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[n, d]`` unit rows ``normalize(tanh(z W) + noise·eps)``, generated on ``z``'s device
-    in row chunks (peak memory ~ the result plus one chunk). ``W`` and ``eps`` come from
-    ``seed``: layers with different seeds and noise share ``z``'s neighbourhoods, partly."""
-    n, r = z.shape
-    dev = z.device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    W = torch.randn(r, d, generator=g, device=dev) / math.sqrt(r) * 2.0
-    X = out if out is not None else torch.empty((n, d), dtype=dtype, device=dev)
-    for r0 in range(0, n, chunk_rows):
-        r1 = min(n, r0 + chunk_rows)
-        x = torch.tanh(z[r0:r1] @ W)
-        x += noise * torch.randn(r1 - r0, d, generator=g, device=dev)
-        X[r0:r1] = torch.nn.functional.normalize(x, dim=1).to(dtype)
-    return X
+#: The latent of the GPU benchmarks: 256 clusters, spread 0.6 around the centres.
+LATENT = {"clusters": 256, "spread": 0.6}
 
 
 def features(n: int, d: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
-    """One layer's worth of structured features for the kNN benchmark."""
-    return layer_features(latent(n, 32, seed, device), d, seed + 1, dtype=dtype)
+    """One layer of structured unit rows for the kNN benchmark, generated on ``device``:
+    ``prh_fast.testing.layer_features`` of a clustered latent of rank 32."""
+    z = latent(n, 32, seed=seed, device=device, **LATENT)
+    return layer_features(z, d, seed=seed + 1, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------

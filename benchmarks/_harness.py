@@ -1,8 +1,9 @@
 """Shared benchmark harness: timing, environment record, table, atomic JSON.
 
-Every ``bench_<op>.py`` checks correctness first, then times (p20/p50/p80 over repeats; CUDA
-events on GPU), prints a table and writes JSON with shapes, dtypes, device, versions and the
-git revision. Numbers in the README come from these files.
+Every ``bench_<op>.py`` (run from the repository root as ``python -m benchmarks.bench_<op>``)
+checks correctness first, then times (p20/p50/p80 over repeats; CUDA events on GPU), prints a
+table and writes JSON with shapes, dtypes, device, versions and the git revision. Numbers in the
+README come from these files.
 """
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from pathlib import Path
 
 import torch
 
+#: The repository root: child processes of the benchmarks put it on ``sys.path`` (or run from
+#: it) to import ``benchmarks.*``.
+ROOT = Path(__file__).resolve().parents[1]
+#: The repository root: child processes of the benchmarks put it on ``sys.path`` (or run from
+#: it) to import ``benchmarks.*``.
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -2,8 +2,8 @@
 reference provider looped pair by pair (``prh_fast.reference``, float64 N x N, the way the
 reference's ``compute_score`` loops).
 
-    python benchmarks/bench_align.py                       # 13x13 @ N=1024 and 33x25 @ N=4096
-    python benchmarks/bench_align.py --grid 13x13:1024 --metrics mutual_knn cka
+    python -m benchmarks.bench_align                       # 13x13 @ N=1024 and 33x25 @ N=4096
+    python -m benchmarks.bench_align --grid 13x13:1024 --metrics mutual_knn cka
 
 Correctness first: where the whole reference loop runs, ``align``'s score matrix must equal it
 (neighbour metrics to 1e-12, kernel metrics to 1e-4) and the best pair must be the same. Where
@@ -16,32 +16,21 @@ import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish, timeit  # noqa: E402
-
-from prh_fast import reference  # noqa: E402
-from prh_fast._align import align, best_pair  # noqa: E402
-from prh_fast.metrics import SUPPORTED_METRICS  # noqa: E402
+from benchmarks._harness import finish, timeit
+from prh_fast import reference
+from prh_fast._align import align, best_pair
+from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.testing import drifting_layers
 
 
 def model_features(n: int, layers: int, d: int, seed: int):
-    """[N, L, D] float32 features whose layers share a latent with the other model."""
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(n, 32, generator=g)
-    g.manual_seed(seed)
-    out = torch.empty(n, layers, d)
-    h = z @ torch.randn(32, d, generator=g) / 4
-    for i in range(layers):
-        # Each layer drifts from the last (fresh noise through a nonlinearity): nearby layers
-        # resemble each other, far ones less. No d x d products, so wide models stay cheap.
-        h = torch.tanh(h + 0.4 * torch.randn(n, d, generator=g))
-        out[:, i] = h + 0.3 * torch.randn(n, d, generator=g)
-    return out
+    """[N, L, D] float32 features whose layers share a latent with the other model and drift
+    from layer to layer (``prh_fast.testing.drifting_layers``)."""
+    return drifting_layers(n, layers, d, seed=seed)
 
 
 def main(argv=None) -> int:

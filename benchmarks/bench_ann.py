@@ -1,9 +1,9 @@
 """FAISS approximate search (IVF-Flat, IVF-PQ, HNSW) against exact search: time, recall@10 and
 the error it puts into mutual_knn, at N = 1,000,000, D = 128 on the CPU.
 
-    python benchmarks/bench_ann.py                 # N = 1M, D = 128 (long on 2 cores)
-    python benchmarks/bench_ann.py --small         # N = 50,000: a quick run
-    python benchmarks/bench_ann.py --n 200000 --nprobe 8 32 --no-hnsw
+    python -m benchmarks.bench_ann                 # N = 1M, D = 128 (long on 2 cores)
+    python -m benchmarks.bench_ann --small         # N = 50,000: a quick run
+    python -m benchmarks.bench_ann --n 200000 --nprobe 8 32 --no-hnsw
 
 Two related "layers" A and B (D = 128 each) are generated from one clustered latent (different
 nonlinear maps plus noise), so mutual_knn(A, B) is well above chance, as between two models.
@@ -31,18 +31,14 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish  # noqa: E402
-
-from prh_fast.knn import AnnParams, knn  # noqa: E402
-from prh_fast.knn._faiss_ann import (  # noqa: E402
-    build_index, exact_rows, recall_at_k, sample_rows, search_index)
-from prh_fast.metrics._neighbours import neighbour_scores  # noqa: E402
+from benchmarks._harness import finish
+from prh_fast.knn import AnnParams, knn
+from prh_fast.knn._faiss_ann import build_index, exact_rows, recall_at_k, sample_rows, search_index
+from prh_fast.metrics._neighbours import neighbour_scores
 
 BUDGET = 256 * 2**20
 

@@ -1,7 +1,7 @@
 """Distributed exact kNN on CPU processes (gloo over 127.0.0.1) against one process.
 
-    python benchmarks/bench_distributed.py                 # N in {4096, 16384}, D = 256
-    python benchmarks/bench_distributed.py --n 8192 --d 768 --world 1 2
+    python -m benchmarks.bench_distributed                 # N in {4096, 16384}, D = 256
+    python -m benchmarks.bench_distributed --n 8192 --d 768 --world 1 2
 
 What this measures on a small machine: the *overhead* of the distributed path (process group,
 shard exchange, merge of two runs, gathering the lists) next to the plain single-process
@@ -25,15 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish, timeit  # noqa: E402
-
-
-def features(n: int, d: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 32, generator=g)
-    X = torch.tanh(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
-    return torch.nn.functional.normalize(X, dim=1)
+from benchmarks._harness import ROOT, finish, timeit
+from benchmarks.bench_knn import features
 
 
 def _worker(spec_path: str) -> None:
@@ -77,8 +70,9 @@ def run_world(world: int, n: int, d: int, k: int, mode: str, repeats: int, threa
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS=str(threads), PRH_FAST_DIST_BACKEND="gloo",
                        PRH_FAST_DIST_TIMEOUT="600")
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", spec_path],
-                                          env=env))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.bench_distributed", "--worker", spec_path],
+                env=env, cwd=ROOT))
         for p in procs:
             if p.wait(timeout=1800) != 0:
                 raise RuntimeError(f"a rank exited with code {p.returncode}")

@@ -1,16 +1,17 @@
 """The layer grid of mutual_knn on one GPU: 33 layers (D = 4096) x 25 layers (D = 1024) at
 N = 1,048,576 samples, one layer on the GPU at a time.
 
-    python benchmarks/bench_grid_gpu.py                                # the full grid (long)
-    python benchmarks/bench_grid_gpu.py --n 65536                      # all 825 pairs, small N
-    python benchmarks/bench_grid_gpu.py --layers 1 1 --replicate-to 33 25   # N = 2^20, 2 layers
-    python benchmarks/bench_grid_gpu.py --device cpu --small           # logic only (interpreter)
+    python -m benchmarks.bench_grid_gpu                                # the full grid (long)
+    python -m benchmarks.bench_grid_gpu --n 65536                      # all 825 pairs, small N
+    python -m benchmarks.bench_grid_gpu --layers 1 1 --replicate-to 33 25   # N = 2^20, 2 layers
+    python -m benchmarks.bench_grid_gpu --device cpu --small           # logic only (interpreter)
 
 Pipeline (prh_fast's grid: neighbour lists computed once per layer, reused by every pair):
 
 1. A latent ``[N, 32]`` shared by every layer is drawn on the device. For each layer of model X
    then of model Y, the layer's features are generated on the device
-   (``_gpu.layer_features``: ``normalize(tanh(z W_l) + noise_l·eps)``, noise growing with depth,
+   (``prh_fast.testing.layer_features``: ``normalize(tanh(z W_l) + noise_l·eps)``, noise growing
+   with depth,
    so neighbour lists share structure and the alignment varies over the grid), its kNN lists
    are computed (``prh_fast.knn``: the fused Triton search, exact unless ``--fast``), copied to
    host memory (``--cache host``, pinned) or to ``.npy`` files (``--cache disk``), and the layer
@@ -39,8 +40,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _args(argv):
@@ -88,9 +87,10 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from _gpu import (Deadline, cuda_env, latent, layer_features, list_check, oracle_lists,
-                      reset_peak, sync)
-    from _harness import environment, write_json
+    from benchmarks._gpu import (LATENT, Deadline, cuda_env, list_check, oracle_lists,
+                                 reset_peak, sync)
+    from benchmarks._harness import environment, write_json
+    from prh_fast.testing import latent, layer_features
     from prh_fast import _native
     from prh_fast.knn import knn
     from prh_fast.metrics._neighbours import neighbour_scores, neighbour_scores_cuda
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         del w
         sync(dev)
     t_all = time.perf_counter()
-    z = latent(n, 32, args.seed, dev)
+    z = latent(n, 32, seed=args.seed, device=dev, **LATENT)
     lists: dict = {"X": [], "Y": []}
     host = {}
     if args.cache == "host":

@@ -1,8 +1,8 @@
 """Exact self kNN: prh_fast's CPU backends against FAISS (``--suite cpu``, the default), or the
 GPU engine against what users write (``--suite gpu``).
 
-    python benchmarks/bench_knn.py                      # N in {4096, 16384, 50000}, D = 768/64
-    python benchmarks/bench_knn.py --n 4096 --d 768 --k 10
+    python -m benchmarks.bench_knn                      # N in {4096, 16384, 50000}, D = 768/64
+    python -m benchmarks.bench_knn --n 4096 --d 768 --k 10
 
 Correctness first: every backend's lists are compared with the native backend's (FAISS may
 order exact ties differently; the count of differing rows is reported). Peak memory of each
@@ -10,9 +10,9 @@ backend is measured in a fresh subprocess (``VmHWM``) when ``--memory`` is given
 
 GPU suite (``benchmarks/gpu_suite.sh`` runs it on the lent GPU machine):
 
-    python benchmarks/bench_knn.py --suite gpu                    # the issue's grid, CUDA
-    python benchmarks/bench_knn.py --suite gpu --budget 240 --guard 45
-    python benchmarks/bench_knn.py --suite gpu --device cpu --small   # logic only (interpreter)
+    python -m benchmarks.bench_knn --suite gpu                    # the issue's grid, CUDA
+    python -m benchmarks.bench_knn --suite gpu --budget 240 --guard 45
+    python -m benchmarks.bench_knn --suite gpu --device cpu --small   # logic only (interpreter)
 
 Grid: N in {65,536; 262,144; 1,048,576} x D in {1024, 4096} x k in {10, 100}, cells in order
 of cost. Modes: ``triton_exact_bf16`` / ``triton_exact_tf32`` (prh_fast's fused search, exact
@@ -42,29 +42,29 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish, timeit  # noqa: E402
+from benchmarks._harness import ROOT, finish, timeit
+from prh_fast.testing import latent, layer_features
 
 from prh_fast.knn._backends import faiss_available  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
 
 
 def features(n: int, d: int, seed: int = 0):
+    """Unit rows ``normalize(tanh(z W) + 0.5 eps)`` of a Gaussian latent ``z`` of rank 32
+    (``prh_fast.testing``; ``W`` and ``eps`` standard normal, one generator for all three)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 32, generator=g)
-    X = torch.tanh(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
-    return torch.nn.functional.normalize(X, dim=1)
+    return layer_features(latent(n, 32, generator=g), d, generator=g, gain=None)
 
 
 def peak_memory(backend: str, n: int, d: int, k: int) -> float:
     """Peak resident memory (MiB) of a fresh process that runs one search."""
     code = (
         "import sys; sys.path.insert(0, %r);"
-        "from bench_knn import features; from _harness import peak_rss_mib;"
+        "from benchmarks.bench_knn import features; from benchmarks._harness import peak_rss_mib;"
         "from prh_fast.knn import knn;"
         "X = features(%d, %d); knn(X, %d, backend=%r);"
         "print(peak_rss_mib())"
-    ) % (str(Path(__file__).resolve().parent), n, d, k, backend)
+    ) % (str(ROOT), n, d, k, backend)
     out = subprocess.check_output([sys.executable, "-c", code])
     return float(out.decode().strip().splitlines()[-1])
 
@@ -215,9 +215,9 @@ def main_gpu(argv) -> int:
 
     import torch
 
-    from _gpu import (Deadline, cuda_env, features as gpu_features, list_check,
-                      matmul_ceilings, oracle_lists, peak_gib, reset_peak, sync)
-    from _harness import environment, print_table, write_json
+    from benchmarks._gpu import (Deadline, cuda_env, features as gpu_features, list_check,
+                                 matmul_ceilings, oracle_lists, peak_gib, reset_peak, sync)
+    from benchmarks._harness import environment, print_table, write_json
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

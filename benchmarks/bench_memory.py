@@ -1,6 +1,6 @@
 """Peak memory of whole metric calls at sizes where an N x N matrix would not fit.
 
-    python benchmarks/bench_memory.py        # mutual_knn and cka at N = 50,000, D = 64
+    python -m benchmarks.bench_memory        # mutual_knn and cka at N = 50,000, D = 64
 
 Each case runs in a fresh process; peak resident memory (``VmHWM``) is reported together
 with the baseline of that process after importing torch and building the inputs, so the
@@ -13,23 +13,20 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish  # noqa: E402
+from benchmarks._harness import ROOT, finish
 
 CHILD = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[5])
-from _harness import peak_rss_mib
+from benchmarks._harness import peak_rss_mib
 from prh_fast import metrics
+from prh_fast.testing import latent, layer_features
 n, d, metric, topk = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 g = torch.Generator().manual_seed(0)
-z = torch.randn(n, 16, generator=g)
-A = torch.nn.functional.normalize(torch.tanh(z @ torch.randn(16, d, generator=g))
-                                  + 0.5 * torch.randn(n, d, generator=g), dim=1)
-B = torch.nn.functional.normalize(torch.relu(z @ torch.randn(16, d, generator=g))
-                                  + 0.5 * torch.randn(n, d, generator=g), dim=1)
+z = latent(n, 16, generator=g)
+A = layer_features(z, d, generator=g, gain=None)
+B = layer_features(z, d, generator=g, gain=None, nonlinearity="relu")
 base = peak_rss_mib()
 t0 = time.perf_counter()
 kw = {"topk": topk} if ("knn" in metric) else {}
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
     rows = []
     for m in args.metrics:
         out = subprocess.check_output([sys.executable, "-c", CHILD, str(args.n), str(args.d), m,
-                                       str(args.topk), str(Path(__file__).resolve().parent)])
+                                       str(args.topk), str(ROOT)])
         r = json.loads(out.decode().strip().splitlines()[-1])
         r.update(metric=m, N=args.n, D=args.d, topk=args.topk)
         rows.append(r)

@@ -1,8 +1,8 @@
 """Every metric, prh_fast against the reference provider (``prh_fast.reference``: the literal
 float64 N x N implementation of docs/metrics.md).
 
-    python benchmarks/bench_metrics.py                 # N in {1024, 4096, 16384}
-    python benchmarks/bench_metrics.py --n 1024 --quick
+    python -m benchmarks.bench_metrics                 # N in {1024, 4096, 16384}
+    python -m benchmarks.bench_metrics --n 1024 --quick
 
 Correctness is checked at every size where the reference runs: kernel metrics within 1e-4
 relative; neighbour metrics equal to 1e-12 when the reference scores prh_fast's own float32
@@ -15,24 +15,21 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish, timeit  # noqa: E402
-
-from prh_fast import metrics, reference  # noqa: E402
-from prh_fast.knn import knn  # noqa: E402
+from benchmarks._harness import finish, timeit
+from prh_fast import metrics, reference
+from prh_fast.knn import knn
+from prh_fast.testing import latent, layer_features
 
 
 def features(n: int, d: int, seed: int = 0):
     """Paired float32 features with shared structure (a common latent, two nonlinear maps)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, 32, generator=g)
-    A = torch.tanh(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
-    B = torch.relu(z @ torch.randn(32, d, generator=g)) + 0.5 * torch.randn(n, d, generator=g)
-    return (torch.nn.functional.normalize(A, dim=1), torch.nn.functional.normalize(B, dim=1))
+    z = latent(n, 32, generator=g)
+    return (layer_features(z, d, generator=g, gain=None),
+            layer_features(z, d, generator=g, gain=None, nonlinearity="relu"))
 
 
 def kwargs_for(metric: str, topk: int) -> dict:

@@ -1,9 +1,9 @@
 """Alignment out of core: a 4 x 4 layer grid of mutual_knn (k = 10) and linear CKA between two
 models whose features live in stores on disk, on the CPU, with peak memory measured.
 
-    python benchmarks/bench_scale.py             # N = 200,000, D = 256 (long on 2 cores)
-    python benchmarks/bench_scale.py --small     # N = 20,000: a quick run
-    python benchmarks/bench_scale.py --faiss-ivf # also FAISS IVF-Flat against the exact lists
+    python -m benchmarks.bench_scale             # N = 200,000, D = 256 (long on 2 cores)
+    python -m benchmarks.bench_scale --small     # N = 20,000: a quick run
+    python -m benchmarks.bench_scale --faiss-ivf # also FAISS IVF-Flat against the exact lists
 
 Steps, each in a fresh process (peak resident memory, ``VmHWM``, is per process):
 
@@ -33,12 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import finish  # noqa: E402
+from benchmarks._harness import ROOT, finish
 
-HERE = str(Path(__file__).resolve().parent)
+HERE = str(ROOT)  # the children put it on sys.path to import benchmarks._harness
 
 # --------------------------------------------------------------------------------------------
 # child programs (fresh processes)
@@ -78,7 +76,7 @@ print(json.dumps(out))
 GENERATE = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[6])
-from _harness import peak_rss_mib
+from benchmarks._harness import peak_rss_mib
 from prh_fast.store import StoreWriter
 path, dtype = sys.argv[1], sys.argv[5]
 n, d, layers = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -111,7 +109,7 @@ print(json.dumps({"seconds": dt, "bytes": size, "peak_mib": peak_rss_mib()}))
 GRID = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[5])
-from _harness import peak_rss_mib
+from benchmarks._harness import peak_rss_mib
 import torch
 from prh_fast.grid import align_models
 from prh_fast.store._stream import COUNTERS
@@ -157,7 +155,7 @@ print(json.dumps({"baseline_mib": base, "rows": rows}, default=float))
 FAISS_IVF = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[5])
-from _harness import peak_rss_mib
+from benchmarks._harness import peak_rss_mib
 from prh_fast.knn import AnnParams, knn
 from prh_fast.store._stream import StreamPrep, stream_knn
 path, topk, q, nprobe = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])

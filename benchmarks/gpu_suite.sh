@@ -8,9 +8,9 @@
 #      native CPU backend at N = 20,000; CUDA neighbour-set / CKNNA kernels vs the CPU kernels;
 #      nvcc and call-checking checks), the cuda-marked tests of test_knn/test_metrics/
 #      test_prepare, and test_native's CUDA entry points
-#   3. benchmarks/bench_knn.py --suite gpu: ceilings, the grid, list checks on row
+#   3. python -m benchmarks.bench_knn --suite gpu: ceilings, the grid, list checks on row
 #      samples (time-guarded: long runs are timed on a row sample and flagged)
-#   4. benchmarks/bench_grid_gpu.py twice: all 33 x 25 layers at N = 65,536, and N = 1,048,576
+#   4. python -m benchmarks.bench_grid_gpu twice: all 33 x 25 layers at N = 65,536, and N = 1,048,576
 #      with one layer per model (kNN at full size) scored as 33 x 25 replicated layers
 #   5. a summary table (printed last, and summary.md)
 #
@@ -129,15 +129,15 @@ fi
 
 # ---- 3. kNN grid (leaves ~200 s for the layer grids)
 KNN_END=$(( DEADLINE - 200 ))
-run bench_knn $(( KNN_END - $(date +%s) + 20 )) "$LOG" "$PY" benchmarks/bench_knn.py \
+run bench_knn $(( KNN_END - $(date +%s) + 20 )) "$LOG" "$PY" -m benchmarks.bench_knn \
   "${KNN_ARGS[@]}" --deadline "$KNN_END" --out "$OUT" --name bench_knn_gpu
 
 # ---- 4. layer grids: all 825 pairs at N = 65,536; then kNN at N = 2^20, scored as 33 x 25
 G1_END=$(( $(date +%s) + ($(left) - 20) / 4 ))
-run grid_n65536 $(( G1_END - $(date +%s) + 15 )) "$LOG" "$PY" benchmarks/bench_grid_gpu.py \
+run grid_n65536 $(( G1_END - $(date +%s) + 15 )) "$LOG" "$PY" -m benchmarks.bench_grid_gpu \
   --n 65536 "${GRID_ARGS[@]}" --deadline "$G1_END" --out "$OUT" --name bench_grid_gpu_n65536
 G2_END=$(( DEADLINE - 15 ))
-run grid_n1m $(( G2_END - $(date +%s) + 10 )) "$LOG" "$PY" benchmarks/bench_grid_gpu.py \
+run grid_n1m $(( G2_END - $(date +%s) + 10 )) "$LOG" "$PY" -m benchmarks.bench_grid_gpu \
   --layers 1 1 --replicate-to 33 25 "${GRID_ARGS[@]}" --deadline "$G2_END" --out "$OUT" \
   --name bench_grid_gpu
 

@@ -1,6 +1,7 @@
 """The GPU benchmarks' logic at tiny sizes on the CPU (Triton's interpreter): they run end to
-end, write JSON with the fields the README table and docs/gpu.md read, and their correctness
-checks pass. Subprocesses: ``TRITON_INTERPRET`` must be set before triton is imported."""
+end as ``python -m benchmarks.<name>`` from the repository root, write JSON with the fields the
+README table and docs/gpu.md read, and their correctness checks pass. Subprocesses:
+``TRITON_INTERPRET`` must be set before triton is imported."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,21 +13,24 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _run(script, args, out):
+def _run(module, args, out):
+    """``python -m benchmarks.<module> ARGS --out OUT`` from the repository root."""
+    assert (BENCH / f"{module}.py").is_file(), module
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_bench_knn_gpu_suite_small_on_cpu(tmp_path):
-    out = _run("bench_knn.py", ["--suite", "gpu", "--device", "cpu", "--small", "--n", "96",
+    out = _run("bench_knn", ["--suite", "gpu", "--device", "cpu", "--small", "--n", "96",
                                 "160", "--d", "16", "--k", "4", "--max-full-n", "96",
                                 "--check-rows", "24"], tmp_path)
     assert "checks_passed: True" in out
@@ -55,7 +59,7 @@ def test_bench_grid_gpu_small_on_cpu(tmp_path):
             "--cache-dir", str(tmp_path / "cache")]
     if not HAS_TRITON:
         args += ["--knn-backend", "cpu"]
-    out = _run("bench_grid_gpu.py", args, tmp_path)
+    out = _run("bench_grid_gpu", args, tmp_path)
     assert "checks_passed: True" in out
     data = json.loads((tmp_path / "bench_grid_gpu_small.json").read_text())
     assert data["benchmark"] == "grid_gpu" and data["checks_passed"] is True
@@ -70,6 +74,16 @@ def test_bench_grid_gpu_small_on_cpu(tmp_path):
     assert data["checks"]["knn_X0"]["passed"] is True and data["checks"]["knn_Y0"]["passed"]
     assert "not a measurement" in data["projection"]["what"]
     # a rerun reuses the cached lists
-    _run("bench_grid_gpu.py", args, tmp_path)
+    _run("bench_grid_gpu", args, tmp_path)
     data = json.loads((tmp_path / "bench_grid_gpu_small.json").read_text())
     assert [r["status"] for r in data["layers"]] == ["cached"] * 4
+
+
+def test_every_benchmark_imports_as_a_module_of_the_package():
+    names = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "__init__")
+    assert {"_harness", "_gpu", "bench_knn", "bench_metrics", "bench_align"} <= set(names)
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n" \
+           "    importlib.import_module('benchmarks.' + name)\nprint('ok')"
+    done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
