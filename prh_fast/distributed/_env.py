@@ -21,7 +21,7 @@ import os
 import torch
 
 from prh_fast import _config
-from prh_fast.errors import DistributedError
+from prh_fast.errors import DistributedError, InputError
 
 logger = logging.getLogger("prh_fast")
 
@@ -49,24 +49,45 @@ def _dist():
 def shard_range(n: int, rank: int, world_size: int) -> tuple:
     """Rows ``[start, stop)`` of rank ``rank`` when ``n`` rows are split over ``world_size``
     ranks: contiguous, in rank order, sizes differing by at most one (the first ``n % world``
-    ranks get one more). Ranks beyond ``n`` get empty ranges ``(n, n)``."""
+    ranks get one more). Ranks beyond ``n`` get empty ranges ``(n, n)``.
+
+    Args:
+        n: number of rows, ``>= 0``.
+        rank: this rank, ``0 <= rank < world_size``.
+        world_size: number of ranks, ``>= 1``.
+
+    Returns:
+        ``(start, stop)``.
+
+    Raises:
+        InputError: naming the argument that is not an integer in range.
+
+    Example:
+        >>> [shard_range(10, r, 3) for r in range(3)]
+        [(0, 4), (4, 7), (7, 10)]
+    """
     for v, name in ((n, "n"), (rank, "rank"), (world_size, "world_size")):
         if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
-            raise ValueError(f"{name}: expected an integer, got {v!r}")
+            raise InputError(f"{name}: expected an integer, got {v!r}")
     n, rank, world_size = int(n), int(rank), int(world_size)
     if n < 0:
-        raise ValueError(f"n: expected a number of rows >= 0, got {n}")
+        raise InputError(f"n: expected a number of rows >= 0, got {n}")
     if world_size < 1:
-        raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        raise InputError(f"world_size: expected >= 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
+        raise InputError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
 
 
 def world(group=None) -> tuple:
-    """``(rank, world_size)`` in ``group`` (default group); ``(0, 1)`` without a process group."""
+    """``(rank, world_size)`` in ``group`` (default group); ``(0, 1)`` without a process group.
+
+    Example:
+        >>> world()  # no process group here
+        (0, 1)
+    """
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1
@@ -85,7 +106,13 @@ def _env_int(name: str, default: int) -> int:
 
 def launched_by_torchrun() -> bool:
     """True when the environment describes more than one rank (``WORLD_SIZE > 1``, as set by
-    ``torchrun`` or a cluster launcher)."""
+    ``torchrun`` or a cluster launcher).
+
+    Example:
+        >>> import os
+        >>> launched_by_torchrun() == (int(os.environ.get("WORLD_SIZE") or 1) > 1)
+        True
+    """
     return _env_int("WORLD_SIZE", 1) > 1
 
 
@@ -141,7 +168,7 @@ def init_from_env(backend=None, timeout=None) -> bool:
         already existed.
 
     Example:
-        >>> init_from_env()  # doctest: +SKIP  (inside a torchrun job)
+        >>> init_from_env()  # inside a torchrun job  # doctest: +SKIP
         True
     """
     dist = _dist()

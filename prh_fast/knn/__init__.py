@@ -91,6 +91,24 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
         include_self: the row's own entry is eligible too (score ``<x_i, x_i>``): each row's
             ``k`` largest entries of the whole row ``X X^T``, ``1 <= k <= N - 1`` (what
             ``cknna(unbiased=False)`` masks, as the reference). Self search only.
+
+    Returns:
+        ``idx`` ``[N, k]`` int64; with ``return_scores`` / ``return_report`` a tuple
+        ``(idx[, scores][, report])``.
+
+    Raises:
+        InputError: a bad argument (named), or a backend asked for by name whose declared
+            support does not cover the search (wrong device, ``keys=`` with ``cpu``/``faiss``).
+        BackendUnavailableError: a backend asked for by name that cannot run here.
+
+    Example:
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> knn(X, 1).tolist()
+        [[1], [0], [3], [2]]
+        >>> idx, vals = knn(X, 2, backend="torch", return_scores=True)
+        >>> idx[0].tolist(), round(float(vals[0, 0]), 2)
+        ([1, 3], 0.9)
     """
     idx, vals, report, cd = _search(X, k, backend=backend, memory_budget=memory_budget,
                                     keys=keys, exact=exact, precision=precision,

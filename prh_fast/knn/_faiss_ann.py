@@ -109,6 +109,11 @@ class AnnParams:
         ef_search: HNSW search beam (FAISS uses at least ``k+1``). Default ``max(64, 2(k+1))``.
         seed: training sample, k-means, HNSW levels and the recall sample. Default 0.
         recall_sample: query rows of the recall report, ``1..N``. Default ``min(N, 1000)``.
+
+    Example:
+        >>> p = AnnParams.parse("faiss-ivf:nprobe=16,nlist=1024")
+        >>> p.backend, p.nprobe, p.nlist
+        ('faiss-ivf', 16, 1024)
     """
 
     backend: str = "faiss-ivf"
@@ -280,6 +285,14 @@ class AnnReport:
         rows_completed: rows that had fewer than ``k`` results and were searched exactly.
         device: ``"cpu"`` or ``"gpu"`` (where the index ran).
         timings: seconds: ``train``, ``add``, ``search``, ``report`` (the exact sample search).
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.knn import knn
+        >>> X = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+        >>> _, rep = knn(X, 5, backend="faiss-ivf", return_report=True)  # doctest: +SKIP
+        >>> 0.0 <= rep.recall <= 1.0  # doctest: +SKIP
+        True
     """
 
     backend: str
