@@ -82,7 +82,22 @@ _CACHE_MARKER = "prh_fast_source.json"
 
 @dataclass
 class TextBatch:
-    """Features and loss terms of one batch of texts (see the module docstring)."""
+    """Features and loss terms of one batch of texts (see the module docstring).
+
+    Attributes:
+        feats: One ``[B, D_l]`` float32 CPU tensor per hidden state (embeddings first).
+        nll_sum: ``[B]`` float64 summed next-token loss in nats (causal LMs), else None.
+        n_tokens: ``[B]`` int64 tokens predicted (causal LMs), else None.
+        n_bytes: ``[B]`` int64 UTF-8 bytes of the tokenized strings.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.extract._text import TextBatch
+        >>> tb = TextBatch([torch.zeros(2, 8)] * 3, None, None, torch.tensor([5, 7]))
+        >>> len(tb.feats), tb.n_bytes.tolist()
+        (3, [5, 7])
+    """
+
     feats: list              # per hidden state (embeddings first): [B, D_l] float32 cpu
     nll_sum: Optional[torch.Tensor]   # [B] float64, nats (causal LMs), else None
     n_tokens: Optional[torch.Tensor]  # [B] int64, tokens predicted (causal LMs), else None
@@ -351,12 +366,29 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
                     hub: Optional[bool] = None, padding_side: str = "right") -> "TextEncoder":
     """Load a transformers causal LM or encoder for :meth:`TextEncoder.encode`.
 
-    ``name_or_path``: a packaged alias, a save_pretrained folder, a ``.gguf`` file, or a hub
-    id (see the module docstring for the search order). ``device``: a torch device, or
-    "auto" to spread a large model over the visible GPUs (accelerate's ``device_map="auto"``).
-    ``dtype``: compute dtype (default float32; features are returned in float32 anyway).
-    ``hub``: None = download only when the hub answers and no offline variable is set,
-    True = allowed, False = never. ``padding_side``: "right" (default) or "left".
+    Args:
+        name_or_path: A packaged alias, a ``save_pretrained`` folder, a ``.gguf`` file, or a
+            hub id (see the module docstring for the search order).
+        device: A torch device, or ``"auto"`` to spread a large model over the visible GPUs
+            (accelerate's ``device_map="auto"``).
+        dtype: Compute dtype (default float32; features are returned in float32 anyway).
+        trust_remote_code: Passed to transformers (runs code from the model's folder).
+        hub: None = download only when the hub answers and no offline variable is set,
+            True = allowed, False = never.
+        padding_side: ``"right"`` (default) or ``"left"``.
+
+    Returns:
+        A :class:`TextEncoder`.
+
+    Raises:
+        ValueError: A bad option.
+        ModelNotAvailableError: The weights are neither on disk nor fetchable.
+
+    Example:
+        >>> from prh_fast.extract import load_text_model
+        >>> enc = load_text_model("all-minilm-l6-v2")  # doctest: +SKIP
+        >>> enc.num_layers, enc.dims[-1]  # doctest: +SKIP
+        (7, 384)
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
@@ -407,9 +439,34 @@ def _check_texts(texts) -> list:
 class TextEncoder:
     """A loaded language model; :meth:`encode` gives per-layer pooled features and losses.
 
-    Attributes: ``name`` (as given), ``source`` (folder it was loaded from, or ``hub:<id>``),
-    ``num_params``, ``num_layers`` (hidden states incl. embeddings), ``dims`` (per hidden
-    state), ``causal``, ``device``, ``dtype``, ``padding_side``, ``max_length``.
+    Made by :func:`load_text_model`.
+
+    Args:
+        model: A transformers model (causal LM or encoder).
+        tokenizer: Its tokenizer (a missing pad token becomes EOS).
+        name: The name it was asked for by.
+        source: The folder it was loaded from, or ``hub:<id>``.
+        causal: Whether the model predicts next tokens (losses are recorded).
+        padding_side: ``"right"`` or ``"left"``.
+
+    Attributes:
+        name: As given.
+        source: As given.
+        num_params: Number of parameters.
+        num_layers: Hidden states, embeddings included.
+        dims: Width of every hidden state.
+        causal: As given.
+        device: Where the inputs go.
+        dtype: The compute dtype.
+        padding_side: As given.
+        max_length: The model's largest number of positions (None when unbounded).
+
+    Example:
+        >>> from prh_fast.extract import load_text_model
+        >>> enc = load_text_model("smollm2-135m")  # doctest: +SKIP
+        >>> batch = enc.encode(["a red circle", "a blue square"], pool="avg")  # doctest: +SKIP
+        >>> len(batch.feats), tuple(batch.feats[-1].shape)  # doctest: +SKIP
+        (31, (2, 576))
     """
 
     def __init__(self, model, tokenizer, *, name: str, source: str, causal: bool,
@@ -466,7 +523,19 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts, pool: str = "avg") -> TextBatch:
-        """Pooled hidden states of ``texts`` (see the module docstring for ``pool``)."""
+        """Pooled hidden states and loss terms of some texts.
+
+        Args:
+            texts: A non-empty list of str.
+            pool: ``"avg"``, ``"last"`` or ``"prompt"`` (see the module docstring).
+
+        Returns:
+            A :class:`TextBatch`.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str.
+            ValueError: An empty list, a text with no tokens or too many, or a bad ``pool``.
+        """
         texts = _check_texts(texts)
         if pool not in POOLINGS:
             raise ValueError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
@@ -525,8 +594,22 @@ class TextEncoder:
 
 
 def text_model_status(name_or_path) -> tuple:
-    """(True, where) when :func:`load_text_model` can load it without downloading, else
-    (False, why). Reads no weights and never downloads."""
+    """Whether :func:`load_text_model` can load a model without downloading.
+
+    Reads no weights and never downloads.
+
+    Args:
+        name_or_path: As in :func:`load_text_model`.
+
+    Returns:
+        ``(True, where)`` or ``(False, why)``.
+
+    Example:
+        >>> from prh_fast.extract._text import text_model_status
+        >>> ok, why = text_model_status("/no/such/model")
+        >>> ok
+        False
+    """
     try:
         kind, where = _resolve(name_or_path, hub="status")
     except (ModelNotAvailableError, ValueError, TypeError) as e:
