@@ -288,3 +288,17 @@ def test_auto_and_triton_stay_off_the_cuda_set_op_kernels(fake_cuda):
     metrics.mutual_knn(A, B, 5, backend="auto")
     metrics.cknna(A, B, topk=5, backend="triton")
     assert not [c for c in fake_cuda.calls if c[0] != "stream"]
+
+
+@needs_native
+def test_cuda_backend_reaches_the_kernels_through_align_models(fake_cuda):
+    X = torch.stack([_features(seed=1), _features(seed=2)], dim=1)
+    Y = torch.stack([_features(seed=3)], dim=1)
+    kw = dict(topk=4, progress=False)
+    want = prh_fast.align_models({"x": X}, {"y": Y}, "mutual_knn", backend="torch", **kw)
+    got = prh_fast.align_models({"x": X}, {"y": Y}, "mutual_knn", backend="cuda", **kw)
+    launches = [c for c in fake_cuda.calls if c[0] == "neighbour_scores"]
+    # one launch for the model pair: its 2 x 1 layer pairs (in the grid's reference order)
+    assert len(launches) == 1 and sorted(launches[0][2:4]) == [1, 2]
+    assert launches[0][:2] == ("neighbour_scores", "mutual") and launches[0][4:] == (60, 4, 1234)
+    assert got.to_dict()["pair_scores"] == want.to_dict()["pair_scores"]
