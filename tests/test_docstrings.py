@@ -27,14 +27,7 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 #: Public names that still lack an example, grouped by the module that defines them; each entry
 #: is ``"module:name"``. This list is meant to be empty.
 PENDING_EXAMPLES: set = {
-    # prh_fast/grid.py, prh_fast/distributed/_grid.py
-    "prh_fast:align_models", "prh_fast:Alignment", "prh_fast:GridResult",
-    "prh_fast.distributed:align_models",
-    # prh_fast/knn/__init__.py, knn/_faiss_ann.py, distributed/_env.py
-    "prh_fast.knn:knn", "prh_fast.knn:AnnParams", "prh_fast.knn:AnnReport",
-    "prh_fast.distributed:init_from_env", "prh_fast.distributed:launched_by_torchrun",
-    "prh_fast.distributed:shard_range", "prh_fast.distributed:world",
-    # prh_fast/store/_stream.py, distributed/_knn.py
+    # prh_fast/store/_stream.py, prh_fast/distributed/_knn.py
     "prh_fast.store:stream_knn", "prh_fast.store:clip_thresholds", "prh_fast.store:StreamPrep",
     "prh_fast.distributed:knn", "prh_fast.distributed:shard",
 }
