@@ -142,7 +142,8 @@ def _align(args) -> int:
                        exact=args.precise, output_dir=out_dir,
                        force_remake=args.force_remake, progress=not args.no_progress,
                        backend=backend, null_permutations=args.null_permutations,
-                       trust=args.trust, stream=args.stream, stream_budget=args.stream_budget)
+                       trust=args.trust, stream=args.stream,
+                       memory_budget=_memory_budget(args))
     print(res.table())
     ann = res.options.get("ann")
     if ann:
@@ -182,6 +183,20 @@ def _align(args) -> int:
           f"{t.get('total', 0.0):.2f} s")
     print("wrote:\n  " + "\n  ".join(written))
     return 0
+
+
+def _memory_budget(args):
+    """``--memory-budget``, or its deprecated name ``--stream-budget`` (with a notice on
+    stderr); both is a usage error."""
+    old = getattr(args, "stream_budget", None)
+    if old is None:
+        return args.memory_budget
+    if args.memory_budget is not None:
+        raise _UserError("--memory-budget: given together with --stream-budget, its former "
+                         "name; pass --memory-budget only")
+    print("prh-fast align: --stream-budget is deprecated, use --memory-budget (the same "
+          "bytes of scratch memory)", file=sys.stderr)
+    return old
 
 
 def _knn_backend(backend, options):
@@ -300,8 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--stream", choices=["auto", "on", "off"], default=None,
                     help="store folders: stream them instead of loading (default auto: "
                     "neighbour lists always, kernel metrics above 1 GiB; PRH_FAST_STREAM)")
-    pa.add_argument("--stream-budget", type=positive_int, default=None, metavar="BYTES",
-                    help="scratch memory of the streamed computations (default 512 MiB)")
+    pa.add_argument("--memory-budget", type=positive_int, default=None, metavar="BYTES",
+                    help="scratch memory: the streamed computations (default 512 MiB) and "
+                    "CKA's kernel row blocks in memory (default 256 MiB)")
+    # the former name of --memory-budget, still accepted (with a deprecation notice)
+    pa.add_argument("--stream-budget", type=positive_int, default=None,
+                    help=argparse.SUPPRESS)
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.set_defaults(func=_cmd_align)
     pb = sub.add_parser("bench", help="time prh_fast against a reference checkout, side by side")

@@ -125,3 +125,27 @@ def test_console_entry_point_exit_code():
                         "--y", "nope.pt", "--no-progress"], capture_output=True, text=True)
     assert p.returncode == 2
     assert "nope.pt" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_memory_budget_flag_and_deprecated_stream_budget(feature_dir, tmp_path, capsys):
+    """``--memory-budget`` is the flag; ``--stream-budget`` (hidden from --help) still works
+    with a notice naming the new flag; both together is a usage error."""
+    sub = feature_dir / "prh" / "wit_1024"
+    files = [str(sub / "llama_pool-avg_prompt-False.pt")]
+    base = ["align", "--x", *files, "--y", *files, "--metric", "cka", "--no-progress"]
+    rc = main(base + ["--output_dir", str(tmp_path / "a"), "--memory-budget", "4096"])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(base + ["--output_dir", str(tmp_path / "b"), "--stream-budget", "4096"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "--memory-budget" in captured.err
+    a = np.load(tmp_path / "a" / "cka.npy", allow_pickle=True).item()
+    b = np.load(tmp_path / "b" / "cka.npy", allow_pickle=True).item()
+    np.testing.assert_array_equal(a["scores"], b["scores"])
+    rc = main(base + ["--output_dir", str(tmp_path / "c"), "--stream-budget", "4096",
+                      "--memory-budget", "4096"])
+    assert rc == 2 and "--memory-budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["align", "--help"])
+    text = capsys.readouterr().out
+    assert "--memory-budget" in text and "--stream-budget" not in text

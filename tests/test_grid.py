@@ -391,3 +391,57 @@ def test_import_prh_fast_does_not_import_matplotlib():
     code = ("import sys, prh_fast, prh_fast.grid, prh_fast.cli; "
             "assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_memory_budget_is_the_one_name_stream_budget_a_deprecated_alias(models, tmp_path):
+    """``memory_budget`` (bytes of scratch memory) is the keyword of the grid, ``Alignment``
+    and the distributed grid; ``stream_budget`` still works with a FutureWarning naming the
+    new name; passing both is an InputError."""
+    import warnings
+
+    from prh_fast.distributed import align_models as dalign_models
+    from prh_fast.errors import InputError
+
+    xs = {"a": models["a"], "b": models["b"]}
+    want = align_models(xs, xs, "cka", progress=False)
+    got = align_models(xs, xs, "cka", progress=False, memory_budget=4096)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-10, atol=1e-12)
+    assert got.options["metric_kwargs"]["memory_budget"] == 4096
+    for fn in (align_models, dalign_models):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fn(xs, xs, "mutual_knn", progress=False, memory_budget=1 << 20)
+        with pytest.warns(FutureWarning, match="memory_budget"):
+            old = fn(xs, xs, "cka", progress=False, stream_budget=4096)
+        np.testing.assert_array_equal(old.scores, got.scores)
+        with pytest.raises(InputError, match="memory_budget"):
+            fn(xs, xs, "cka", progress=False, stream_budget=4096, memory_budget=4096)
+    with pytest.raises(ValueError, match="memory_budget"):
+        align_models(xs, xs, "cka", progress=False, memory_budget=0)
+    torch.save({"feats": models["a"]}, tmp_path / "a.pt")
+    with pytest.warns(FutureWarning, match="memory_budget"):
+        assert Alignment(str(tmp_path), stream_budget=1 << 20).memory_budget == 1 << 20
+    with pytest.raises(InputError, match="memory_budget"):
+        Alignment(str(tmp_path), stream_budget=1 << 20, memory_budget=1 << 20)
+
+
+def test_align_memory_budget_alias_and_paths(models, tmp_path):
+    """``align``: the same keyword for tensors (CKA row blocks) and for files (the grid's
+    path), with the deprecated alias."""
+    from prh_fast.errors import InputError
+
+    X, Y = models["a"], models["b"]
+    want = align(X, Y, "cka")
+    with pytest.warns(FutureWarning, match="memory_budget"):
+        old = align(X, Y, "cka", stream_budget=4096)
+    torch.testing.assert_close(old.scores, want.scores, rtol=1e-10, atol=1e-12)
+    with pytest.raises(InputError, match="memory_budget"):
+        align(X, Y, "cka", stream_budget=4096, memory_budget=4096)
+    assert align(X, Y, "mutual_knn", topk=5, memory_budget=1 << 20).scores.shape == (3, 2)
+    torch.save({"feats": X}, tmp_path / "x.pt")
+    torch.save({"feats": Y}, tmp_path / "y.pt")
+    got = align(str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), "cka", memory_budget=4096)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-10, atol=1e-12)
+    with pytest.warns(FutureWarning, match="memory_budget"):
+        align(str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), "mutual_knn", topk=5,
+              stream_budget=1 << 20)
