@@ -35,7 +35,8 @@ def pytest_configure(config):
         _SESSION_CACHE = tempfile.mkdtemp(prefix="prh_fast_test_cache_")
         os.environ["PRH_FAST_CACHE"] = _SESSION_CACHE
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: heavier oracle comparisons (still run by default)")
+    config.addinivalue_line("markers", "slow: heavy (Triton interpreter, subprocesses, real "
+                            "models, large oracles); -m 'not slow' skips them")
 
 
 @pytest.fixture(autouse=True)
