@@ -40,7 +40,7 @@ Names:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -125,10 +125,6 @@ class Request:
     cross: bool = False
     stream: bool = False
     distributed: bool = False
-
-    @property
-    def what(self) -> str:
-        return "lists" if self.op == "setops" else "features"
 
 
 # ------------------------------------------------------------------------------ set-ops
@@ -218,7 +214,6 @@ class Backend:
     distributed: bool = True
     exact: bool = True
     setops: str | None = None
-    notes: dict = field(default_factory=dict, compare=False)
 
     def available(self, device: torch.device) -> str | None:
         """Why its search cannot run on this machine for ``device`` (None when it can)."""
@@ -330,7 +325,7 @@ def _requested(backend):
     return name, params, source
 
 
-def _fail(name: str, request: Request, reasons: list):
+def _fail(name: str, reasons: list):
     text = "; ".join(t for _, t in reasons)
     msg = f"backend={name!r} was requested but it cannot run here: {text}"
     if any(kind == UNSUPPORTED for kind, _ in reasons):
@@ -342,7 +337,8 @@ def _auto(request: Request, order, table, what: str):
     skipped = []
     for cand in order:
         reasons = table[cand].not_supported_reasons(request)
-        if request.op == "setops" and not reasons and not table[cand].verified_on_hardware:
+        if not reasons and not getattr(table[cand], "verified_on_hardware", True):
+            # a declared capability, not a failure: auto leaves it alone, silently
             reasons = [(UNSUPPORTED, "not verified on hardware")]
         if not reasons:
             if skipped:
@@ -402,13 +398,11 @@ def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=Non
     requested = name
     if name == "auto":
         order = AUTO.get(device_type(device), ("torch",))
-        name = _auto(Request(device=device, k=k, dtype=dtype, cross=request.cross,
-                             stream=request.stream, distributed=request.distributed),
-                     order, BACKENDS, "kNN") if op == "knn" else "auto"
+        name = _auto(request, order, BACKENDS, "kNN") if op == "knn" else "auto"
     else:
         reasons = BACKENDS[name].not_supported_reasons(request)
         if reasons:
-            _fail(name, request, reasons)
+            _fail(name, reasons)
     if op == "knn":
         return Choice(name=name, search=BACKENDS[name].search, setops=BACKENDS[name].setops,
                       params=params, requested=requested)
