@@ -112,7 +112,15 @@ sys.path.insert(0, sys.argv[5])
 from benchmarks._harness import peak_rss_mib
 import torch
 from prh_fast.grid import align_models
-from prh_fast.store._stream import COUNTERS
+import collections, logging
+COUNTERS = collections.Counter()  # what the streamed computations did: their DEBUG records
+class _Count(logging.Handler):
+    def emit(self, record):
+        if hasattr(record, "stream_event"):
+            COUNTERS[record.stream_event] += record.stream_count
+_events = logging.getLogger("prh_fast.store._stream")
+_events.setLevel(logging.DEBUG)
+_events.addHandler(_Count())
 path, topk, q, budget = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 exact = sys.argv[6] == "1"
 metrics = sys.argv[7].split(",")

@@ -13,6 +13,7 @@ the grid's store path).
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -29,7 +30,6 @@ from prh_fast.store import StoreWriter, load_features, open_store, save_features
 from prh_fast.store import _stream as S
 from prh_fast.store._moments import TensorSource, kernel_scores
 from prh_fast.store._stream import (
-    COUNTERS,
     StreamPrep,
     clip_thresholds,
     knn_plan,
@@ -37,6 +37,25 @@ from prh_fast.store._stream import (
 )
 
 needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="native prh_fast._C not built")
+
+
+class _Events:
+    """What the streaming computations did during a test: ``events[name]`` sums the
+    ``stream_count`` of the DEBUG records whose ``stream_event`` is ``name``
+    (``prh_fast.store._stream._note``)."""
+
+    def __init__(self, caplog):
+        self._caplog = caplog
+
+    def __getitem__(self, name: str) -> int:
+        return sum(r.stream_count for r in self._caplog.records
+                   if getattr(r, "stream_event", None) == name)
+
+
+@pytest.fixture
+def events(caplog):
+    caplog.set_level(logging.DEBUG, logger="prh_fast.store._stream")
+    return _Events(caplog)
 STORE_DTYPES = ["bfloat16", "float16", "float32", "float64"]
 
 
@@ -264,15 +283,15 @@ def bits(t: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dtype", STORE_DTYPES)
-def test_exact_threshold_is_the_sorted_element_bit_for_bit(tmp_path, dtype):
+def test_exact_threshold_is_the_sorted_element_bit_for_bit(tmp_path, dtype, events):
     td = getattr(torch, dtype)
     layers = [awkward_values(401, 13, td, seed=1), awkward_values(401, 13, td, seed=2)]
     st = write_store(tmp_path / "s", layers, dtype, 37)
     whole = torch.stack(layers, dim=1)
     for q in (1e-9, 0.2, 0.5, 0.9, 0.95, 0.999, 0.9999999):
-        before = COUNTERS["threshold_passes"]
+        before = events["threshold_passes"]
         ts = clip_thresholds(st, q, exact=True, cache=False)
-        passes = COUNTERS["threshold_passes"] - before
+        passes = events["threshold_passes"] - before
         assert passes == {"bfloat16": 1, "float16": 1, "float32": 2, "float64": 3}[dtype]
         want = sorted_threshold(whole, q)
         assert len(ts) == 2 and all(bits(t) == bits(want) for t in ts), (q, ts, want)
@@ -318,14 +337,14 @@ def test_prepared_rows_equal_prepare_features(tmp_path, dtype, exact):
                 assert got.dtype == mem[l].dtype and torch.equal(got, mem[l][a:b])
 
 
-def test_threshold_is_cached(tmp_path):
+def test_threshold_is_cached(tmp_path, events):
     st = write_store(tmp_path / "s", structured(300, [6, 6]), "float32", 40)
     for exact in (True, False):
         t1 = clip_thresholds(st, 0.95, exact=exact)
-        passes, hits = COUNTERS["threshold_passes"], COUNTERS["threshold_cache_hits"]
+        passes, hits = events["threshold_passes"], events["threshold_cache_hits"]
         t2 = clip_thresholds(st, 0.95, exact=exact)
-        assert COUNTERS["threshold_passes"] == passes
-        assert COUNTERS["threshold_cache_hits"] == hits + 1
+        assert events["threshold_passes"] == passes
+        assert events["threshold_cache_hits"] == hits + 1
         assert [bits(a) for a in t1] == [bits(b) for b in t2]
     assert clip_thresholds(st, 1.0) == [None, None]
     with pytest.raises(ValueError, match="q"):
@@ -409,13 +428,14 @@ def test_memory_budget_must_be_a_positive_number_of_bytes(tmp_path, bad):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_native), "torch"])
-def test_memory_budget_too_small_is_a_clear_error(tmp_path, backend):
+def test_memory_budget_too_small_is_a_clear_error(tmp_path, backend, events):
     st = write_store(tmp_path / "s", structured(500, [64]), "float32", 100)
     with pytest.raises(ValueError, match=r"memory_budget: 4096 bytes is too small .* at least"):
         stream_knn(st, 0, 3, memory_budget=4096, backend=backend)
     with pytest.raises(ValueError, match="memory_budget"):
         clip_thresholds(st, 0.9, exact=True, memory_budget=100, cache=False)
-    assert COUNTERS is S.COUNTERS
+    # refused before any search or pass
+    assert events["knn_searches"] == 0 and events["threshold_passes"] == 0
 
 
 def test_scratch_stays_within_the_budget(tmp_path):
@@ -434,27 +454,27 @@ def cache_files(st):
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
-def test_second_run_reads_the_cache(tmp_path):
+def test_second_run_reads_the_cache(tmp_path, events):
     st = write_store(tmp_path / "s", structured(400, [12, 12]), "float32", 70)
     idx1, v1 = stream_knn(st, 1, 6, q=0.95, return_scores=True)
     names = [f for f in cache_files(st) if f.startswith("knn-")]
     assert len(names) == 1
     mtime = os.stat(os.path.join(st.path, "cache", names[0])).st_mtime_ns
-    searches, hits = COUNTERS["knn_searches"], COUNTERS["knn_cache_hits"]
+    searches, hits = events["knn_searches"], events["knn_cache_hits"]
     idx2, v2 = stream_knn(open_store(st.path), 1, 6, q=0.95, return_scores=True)
-    assert COUNTERS["knn_searches"] == searches and COUNTERS["knn_cache_hits"] == hits + 1
+    assert events["knn_searches"] == searches and events["knn_cache_hits"] == hits + 1
     assert torch.equal(idx1, idx2) and torch.equal(v1, v2)
     assert os.stat(os.path.join(st.path, "cache", names[0])).st_mtime_ns == mtime
     # another k, layer, clipping or normalisation is another result
     for kw in ({"layer": 1, "k": 5, "q": 0.95}, {"layer": 0, "k": 6, "q": 0.95},
                {"layer": 1, "k": 6, "q": 0.9}, {"layer": 1, "k": 6, "q": 0.95, "exact": True},
                {"layer": 1, "k": 6, "q": 0.95, "normalize": False}):
-        before = COUNTERS["knn_searches"]
+        before = events["knn_searches"]
         stream_knn(st, **kw)
-        assert COUNTERS["knn_searches"] == before + 1, kw
+        assert events["knn_searches"] == before + 1, kw
 
 
-def test_cache_follows_the_store_content(tmp_path):
+def test_cache_follows_the_store_content(tmp_path, events):
     X = structured(300, [8])
     st = write_store(tmp_path / "s", X, "float32", 70)
     a = stream_knn(st, 0, 4)
@@ -462,13 +482,13 @@ def test_cache_follows_the_store_content(tmp_path):
     st2 = StoreWriter(st.path, dtype="float32", shard_rows=70, overwrite=True)
     st2.append(X2)
     st2 = open_store(st2.finish())
-    before = COUNTERS["knn_searches"]
+    before = events["knn_searches"]
     b = stream_knn(st2, 0, 4)
-    assert COUNTERS["knn_searches"] == before + 1
+    assert events["knn_searches"] == before + 1
     assert torch.equal(b, knn(in_memory_layers(st2.path)[0], 4)) and not torch.equal(a, b)
 
 
-def test_failed_cache_write_leaves_no_cache(tmp_path, monkeypatch):
+def test_failed_cache_write_leaves_no_cache(tmp_path, monkeypatch, events):
     import prh_fast.store._sharded as sharded
 
     st = write_store(tmp_path / "s", structured(300, [8]), "float32", 70)
@@ -488,9 +508,9 @@ def test_failed_cache_write_leaves_no_cache(tmp_path, monkeypatch):
     assert torch.equal(got, knn(in_memory_layers(st.path)[0], 4))
     assert cache_files(st) == []  # no file, no temporary left
     monkeypatch.setattr(sharded, "atomic_write", real)
-    before = COUNTERS["knn_searches"]
+    before = events["knn_searches"]
     assert torch.equal(stream_knn(st, 0, 4), got)
-    assert COUNTERS["knn_searches"] == before + 1
+    assert events["knn_searches"] == before + 1
     assert len(cache_files(st)) == 1
 
 
@@ -512,7 +532,7 @@ def test_crash_during_the_search_writes_nothing(tmp_path, monkeypatch):
     assert [f for f in cache_files(st) if f.startswith("knn-")] == []
 
 
-def test_killed_writer_leaves_no_readable_cache(tmp_path):
+def test_killed_writer_leaves_no_readable_cache(tmp_path, events):
     """A process killed half-way through writing a cached result leaves at most a temporary
     file: the next run does not read it, searches again and writes a good cache."""
     st = write_store(tmp_path / "s", structured(400, [8]), "float32", 70)
@@ -536,24 +556,24 @@ stream_knn(sys.argv[1], 0, 4)
     assert r.returncode == 9, r.stderr.decode()
     left = cache_files(st)
     assert left and all(f.endswith(".tmp") for f in left)  # debris only, no cache file
-    before = COUNTERS["knn_searches"]
+    before = events["knn_searches"]
     got = stream_knn(st, 0, 4)
-    assert COUNTERS["knn_searches"] == before + 1
+    assert events["knn_searches"] == before + 1
     assert torch.equal(got, knn(in_memory_layers(st.path)[0], 4))
-    hits = COUNTERS["knn_cache_hits"]
-    assert torch.equal(stream_knn(st, 0, 4), got) and COUNTERS["knn_cache_hits"] == hits + 1
+    hits = events["knn_cache_hits"]
+    assert torch.equal(stream_knn(st, 0, 4), got) and events["knn_cache_hits"] == hits + 1
 
 
-def test_truncated_cache_file_is_recomputed(tmp_path):
+def test_truncated_cache_file_is_recomputed(tmp_path, events):
     st = write_store(tmp_path / "s", structured(300, [8]), "float32", 70)
     want = stream_knn(st, 0, 4)
     (name,) = cache_files(st)
     full = os.path.join(st.path, "cache", name)
     with open(full, "r+b") as f:
         f.truncate(os.path.getsize(full) // 3)
-    before = COUNTERS["knn_searches"]
+    before = events["knn_searches"]
     assert torch.equal(stream_knn(st, 0, 4), want)
-    assert COUNTERS["knn_searches"] == before + 1
+    assert events["knn_searches"] == before + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,17 +621,17 @@ def test_grid_from_stores_equals_in_memory(tmp_path, prep):
         np.testing.assert_array_equal(a.indices[0, 1], b.indices[0, 1])
 
 
-def test_grid_second_run_searches_nothing(tmp_path):
+def test_grid_second_run_searches_nothing(tmp_path, events):
     from prh_fast.grid import align_models
 
     _, stores = make_models(tmp_path, "bfloat16", n=301)
     align_models(stores, stores, "mutual_knn", topk=5, q=0.95, progress=False)
-    before = COUNTERS["knn_searches"]
+    before = events["knn_searches"]
     r = align_models(stores, stores, "mutual_knn", topk=5, q=0.95, progress=False)
-    assert COUNTERS["knn_searches"] == before  # every layer's lists came from the cache
+    assert events["knn_searches"] == before  # every layer's lists came from the cache
     assert r.timings["streamed_models"] == 2
     align_models(stores, stores, "cknna", topk=5, q=0.95, progress=False)
-    assert COUNTERS["knn_searches"] == before  # cknna reuses the same cached lists
+    assert events["knn_searches"] == before  # cknna reuses the same cached lists
 
 
 def test_grid_stream_modes(tmp_path, monkeypatch):

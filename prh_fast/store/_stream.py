@@ -25,6 +25,7 @@ The threshold (:func:`clip_thresholds`) is the in-memory one, bit for bit:
   routine and the ``[N]`` vector is averaged as the in-memory code averages it.
 
 Thresholds are cached in the store (``cache/``, keyed on q, mode and the store's content).
+Every pass, search and cache hit is a DEBUG record on this module's logger (:func:`_note`).
 
 Neighbours (:func:`stream_knn`) are the in-memory ``prh_fast.knn.knn`` lists (self excluded,
 ties to the lower index), identical to them: the tiles propose candidates, each with its
@@ -35,16 +36,17 @@ lists and scores. Candidates come from a query *panel* held in memory and key bl
 from the store:
 
 - ``cpu`` (the native backend): the symmetric tile search of ``prh_fast.knn._cpu`` with the
-  same ``b x b`` tiles (``cpu_tile``) and the same native running top-k (``topk_update``). A
+  same ``b x b`` tiles (``cpu_tile``) and the same running top-k (``prh_fast.knn._merge.TopK``,
+  native ``topk_update``). A
   panel of consecutive blocks is read once; tiles inside it are processed in the in-memory
   order, then every later key block is read once and multiplied with each panel block, its
   transposed tile feeding that key block's own lists. Every row therefore sees its key tiles in
   increasing index order, exactly as in memory, so the strictly-greater insertion keeps the
   lower index at product ties. Flops are those of the in-memory search; the store is read
   about ``1 + blocks/panel`` times.
-- ``torch`` (CPU or CUDA): the query-block x key-tile merge of ``prh_fast.knn._torch`` with its
-  ``select_topk``, tile shapes from ``torch_tiles``; a panel of query blocks stays on the
-  device while key tiles stream past it.
+- ``torch`` (CPU or CUDA): the query-block x key-tile search of ``prh_fast.knn._torch`` (the
+  torch merge of ``TopK``), tile shapes from ``torch_tiles``; a panel of query blocks stays on
+  the device while key tiles stream past it.
 
 ``memory_budget`` bounds the scratch: score tiles, the query panel, the key blocks in flight
 and their raw reads. The result itself (``[N, k]`` indices and scores, kept for the running
@@ -54,7 +56,6 @@ of models never searches a layer twice.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -66,17 +67,15 @@ import torch
 from prh_fast.prepare import normalize_rows
 from prh_fast.store._sharded import FeatureStore, open_store
 
-__all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan", "COUNTERS",
+__all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan",
            "DEFAULT_STREAM_BUDGET", "as_store", "check_budget"]
 
 log = logging.getLogger("prh_fast")
+#: DEBUG records of what each streaming computation did (:func:`_note`).
+_events = logging.getLogger(__name__)
 
 #: Default scratch budget of the streaming computations (bytes).
 DEFAULT_STREAM_BUDGET = 512 * 2**20
-
-#: How often each streaming computation actually ran or came from the store's cache (for
-#: tests and benchmarks: a second grid over the same stores must not search again).
-COUNTERS: collections.Counter = collections.Counter()
 
 #: Cache format version: bump when a cached result's meaning changes.
 _CACHE_VERSION = 1
@@ -120,6 +119,27 @@ def _check_layer(st: FeatureStore, layer) -> int:
 def _compute_dtype(st: FeatureStore) -> torch.dtype:
     # prepare_features' cast (float64 stays, the rest becomes float32) = knn's compute dtype.
     return torch.float64 if st.dtype == torch.float64 else torch.float32
+
+
+def _note(event: str, path: str, count: int = 1, **fields) -> None:
+    """A DEBUG record on this module's logger saying that a streaming computation ran or came
+    from the store's cache (a second grid over the same stores must not search again).
+
+    The numbers ride on the record as ``extra`` fields: ``stream_event`` (``"threshold_passes"``,
+    ``"threshold_cache_hits"``, ``"knn_searches"``, ``"knn_cache_hits"`` or
+    ``"knn_sweep_rows"``), ``stream_count`` (passes, hits, searches or rows), ``stream_store``
+    and any ``fields`` (``stream_layer``).
+
+    Args:
+        event: what happened.
+        path: the store.
+        count: how many.
+        **fields: more ``stream_*`` fields.
+    """
+    if _events.isEnabledFor(logging.DEBUG):
+        extra = {"stream_event": event, "stream_count": int(count), "stream_store": path}
+        extra.update({f"stream_{a}": v for a, v in fields.items()})
+        _events.debug("prh_fast.store: %s += %d (%s)", event, count, path, extra=extra)
 
 
 def _digest(settings: dict) -> str:
@@ -226,7 +246,7 @@ def _exact_thresholds(st: FeatureStore, q: float, budget: int, progress: bool) -
                 bar.update(chunk[0].shape[0])
         finally:
             bar.close()
-        COUNTERS["threshold_passes"] += 1
+        _note("threshold_passes", st.path)
         for gi in range(len(groups)):
             cum = counts[gi].cumsum(0)
             digit = int((cum <= ranks[gi]).sum())  # first bucket whose cumulative count > rank
@@ -265,7 +285,7 @@ def _approx_thresholds(st: FeatureStore, q: float, budget: int, progress: bool,
             bar.update(chunk[0].shape[0])
     finally:
         bar.close()
-    COUNTERS["threshold_passes"] += 1
+    _note("threshold_passes", st.path)
     out = []
     for gi, g in enumerate(groups):
         # the in-memory code averages the concatenated [N] vector: same tensor, same mean
@@ -306,7 +326,7 @@ def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
     if cache:
         got = _cache_get(st, name, settings)
         if got is not None and "t" in got and got["t"].numel() == st.num_layers:
-            COUNTERS["threshold_cache_hits"] += 1
+            _note("threshold_cache_hits", st.path)
             return [got["t"][l].clone() for l in range(st.num_layers)]
     if exact:
         ts = _exact_thresholds(st, q, budget, progress)
@@ -472,32 +492,20 @@ def _search_cpu(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
     """Candidates ``(idx, prod, fixed)`` ``[N, kc]`` of the symmetric tile search, with the
     fixed-order scores of every entrant (the tile's rows are in hand); ``norms[N]`` receives
     the rows' float64 norms (each row is read once as a panel row)."""
-    from prh_fast._native import native
+    from prh_fast.knn._merge import TopK
     from prh_fast.prepare import row_norms
 
-    _C = native()
     n, d = prep.n, prep.dims[l]
     b, P = plan["tile"], plan["panel"]
-    np_dtype = np.float64 if prep.dtype == torch.float64 else np.float32
-    vals = np.full((n, kc), -np.inf, dtype=np_dtype)
-    idx = np.full((n, kc), -1, dtype=np.int64)
-    fixed = np.full((n, kc), -np.inf, dtype=np.float64)
+    top = TopK(n, kc, prep.dtype, native=True, with_fixed=True)
     starts = list(range(0, n, b))
     nb = len(starts)
-    buf = torch.empty(b * b, dtype=prep.dtype)
 
     def span(J):
         return starts[J], min(n, starts[J] + b)
 
-    def tile(Xi, i0, i1, Kj, j0, j1, both):
-        S = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-        torch.mm(Xi, Kj.T, out=S)
-        xi, kj = Xi.numpy(), Kj.numpy()
-        _C.topk_update(S.numpy(), i0, j0, vals[i0:i1], idx[i0:i1], True, xi, kj,
-                       fixed[i0:i1])
-        if both:
-            _C.topk_update(S.numpy().T, j0, i0, vals[j0:j1], idx[j0:j1], True, kj, xi,
-                           fixed[j0:j1])
+    def tile(Xi, i0, Kj, j0, both):
+        top.add_product(Xi, Kj, row0=i0, col0=j0, exclude_self=True, symmetric=both)
         bar.update(1)
 
     for p0 in range(0, nb, P):
@@ -514,32 +522,27 @@ def _search_cpu(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
             Xi = panel[i0 - r0:i1 - r0]
             for J in range(I, p1):
                 j0, j1 = span(J)
-                tile(Xi, i0, i1, panel[j0 - r0:j1 - r0], j0, j1, J != I)
+                tile(Xi, i0, panel[j0 - r0:j1 - r0], j0, J != I)
         # later key blocks, each read once; block J's rows get the transposes in I order
         for J, Kj in _prefetched(lambda J: prep.rows(l, *span(J)), range(p1, nb)):
             j0, j1 = span(J)
             for I in range(p0, p1):
                 i0, i1 = span(I)
-                tile(panel[i0 - r0:i1 - r0], i0, i1, Kj, j0, j1, True)
+                tile(panel[i0 - r0:i1 - r0], i0, Kj, j0, True)
         del panel
-    if (idx < 0).any():
-        raise ValueError(f"{prep.name}: layer {l}: neighbour search produced empty slots "
-                         f"(non-finite scores?)")
-    return torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(fixed)
+    vals, idx, fixed = top.result(f"{prep.name}: layer {l}")
+    return idx, vals, fixed
 
 
 def _search_torch(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
-    """Candidates ``(idx, prod, fixed)`` of the query-block x key-tile merge
-    (``prh_fast.knn._torch.merge_tile``), on the device; ``norms`` as in ``_search_cpu``."""
-    from prh_fast.knn._torch import merge_tile
+    """Candidates ``(idx, prod, fixed)`` of the query-block x key-tile search (the torch merge
+    of ``prh_fast.knn._merge.TopK``), on the device; ``norms`` as in ``_search_cpu``."""
+    from prh_fast.knn._merge import TopK
     from prh_fast.prepare import row_norms
 
     n = prep.n
-    dev = prep.device
     rows, cols, P = plan["rows"], plan["cols"], plan["panel"]
-    out_v = torch.empty((n, kc), dtype=prep.dtype, device=dev)
-    out_i = torch.empty((n, kc), dtype=torch.int64, device=dev)
-    out_f = torch.empty((n, kc), dtype=torch.float64, device=dev)
+    top = TopK(n, kc, prep.dtype, prep.device, with_fixed=True)
     qstarts = list(range(0, n, rows))
     kstarts = list(range(0, n, cols))
     for p0 in range(0, len(qstarts), P):
@@ -547,20 +550,13 @@ def _search_torch(prep, l: int, kc: int, plan: dict, bar, norms: torch.Tensor):
         Q = [prep.rows(l, r0, r1) for r0, r1 in blocks]
         for (r0, r1), q in zip(blocks, Q):
             norms[r0:r1] = row_norms(q).to(norms.device)
-        run = [(torch.full((r1 - r0, 0), float("-inf"), dtype=prep.dtype, device=dev),
-                torch.empty((r1 - r0, 0), dtype=torch.int64, device=dev),
-                torch.empty((r1 - r0, 0), dtype=torch.float64, device=dev))
-               for r0, r1 in blocks]
         for c0, K in _prefetched(lambda c0: prep.rows(l, c0, min(n, c0 + cols)), kstarts):
-            c1 = c0 + K.shape[0]
-            for j, ((r0, r1), q) in enumerate(zip(blocks, Q)):
-                qids = torch.arange(r0, r1, device=dev)
-                run[j] = merge_tile(run[j], q, K, qids, c0, kc, c0 < r1 and r0 < c1)
+            for (r0, _), q in zip(blocks, Q):
+                top.add_product(q, K, row0=r0, col0=c0, exclude_self=True)
                 bar.update(1)
-        for (r0, r1), (v, i, f) in zip(blocks, run):
-            out_v[r0:r1], out_i[r0:r1], out_f[r0:r1] = v, i, f
-        del Q, run
-    return out_i, out_v, out_f
+        del Q
+    vals, idx, fixed = top.result()
+    return idx, vals, fixed
 
 
 def _read_rows(src, l: int, rows: torch.Tensor, block: int) -> torch.Tensor:
@@ -593,7 +589,7 @@ def _exact_lists(src, l: int, k: int, name: str, plan: dict, bar, budget: int):
     e = margins(norms.to(cv.device), kmax, d, src.dtype)
     idx, fixed, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=kc >= n - 1)
     if rows.numel():
-        COUNTERS["knn_sweep_rows"] += int(rows.numel())
+        _note("knn_sweep_rows", src.name, int(rows.numel()), layer=l)
         block = plan.get("tile") or plan.get("cols")
         sw = Sweep(_read_rows(src, l, rows, block), rows, thr, k, budget)
         for a, K in _prefetched(lambda a: src.rows(l, a, min(n, a + block)), range(0, n, block)):
@@ -708,10 +704,10 @@ def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=
     got = _cache_get(st, fname, settings) if cache else None
     if got is not None and got.get("idx") is not None and tuple(got["idx"].shape) == (st.n, k) \
             and got.get("vals") is not None and got["vals"].dtype == torch.float64:
-        COUNTERS["knn_cache_hits"] += 1
+        _note("knn_cache_hits", st.path, layer=l)
         idx, vals = got["idx"].to(dev), got["vals"].to(dev)
     else:
-        COUNTERS["knn_searches"] += 1
+        _note("knn_searches", st.path, layer=l)
         prep.thresholds()  # before the bar: its own passes have their own bars
         nb = plan["blocks"]
         total = nb * (nb + 1) // 2 if name == "cpu" else nb * -(-st.n // plan["cols"])
