@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from prh_fast._validate import as_features, as_tensor
+from prh_fast.errors import InputError
 
 __all__ = ["prepare_features", "normalize_rows", "row_norms"]
 
@@ -248,10 +249,10 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def _check_q(q) -> float:
     if isinstance(q, bool) or not isinstance(q, numbers.Real):
-        raise ValueError(f"q: expected a number in (0, 1], got {q!r}")
+        raise InputError(f"q: expected a number in (0, 1], got {q!r}")
     q = float(q)
     if not (0.0 < q <= 1.0):  # also rejects NaN
-        raise ValueError(f"q: expected a number in (0, 1], got {q}")
+        raise InputError(f"q: expected a number in (0, 1], got {q}")
     return q
 
 
@@ -263,20 +264,20 @@ def _cast(t: torch.Tensor) -> torch.Tensor:
 
 def _as_3d(feats, name: str) -> torch.Tensor:
     if not isinstance(feats, (torch.Tensor, np.ndarray)):
-        raise ValueError(f"{name}: expected a [N, L, D] tensor/array or a list of [N, D] "
+        raise InputError(f"{name}: expected a [N, L, D] tensor/array or a list of [N, D] "
                          f"tensors, got {type(feats).__name__}")
     feats = as_tensor(feats, name)
     if not feats.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {feats.dtype}")
+        raise InputError(f"{name}: expected a floating-point tensor, got dtype {feats.dtype}")
     if feats.dim() != 3:
-        raise ValueError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] tensors, got "
+        raise InputError(f"{name}: expected a [N, L, D] tensor or a list of [N, D] tensors, got "
                          f"a {feats.dim()}-D tensor of shape {tuple(feats.shape)}")
     if feats.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty [N, L, D] tensor, got shape "
+        raise InputError(f"{name}: expected a non-empty [N, L, D] tensor, got shape "
                          f"{tuple(feats.shape)}")
     if not bool(torch.isfinite(feats).all()):
         bad = int((~torch.isfinite(feats)).sum())
-        raise ValueError(f"{name}: contains {bad} NaN or Inf value(s)")
+        raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
     return feats
 
 
@@ -318,13 +319,13 @@ def prepare_features(feats, q: float = 0.95, exact: bool = False):
     exact = bool(exact)
     if isinstance(feats, (list, tuple)):
         if len(feats) == 0:
-            raise ValueError("feats: expected at least one layer, got an empty list")
+            raise InputError("feats: expected at least one layer, got an empty list")
         was_numpy = [isinstance(f, np.ndarray) for f in feats]
         layers = [as_features(f, f"feats[{i}]") for i, f in enumerate(feats)]
         n = layers[0].shape[0]
         for i, x in enumerate(layers):
             if x.shape[0] != n:
-                raise ValueError(f"feats[{i}] has {x.shape[0]} samples, feats[0] has {n}")
+                raise InputError(f"feats[{i}] has {x.shape[0]} samples, feats[0] has {n}")
         out = [_clip(_cast(x), q, exact) for x in layers]
         out = [o.numpy() if np_in else o for o, np_in in zip(out, was_numpy)]
         return tuple(out) if isinstance(feats, tuple) else out

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from prh_fast import metrics as fast_metrics
 from prh_fast._align import compute_score as fast_compute_score
+from prh_fast.errors import InputError
 
 __all__ = ["load_reference", "profile_against", "ProfileReport"]
 
@@ -87,19 +88,19 @@ def load_reference(path) -> ReferenceModules:
     """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
-        raise ValueError(f"--against: {root} is not a folder (expected a checkout of the "
+        raise InputError(f"--against: {root} is not a folder (expected a checkout of the "
                          "reference repository)")
     mfile = root / "metrics.py"
     if not mfile.is_file():
-        raise ValueError(f"--against: {mfile} not found (the reference keeps AlignmentMetrics "
+        raise InputError(f"--against: {mfile} not found (the reference keeps AlignmentMetrics "
                          "in metrics.py at the repository root)")
     with _on_path(root):
         try:
             m = _import_file("metrics", mfile)
         except Exception as exc:
-            raise ValueError(f"--against: importing {mfile} failed: {exc!r}") from exc
+            raise InputError(f"--against: importing {mfile} failed: {exc!r}") from exc
         if not hasattr(m, "AlignmentMetrics") or not hasattr(m.AlignmentMetrics, "measure"):
-            raise ValueError(f"--against: {mfile} has no AlignmentMetrics.measure")
+            raise InputError(f"--against: {mfile} has no AlignmentMetrics.measure")
         ma, err = None, None
         afile = root / "measure_alignment.py"
         if afile.is_file():

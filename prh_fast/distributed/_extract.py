@@ -30,6 +30,7 @@ from prh_fast.distributed._env import (
     world,
 )
 from prh_fast.distributed._store import merge_parts
+from prh_fast.errors import InputError
 
 __all__ = ["run_sharded", "part_path"]
 
@@ -93,9 +94,9 @@ def run_sharded(n: int, extract_range, out_path, *, merge=None, meta=None,
     """
     out_path = os.fspath(out_path)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        raise InputError(f"n: expected a positive number of samples, got {n!r}")
     if not callable(extract_range):
-        raise ValueError("extract_range: expected a callable (start, stop, path)")
+        raise InputError("extract_range: expected a callable (start, stop, path)")
     rank, P = world()
     # Rank 0 holds the merged output's lock for the whole job (every rank's part has a writer
     # lock of its own): a second job writing the same output fails at once on every rank.

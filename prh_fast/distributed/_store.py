@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from prh_fast.errors import InputError
+
 __all__ = ["merge_parts"]
 
 #: Rows copied per step when merging store parts.
@@ -27,12 +29,12 @@ def _merge_pt(parts, out_path, meta):
         layers_of.append(list(f) if isinstance(f, (list, tuple)) else list(f.unbind(1)))
     nl = {len(x) for x in layers_of}
     if len(nl) != 1:
-        raise ValueError(f"{parts[0]}: parts disagree on the number of layers ({sorted(nl)})")
+        raise InputError(f"{parts[0]}: parts disagree on the number of layers ({sorted(nl)})")
     layers = []
     for l in range(nl.pop()):
         ts = [x[l] for x in layers_of]
         if len({t.shape[1] for t in ts}) != 1:
-            raise ValueError(f"{parts[0]}: parts disagree on the width of layer {l}")
+            raise InputError(f"{parts[0]}: parts disagree on the width of layer {l}")
         layers.append(torch.cat(ts))
     feats = (torch.stack(layers, dim=1) if len({t.shape[1] for t in layers}) == 1 else layers)
     ns = [x[0].shape[0] for x in layers_of]
@@ -70,7 +72,7 @@ def _merge_store(parts, out_path, meta):
                 row += b - a
                 continue
             if row < w.rows_done:
-                raise ValueError(f"{out_path}: an interrupted merge stopped inside a chunk "
+                raise InputError(f"{out_path}: an interrupted merge stopped inside a chunk "
                                  f"({w.rows_done} rows); remove it and rerun")
             w.append([s.layer(l, rows=slice(a, b)) for l in range(s.num_layers)])
             row += b - a
@@ -112,7 +114,7 @@ def merge_parts(parts, out_path, meta=None):
         ((6, 2, 4), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], 'm')
     """
     if not parts:
-        raise ValueError(f"{out_path}: no parts to merge (no rows were extracted)")
+        raise InputError(f"{out_path}: no parts to merge (no rows were extracted)")
     if all(os.path.isfile(p) for p in parts):
         return _merge_pt(parts, out_path, meta)
     if all(os.path.isdir(p) for p in parts):
@@ -121,4 +123,4 @@ def merge_parts(parts, out_path, meta=None):
     if missing:
         raise FileNotFoundError(f"{missing[0]}: part missing (the extraction callable did not "
                                 f"write it)")
-    raise ValueError(f"{parts[0]}: parts mix files and folders")
+    raise InputError(f"{parts[0]}: parts mix files and folders")

@@ -65,7 +65,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from prh_fast._io import confined
-from prh_fast.errors import DataNotFoundError
+from prh_fast.errors import DataNotFoundError, InputError
 
 __all__ = ["PairedDataset", "load_pairs", "EASY_VQA_LEVELS", "DataNotFoundError",
            "easy_vqa_attributes", "easy_vqa_caption"]
@@ -151,7 +151,7 @@ class PairedDataset:
             if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"idx: expected integer indices, got {i!r}")
             if not 0 <= int(i) < len(self):
-                raise ValueError(f"idx: index {i} out of range for {len(self)} pairs")
+                raise InputError(f"idx: index {i} out of range for {len(self)} pairs")
             out.append(int(i))
         return out
 
@@ -217,7 +217,7 @@ class PairedDataset:
 
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        raise InputError(f"seed: expected a non-negative integer, got {seed!r}")
     return int(seed)
 
 
@@ -227,9 +227,9 @@ def _subset(total: int, n, seed, where: str) -> tuple:
     if n is None:
         return list(range(total)), ""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n: expected a positive integer or None, got {n!r}")
+        raise InputError(f"n: expected a positive integer or None, got {n!r}")
     if n > total:
-        raise ValueError(f"n: {n} pairs requested but {where} has only {total}")
+        raise InputError(f"n: {n} pairs requested but {where} has only {total}")
     order = np.random.default_rng(seed).permutation(total)[: int(n)]
     return [int(i) for i in order], f"-n{int(n)}-seed{seed}"
 
@@ -295,7 +295,7 @@ def _answers_by_image(questions: list) -> dict:
         for key, universe in (("colour", set(_PALETTE)), ("shape", set(_SHAPES))):
             yes, no = f[key], f["not_" + key]
             if len(yes) > 1 or yes & no:
-                raise ValueError(f"easy-vqa: contradictory answers about the {key} of image "
+                raise InputError(f"easy-vqa: contradictory answers about the {key} of image "
                                  f"{iid}: {sorted(yes)} / not {sorted(no)}")
             left = universe - no
             got[key] = next(iter(yes)) if yes else (next(iter(left)) if len(left) == 1
@@ -344,7 +344,7 @@ def easy_vqa_attributes(image) -> dict:
     """
     a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"image: expected an RGB image, got an array of shape {a.shape}")
+        raise InputError(f"image: expected an RGB image, got an array of shape {a.shape}")
     a = a.astype(np.int32)
     H, W = a.shape[:2]
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
@@ -352,7 +352,7 @@ def easy_vqa_attributes(image) -> dict:
     bg = vals[counts.argmax()]
     far = np.abs(a - bg).sum(-1) > 100
     if not far.any():
-        raise ValueError("image: no shape found (every pixel is close to the background)")
+        raise InputError("image: no shape found (every pixel is close to the background)")
     vals, counts = np.unique(a[far], axis=0, return_counts=True)
     fg = vals[counts.argmax()]
     # Pixel p belongs to the shape when it is nearer the shape colour than the background
@@ -417,10 +417,10 @@ def easy_vqa_caption(attrs: dict, level: str) -> str:
 
 def _check_level(level) -> str:
     if not isinstance(level, str):
-        raise ValueError(f"caption_level: expected one of {list(EASY_VQA_LEVELS)}, got {level!r}")
+        raise InputError(f"caption_level: expected one of {list(EASY_VQA_LEVELS)}, got {level!r}")
     key = _LEVEL_ALIASES.get(level.strip().lower(), level.strip().lower())
     if key not in EASY_VQA_LEVELS:
-        raise ValueError(f"caption_level: unknown easy-vqa level {level!r}; levels, least to "
+        raise InputError(f"caption_level: unknown easy-vqa level {level!r}; levels, least to "
                          f"most detailed: {list(EASY_VQA_LEVELS)}")
     return key
 
@@ -456,7 +456,7 @@ def _load_easy_vqa(split, n, caption_level, seed) -> PairedDataset:
     _import_pil()
     split = "train" if split is None else split
     if split not in EASY_VQA_SPLITS:
-        raise ValueError(f"split: easy-vqa has splits {list(EASY_VQA_SPLITS)}, got {split!r}")
+        raise InputError(f"split: easy-vqa has splits {list(EASY_VQA_SPLITS)}, got {split!r}")
     level = _check_level("full" if caption_level is None else caption_level)
     root = _easy_vqa_root()
     entries = []                                  # (split, image id) in source order
@@ -508,23 +508,23 @@ def _load_easy_vqa(split, n, caption_level, seed) -> PairedDataset:
 def _pick_column(columns, explicit, candidates, what: str, where: str, arg: str) -> str:
     if explicit is not None:
         if explicit not in columns:
-            raise ValueError(f"{arg}: {where} has no {what} column {explicit!r}; columns: "
+            raise InputError(f"{arg}: {where} has no {what} column {explicit!r}; columns: "
                              f"{list(columns)}")
         return explicit
     for c in candidates:
         if c in columns:
             return c
-    raise ValueError(f"{arg}: {where} has no {what} column (looked for {list(candidates)}); "
+    raise InputError(f"{arg}: {where} has no {what} column (looked for {list(candidates)}); "
                      f"columns: {list(columns)}; name it with {arg}=")
 
 
 def _first_caption(value, where: str) -> str:
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError(f"{where}: empty list of captions")
+            raise InputError(f"{where}: empty list of captions")
         value = value[0]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: caption is not text: {value!r}")
+        raise InputError(f"{where}: caption is not text: {value!r}")
     return value
 
 
@@ -539,9 +539,9 @@ def _read_records(path: str) -> tuple:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"source: {path} line {lineno} is not JSON: {e}") from None
+                    raise InputError(f"source: {path} line {lineno} is not JSON: {e}") from None
                 if not isinstance(rec, dict):
-                    raise ValueError(f"source: {path} line {lineno}: expected a JSON object")
+                    raise InputError(f"source: {path} line {lineno}: expected a JSON object")
                 records.append(rec)
         cols = []
         for r in records:
@@ -558,7 +558,7 @@ def _load_folder(folder: str, captions_file: Optional[str], split, n, caption_le
     _import_pil()
     if split is not None:
         if not isinstance(split, str) or not split or os.sep in split:
-            raise ValueError(f"split: expected a sub-folder name, got {split!r}")
+            raise InputError(f"split: expected a sub-folder name, got {split!r}")
         folder = os.path.join(folder, split)
         if not os.path.isdir(folder):
             raise DataNotFoundError(f"split: no sub-folder {folder}")
@@ -570,13 +570,13 @@ def _load_folder(folder: str, captions_file: Optional[str], split, n, caption_le
                                     f"captions.csv (nor is it a Hugging Face save_to_disk "
                                     f"folder)")
         if len(found) > 1:
-            raise ValueError(f"source: folder {folder} has both captions.jsonl and "
+            raise InputError(f"source: folder {folder} has both captions.jsonl and "
                              f"captions.csv; pass the path of the one to use")
         captions_file = found[0]
     caption_column = _caption_column_arg(caption_level, caption_column)
     records, cols = _read_records(captions_file)
     if not records:
-        raise ValueError(f"source: {captions_file} has no records")
+        raise InputError(f"source: {captions_file} has no records")
     where = os.path.basename(captions_file)
     img_col = _pick_column(cols, image_column, _IMAGE_KEYS, "image", where, "image_column")
     cap_col = _pick_column(cols, caption_column, _CAPTION_KEYS, "caption", where,
@@ -587,12 +587,12 @@ def _load_folder(folder: str, captions_file: Optional[str], split, n, caption_le
         rec = records[i]
         rel, cap = rec.get(img_col), rec.get(cap_col)
         if not isinstance(rel, str) or not rel:
-            raise ValueError(f"source: record {i} of {where} has no image in column {img_col!r}")
+            raise InputError(f"source: record {i} of {where} has no image in column {img_col!r}")
         # Image paths stay inside the captions file's folder: a captions file from elsewhere
         # must not make us read (and embed) any file on the machine.
         path = confined(os.path.dirname(os.path.abspath(captions_file)), rel)
         if path is None:
-            raise ValueError(f"source: record {i} of {where} names image {rel!r}, which is "
+            raise InputError(f"source: record {i} of {where} names image {rel!r}, which is "
                              f"outside the folder of {where} (absolute, '..' or a symlink "
                              f"leading out); image paths must be relative and inside it")
         if not os.path.isfile(path):
@@ -618,7 +618,7 @@ def _load_folder(folder: str, captions_file: Optional[str], split, n, caption_le
 def _caption_column_arg(caption_level, caption_column):
     if caption_level is not None and caption_column is not None and \
             caption_level != caption_column:
-        raise ValueError(f"caption_level: {caption_level!r} and caption_column "
+        raise InputError(f"caption_level: {caption_level!r} and caption_column "
                          f"{caption_column!r} disagree (for this source both name the "
                          f"caption column)")
     return caption_column if caption_column is not None else caption_level
@@ -644,15 +644,15 @@ def _load_hf(folder: str, split, n, caption_level, seed, image_column,
         splits = list(obj.keys())
         if split is None:
             if len(splits) != 1:
-                raise ValueError(f"split: {folder} holds splits {splits}; choose one with "
+                raise InputError(f"split: {folder} holds splits {splits}; choose one with "
                                  f"split=")
             split = splits[0]
         if split not in obj:
-            raise ValueError(f"split: {folder} has no split {split!r}; splits: {splits}")
+            raise InputError(f"split: {folder} has no split {split!r}; splits: {splits}")
         ds = obj[split]
     else:
         if split is not None:
-            raise ValueError(f"split: {folder} holds a single Dataset (no splits); got "
+            raise InputError(f"split: {folder} holds a single Dataset (no splits); got "
                              f"split={split!r}")
         ds = obj
     cols = list(ds.column_names)
@@ -699,7 +699,7 @@ def _as_rgb(value, root: str, where: str):
         if not os.path.isfile(path):
             raise DataNotFoundError(f"source: {where} names image {value!r}, not a file")
         return _open_rgb(path)
-    raise ValueError(f"source: {where} is not an image ({type(value).__name__})")
+    raise InputError(f"source: {where} is not an image ({type(value).__name__})")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -748,18 +748,18 @@ def load_pairs(source, *, split=None, n=None, caption_level=None, seed=0,
                         f"{type(source).__name__}")
     src = os.fspath(source)
     if not src.strip():
-        raise ValueError("source: empty")
+        raise InputError("source: empty")
     _check_seed(seed)
     if src.strip().lower() in ("easy-vqa", "easy_vqa", "easyvqa"):
         if image_column is not None or caption_column is not None:
-            raise ValueError("image_column/caption_column: easy-vqa has fixed columns")
+            raise InputError("image_column/caption_column: easy-vqa has fixed columns")
         return _load_easy_vqa(split, n, caption_level, seed)
     path = os.path.abspath(os.path.expanduser(src))
     if os.path.isfile(path):
         if not path.endswith((".jsonl", ".csv")):
-            raise ValueError(f"source: {path} is a file but not a captions .jsonl or .csv")
+            raise InputError(f"source: {path} is a file but not a captions .jsonl or .csv")
         if split is not None:
-            raise ValueError("split: not used when source is a captions file; pass the folder")
+            raise InputError("split: not used when source is a captions file; pass the folder")
         return _load_folder(os.path.dirname(path), path, None, n, caption_level, seed,
                             image_column, caption_column)
     if not os.path.isdir(path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from prh_fast.errors import InputError
 from prh_fast.extract._packages import package_dir as _package_dir
 
 __all__ = ["MODEL_SETS", "SET_KINDS", "KINDS", "resolve_model_set", "model_set_kind",
@@ -100,7 +101,7 @@ def _set_key(name: str) -> str:
     key = name.strip().lower()
     if key not in MODEL_SETS:
         lines = ", ".join(f"{k} ({len(v)} {SET_KINDS[k]} models)" for k, v in MODEL_SETS.items())
-        raise ValueError(f"name: unknown model set {name!r}; known sets: {lines}")
+        raise InputError(f"name: unknown model set {name!r}; known sets: {lines}")
     return key
 
 
@@ -169,7 +170,7 @@ def check_available(names, kind: str) -> tuple:
         (True, '/no/such/model')
     """
     if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+        raise InputError(f"kind: expected one of {KINDS}, got {kind!r}")
     if isinstance(names, str):
         names = resolve_model_set(names)
     if not isinstance(names, (list, tuple)):

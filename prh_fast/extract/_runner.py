@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.extract._writer import STORAGE_DTYPES, PtWriter
 
 __all__ = ["extract_text", "extract_images", "extract_sharded", "feature_path", "safe_name",
@@ -69,7 +70,7 @@ def feature_path(features_dir, data_name: str, model_name: str, pool: str,
 
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
     return batch_size
 
 
@@ -77,9 +78,9 @@ def _subset(n, total: int, where: str) -> int:
     if n is None:
         return total
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n!r}")
+        raise InputError(f"n: expected a positive integer, got {n!r}")
     if n > total:
-        raise ValueError(f"n: {n} samples requested but {where} has only {total}")
+        raise InputError(f"n: {n} samples requested but {where} has only {total}")
     return n
 
 
@@ -137,7 +138,7 @@ class _Job:
                  storage_dtype, caption_level, split, rows):
         self.batch_size = _check_batch_size(batch_size)
         if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
+            raise InputError(f"storage_dtype: expected one of {sorted(STORAGE_DTYPES)}, "
                              f"got {storage_dtype!r}")
         self.ds = _load_data(data, caption_level, split)
         self.n = _subset(n, len(self.ds), f"data set {self.ds.name!r}")
@@ -230,7 +231,7 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
         ...                     features_dir="results/features")  # doctest: +SKIP
     """
     if pool not in TEXT_POOLINGS:
-        raise ValueError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
+        raise InputError(f"pool: expected one of {list(TEXT_POOLINGS)}, got {pool!r}")
     job = _Job("text", model, data, pool=pool, features_dir=features_dir, out=out, n=n,
                batch_size=batch_size, storage_dtype=storage_dtype, caption_level=caption_level,
                split=split, rows=rows)
@@ -288,10 +289,10 @@ def _rows(rows, n: int, out) -> tuple:
     except (TypeError, ValueError, IndexError):
         ok = False
     if not ok:
-        raise ValueError(f"rows: expected (start, stop) with 0 <= start < stop <= n = {n}, "
+        raise InputError(f"rows: expected (start, stop) with 0 <= start < stop <= n = {n}, "
                          f"got {rows!r}")
     if out is None:
-        raise ValueError("rows: give out= too (a sample range is written to its own file)")
+        raise InputError("rows: give out= too (a sample range is written to its own file)")
     return lo, hi
 
 
@@ -416,7 +417,7 @@ def extract_sharded(kind: str, model, data, *, pool=None, features_dir="./result
     from prh_fast.distributed._store import merge_parts
 
     if kind not in ("text", "vision"):
-        raise ValueError(f"kind: expected 'text' or 'vision', got {kind!r}")
+        raise InputError(f"kind: expected 'text' or 'vision', got {kind!r}")
     fn = extract_text if kind == "text" else extract_images
     pool = pool or ("avg" if kind == "text" else "cls")
     ds = _load_data(data, caption_level if kind == "text" else None, split)

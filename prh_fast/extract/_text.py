@@ -54,7 +54,7 @@ from typing import Optional
 
 import torch
 
-from prh_fast.errors import ModelNotAvailableError
+from prh_fast.errors import InputError, ModelNotAvailableError
 from prh_fast.extract._packages import package_dir as _package_dir
 
 __all__ = ["POOLINGS", "PROMPT_TEMPLATE", "PACKAGED_TEXT_MODELS", "TextBatch", "TextEncoder",
@@ -135,7 +135,7 @@ def _packaged_path(alias: str) -> str:
 def _single_gguf(folder: str) -> Optional[str]:
     ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if len(ggufs) > 1:
-        raise ValueError(f"name_or_path: folder {folder} has no config.json and several .gguf "
+        raise InputError(f"name_or_path: folder {folder} has no config.json and several .gguf "
                          f"files ({', '.join(ggufs)}); pass the path of one of them")
     return os.path.join(folder, ggufs[0]) if ggufs else None
 
@@ -198,7 +198,7 @@ def _resolve(name_or_path: str, hub) -> tuple:
         raise TypeError(f"name_or_path: expected a str or path, got {type(name_or_path).__name__}")
     name = os.fspath(name_or_path)
     if not name.strip():
-        raise ValueError("name_or_path: empty model name")
+        raise InputError("name_or_path: empty model name")
     tried = []
     key = name.strip().lower()
     if key in PACKAGED_TEXT_MODELS:
@@ -212,12 +212,12 @@ def _resolve(name_or_path: str, hub) -> tuple:
         gguf = _single_gguf(path)
         if gguf is not None:
             return "gguf", gguf
-        raise ValueError(f"name_or_path: folder {path} holds neither a config.json "
+        raise InputError(f"name_or_path: folder {path} holds neither a config.json "
                          f"(save_pretrained output) nor a .gguf file")
     if os.path.isfile(path):
         if path.endswith(".gguf"):
             return "gguf", path
-        raise ValueError(f"name_or_path: {path} is a file but not a .gguf file; pass a "
+        raise InputError(f"name_or_path: {path} is a file but not a .gguf file; pass a "
                          f"save_pretrained folder, a .gguf file or a hub id")
     tried.append(f"local path {path} (does not exist)")
     if name.endswith(".gguf") or not _HUB_ID.match(name):  # a path, not a hub id
@@ -269,11 +269,11 @@ def _parse_dtype(dtype) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+            raise InputError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype.replace("torch.", "").lower() in _DTYPES:
         return _DTYPES[dtype.replace("torch.", "").lower()]
-    raise ValueError(f"dtype: expected None, a torch float dtype or one of "
+    raise InputError(f"dtype: expected None, a torch float dtype or one of "
                      f"{sorted(_DTYPES)}, got {dtype!r}")
 
 
@@ -337,7 +337,7 @@ def _converted_gguf(gguf_path: str) -> str:
 
 def _is_causal(config) -> bool:
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"name_or_path: encoder-decoder models ({config.model_type}) are not "
+        raise InputError(f"name_or_path: encoder-decoder models ({config.model_type}) are not "
                          f"supported; pass a causal LM or an encoder")
     archs = list(getattr(config, "architectures", None) or [])
     if archs:
@@ -391,18 +391,18 @@ def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code
         (7, 384)
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        raise InputError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
     if hub not in (None, True, False):
-        raise ValueError(f"hub: expected None, True or False, got {hub!r}")
+        raise InputError(f"hub: expected None, True or False, got {hub!r}")
     dt = _parse_dtype(dtype)
     dev = None
     if device != "auto":
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device: not a torch device or 'auto': {device!r}") from e
+            raise InputError(f"device: not a torch device or 'auto': {device!r}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available")
+            raise InputError(f"device: {device!r} requested but CUDA is not available")
     kind, where = _resolve(name_or_path, hub)
     transformers = _import_transformers()
     if kind == "gguf":
@@ -429,7 +429,7 @@ def _check_texts(texts) -> list:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"texts: expected a list of str, got {type(texts).__name__}")
     if len(texts) == 0:
-        raise ValueError("texts: empty list")
+        raise InputError("texts: empty list")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
@@ -472,7 +472,7 @@ class TextEncoder:
     def __init__(self, model, tokenizer, *, name: str, source: str, causal: bool,
                  padding_side: str = "right"):
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+            raise InputError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
         import inspect
 
         self.model, self.tokenizer = model, tokenizer
@@ -507,10 +507,10 @@ class TextEncoder:
         lens = [len(x) for x in ids]
         for i, n in enumerate(lens):
             if n == 0:
-                raise ValueError(f"texts[{i}]: gives no tokens (empty text and no special "
+                raise InputError(f"texts[{i}]: gives no tokens (empty text and no special "
                                  f"tokens); nothing to pool")
             if self.max_length is not None and n > self.max_length:
-                raise ValueError(f"texts[{i}]: {n} tokens, more than the model's "
+                raise InputError(f"texts[{i}]: {n} tokens, more than the model's "
                                  f"{self.max_length} positions; shorten the text")
         T = max(lens)
         input_ids = torch.full((len(ids), T), self._pad_id, dtype=torch.long)
@@ -538,7 +538,7 @@ class TextEncoder:
         """
         texts = _check_texts(texts)
         if pool not in POOLINGS:
-            raise ValueError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
+            raise InputError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
         if pool == "prompt":
             texts = [PROMPT_TEMPLATE.format(caption=t) for t in texts]
         input_ids, mask = self._tokenize(texts)

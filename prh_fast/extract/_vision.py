@@ -58,6 +58,7 @@ from typing import Optional
 
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.extract._packages import package_dir as _package_dir
 from prh_fast.extract._text import (ModelNotAvailableError, _cached_hub_repo,
                                     _hub_reachable, _offline_env)
@@ -108,11 +109,11 @@ def _parse_dtype(dtype) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype: expected a floating-point dtype, got {dtype}")
+            raise InputError(f"dtype: expected a floating-point dtype, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype.strip().lower().replace("torch.", "") in _DTYPES:
         return _DTYPES[dtype.strip().lower().replace("torch.", "")]
-    raise ValueError(f"dtype: expected None, a torch floating dtype or one of "
+    raise InputError(f"dtype: expected None, a torch floating dtype or one of "
                      f"{sorted(_DTYPES)}, got {dtype!r}")
 
 
@@ -120,7 +121,7 @@ def _parse_device(device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: not a device: {device!r}") from e
+        raise InputError(f"device: not a device: {device!r}") from e
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -183,14 +184,14 @@ class ImageEncoder:
     # -------------------------------------------------------------- set-up
     def _resolve_pool(self, pool) -> str:
         if pool not in POOLINGS:
-            raise ValueError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
+            raise InputError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
         tokens = self.kind.endswith("tokens")
         if pool == "auto":
             return "cls" if tokens and self.has_class_token else "avg"
         if pool == "cls" and not (tokens and self.has_class_token):
             what = ("gives feature maps, not tokens (a convolutional network)" if not tokens else
                     f"has no class token ({self.num_prefix_tokens} prefix tokens)")
-            raise ValueError(f"pool: {self.name!r} {what}, so 'cls' has no token to take; use "
+            raise InputError(f"pool: {self.name!r} {what}, so 'cls' has no token to take; use "
                              f"pool='avg' (mean of the {'patch tokens' if tokens else 'positions'}"
                              f") or pool='auto'")
         return pool
@@ -209,7 +210,7 @@ class ImageEncoder:
             self._cnn["with_final"] = not (final.shape == last.shape and torch.equal(final, last))
         feats = self._layers(x)
         if not feats:
-            raise ValueError(f"name_or_path: {self.name!r} produced no intermediate layers")
+            raise InputError(f"name_or_path: {self.name!r} produced no intermediate layers")
         self.dims = [int(f.shape[1]) for f in feats]
         self.num_layers = len(feats)
 
@@ -238,7 +239,7 @@ class ImageEncoder:
             return t.mean(dim=1)
         if t.dim() == 2:
             return t
-        raise ValueError(f"unexpected intermediate of shape {tuple(t.shape)}")
+        raise InputError(f"unexpected intermediate of shape {tuple(t.shape)}")
 
     def _layers(self, x: torch.Tensor) -> list:
         with torch.inference_mode():
@@ -265,7 +266,7 @@ class ImageEncoder:
                     n_patch = self._hf_num_patches(x)
                     npt = hs[0].shape[1] - n_patch
                     if npt != self.num_prefix_tokens:
-                        raise ValueError(f"{self.name!r}: {hs[0].shape[1]} tokens for "
+                        raise InputError(f"{self.name!r}: {hs[0].shape[1]} tokens for "
                                          f"{n_patch} patches; expected "
                                          f"{self.num_prefix_tokens} prefix tokens")
                     feats = [self._pool_tokens(h) for h in hs[1:]]
@@ -297,7 +298,7 @@ class ImageEncoder:
             raise TypeError(f"images: expected a list of PIL images, got "
                             f"{type(images).__name__}")
         if not images:
-            raise ValueError("images: empty list")
+            raise InputError("images: empty list")
         for i, im in enumerate(images):
             if not isinstance(im, Image.Image):
                 raise TypeError(f"images: item {i} is a {type(im).__name__}, not a PIL image")
@@ -324,7 +325,7 @@ def _timm_encoder(model, *, name, source, pool, device, dtype) -> ImageEncoder:
     pre, cfg = _timm_preprocess(model)
     fi = getattr(model, "forward_intermediates", None)
     if fi is None:
-        raise ValueError(f"name_or_path: timm model {name!r} ({type(model).__name__}) has no "
+        raise InputError(f"name_or_path: timm model {name!r} ({type(model).__name__}) has no "
                          f"forward_intermediates, so its layers cannot be read")
     params = inspect.signature(fi).parameters
     if "return_prefix_tokens" in params:
@@ -395,13 +396,13 @@ def load_packaged_state_dict(alias: str, model) -> tuple:
         src = src["state_dict"]
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ValueError(f"name_or_path: {path} holds {len(src)} tensors but timm's "
+        raise InputError(f"name_or_path: {path} holds {len(src)} tensors but timm's "
                          f"{PACKAGED_ARCH[alias]} has {len(dst)}; the key-by-key mapping "
                          f"does not apply")
     mapped = {}
     for i, ((ks, vs), (kd, vd)) in enumerate(zip(src.items(), dst.items())):
         if tuple(vs.shape) != tuple(vd.shape) or _kind_of(ks) != _kind_of(kd):
-            raise ValueError(f"name_or_path: tensor {i} of {path} ({ks}, {tuple(vs.shape)}) "
+            raise InputError(f"name_or_path: tensor {i} of {path} ({ks}, {tuple(vs.shape)}) "
                              f"does not match timm's {kd} ({tuple(vd.shape)}); the packaged "
                              f"weights are not laid out like {PACKAGED_ARCH[alias]}")
         mapped[kd] = vs.to(vd.dtype)
@@ -413,7 +414,7 @@ def _check_bn_loaded(model, path: str):
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             if bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):
-                raise ValueError(f"name_or_path: batch norm {name} has default running "
+                raise InputError(f"name_or_path: batch norm {name} has default running "
                                  f"statistics after loading {path}; the weights did not load")
 
 
@@ -429,7 +430,7 @@ def _load_packaged(alias, *, pool, device, dtype) -> ImageEncoder:
 def _timm_from_file(arch: str, path: str, *, name, pool, device, dtype) -> ImageEncoder:
     timm = _import_timm()
     if not timm.is_model(arch.split(".")[0]):
-        raise ValueError(f"name_or_path: {arch!r} is not a timm architecture (timm "
+        raise InputError(f"name_or_path: {arch!r} is not a timm architecture (timm "
                          f"{timm.__version__})")
     if not os.path.isfile(path):
         raise ModelNotAvailableError(f"checkpoint: {path} is not a file")
@@ -438,7 +439,7 @@ def _timm_from_file(arch: str, path: str, *, name, pool, device, dtype) -> Image
     except RuntimeError as err:  # state-dict keys or shapes that do not fit the architecture
         first = str(err).strip().splitlines()
         detail = "; ".join(x.strip() for x in first[1:3]) or str(err)
-        raise ValueError(f"checkpoint: {path} does not fit timm's {arch!r} ({detail}); check "
+        raise InputError(f"checkpoint: {path} does not fit timm's {arch!r} ({detail}); check "
                          f"the architecture name and its options (e.g. the number of "
                          f"classes)") from None
     return _timm_encoder(model, name=name, source=path, pool=pool, device=device, dtype=dtype)
@@ -457,7 +458,7 @@ def _hf_encoder(folder_or_id: str, *, name, source, pool, device, dtype) -> Imag
         try:
             cls = MODEL_MAPPING[type(vcfg)]
         except KeyError:
-            raise ValueError(f"name_or_path: {name!r} ({config.model_type}) has a vision tower "
+            raise InputError(f"name_or_path: {name!r} ({config.model_type}) has a vision tower "
                              f"of type {vcfg.model_type} that transformers "
                              f"{transformers.__version__} cannot build alone") from None
         tcfg = None
@@ -468,7 +469,7 @@ def _hf_encoder(folder_or_id: str, *, name, source, pool, device, dtype) -> Imag
     try:
         processor = AutoImageProcessor.from_pretrained(folder_or_id)
     except (OSError, ValueError) as e:
-        raise ValueError(f"name_or_path: {name!r} has no image processor "
+        raise InputError(f"name_or_path: {name!r} has no image processor "
                          f"(preprocessor_config.json); save it beside the model "
                          f"(processor.save_pretrained(folder)): {e}") from None
     model = model.eval().to(device=device, dtype=dtype)
@@ -491,17 +492,17 @@ def _hf_encoder(folder_or_id: str, *, name, source, pool, device, dtype) -> Imag
         hs = model(pixel_values=probe, output_hidden_states=True, return_dict=True)
     hidden = getattr(hs, "hidden_states", None)
     if not hidden:
-        raise ValueError(f"name_or_path: {name!r} ({type(model).__name__}) returns no "
+        raise InputError(f"name_or_path: {name!r} ({type(model).__name__}) returns no "
                          f"hidden_states; it is not a supported vision tower")
     if hidden[0].dim() == 3:
         patch = getattr(tcfg, "patch_size", None)
         if patch is None:
-            raise ValueError(f"name_or_path: {name!r} ({mtype}) has no patch_size in its "
+            raise InputError(f"name_or_path: {name!r} ({mtype}) has no patch_size in its "
                              f"config, so patch tokens cannot be told from prefix tokens")
         ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
         npt = hidden[0].shape[1] - (probe.shape[-2] // ph) * (probe.shape[-1] // pw)
         if npt < 0:
-            raise ValueError(f"name_or_path: {name!r}: fewer tokens than patches")
+            raise InputError(f"name_or_path: {name!r}: fewer tokens than patches")
         has_cls = npt > 0 and mtype not in _HF_NO_CLASS_TOKEN
         return ImageEncoder(model, name=name, source=source, kind="hf-tokens", preprocess=run,
                             data_config=data_config, pool=pool, device=device, dtype=dtype,
@@ -532,7 +533,7 @@ def _from_pretrained(cls, folder_or_id, dtype, name):
     mismatched = list(info.get("mismatched_keys") or [])
     if missing or mismatched:
         bad = (missing + [str(m) for m in mismatched])
-        raise ValueError(f"name_or_path: {name!r}: {len(bad)} tensor(s) of "
+        raise InputError(f"name_or_path: {name!r}: {len(bad)} tensor(s) of "
                          f"{type(model).__name__} are not in the checkpoint (they would be "
                          f"random): {', '.join(map(str, bad[:5]))}")
     if info.get("unexpected_keys"):
@@ -604,11 +605,11 @@ def load_vision_model(name_or_path, *, device="cpu", dtype=None, pool: str = "cl
                         f"{type(name_or_path).__name__}")
     name = os.fspath(name_or_path)
     if not name.strip():
-        raise ValueError("name_or_path: empty model name")
+        raise InputError("name_or_path: empty model name")
     if pool not in POOLINGS:
-        raise ValueError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
+        raise InputError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
     if hub not in (None, True, False):
-        raise ValueError(f"hub: expected None, True or False, got {hub!r}")
+        raise InputError(f"hub: expected None, True or False, got {hub!r}")
     dev = _parse_device(device)
     dt = _parse_dtype(dtype)
     kw = dict(pool=pool, device=dev, dtype=dt)
@@ -630,7 +631,7 @@ def load_vision_model(name_or_path, *, device="cpu", dtype=None, pool: str = "cl
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise ValueError(f"name_or_path: folder {path} has no config.json (a timm "
+            raise InputError(f"name_or_path: folder {path} has no config.json (a timm "
                              f"save_for_hf or Hugging Face save_pretrained folder has one)")
         with open(cfg_file) as f:
             cfg = json.load(f)
@@ -640,10 +641,10 @@ def load_vision_model(name_or_path, *, device="cpu", dtype=None, pool: str = "cl
             return _timm_encoder(model, name=name, source=path, **kw)
         if "model_type" in cfg:
             return _hf_encoder(path, name=name, source=path, **kw)
-        raise ValueError(f"name_or_path: {cfg_file} has neither 'architecture' (timm) nor "
+        raise InputError(f"name_or_path: {cfg_file} has neither 'architecture' (timm) nor "
                          f"'model_type' (transformers)")
     if os.path.isfile(path):
-        raise ValueError(f"name_or_path: {path} is a weights file; name its timm architecture "
+        raise InputError(f"name_or_path: {path} is a weights file; name its timm architecture "
                          f"too: '<arch>@{path}' or load_vision_model(<arch>, checkpoint=path)")
     tried.append(f"local path {path} (does not exist)")
 

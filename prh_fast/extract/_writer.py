@@ -19,6 +19,7 @@ import torch
 
 from prh_fast import _lock
 from prh_fast._io import atomic_write
+from prh_fast.errors import InputError
 
 __all__ = ["PtWriter", "STORAGE_DTYPES"]
 
@@ -86,7 +87,7 @@ class PtWriter(_lock.HoldsLock):
     def __init__(self, path, *, fingerprint: dict, dtype: str = "float32",
                  overwrite: bool = False):
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+            raise InputError(f"dtype: expected one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
         self.path = os.fspath(path)
         self.dtype = STORAGE_DTYPES[dtype]
         self.partial = self.path + ".partial"
@@ -107,12 +108,12 @@ class PtWriter(_lock.HoldsLock):
                 with open(job) as fh:
                     old = json.load(fh)
             except (OSError, ValueError) as err:
-                raise ValueError(f"{job}: unreadable job record ({err}); remove "
+                raise InputError(f"{job}: unreadable job record ({err}); remove "
                                  f"{self.partial} or pass overwrite=True") from None
             if _canon(old) != _canon(self.fingerprint):
                 changed = sorted(k for k in set(old) | set(self.fingerprint)
                                  if _canon({k: old.get(k)}) != _canon({k: self.fingerprint.get(k)}))
-                raise ValueError(f"{self.path}: an unfinished extraction with different settings "
+                raise InputError(f"{self.path}: an unfinished extraction with different settings "
                                  f"is in {self.partial} (differs in: {', '.join(changed)}); "
                                  f"pass overwrite=True (CLI: --force) to start over")
         else:
@@ -159,17 +160,17 @@ class PtWriter(_lock.HoldsLock):
             ValueError: Shapes that disagree, or a closed writer.
         """
         if self._held is None:
-            raise ValueError(f"{self.path}: this writer was closed; open a new one to resume")
+            raise InputError(f"{self.path}: this writer was closed; open a new one to resume")
         if not layers:
-            raise ValueError("layers: expected at least one [B, D] tensor")
+            raise InputError("layers: expected at least one [B, D] tensor")
         b = int(layers[0].shape[0])
         for i, t in enumerate(layers):
             if t.dim() != 2 or t.shape[0] != b:
-                raise ValueError(f"layers[{i}]: expected [{b}, D], got {tuple(t.shape)}")
+                raise InputError(f"layers[{i}]: expected [{b}, D], got {tuple(t.shape)}")
         extras = dict(extras or {})
         for k, v in extras.items():
             if v.dim() != 1 or v.shape[0] != b:
-                raise ValueError(f"extras[{k!r}]: expected [{b}], got {tuple(v.shape)}")
+                raise InputError(f"extras[{k!r}]: expected [{b}], got {tuple(v.shape)}")
         start = self.rows_done
         stop = start + b
         payload = {"layers": [t.detach().to("cpu", self.dtype).contiguous() for t in layers],
@@ -183,7 +184,7 @@ class PtWriter(_lock.HoldsLock):
             try:
                 yield torch.load(full, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any unreadable part is reported the same way
-                raise ValueError(f"{full}: unreadable part of an unfinished extraction ({err}); "
+                raise InputError(f"{full}: unreadable part of an unfinished extraction ({err}); "
                                  f"delete it to recompute rows {start}..{stop}") from None
 
     def extras(self) -> dict:
@@ -209,13 +210,13 @@ class PtWriter(_lock.HoldsLock):
         from prh_fast.store import save_features
 
         if not self._parts:
-            raise ValueError(f"{self.path}: nothing was extracted (no rows written)")
+            raise InputError(f"{self.path}: nothing was extracted (no rows written)")
         per_layer = None
         for part in self._load_parts():
             if per_layer is None:
                 per_layer = [[t] for t in part["layers"]]
             elif len(part["layers"]) != len(per_layer):
-                raise ValueError(f"{self.partial}: parts disagree on the number of layers")
+                raise InputError(f"{self.partial}: parts disagree on the number of layers")
             else:
                 for acc, t in zip(per_layer, part["layers"]):
                     acc.append(t)

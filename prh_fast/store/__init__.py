@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from prh_fast.errors import InputError
 from prh_fast.store import _pt
 from prh_fast.store._convert import pt_to_store, store_to_pt
 from prh_fast.store._pt import save_features
@@ -130,7 +131,7 @@ def check_same_samples(paths_or_dicts) -> int:
     """
     items = list(paths_or_dicts)
     if not items:
-        raise ValueError("paths_or_dicts: expected at least one feature file or record")
+        raise InputError("paths_or_dicts: expected at least one feature file or record")
     first_n = first_name = None
     for i, item in enumerate(items):
         name = f"paths_or_dicts[{i}]" if isinstance(item, dict) else os.fspath(item)
@@ -141,6 +142,6 @@ def check_same_samples(paths_or_dicts) -> int:
         if first_n is None:
             first_n, first_name = n, name
         elif n != first_n:
-            raise ValueError(f"{name}: has N = {n} samples, but {first_name} has N = {first_n}; "
+            raise InputError(f"{name}: has N = {n} samples, but {first_name} has N = {first_n}; "
                              f"alignment needs the same (paired) samples for every model")
     return first_n

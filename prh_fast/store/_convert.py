@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.store import _pt
 from prh_fast.store._sharded import StoreWriter, _dtype_name, _load_index, is_store, open_store
 
@@ -51,7 +52,7 @@ def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = Non
 
     pt_path, store_path = os.fspath(pt_path), os.fspath(store_path)
     if not overwrite and is_store(store_path) and _load_index(store_path)["complete"]:
-        raise ValueError(f"{store_path}: a finished store is already there; pass "
+        raise InputError(f"{store_path}: a finished store is already there; pass "
                          f"overwrite=True to replace it")
     rec = _pt._load(pt_path, "cpu", trust, mmap=True)
     dims = _pt._check_record(rec, pt_path)
@@ -61,7 +62,7 @@ def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = Non
     name = _dtype_name(dtype if dtype is not None else layers[0].dtype)
     n = dims[0][0]
     if n == 0:
-        raise ValueError(f"{pt_path}: has no samples (N = 0)")
+        raise InputError(f"{pt_path}: has no samples (N = 0)")
     w = StoreWriter(store_path, dims=[d for _, d in dims], dtype=name, shard_rows=shard_rows,
                     layout=layout, overwrite=overwrite)
     step = w._index["shard_rows"]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
 from prh_fast.metrics._svcca import _top_eig
 
@@ -153,7 +154,7 @@ def _plan(dx, dy, budget, chunk_bytes, what):
         out.append((cur, yg))
     small = min(dx) * min(dy) + min(dx) ** 2 + min(dy) ** 2 + 3 * (min(dx) + min(dy))
     if small > room:
-        raise ValueError(f"memory_budget: {budget} bytes cannot hold the accumulators of one "
+        raise InputError(f"memory_budget: {budget} bytes cannot hold the accumulators of one "
                          f"layer pair of {what} (~{8 * small + chunk_bytes} bytes needed)")
     return out
 
@@ -197,15 +198,15 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
     from prh_fast.store._stream import DEFAULT_STREAM_BUDGET, _bar, _prefetched
 
     if metric not in KERNEL_METRICS:
-        raise ValueError(f"metric: the one-pass kernel statistics compute {KERNEL_METRICS}, got "
+        raise InputError(f"metric: the one-pass kernel statistics compute {KERNEL_METRICS}, got "
                          f"{metric!r}")
     unbiased = metric == "unbiased_cka" or (metric == "cka" and bool(unbiased))
     n = x_src.n
     if y_src.n != n:
-        raise ValueError(f"{y_src.name}: has N = {y_src.n} samples, but {x_src.name} has "
+        raise InputError(f"{y_src.name}: has N = {y_src.n} samples, but {x_src.name} has "
                          f"N = {n}")
     if metric != "svcca" and n < (4 if unbiased else 2):
-        raise ValueError(f"{'unbiased HSIC' if unbiased else 'cka'} needs N >= "
+        raise InputError(f"{'unbiased HSIC' if unbiased else 'cka'} needs N >= "
                          f"{4 if unbiased else 2} samples, got N = {n}")
     dx, dy = list(x_src.dims), list(y_src.dims)
     r = None
@@ -219,7 +220,7 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
     per_row = 24 * (sum(dx) + sum(dy)) + 16
     chunk = max(1, min(n, (budget // 4) // per_row))
     if budget // 4 < per_row:
-        raise ValueError(f"memory_budget: {budget} bytes cannot hold one row of both models "
+        raise InputError(f"memory_budget: {budget} bytes cannot hold one row of both models "
                          f"(~{4 * per_row} bytes needed)")
     groups = _plan(dx, dy, budget, chunk * per_row, f"{x_src.name} / {y_src.name}")
     sx = [_Side(d, unbiased, dev) for d in dx]
@@ -252,7 +253,7 @@ def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
     bad = [f"x layer {i}" for i, t in enumerate(sx) if not bool(torch.isfinite(t.G).all())] + \
           [f"y layer {j}" for j, t in enumerate(sy) if not bool(torch.isfinite(t.G).all())]
     if bad:
-        raise ValueError(f"{x_src.name} / {y_src.name}: the float64 sums of {', '.join(bad)} "
+        raise InputError(f"{x_src.name} / {y_src.name}: the float64 sums of {', '.join(bad)} "
                          f"overflow (features too large to square); normalise the rows")
     out = torch.empty((len(dx), len(dy)), dtype=_F64)
     if metric == "svcca":

@@ -17,6 +17,7 @@ import re
 import torch
 
 from prh_fast._io import atomic_write
+from prh_fast.errors import InputError
 
 __all__ = ["load_features", "save_features", "feature_info"]
 # check_same_samples lives in prh_fast.store (it also reads store folders).
@@ -29,44 +30,44 @@ def _layers_n(feats, where: str) -> list:
     """Check ``feats`` and return ``[(N, D_l), ...]`` per layer; ValueError naming ``where``."""
     if isinstance(feats, torch.Tensor):
         if feats.dim() != 3:
-            raise ValueError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] "
+            raise InputError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] "
                              f"tensors, got a {feats.dim()}-D tensor of shape "
                              f"{tuple(feats.shape)}")
         if not feats.is_floating_point():
-            raise ValueError(f"{where}: 'feats' must be floating point, got {feats.dtype}")
+            raise InputError(f"{where}: 'feats' must be floating point, got {feats.dtype}")
         n, nl, d = feats.shape
         if nl == 0:
-            raise ValueError(f"{where}: 'feats' has no layers (shape {tuple(feats.shape)})")
+            raise InputError(f"{where}: 'feats' has no layers (shape {tuple(feats.shape)})")
         return [(n, d)] * nl
     if isinstance(feats, (list, tuple)):
         if len(feats) == 0:
-            raise ValueError(f"{where}: 'feats' is an empty list of layers")
+            raise InputError(f"{where}: 'feats' is an empty list of layers")
         dims = []
         for i, f in enumerate(feats):
             if not isinstance(f, torch.Tensor):
-                raise ValueError(f"{where}: 'feats'[{i}] must be a tensor, got "
+                raise InputError(f"{where}: 'feats'[{i}] must be a tensor, got "
                                  f"{type(f).__name__}")
             if f.dim() != 2:
-                raise ValueError(f"{where}: 'feats'[{i}] must be a [N, D] tensor, got a "
+                raise InputError(f"{where}: 'feats'[{i}] must be a [N, D] tensor, got a "
                                  f"{f.dim()}-D tensor of shape {tuple(f.shape)}")
             if not f.is_floating_point():
-                raise ValueError(f"{where}: 'feats'[{i}] must be floating point, got {f.dtype}")
+                raise InputError(f"{where}: 'feats'[{i}] must be floating point, got {f.dtype}")
             dims.append(tuple(f.shape))
         for i, (n, _) in enumerate(dims):
             if n != dims[0][0]:
-                raise ValueError(f"{where}: 'feats'[{i}] has {n} samples, 'feats'[0] has "
+                raise InputError(f"{where}: 'feats'[{i}] has {n} samples, 'feats'[0] has "
                                  f"{dims[0][0]}")
         return dims
-    raise ValueError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] tensors, "
+    raise InputError(f"{where}: 'feats' must be a [N, L, D] tensor or a list of [N, D] tensors, "
                      f"got {type(feats).__name__}")
 
 
 def _check_record(obj, where: str) -> list:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a dict with a 'feats' key, got {type(obj).__name__}")
+        raise InputError(f"{where}: expected a dict with a 'feats' key, got {type(obj).__name__}")
     if "feats" not in obj:
         keys = ", ".join(repr(k) for k in obj) or "none"
-        raise ValueError(f"{where}: no 'feats' key (keys: {keys})")
+        raise InputError(f"{where}: no 'feats' key (keys: {keys})")
     return _layers_n(obj["feats"], where)
 
 
@@ -85,7 +86,7 @@ def _load(path, map_location, trust: bool, mmap: bool = False):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such feature file")
     if os.path.isdir(path):
-        raise ValueError(f"{path}: is a directory, not a feature file")
+        raise InputError(f"{path}: is a directory, not a feature file")
     kw = {"map_location": map_location}
     if mmap:
         kw["mmap"] = True
@@ -100,10 +101,10 @@ def _load(path, map_location, trust: bool, mmap: bool = False):
             raise
     except Exception as err:  # noqa: BLE001
         if not _is_unsupported_type(err):
-            raise ValueError(f"{path}: corrupt or truncated feature file "
+            raise InputError(f"{path}: corrupt or truncated feature file "
                              f"({type(err).__name__}: {_first_line(err)})") from err
         if not trust:
-            raise ValueError(
+            raise InputError(
                 f"{path}: holds Python objects that the safe loader refuses "
                 f"({_first_global(err)}); loading it would run code from the file. Pass "
                 f"trust=True only if you trust its source.") from err
@@ -112,11 +113,11 @@ def _load(path, map_location, trust: bool, mmap: bool = False):
         return torch.load(path, weights_only=False, **kw)
     except (AttributeError, ImportError) as err:
         # Trusted, but the class the file pickled is not importable in this process.
-        raise ValueError(f"{path}: trust=True: the file holds objects of a class that cannot "
+        raise InputError(f"{path}: trust=True: the file holds objects of a class that cannot "
                          f"be imported here ({_first_line(err)}); import the module that "
                          f"defines it first, or save the file without it") from err
     except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{path}: corrupt or truncated feature file "
+        raise InputError(f"{path}: corrupt or truncated feature file "
                          f"({type(err).__name__}: {_first_line(err)})") from err
 
 

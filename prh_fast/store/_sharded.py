@@ -45,7 +45,7 @@ import torch
 
 from prh_fast import _lock
 from prh_fast._io import atomic_write, confined
-from prh_fast.errors import StoreError
+from prh_fast.errors import InputError, StoreError
 
 __all__ = ["StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
            "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
@@ -100,14 +100,14 @@ def _dtype_name(dtype, arg: str = "dtype") -> str:
         for name, d in STORE_DTYPES.items():
             if d == dtype:
                 return name
-        raise ValueError(f"{arg}: expected one of {sorted(STORE_DTYPES)}, got {dtype}")
+        raise InputError(f"{arg}: expected one of {sorted(STORE_DTYPES)}, got {dtype}")
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")
         name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
                 "float": "float32", "double": "float64", "fp64": "float64"}.get(name, name)
         if name in STORE_DTYPES:
             return name
-    raise ValueError(f"{arg}: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    raise InputError(f"{arg}: expected one of {sorted(STORE_DTYPES)}, got {dtype!r}")
 
 
 def _json_safe(key: str, value):
@@ -126,7 +126,7 @@ def _json_safe(key: str, value):
         if not math.isfinite(value):
             return {"__float__": repr(value)}  # JSON has no NaN/Inf
         return value
-    raise ValueError(f"meta[{key!r}]: cannot store a {type(value).__name__} in the index "
+    raise InputError(f"meta[{key!r}]: cannot store a {type(value).__name__} in the index "
                      f"(tensors and arrays go to the extras file; other values must be JSON)")
 
 
@@ -254,22 +254,22 @@ class StoreWriter(_lock.HoldsLock):
         if dims is not None:
             dims = [int(d) for d in dims]
             if not dims or any(d < 1 for d in dims):
-                raise ValueError(f"dims: expected a non-empty list of positive widths, got {dims}")
+                raise InputError(f"dims: expected a non-empty list of positive widths, got {dims}")
             if layers is not None and int(layers) != len(dims):
-                raise ValueError(f"layers: {layers} does not match dims ({len(dims)} widths)")
+                raise InputError(f"layers: {layers} does not match dims ({len(dims)} widths)")
         if layers is not None and (isinstance(layers, bool) or int(layers) < 1):
-            raise ValueError(f"layers: expected a positive number of layers, got {layers!r}")
+            raise InputError(f"layers: expected a positive number of layers, got {layers!r}")
         if shard_rows is not None and (isinstance(shard_rows, bool) or int(shard_rows) < 1):
-            raise ValueError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
+            raise InputError(f"shard_rows: expected a positive integer, got {shard_rows!r}")
         if layout is not None and layout not in ("tensor", "list"):
-            raise ValueError(f"layout: expected 'tensor' or 'list', got {layout!r}")
+            raise InputError(f"layout: expected 'tensor' or 'list', got {layout!r}")
         self._want = {"layers": None if layers is None else int(layers), "dims": dims,
                       "dtype": None if dtype is None else _dtype_name(dtype),
                       "shard_rows": None if shard_rows is None else int(shard_rows),
                       "layout": layout}
         self._create_meta = _split_meta(meta or {})[0] if meta is not None else None
         if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ValueError(f"{self.path}: exists and is a file, not a store folder")
+            raise InputError(f"{self.path}: exists and is a file, not a store folder")
         self._buf: list = []      # pending batches: lists of per-layer tensors
         self._buf_rows = 0
         self._index = None
@@ -295,7 +295,7 @@ class StoreWriter(_lock.HoldsLock):
     # -- opening ---------------------------------------------------------------------------------
     def _remove_existing(self):
         if not is_store(self.path) and not self._only_debris():
-            raise ValueError(f"{self.path}: exists and is not a store folder; not deleting it")
+            raise InputError(f"{self.path}: exists and is not a store folder; not deleting it")
         # The index goes first, so that a reader opening the folder meanwhile finds no store
         # rather than an index naming shards that are being deleted. The lock file stays.
         try:
@@ -333,9 +333,9 @@ class StoreWriter(_lock.HoldsLock):
     def _fresh(self):
         if os.path.exists(self.path):
             if not os.path.isdir(self.path):
-                raise ValueError(f"{self.path}: exists and is a file, not a store folder")
+                raise InputError(f"{self.path}: exists and is a file, not a store folder")
             if os.listdir(self.path) and not self._only_debris():
-                raise ValueError(f"{self.path}: folder exists and is not a store (no "
+                raise InputError(f"{self.path}: folder exists and is not a store (no "
                                  f"{INDEX_NAME}); choose an empty or new folder")
         os.makedirs(self.path, exist_ok=True)
         self._clean_debris()
@@ -345,7 +345,7 @@ class StoreWriter(_lock.HoldsLock):
     def _create_index(self, dims, dtype_name):
         layout = self._want["layout"] or ("tensor" if len(set(dims)) == 1 else "list")
         if layout == "tensor" and len(set(dims)) != 1:
-            raise ValueError(f"layout: 'tensor' needs equal layer widths, got dims {dims}")
+            raise InputError(f"layout: 'tensor' needs equal layer widths, got dims {dims}")
         row_bytes = sum(dims) * _ITEMSIZE[dtype_name]
         shard_rows = self._want["shard_rows"] or max(1, DEFAULT_SHARD_BYTES // row_bytes)
         self._index = {
@@ -370,14 +370,14 @@ class StoreWriter(_lock.HoldsLock):
                   ("layout", w["layout"], idx["layout"])]
         for name, want, have in checks:
             if want is not None and want != have:
-                raise ValueError(f"{self.path}: existing store has {name} = {have}, the writer "
+                raise InputError(f"{self.path}: existing store has {name} = {have}, the writer "
                                  f"was asked for {want}; pass overwrite=True to start over")
         if self._create_meta is not None and not idx["complete"]:
             old = idx.get("create_meta") or {}
             if _canon(old) != _canon(self._create_meta):
                 diff = sorted(k for k in set(old) | set(self._create_meta)
                               if _canon(old.get(k)) != _canon(self._create_meta.get(k)))
-                raise ValueError(f"{self.path}: an unfinished store written with different "
+                raise InputError(f"{self.path}: an unfinished store written with different "
                                  f"meta is here (differs in: {', '.join(diff)}); pass "
                                  f"overwrite=True to start over")
         # Every shard the index names must be intact in size; a damaged one is not resumable.
@@ -424,32 +424,32 @@ class StoreWriter(_lock.HoldsLock):
         if isinstance(layers, torch.Tensor) and layers.dim() == 3:
             layers = list(layers.unbind(1))
         if not isinstance(layers, (list, tuple)) or not layers:
-            raise ValueError("layers: expected a list with one [B, D] tensor per layer")
+            raise InputError("layers: expected a list with one [B, D] tensor per layer")
         ts = []
         for i, t in enumerate(layers):
             if isinstance(t, np.ndarray):
                 t = torch.from_numpy(t)
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-                raise ValueError(f"layers[{i}]: expected a 2-D floating-point [B, D] tensor, got "
+                raise InputError(f"layers[{i}]: expected a 2-D floating-point [B, D] tensor, got "
                                  f"{getattr(t, 'shape', type(t).__name__)}")
             ts.append(t)
         b = int(ts[0].shape[0])
         for i, t in enumerate(ts):
             if t.shape[0] != b:
-                raise ValueError(f"layers[{i}]: has {t.shape[0]} rows, layers[0] has {b}")
+                raise InputError(f"layers[{i}]: has {t.shape[0]} rows, layers[0] has {b}")
         if self._index is None:  # first batch decides widths and dtype
             if self._want["layers"] is not None and self._want["layers"] != len(ts):
-                raise ValueError(f"layers: expected {self._want['layers']} layers, got {len(ts)}")
+                raise InputError(f"layers: expected {self._want['layers']} layers, got {len(ts)}")
             dt = self._want["dtype"]
             if dt is None:
                 dt = next((n for n, d in STORE_DTYPES.items() if d == ts[0].dtype), "float32")
             self._create_index([int(t.shape[1]) for t in ts], dt)
         dims = self._index["dims"]
         if len(ts) != len(dims):
-            raise ValueError(f"layers: expected {len(dims)} layers, got {len(ts)}")
+            raise InputError(f"layers: expected {len(dims)} layers, got {len(ts)}")
         for i, (t, d) in enumerate(zip(ts, dims)):
             if t.shape[1] != d:
-                raise ValueError(f"layers[{i}]: expected width {d}, got {t.shape[1]}")
+                raise InputError(f"layers[{i}]: expected width {d}, got {t.shape[1]}")
         if b == 0:
             return
         dtype = STORE_DTYPES[self._index["dtype"]]
@@ -494,9 +494,9 @@ class StoreWriter(_lock.HoldsLock):
 
     def _check_open(self) -> None:
         if self.finished:
-            raise ValueError(f"{self.path}: the store is finished; open a new one to add rows")
+            raise InputError(f"{self.path}: the store is finished; open a new one to add rows")
         if self._held is None:
-            raise ValueError(f"{self.path}: this writer was closed; open a new StoreWriter on "
+            raise InputError(f"{self.path}: this writer was closed; open a new StoreWriter on "
                              f"the path to resume")
 
     def flush(self) -> None:
@@ -517,10 +517,10 @@ class StoreWriter(_lock.HoldsLock):
         """
         self._check_open()
         if self._index is None:
-            raise ValueError(f"{self.path}: nothing was written (no rows appended)")
+            raise InputError(f"{self.path}: nothing was written (no rows appended)")
         self.flush()
         if self._index["n"] == 0:
-            raise ValueError(f"{self.path}: nothing was written (no rows appended)")
+            raise InputError(f"{self.path}: nothing was written (no rows appended)")
         plain, tensors = _split_meta(extra_meta or {})
         meta = dict(self._index.get("create_meta") or {})
         meta.update(self._index.get("meta") or {})
@@ -815,10 +815,10 @@ class FeatureStore:
         if isinstance(rows, range):
             rows = slice(rows.start, rows.stop, rows.step)
         if not isinstance(rows, slice):
-            raise ValueError(f"rows: expected a slice or None, got {type(rows).__name__}")
+            raise InputError(f"rows: expected a slice or None, got {type(rows).__name__}")
         a, b, step = rows.indices(self.n)
         if step != 1:
-            raise ValueError(f"rows: expected a contiguous slice (step 1), got step {step}")
+            raise InputError(f"rows: expected a contiguous slice (step 1), got step {step}")
         return a, max(a, b)
 
     def _pieces(self, a: int, b: int):
@@ -887,7 +887,7 @@ class FeatureStore:
         """
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not (
                 -self.num_layers <= l < self.num_layers):
-            raise ValueError(f"l: expected a layer index in [0, {self.num_layers}), got {l!r}")
+            raise InputError(f"l: expected a layer index in [0, {self.num_layers}), got {l!r}")
         l = int(l) % self.num_layers
         a, b = self._locate(rows)
         pieces = list(self._pieces(a, b))
@@ -926,7 +926,7 @@ class FeatureStore:
         """
         chunk = self.shard_rows if chunk is None else int(chunk)
         if chunk < 1:
-            raise ValueError(f"chunk: expected a positive number of rows, got {chunk}")
+            raise InputError(f"chunk: expected a positive number of rows, got {chunk}")
         stop = self.n if stop is None else min(int(stop), self.n)
         ls = list(range(self.num_layers)) if layers is None else [int(l) for l in layers]
         starts = list(range(int(start), stop, chunk))
