@@ -12,12 +12,12 @@ everyone's. Two ways to see all keys:
 - ``"allgather"``: one ``all_gather`` of every shard (padded to the largest), then a local
   search. Chosen by ``mode="auto"`` when all keys fit in the memory budget.
 
-Each rank merges a running top-k per query row. On CPU that is the native ``topk_update``
-(scores strictly greater than the current k-th enter, so a row must see its keys in increasing
-index order for the lower-index tie rule): the ring visits shards ``r, r+1, ..., P-1`` and then
-``0, ..., r-1``, two increasing runs, so each run keeps its own list and the two lists are merged
-at the end by (score desc, index asc). On GPU (or without the native module) every merge is the
-order-independent ``select_topk``. The running lists hold ``k' > k`` candidates with their
+Each rank merges a running top-k per query row (``prh_fast.knn._merge.TopK``). On CPU that is
+the native ``topk_update`` (scores strictly greater than the current k-th enter, so a row must
+see its keys in increasing index order for the lower-index tie rule): the ring visits shards
+``r, r+1, ..., P-1`` and then ``0, ..., r-1``, two increasing runs, so each run keeps its own
+list and the two lists are merged at the end by (score desc, index asc) (``merge_results``). On
+GPU (or without the native module) every merge is the order-independent torch merge. The running lists hold ``k' > k`` candidates with their
 fixed-order float64 scores (computed when they enter, from the key block in hand), and the final
 lists come out of ``prh_fast.knn._exact``'s certificate; rows it leaves open (near-ties:
 duplicated rows) get a second pass over the key shards (:class:`~prh_fast.knn._exact.Sweep`).
@@ -27,6 +27,7 @@ two when the global largest row norm would take the products out of range (as ``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -42,6 +43,7 @@ from prh_fast.distributed._env import (
 )
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET
 from prh_fast.knn._exact import Sweep, candidate_count, finish, margins, search_exponent
+from prh_fast.knn._merge import TopK, check_filled, merge_results
 from prh_fast.knn._tiles import block_rows
 
 __all__ = ["knn", "shard"]
@@ -86,97 +88,53 @@ def _local_backend(backend, device) -> str:
 
 
 class _Merger:
-    """Running candidates of ``rows`` query rows (global ids ``q0 ..``) over key blocks fed in
-    any order: the ``kc`` best keys by product score with their fixed-order scores. ``native``:
-    CPU ``topk_update``, one list per increasing run of key offsets; else ``merge_tile`` on the
-    device."""
+    """Running candidates of this rank's query rows ``Q`` (global ids ``q0 ..``) over key blocks
+    fed in any order: the ``kc`` best keys by product score with their fixed-order scores, in
+    :class:`~prh_fast.knn._merge.TopK` lists. ``native``: the native merge, which needs each row
+    to see its keys in increasing index order, so one list per increasing run of key offsets,
+    combined by :func:`~prh_fast.knn._merge.merge_results` at the end; else one torch-merged
+    list on ``Q``'s device."""
 
     def __init__(self, Q, q0: int, kc: int, budget: int, native: bool):
-        self.Q, self.q0, self.k, self.budget = Q, q0, kc, budget
+        self.Q, self.q0, self.kc, self.budget = Q, q0, kc, budget
         self.native = native
         self.rows = Q.shape[0]
-        self.runs = []  # native: [vals, idx, fixed] ndarrays
-        self.last = -1
-        self.run = None
-        if not native:
-            self.run = (torch.full((self.rows, 0), float("-inf"), dtype=Q.dtype, device=Q.device),
-                        torch.empty((self.rows, 0), dtype=torch.int64, device=Q.device),
-                        torch.empty((self.rows, 0), dtype=torch.float64, device=Q.device))
+        self._runs = []  # TopK lists; native: one per increasing run of key offsets
+        self._last = -1
+
+    def _new_run(self):
+        return TopK(self.rows, self.kc, self.Q.dtype, self.Q.device, native=self.native,
+                    with_fixed=True, ids=self.q0)
 
     def add(self, K, k0: int):
         """Merge keys ``K`` ``[m, D]`` with global ids ``k0 .. k0 + m - 1``."""
         m = K.shape[0]
         if m == 0 or self.rows == 0:
             return
-        cols = min(m, max(self.k, 1024 if self.native else 4096))
-        rows = min(self.rows, block_rows(cols + self.k, self.Q.element_size() + 16, self.budget,
+        cols = min(m, max(self.kc, 1024 if self.native else 4096))
+        rows = min(self.rows, block_rows(cols + self.kc, self.Q.element_size() + 16, self.budget,
                                          buffers=3))
+        if not self._runs or (self.native and k0 < self._last):
+            self._runs.append(self._new_run())
+        self._last = k0
+        top = self._runs[-1]
         if self.native:
-            self._add_native(K, k0, rows, cols)
+            # key tiles outermost: every row sees this block's keys in increasing order
+            K = K.contiguous()
+            tiles = [(r0, c0) for c0 in range(0, m, cols) for r0 in range(0, self.rows, rows)]
         else:
-            self._add_torch(K, k0, rows, cols)
-
-    def _add_native(self, K, k0, rows, cols):
-        from prh_fast._native import native
-
-        _C = native()
-        if k0 < self.last or not self.runs:
-            npd = np.float64 if self.Q.dtype == torch.float64 else np.float32
-            self.runs.append((np.full((self.rows, self.k), -np.inf, dtype=npd),
-                              np.full((self.rows, self.k), -1, dtype=np.int64),
-                              np.full((self.rows, self.k), -np.inf, dtype=np.float64)))
-        self.last = k0
-        vals, idx, fixed = self.runs[-1]
-        buf = torch.empty(rows * cols, dtype=self.Q.dtype)
-        K = K.contiguous()
-        qn, kn = self.Q.numpy(), K.numpy()
-        for c0 in range(0, K.shape[0], cols):
-            c1 = min(K.shape[0], c0 + cols)
-            Kt = K[c0:c1].T
-            for r0 in range(0, self.rows, rows):
-                r1 = min(self.rows, r0 + rows)
-                S = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                torch.mm(self.Q[r0:r1], Kt, out=S)
-                _C.topk_update(S.numpy(), self.q0 + r0, k0 + c0, vals[r0:r1], idx[r0:r1], True,
-                               qn[r0:r1], kn[c0:c1], fixed[r0:r1])
-
-    def _add_torch(self, K, k0, rows, cols):
-        from prh_fast.knn._torch import merge_tile
-
-        dev = self.Q.device
-        K = K.to(dev)
-        out = []
-        for r0 in range(0, self.rows, rows):
-            r1 = min(self.rows, r0 + rows)
-            run = tuple(t[r0:r1] for t in self.run)
-            qids = torch.arange(self.q0 + r0, self.q0 + r1, device=dev)
-            for c0 in range(0, K.shape[0], cols):
-                c1 = min(K.shape[0], c0 + cols)
-                run = merge_tile(run, self.Q[r0:r1], K[c0:c1], qids, k0 + c0, self.k, True)
-            out.append(run)
-        self.run = tuple(torch.cat([o[t] for o in out]) for t in range(3))
+            K = K.to(self.Q.device)
+            tiles = [(r0, c0) for r0 in range(0, self.rows, rows) for c0 in range(0, m, cols)]
+        for r0, c0 in tiles:
+            top.add_product(self.Q[r0:r0 + rows], K[c0:c0 + cols], row0=r0, col0=k0 + c0,
+                            exclude_self=True)
 
     def candidates(self):
         """``(idx, prod, fixed)`` ``[rows, kc]``."""
-        from prh_fast.knn._torch import select_topk
-
-        if not self.native:
-            v, i, f = self.run
-        elif not self.runs:
-            dt = self.Q.dtype
-            return (torch.empty((self.rows, self.k), dtype=torch.int64),
-                    torch.empty((self.rows, self.k), dtype=dt),
-                    torch.empty((self.rows, self.k), dtype=torch.float64))
-        else:
-            v = torch.from_numpy(np.concatenate([r[0] for r in self.runs], axis=1))
-            i = torch.from_numpy(np.concatenate([r[1] for r in self.runs], axis=1))
-            f = torch.from_numpy(np.concatenate([r[2] for r in self.runs], axis=1))
-            if len(self.runs) > 1:
-                # Unfilled slots (-inf, id -1) sort last only if some real score beats them,
-                # which holds for finite inputs: there are N - 1 >= kc real candidates.
-                v, i, f = select_topk(v, i, self.k, f)
-        if self.rows and (i.shape[1] < self.k or bool((i < 0).any())):
-            raise ValueError("X: neighbour search produced empty slots (non-finite scores?)")
+        runs = self._runs or [self._new_run()]
+        v, i, f = merge_results([top.result() for top in runs], self.kc)
+        if self.rows:
+            check_filled(i, "X")
         return i, v, f
 
 
@@ -255,10 +213,89 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
         with ``gather="rank0"``. The lists equal ``prh_fast.knn.knn(X_full, k)``'s: self
         excluded, decreasing score, ties to the lower global index.
     """
-    import torch.distributed as dist
-
     rank, P = world()
-    err, t = None, None
+    err, t, budget = _check_request(X, gather, mode, memory_budget, backend)
+    if P == 1:
+        if err is not None:
+            raise err
+        from prh_fast.knn import knn as knn1
+
+        return knn1(t, k, memory_budget=budget, backend=backend, return_scores=return_scores)
+    lay = _exchange_layout(t, err, rank, P)
+    k = check_topk(k, lay.N, "k")
+    work_dev = t.device if t.device.type == "cuda" else lay.cdev
+    if mode == "auto":
+        mode = "allgather" if P * lay.nmax * lay.D * lay.itemsize <= budget else "ring"
+    Q, qn = _local_queries(t, lay, work_dev)
+
+    def visit(fn):
+        _visit_keys(mode, Q, lay.sizes, lay.offs, rank, P, lay.D, lay.dtype, lay.cdev, work_dev,
+                    fn)
+
+    native = _local_backend(backend, work_dev) == "cpu"
+    idx, vals = _exact_lists(Q, qn, lay, k, budget, native, visit)
+    if lay.e_scale:
+        vals = torch.ldexp(vals, torch.tensor(2 * lay.e_scale, device=vals.device))
+    vals = _checked_scores(vals, lay.dtype)
+    if gather == "none":
+        idx, vals = idx.to(t.device), vals.to(t.device)
+        return (idx, vals) if return_scores else idx
+    got = _gather_lists(idx, vals, lay, k, to_all=gather == "all")
+    if got is None:
+        return None
+    idx, vals = got[0].to(t.device), got[1].to(t.device)
+    return (idx, vals) if return_scores else idx
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """What every rank knows of the global matrix after the shape exchange.
+
+    Attributes:
+        rank: this rank; ``P``: the world size.
+        sizes: rows of each rank's shard; ``offs``: their global offsets (``P + 1`` entries).
+        D: columns; ``dtype``: the compute dtype (float64 when the shards are, else float32).
+        max_norm: the largest row norm of all shards (unscaled).
+        cdev: where the collectives' tensors live.
+    """
+
+    rank: int
+    P: int
+    sizes: list
+    offs: list
+    D: int
+    dtype: torch.dtype
+    max_norm: float
+    cdev: torch.device
+
+    @property
+    def N(self) -> int:
+        return self.offs[-1]
+
+    @property
+    def nmax(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    @property
+    def e_scale(self) -> int:
+        """Every rank scales by the same power of two when the products would leave the
+        compute dtype's range (as ``prh_fast.knn.knn`` does)."""
+        return search_exponent(self.max_norm, self.dtype)
+
+    @property
+    def kmax(self) -> float:
+        """The largest row norm after the scaling."""
+        return math.ldexp(self.max_norm, -self.e_scale)
+
+
+def _check_request(X, gather, mode, memory_budget, backend):
+    """This rank's argument checks: ``(error or None, local tensor, budget)``; the error is
+    shared with every rank before anyone raises it."""
+    err, t, budget = None, None, None
     try:
         if gather not in _GATHER:
             raise ValueError(f"gather: expected one of {_GATHER}, got {gather!r}")
@@ -269,14 +306,14 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
         _local_backend(backend, t.device if t.device.type == "cuda" else comm_device())
     except (ValueError, TypeError, RuntimeError) as e:
         err = e
-    if P == 1:
-        if err is not None:
-            raise err
-        from prh_fast.knn import knn as knn1
+    return err, t, budget
 
-        return knn1(t, k, memory_budget=budget, backend=backend, return_scores=return_scores)
-    # Everyone learns everyone's shape, dtype and largest row norm (and errors) in one object
-    # all-gather.
+
+def _exchange_layout(t, err, rank: int, P: int) -> _Layout:
+    """Everyone learns everyone's shape, dtype and largest row norm (and errors) in one object
+    all-gather; an error on any rank is raised on every rank, naming the rank."""
+    import torch.distributed as dist
+
     from prh_fast.prepare import row_norms
 
     info = None
@@ -303,45 +340,50 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
     if len(f64) > 1:
         raise ValueError("X: some ranks hold float64 shards and others not; use one dtype on "
                          "every rank")
-    D = dims.pop()
-    N = sum(sizes)
-    k = check_topk(k, N, "k")
-    dtype = torch.float64 if f64 == {True} else torch.float32
-    offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    out_dev = t.device
-    cdev = comm_device()
-    work_dev = t.device if t.device.type == "cuda" else cdev
-    # every rank scales by the same power of two when the products would leave the range
-    e_scale = search_exponent(max(m[1][3] for m in metas), dtype)
-    Q = t.to(device=work_dev, dtype=dtype).contiguous()
-    if e_scale:
-        Q = torch.ldexp(Q, torch.tensor(-e_scale, device=Q.device)).to(dtype)
+    return _Layout(rank=rank, P=P, sizes=sizes,
+                   offs=np.concatenate([[0], np.cumsum(sizes)]).tolist(), D=dims.pop(),
+                   dtype=torch.float64 if f64 == {True} else torch.float32,
+                   max_norm=max(m[1][3] for m in metas), cdev=comm_device())
+
+
+def _local_queries(t, lay: _Layout, work_dev):
+    """This rank's rows in the compute dtype on ``work_dev``, scaled as every rank scales
+    (``lay.e_scale``), and their float64 norms."""
+    from prh_fast.prepare import row_norms
+
+    Q = t.to(device=work_dev, dtype=lay.dtype).contiguous()
+    if lay.e_scale:
+        Q = torch.ldexp(Q, torch.tensor(-lay.e_scale, device=Q.device)).to(lay.dtype)
     qn = row_norms(Q) if Q.shape[0] else torch.zeros(0, dtype=torch.float64, device=Q.device)
-    kmax = math.ldexp(max(m[1][3] for m in metas), -e_scale)
-    native = _local_backend(backend, work_dev) == "cpu"
-    kc = candidate_count(k, N - 1)
-    merger = _Merger(Q, offs[rank], kc, budget, native)
-    nmax = max(sizes)
-    itemsize = torch.finfo(dtype).bits // 8
-    if mode == "auto":
-        mode = "allgather" if P * nmax * D * itemsize <= budget else "ring"
-    _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, merger.add)
-    rows = thr = None
+    return Q, qn
+
+
+def _exact_lists(Q, qn, lay: _Layout, k: int, budget: int, native: bool, visit):
+    """This rank's exact lists ``(idx [n_r, k], fixed scores float64)`` (still scaled): the
+    candidate pass over every key shard (``visit(fn)`` feeds them to ``fn``), the certificate
+    of ``prh_fast.knn._exact``, and a second pass for the rows it left open on any rank."""
+    import torch.distributed as dist
+
+    kc = candidate_count(k, lay.N - 1)
+    merger = _Merger(Q, lay.offs[lay.rank], kc, budget, native)
+    visit(merger.add)
+    rows = thr = idx = vals = None
     try:
         ci, cv, cf = merger.candidates()
-        e = margins(qn.to(cv.device), kmax, D, dtype)
-        idx, vals, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=kc >= N - 1)
+        e = margins(qn.to(cv.device), lay.kmax, lay.D, lay.dtype)
+        idx, vals, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=kc >= lay.N - 1)
         err = None
     except ValueError as e_:
         err = e_
     agree(err, what="search result check")
     # rows the certificate left open (near-ties) on any rank: one more pass over the keys
-    open_rows = [None] * P
+    open_rows = [None] * lay.P
     with collective("sharing the rows left to re-score"):
         dist.all_gather_object(open_rows, int(rows.numel()))
     if any(open_rows):
-        sweep = Sweep(Q[rows.to(Q.device)], rows.to(Q.device) + offs[rank], thr, k, budget)
-        _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, sweep.add)
+        sweep = Sweep(Q[rows.to(Q.device)], rows.to(Q.device) + lay.offs[lay.rank], thr, k,
+                      budget)
+        visit(sweep.add)
         try:
             si, sv = sweep.result()
             idx[rows], vals[rows] = si.to(idx.device), sv.to(vals.device)
@@ -349,30 +391,29 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
         except ValueError as e_:
             err = e_
         agree(err, what="re-score check")
-    if e_scale:
-        vals = torch.ldexp(vals, torch.tensor(2 * e_scale, device=vals.device))
-    vals = _checked_scores(vals, dtype)
-    if gather == "none":
-        idx, vals = idx.to(out_dev), vals.to(out_dev)
-        return (idx, vals) if return_scores else idx
-    # Gather the lists (and scores) in rank order, padded to the largest shard.
-    packed = torch.zeros((nmax, 2 * k), dtype=torch.float64, device=cdev)
-    packed[: sizes[rank], :k] = idx.to(cdev, torch.float64)
-    packed[: sizes[rank], k:] = vals.to(cdev, torch.float64)
-    if gather == "all":
-        bufs = [torch.empty_like(packed) for _ in range(P)]
+    return idx, vals
+
+
+def _gather_lists(idx, vals, lay: _Layout, k: int, to_all: bool):
+    """The ``[N, k]`` lists and scores of all ranks in rank order (padded to the largest shard
+    for the collective): on every rank (``to_all``) or on rank 0 only (other ranks: None)."""
+    import torch.distributed as dist
+
+    packed = torch.zeros((lay.nmax, 2 * k), dtype=torch.float64, device=lay.cdev)
+    packed[: lay.sizes[lay.rank], :k] = idx.to(lay.cdev, torch.float64)
+    packed[: lay.sizes[lay.rank], k:] = vals.to(lay.cdev, torch.float64)
+    if to_all:
+        bufs = [torch.empty_like(packed) for _ in range(lay.P)]
         with collective("all-gathering the neighbour lists"):
             dist.all_gather(bufs, packed)
     else:
-        bufs = [torch.empty_like(packed) for _ in range(P)] if rank == 0 else None
+        bufs = [torch.empty_like(packed) for _ in range(lay.P)] if lay.rank == 0 else None
         with collective("gathering the neighbour lists on rank 0", peers=[0]):
             dist.gather(packed, bufs, dst=0)
-        if rank != 0:
+        if lay.rank != 0:
             return None
-    full = torch.cat([b[: sizes[r]] for r, b in enumerate(bufs)])
-    idx = full[:, :k].to(torch.int64).to(out_dev)
-    vals = full[:, k:].to(dtype).to(out_dev)
-    return (idx, vals) if return_scores else idx
+    full = torch.cat([b[: lay.sizes[r]] for r, b in enumerate(bufs)])
+    return full[:, :k].to(torch.int64), full[:, k:].to(lay.dtype)
 
 
 def _checked_scores(vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
