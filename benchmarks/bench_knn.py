@@ -277,10 +277,13 @@ def main_gpu(argv) -> int:
             m = int(n * (limit / 3) / pred) // 256 * 256 if pred > limit else n // 4
             m = max(min(256, n // 2), min(m, n // 2))
         if kind == "triton":
-            if sample:
-                fn = lambda: T.knn_triton(X[:m], k, args.memory_budget, keys=X, **kw)[0]  # noqa: E731
-            else:
-                fn = lambda: T.knn_triton(X, k, args.memory_budget, **kw)[0]  # noqa: E731
+            last: dict = {}  # the latest call's SearchStats
+
+            def fn():
+                idx, _, last["stats"] = T.knn_triton(X[:m] if sample else X, k,
+                                                     args.memory_budget, return_stats=True,
+                                                     **(dict(kw, keys=X) if sample else kw))
+                return idx
             if on_gpu:  # compile outside the timed region
                 w = X[:4096]
                 T.knn_triton(w[:256], k, args.memory_budget, keys=w, **kw) if sample else \
@@ -308,7 +311,7 @@ def main_gpu(argv) -> int:
             row["peak_gib"] = peak
             row["extra_gib"] = peak - base / 2**30
         if kind == "triton":
-            row["stats"] = {key: T.last_stats.get(key) for key in
+            row["stats"] = {key: last["stats"].as_dict().get(key) for key in
                             ("KP", "G", "retried", "fallback", "margin")}
         c = check(got, k, sample, m)
         if c is not None:

@@ -152,33 +152,38 @@ def test_triton_cross_search(exact):
 
 
 @pytest.mark.cuda
-def test_triton_auto_backend_and_chunked_rows():
+def test_triton_auto_backend_and_chunked_rows(caplog):
     from prh_fast.knn import _triton as T
 
     X = _features(2500, 64, seed=9)
-    a = knn(X.cuda(), 20)  # auto on CUDA: the fused search
-    assert T.last_stats["rows"] == 2500
+    with caplog.at_level(logging.DEBUG, logger=T.__name__):
+        a = knn(X.cuda(), 20)  # auto on CUDA: the fused search
+    assert [r.triton_stats["rows"] for r in caplog.records if hasattr(r, "triton_stats")] == [2500]
     b = knn(X.cuda(), 20, backend="triton", memory_budget=200 * 1024)  # many row chunks
     assert torch.equal(a, b)
     assert_knn_lists_match(a.cpu(), X.double(), exact=True)
 
 
 @pytest.mark.cuda
-def test_triton_overflowing_buffers_retry_then_fall_back():
+def test_triton_overflowing_buffers_retry_then_fall_back(caplog):
     from prh_fast.knn import _triton as T
 
     # 294 identical rows: more ties than the largest buffer (256) holds: retry, then exact path
     X = torch.ones(300, 4)
     X[::50] = 0.5
-    got = knn(X.cuda(), 5, backend="triton")
-    assert T.last_stats["retried"] == 300 and T.last_stats["fallback"] == 300
+    with caplog.at_level(logging.DEBUG, logger=T.__name__):
+        got = knn(X.cuda(), 5, backend="triton")
+    stats = [r.triton_stats for r in caplog.records if hasattr(r, "triton_stats")][-1]
+    assert stats["retried"] == 300 and stats["fallback"] == 300
     assert_knn_lists_match(got.cpu(), X.double(), exact=True)
     # scores crowded within the bf16 margin: the first buffer (32) cannot certify, the retry can
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 16, generator=g, dtype=torch.float64)
     X = (base + 2e-3 * torch.randn(260, 16, generator=g, dtype=torch.float64)).float()
-    got = knn(X.cuda(), 3, backend="triton", precision="bf16")
-    assert T.last_stats["retried"] > 0
+    with caplog.at_level(logging.DEBUG, logger=T.__name__):
+        got = knn(X.cuda(), 3, backend="triton", precision="bf16")
+    stats = [r.triton_stats for r in caplog.records if hasattr(r, "triton_stats")][-1]
+    assert stats["retried"] > 0
     assert_knn_lists_match(got.cpu(), X.double(), exact=True)
 
 

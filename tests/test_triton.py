@@ -83,16 +83,16 @@ CASES = [  # (N, D, k)
 @pytest.mark.parametrize("n,d,k", CASES, ids=str)
 def test_exact_equals_oracle(n, d, k, dtype):
     X = _features(n, d, seed=n + d + k, dtype=dtype)
-    idx, vals = T.knn_triton(X, k, BUDGET)
+    idx, vals, stats = T.knn_triton(X, k, BUDGET, return_stats=True)
     _check_exact(idx, vals, X, k, f"triton exact N={n} D={d} k={k} {dtype}")
-    assert T.last_stats["exact"] and T.last_stats["G"] == 1
+    assert stats.exact and stats.G == 1
 
 
 @pytest.mark.parametrize("k,dtype", [(256, torch.float32), (280, torch.bfloat16)], ids=str)
 def test_exact_second_stage_large_k(k, dtype):
     X = _features(300, 24, seed=k, dtype=dtype)
-    idx, vals = T.knn_triton(X, k, BUDGET)
-    assert T.last_stats["G"] > 1  # shards merged
+    idx, vals, stats = T.knn_triton(X, k, BUDGET, return_stats=True)
+    assert stats.G > 1  # shards merged
     _check_exact(idx, vals, X, k, f"triton exact k={k}")
 
 
@@ -100,9 +100,9 @@ def test_precisions_give_the_same_exact_lists():
     X = _features(170, 40, seed=3)
     want = R.knn(X.double(), 9)
     for p in ("tf32", "bf16", "fp32"):
-        idx, _ = T.knn_triton(X, 9, BUDGET, precision=p)
+        idx, _, stats = T.knn_triton(X, 9, BUDGET, precision=p, return_stats=True)
         assert torch.equal(idx, want), p
-        assert T.last_stats["precision"] == p
+        assert stats.precision == p
 
 
 def test_non_contiguous_and_numpy_like_inputs_through_knn():
@@ -156,8 +156,8 @@ def test_buffer_overflow_falls_back_to_the_exact_path(caplog):
     X = torch.ones(300, 4)
     X[::50] = 0.5
     with caplog.at_level(logging.INFO, logger="prh_fast"):
-        idx, vals = T.knn_triton(X, 5, BUDGET)
-    assert T.last_stats["retried"] == 300 and T.last_stats["fallback"] == 300
+        idx, vals, stats = T.knn_triton(X, 5, BUDGET, return_stats=True)
+    assert stats.retried == 300 and stats.fallback == 300
     assert any("exact float64 path" in r.getMessage() for r in caplog.records)
     _check_exact(idx, vals, X, 5, "all ties")
     assert torch.equal(idx, knn(X, 5, backend="torch"))
@@ -168,8 +168,8 @@ def test_retry_with_a_larger_buffer():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 16, generator=g, dtype=torch.float64)
     X = (base + 2e-3 * torch.randn(260, 16, generator=g, dtype=torch.float64)).float()
-    idx, vals = T.knn_triton(X, 3, BUDGET, precision="bf16")
-    assert T.last_stats["retried"] > 0
+    idx, vals, stats = T.knn_triton(X, 3, BUDGET, precision="bf16", return_stats=True)
+    assert stats.retried > 0
     _check_exact(idx, vals, X, 3, "retry")
 
 
@@ -201,10 +201,10 @@ def test_fast_mode_is_close_and_logged(k, dtype, caplog):
     monkey_logged = set(_log._logged)
     _log._logged.clear()
     with caplog.at_level(logging.WARNING, logger="prh_fast"):
-        idx, vals = T.knn_triton(X, k, BUDGET, exact=False)
+        idx, vals, stats = T.knn_triton(X, k, BUDGET, exact=False, return_stats=True)
     _log._logged.update(monkey_logged)
     assert any("approximate" in r.getMessage() for r in caplog.records)
-    assert not T.last_stats["exact"]
+    assert not stats.exact
     scale = float(X.double().norm(dim=1).max() ** 2)
     # bf16 products: score errors up to ~2^-7 of |q||k|; only such near-ties may swap
     assert_knn_lists_match(idx, X.double(), exact=False, tol=2e-2, what=f"fast {dtype}")
@@ -215,8 +215,8 @@ def test_fast_mode_is_close_and_logged(k, dtype, caplog):
 
 def test_fast_mode_second_stage():
     X = _features(300, 16, seed=2, spread=False)
-    idx, _ = T.knn_triton(X, 270, BUDGET, exact=False)
-    assert T.last_stats["G"] > 1
+    idx, _, stats = T.knn_triton(X, 270, BUDGET, exact=False, return_stats=True)
+    assert stats.G > 1
     assert_knn_lists_match(idx, X.double(), exact=False, tol=2e-2, what="fast k=270")
 
 
@@ -305,12 +305,14 @@ def test_auto_on_cuda_falls_back_to_torch_with_one_log_line(monkeypatch, caplog)
     assert _backend.resolve_knn_backend("cuda", torch.device("cuda")) == "triton"
 
 
-def test_auto_on_cpu_stays_native_and_env_selects_triton(monkeypatch):
+def test_auto_on_cpu_stays_native_and_env_selects_triton(monkeypatch, caplog):
     assert _backend.resolve_knn_backend("auto", torch.device("cpu")) in ("cpu", "torch")
     monkeypatch.setenv("PRH_FAST_BACKEND", "triton")
     X = _features(30, 6)
-    assert torch.equal(knn(X, 4), R.knn(X.double(), 4))
-    assert T.last_stats["rows"] == 30
+    with caplog.at_level(logging.DEBUG, logger=T.__name__):
+        assert torch.equal(knn(X, 4), R.knn(X.double(), 4))
+    # the search ran on the triton backend: its statistics record
+    assert [r.triton_stats["rows"] for r in caplog.records if hasattr(r, "triton_stats")] == [30]
 
 
 def test_bad_arguments_name_themselves():

@@ -52,6 +52,7 @@ features, 2.5e-4 for bf16 or fp16 features (products exact, only accumulation).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -59,9 +60,11 @@ import os
 
 import torch
 
-from prh_fast.knn._torch import select_topk
+from prh_fast.knn._merge import TopK, select_topk
 
 logger = logging.getLogger("prh_fast")
+#: DEBUG records of each search's :class:`SearchStats` (the ``triton_stats`` extra field).
+_stats_log = logging.getLogger(__name__)
 
 #: Largest running list held on chip in one pass (``tl.topk`` sizes are powers of two).
 KMAX = 256
@@ -72,9 +75,36 @@ PRECISIONS = ("auto", "tf32", "bf16", "fp16", "fp32")
 
 _INT64_MIN = -(2**63)
 
-#: Statistics of the last call (rows, retried rows, rows computed by the fallback, plan), for
-#: tests and benchmarks.
-last_stats: dict = {}
+
+
+@dataclasses.dataclass
+class SearchStats:
+    """What one :func:`knn_triton` call did: returned with ``return_stats=True``, and carried
+    (as a dict) by a DEBUG record of this module's logger in its ``triton_stats`` field.
+
+    Attributes:
+        rows: query rows.
+        KP: running-list size per key shard of the first pass.
+        G: key shards of the first pass.
+        precision: product format (``"bf16"``, ``"fp16"``, ``"tf32"`` or ``"fp32"``).
+        exact: exact mode (certificate + re-score) or fast mode.
+        retried: rows the first pass could not certify, run again with a larger buffer.
+        fallback: rows computed by the exact float64 torch path.
+        margin: the error-bound coefficient ``c`` (exact mode; None in fast mode).
+    """
+
+    rows: int
+    KP: int
+    G: int
+    precision: str
+    exact: bool
+    retried: int = 0
+    fallback: int = 0
+    margin: float | None = None
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (for JSON and log records)."""
+        return dataclasses.asdict(self)
 
 
 def interpret_mode() -> bool:
@@ -271,22 +301,17 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _exact_rows(Xs, Ks, rows, k, budget, self_search):
     """Exact lists of query ``rows`` in float64 (products of float32/float64 values are exact
-    there): torch tiles of keys, running ``select_topk``, self excluded by global id."""
+    there): torch tiles of keys into a running :class:`~prh_fast.knn._merge.TopK`, self
+    excluded by global id."""
     Q = Xs[rows].to(torch.float64)
-    dev = Q.device
     n = Ks.shape[0]
     cols = min(n, max(k, 4096))
-    run_v = torch.full((Q.shape[0], 0), float("-inf"), dtype=torch.float64, device=dev)
-    run_i = torch.empty((Q.shape[0], 0), dtype=torch.int64, device=dev)
+    top = TopK(Q.shape[0], k, torch.float64, Q.device, ids=rows)
     for c0 in range(0, n, cols):
-        c1 = min(n, c0 + cols)
-        s = Q @ Ks[c0:c1].to(torch.float64).T
-        ids = torch.arange(c0, c1, device=dev).expand(Q.shape[0], -1)
-        if self_search:
-            s = s.masked_fill(ids == rows.unsqueeze(1), float("-inf"))
-        run_v, run_i = select_topk(torch.cat([run_v, s], 1), torch.cat([run_i, ids], 1),
-                                   min(k, run_v.shape[1] + c1 - c0))
-    return run_i, run_v
+        top.add_product(Q, Ks[c0:c0 + cols].to(torch.float64), col0=c0,
+                        exclude_self=self_search)
+    vals, idx, _ = top.result()
+    return idx, vals
 
 
 def _row_norms64(X: torch.Tensor, chunk_bytes: int = 1 << 28) -> torch.Tensor:
@@ -323,7 +348,8 @@ def _certify(U, idx, qn, kn, coef2, eta2, k, truncated, g, kp):
 
 
 def knn_triton(X: torch.Tensor, k: int, budget: int, *, keys: torch.Tensor | None = None,
-               exact: bool = True, precision: str | None = None, tune: dict | None = None):
+               exact: bool = True, precision: str | None = None, tune: dict | None = None,
+               return_stats: bool = False):
     """Top-k of each row of ``X`` against ``keys`` (default: ``X`` itself, self excluded).
 
     Args:
@@ -339,15 +365,19 @@ def knn_triton(X: torch.Tensor, k: int, budget: int, *, keys: torch.Tensor | Non
             for bf16/fp16 features.
         tune: overrides of the kernel's tile configuration (``BLOCK_M``, ``BLOCK_N``,
             ``BLOCK_D``, ``DENSE_AT``, ``num_warps``, ``num_stages``): for tests and tuning.
+        return_stats: also return the call's :class:`SearchStats` (always logged at DEBUG).
 
     Returns:
         ``(idx [M, k] int64, vals [M, k])``, vals in float32 (float64 for float64 features),
-        rows ordered by score descending, ties by lower index.
+        rows ordered by score descending, ties by lower index; ``(idx, vals, stats)`` with
+        ``return_stats``.
     """
     if X.device.type == "cuda":
         with torch.cuda.device(X.device):  # Triton launches on the current device and stream
-            return _knn_triton(X, k, budget, keys, exact, precision, tune)
-    return _knn_triton(X, k, budget, keys, exact, precision, tune)
+            out = _knn_triton(X, k, budget, keys, exact, precision, tune)
+    else:
+        out = _knn_triton(X, k, budget, keys, exact, precision, tune)
+    return out if return_stats else out[:2]
 
 
 def _knn_triton(X, k, budget, keys, exact, precision, tune):
@@ -379,12 +409,11 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
     kp, g = plan(k, nk, exact)
     fmt = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         prod_dtype, "tf32" if ip == "tf32" else "fp32")
-    stats = {"rows": m, "KP": kp, "G": g, "precision": fmt, "exact": bool(exact),
-             "retried": 0, "fallback": 0}
+    stats = SearchStats(rows=m, KP=kp, G=g, precision=fmt, exact=bool(exact))
     if not exact:
         from prh_fast._log import _log_once
 
-        _log_once(f"prh_fast: triton kNN in fast mode ({stats['precision']} products, no "
+        _log_once(f"prh_fast: triton kNN in fast mode ({stats.precision} products, no "
                   "float32 re-score): neighbour lists and scores are approximate")
 
     if exact:
@@ -396,7 +425,7 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
         qs32 = (c1 * qn).to(torch.float32)
         kn32 = kn.to(torch.float32)
         coef2, eta2 = 2 * c1 + 2.0**-16, 4.02 * eta
-        stats["margin"] = c
+        stats.margin = c
     out_i = torch.empty((m, k), dtype=torch.int64, device=X.device)
     out_v = torch.empty((m, k), dtype=cd, device=X.device)
     per_row = 48 * g * kp + 16 * k
@@ -438,16 +467,16 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
         if left.numel() and exact:
             kp2, g2 = retry_plan(kp, g, k, nk)
             if kp2 * g2 > kp * g:
-                stats["retried"] += int(left.numel())
+                stats.retried += int(left.numel())
                 left = run(left, kp2, g2, Qp[left])
         if left.numel():
-            stats["fallback"] += int(left.numel())
+            stats.fallback += int(left.numel())
             i, v = _exact_rows(Xs, Ks, left, k, budget, self_search)
             out_i[left], out_v[left] = i, v.to(cd)
-    if stats["retried"] or stats["fallback"]:
+    if stats.retried or stats.fallback:
         logger.info("prh_fast: triton kNN: %d of %d rows needed a larger candidate buffer, %d "
-                    "were computed by the exact float64 path", stats["retried"], m,
-                    stats["fallback"])
-    last_stats.clear()
-    last_stats.update(stats)
-    return out_i, out_v
+                    "were computed by the exact float64 path", stats.retried, m, stats.fallback)
+    _stats_log.debug("prh_fast: triton kNN: %d rows, KP=%d, G=%d, %s products, %d retried, %d "
+                     "by the float64 path", m, kp, g, fmt, stats.retried, stats.fallback,
+                     extra={"triton_stats": stats.as_dict()})
+    return out_i, out_v, stats
