@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from _data import (DTYPES, HAS_FAISS, HAS_NATIVE, KNN_BACKENDS, TIE_EXACT_BACKENDS, assert_knn_lists_match,
-                   integer_features, paired_features, with_duplicates)
+from _data import (DTYPES, HAS_FAISS, HAS_NATIVE, KNN_BACKENDS, TIE_EXACT_BACKENDS,
+                   assert_knn_lists_match, integer_features, paired_features, with_duplicates)
 from prh_fast import reference as R
 from prh_fast.knn import knn
 
@@ -71,7 +71,8 @@ def test_all_equal_scores_list_ascending_indices(backend):
     want = [[j for j in range(7) if j != i][:4] for i in range(7)]
     assert knn(X, 4, backend=backend).tolist() == want
     X = torch.ones(9, 2, dtype=torch.float64)
-    assert knn(X, 8, backend=backend).tolist() == [[j for j in range(9) if j != i] for i in range(9)]
+    want = [[j for j in range(9) if j != i] for i in range(9)]
+    assert knn(X, 8, backend=backend).tolist() == want
 
 
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")

@@ -47,7 +47,8 @@ def _features(n, d, seed=0, dtype=torch.float32, spread=True):
     X = centres[torch.randint(0, 6, (n,), generator=g)] + 0.7 * torch.randn(
         n, d, generator=g, dtype=torch.float64)
     if spread:
-        X = X * torch.logspace(-0.5, 0.5, n, dtype=torch.float64)[torch.randperm(n, generator=g)][:, None]
+        scale = torch.logspace(-0.5, 0.5, n, dtype=torch.float64)
+        X = X * scale[torch.randperm(n, generator=g)][:, None]
     return X.to(dtype)
 
 

@@ -17,9 +17,10 @@ the native ``topk_update`` (scores strictly greater than the current k-th enter,
 see its keys in increasing index order for the lower-index tie rule): the ring visits shards
 ``r, r+1, ..., P-1`` and then ``0, ..., r-1``, two increasing runs, so each run keeps its own
 list and the two lists are merged at the end by (score desc, index asc) (``merge_results``). On
-GPU (or without the native module) every merge is the order-independent torch merge. The running lists hold ``k' > k`` candidates with their
-fixed-order float64 scores (computed when they enter, from the key block in hand), and the final
-lists come out of ``prh_fast.knn._exact``'s certificate; rows it leaves open (near-ties:
+GPU (or without the native module) every merge is the order-independent torch merge. The
+running lists hold ``k' > k`` candidates with their fixed-order float64 scores (computed when
+they enter, from the key block in hand), and the final lists come out of
+``prh_fast.knn._exact``'s certificate; rows it leaves open (near-ties:
 duplicated rows) get a second pass over the key shards (:class:`~prh_fast.knn._exact.Sweep`).
 Either way the lists are those of ``prh_fast.knn.knn``: the ``k`` largest fixed-order inner
 products, self excluded, ties to the lower global index. Shards are scaled by the same power of

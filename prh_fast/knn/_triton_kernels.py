@@ -28,9 +28,10 @@ Merging a tile, per block of rows:
 With ``MARGIN`` the packed score is the certified upper bound ``a_ij + c·|q_i|·|k_j| + eta``
 (``QS_ptr`` holds ``c·|q_i|``, ``KN_ptr`` holds ``|k_j|``); see ``_triton.py`` for the bound.
 
-``_rescore_kernel``: exact re-scoring of candidate lists, ``out[i, t] = <q_{QI[i]}, k_{cand[i, t]}>``
-in the accumulation dtype of the inputs (float32, or float64 for float64 inputs), with
-elementwise products and ``tl.sum`` reductions (no tensor cores). Every output element is
+``_rescore_kernel``: exact re-scoring of candidate lists,
+``out[i, t] = <q_{QI[i]}, k_{cand[i, t]}>`` in the accumulation dtype of the inputs (float32,
+or float64 for float64 inputs), with elementwise products and ``tl.sum`` reductions (no tensor
+cores). Every output element is
 computed by the same sequence of operations, so identical key rows get bit-identical scores.
 """
 from __future__ import annotations

@@ -344,10 +344,10 @@ def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
 class StreamPrep:
     """Rows of a store prepared as the alignment pipeline prepares a model in memory.
 
-    ``q=None`` (or 1) skips clipping; ``normalize`` L2-normalises rows (docs/metrics.md, pipeline steps
-    2-3). ``rows(l, a, b)`` returns rows ``a:b`` of layer ``l`` on ``device`` in the compute
-    dtype (float64 for a float64 store, else float32), bit-equal to the same rows of the
-    in-memory preparation. The threshold is found (or read from the cache) on first use.
+    ``q=None`` (or 1) skips clipping; ``normalize`` L2-normalises rows (docs/metrics.md,
+    pipeline steps 2-3). ``rows(l, a, b)`` returns rows ``a:b`` of layer ``l`` on ``device`` in
+    the compute dtype (float64 for a float64 store, else float32), bit-equal to the same rows of
+    the in-memory preparation. The threshold is found (or read from the cache) on first use.
     """
 
     def __init__(self, store, *, q=None, exact: bool = False, normalize: bool = True,
