@@ -55,7 +55,20 @@ _GATHER = ("all", "rank0", "none")
 
 def shard(X, rank: int | None = None, world_size: int | None = None):
     """This rank's rows of a matrix every rank holds in full: ``X[start:stop]`` with
-    ``shard_range(len(X), rank, world_size)`` (defaults: this process's rank and world)."""
+    ``shard_range(len(X), rank, world_size)`` (defaults: this process's rank and world).
+
+    Args:
+        X: the full matrix (anything with ``len`` and row slicing).
+        rank: the rank whose rows to take.
+        world_size: the number of ranks.
+
+    Returns:
+        ``X[start:stop]``.
+
+    Example:
+        >>> shard(list(range(10)), rank=1, world_size=3)
+        [4, 5, 6]
+    """
     r, P = world()
     rank = r if rank is None else rank
     world_size = P if world_size is None else world_size
@@ -213,6 +226,14 @@ def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: in
         ``idx`` (int64, on ``X``'s device), or ``(idx, scores)``; ``None`` on ranks other than 0
         with ``gather="rank0"``. The lists equal ``prh_fast.knn.knn(X_full, k)``'s: self
         excluded, decreasing score, ties to the lower global index.
+
+    Example:
+        Without a process group (one rank) it is ``prh_fast.knn.knn``:
+
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> knn(X, 1).tolist()
+        [[1], [0], [3], [2]]
     """
     rank, P = world()
     err, t, budget = _check_request(X, gather, mode, memory_budget, backend)

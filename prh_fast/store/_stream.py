@@ -310,6 +310,17 @@ def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
         memory_budget: bytes of scratch (row chunks); default ``DEFAULT_STREAM_BUDGET``.
         progress: tqdm bars (rate, ETA) for the passes.
         cache: read / write the result in the store's cache.
+
+    Returns:
+        One threshold per layer (``None`` per layer when ``q == 1``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from prh_fast.store import StoreWriter
+        >>> w = StoreWriter(tempfile.mkdtemp() + "/feats", dtype="float32")
+        >>> w.append([torch.arange(1.0, 11.0).reshape(5, 2)])
+        >>> clip_thresholds(w.finish(), 0.5, exact=True, cache=False)
+        [tensor(6.)]
     """
     from prh_fast.prepare import _check_q
 
@@ -348,6 +359,15 @@ class StreamPrep:
     pipeline steps 2-3). ``rows(l, a, b)`` returns rows ``a:b`` of layer ``l`` on ``device`` in
     the compute dtype (float64 for a float64 store, else float32), bit-equal to the same rows of
     the in-memory preparation. The threshold is found (or read from the cache) on first use.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from prh_fast.store import StoreWriter
+        >>> w = StoreWriter(tempfile.mkdtemp() + "/feats", dtype="float32")
+        >>> w.append([torch.tensor([[3.0, 4.0], [0.0, 2.0]])])
+        >>> StreamPrep(w.finish(), cache=False).rows(0, 0, 2)
+        tensor([[0.6000, 0.8000],
+                [0.0000, 1.0000]])
     """
 
     def __init__(self, store, *, q=None, exact: bool = False, normalize: bool = True,
@@ -663,6 +683,14 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
     Raises:
         ValueError naming the argument: bad ``layer`` / ``k`` / ``q`` / ``backend``, a
         ``memory_budget`` that is not positive or too small for one block, NaN/Inf values.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from prh_fast.store import StoreWriter
+        >>> w = StoreWriter(tempfile.mkdtemp() + "/feats", dtype="float32")
+        >>> w.append([torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])])
+        >>> stream_knn(w.finish(), 0, 1, cache=False).tolist()
+        [[1], [0], [3], [2]]
     """
     idx, vals, cd = _stream_knn(store, layer, k, q=q, exact=exact, normalize=normalize,
                                 device=device, backend=backend, memory_budget=memory_budget,
