@@ -29,7 +29,7 @@ Mechanism, per query row ``i``:
    list is exact. Rows with all keys as candidates are exact by construction;
 4. other rows (many near-ties: duplicated rows, quantised features) go through :class:`Sweep`:
    every key with a product score ``>= f_k - e_i`` -- a superset of the true top-k -- is
-   re-scored and merged in index order. Exact, whatever the data.
+   re-scored and merged by ``(fixed desc, index asc)``. Exact, whatever the data.
 
 Error bound ``c`` (per unit ``|x_i| |x_j|``): the product in the compute dtype, recursive
 summation worst case ``γ(D, u)`` with ``u = 2^-24`` (float32) or ``2^-53`` (float64), plus the
