@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prh_fast._io import atomic_write
+from prh_fast.errors import InputError
 
 __all__ = ["run_demo", "golden_numbers", "check_metric_settings", "DEMO_MODELS"]
 
@@ -56,9 +57,9 @@ def _fmt(v, digits=3):
 
 
 def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> None:
-    """Raise ``ValueError`` naming ``n`` and ``topk`` (as ``names``) unless every metric of
-    ``metrics`` accepts ``n`` samples with ``topk`` neighbours, so that a bad setting fails
-    before any features are computed.
+    """Raise ``InputError`` (a ``ValueError``) naming ``n`` and ``topk`` (as ``names``) unless
+    every metric of ``metrics`` accepts ``n`` samples with ``topk`` neighbours, so that a bad
+    setting fails before any features are computed.
 
     Beyond ``1 <= topk <= n - 1``, the metrics' own checks decide, run on small random
     features: their limits are lower bounds on the samples (far below 33) and on ``topk``
@@ -72,7 +73,7 @@ def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> No
     try:
         check_topk(topk, n, names[1])
     except ValueError as err:
-        raise ValueError(f"{names[0]} {n}, {err}") from None
+        raise InputError(f"{names[0]} {n}, {err}") from None
     k = min(topk, 32)
     rows = min(n, k + 32)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +85,7 @@ def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> No
         except ValueError as err:
             # An upper bound of topk here is the probe's (rows - 1); the real one is n - 1.
             msg = str(err).replace(f"<= {rows - 1}, got", f"<= {n - 1}, got")
-            raise ValueError(f"{names[0]} {n}, {names[1]} {topk}: not usable by {m} ({msg})"
+            raise InputError(f"{names[0]} {n}, {names[1]} {topk}: not usable by {m} ({msg})"
                              ) from None
 
 
@@ -94,47 +95,106 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
              progress: bool = True, seed: int = 0) -> dict:
     """Run the demo and write its report under ``out_dir``; returns the report dictionary.
 
-    Features are cached under ``out_dir/features`` and reused by later runs (``force=True``
-    recomputes them). ``levels``: the easy-VQA caption detail levels to compare (default: all).
+    Args:
+        out_dir: the report folder (created); features are cached under
+            ``out_dir/features`` and reused by later runs.
+        n: image-caption pairs.
+        batch_size: extraction batch size.
+        metrics: the metrics to run (default: all of ``SUPPORTED_METRICS``).
+        topk: neighbours of the "knn" metrics.
+        null_permutations: shuffled pairings scored as the control.
+        levels: the easy-VQA caption detail levels to compare (default: all); the last one is
+            the main level, used for the model-pair alignment.
+        device: where the models run.
+        force: recompute cached features.
+        verbose: print progress lines and a short summary.
+        progress: progress bars during extraction.
+        seed: the data sample's and the shuffles' seed.
+
+    Returns:
+        The report dictionary (also written as ``report.json``, with ``summary.md`` and the
+        figures).
+
+    Raises:
+        InputError: naming a bad argument, before any feature is computed.
+
+    Example:
+        >>> from prh_fast.demo import run_demo
+        >>> try:  # arguments are checked before any data or model is touched
+        ...     run_demo(n=1, verbose=False)
+        ... except ValueError as err:
+        ...     print(err)
+        n 1, topk: needs at least 2 samples for topk >= 1, got N = 1
     """
-    from prh_fast._align import align
-    from prh_fast.extract._data import EASY_VQA_LEVELS, load_pairs
-    from prh_fast.extract._runner import extract_images, extract_text
-    from prh_fast.metrics import SUPPORTED_METRICS
-    from prh_fast.prepare import prepare_features
-    from prh_fast.store import load_features
-
-    metrics = list(SUPPORTED_METRICS if metrics is None else metrics)
-    for m in metrics:
-        if m not in SUPPORTED_METRICS:
-            raise ValueError(f"metrics: unknown metric {m!r}; supported: {SUPPORTED_METRICS}")
-    levels = list(EASY_VQA_LEVELS if levels is None else levels)
-    for lv in levels:
-        if lv not in EASY_VQA_LEVELS:
-            raise ValueError(f"levels: unknown caption level {lv!r}; known: {EASY_VQA_LEVELS}")
-    if not levels:
-        raise ValueError("levels: expected at least one caption level")
-    from prh_fast._validate import check_positive_int
-
-    check_positive_int(batch_size, "batch_size", minimum=1)
-    check_positive_int(null_permutations, "null_permutations", minimum=0)
-    check_metric_settings(metrics, n, topk)
+    metrics, levels = _check_demo_args(metrics, levels, batch_size, null_permutations, n,
+                                       topk)
     main_level = levels[-1]
     say = _Say(verbose)
     out_dir = os.fspath(out_dir)
-    feat_dir = os.path.join(out_dir, "features")
     t_start = time.perf_counter()
-
-    # ---------------------------------------------------------------- data
-    data = {lv: load_pairs("easy-vqa", split="train", n=n, caption_level=lv, seed=seed)
-            for lv in levels}
+    data = _load_data(levels, n, seed)
     os.makedirs(out_dir, exist_ok=True)  # after the data's checks: no folder for a bad --n
     main = data[main_level]
     say(f"easy-VQA: {len(main)} image-caption pairs; caption levels: {', '.join(levels)}")
     examples = {lv: data[lv].captions(range(3)) for lv in levels}
+    files = _extract_all(data, levels, main_level, os.path.join(out_dir, "features"),
+                         batch_size, device, force, progress, say)
+    models = _describe_models(files, main_level)
+    feats = _FeatureCache(files, models)
+    results, layer_maps = _align_model_pairs(models, metrics, feats, main_level, topk,
+                                             null_permutations, seed, say)
+    density = _caption_detail(models, metrics, feats, levels, topk, say)
+    figures = _figures(out_dir, models, layer_maps, density, levels, topk)
+    report = {
+        "data": {"source": "easy-vqa", "split": "train", "n": len(main), "levels": levels,
+                 "main_level": main_level, "examples": examples},
+        "models": models, "topk": topk, "null_permutations": null_permutations,
+        "alignment": results, "caption_detail": density, "figures": figures,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "features": {f"{k}/{lv}" if lv else k: p for (k, lv), p in files.items()},
+    }
+    _write_report(out_dir, report, figures, verbose, say)
+    return report
 
-    # ---------------------------------------------------------------- features
-    files: dict = {}      # (key, level) -> path
+
+def _check_demo_args(metrics, levels, batch_size, null_permutations, n, topk):
+    """``(metrics, levels)`` as lists, every argument checked (errors name it)."""
+    from prh_fast._validate import check_positive_int
+    from prh_fast.extract._data import EASY_VQA_LEVELS
+    from prh_fast.metrics import SUPPORTED_METRICS
+
+    metrics = list(SUPPORTED_METRICS if metrics is None else metrics)
+    for m in metrics:
+        if m not in SUPPORTED_METRICS:
+            raise InputError(f"metrics: unknown metric {m!r}; supported: {SUPPORTED_METRICS}")
+    levels = list(EASY_VQA_LEVELS if levels is None else levels)
+    for lv in levels:
+        if lv not in EASY_VQA_LEVELS:
+            raise InputError(f"levels: unknown caption level {lv!r}; known: {EASY_VQA_LEVELS}")
+    if not levels:
+        raise InputError("levels: expected at least one caption level")
+    check_positive_int(batch_size, "batch_size", minimum=1)
+    check_positive_int(null_permutations, "null_permutations", minimum=0)
+    check_metric_settings(metrics, n, topk)
+    return metrics, levels
+
+
+def _load_data(levels, n, seed) -> dict:
+    """The easy-VQA pairs at every caption level: ``{level: pairs}``."""
+    from prh_fast.extract._data import load_pairs
+
+    return {lv: load_pairs("easy-vqa", split="train", n=n, caption_level=lv, seed=seed)
+            for lv in levels}
+
+
+def _extract_all(data, levels, main_level, feat_dir, batch_size, device, force, progress,
+                 say) -> dict:
+    """Every model's feature file: ``{(key, level): path}`` (level ``None`` for vision
+    models, which see the images of the main level only)."""
+    from prh_fast.extract._runner import extract_images, extract_text
+
+    main = data[main_level]
+    files: dict = {}
     for key, loader, kind, pool, disp in DEMO_MODELS:
         if kind == "vision":
             say(f"features: {disp} ({loader}), {len(main)} images")
@@ -147,6 +207,13 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
                 files[(key, lv)] = extract_text(loader, data[lv], pool=pool,
                                                 features_dir=feat_dir, batch_size=batch_size,
                                                 device=device, force=force, progress=progress)
+    return files
+
+
+def _describe_models(files, main_level) -> dict:
+    """The report's ``models`` section: name, kind, size, layers and widths of each model."""
+    from prh_fast.store import load_features
+
     models = {}
     for key, loader, kind, pool, disp in DEMO_MODELS:
         rec = load_features(files[(key, None if kind == "vision" else main_level)])
@@ -156,17 +223,32 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
                        "layers": len(layers), "dims": [int(t.shape[1]) for t in layers],
                        "loss": rec.get("loss"), "bpb": rec.get("bpb"),
                        "source": rec.get("model_source")}
+    return models
 
-    cache: dict = {}
 
-    def feats(key, level):
-        lv = None if models[key]["kind"] == "vision" else level
-        if (key, lv) not in cache:
-            rec = load_features(files[(key, lv)])
-            cache[(key, lv)] = prepare_features(_layers(rec), q=0.95)
-        return cache[(key, lv)]
+class _FeatureCache:
+    """A model's clipped (q = 0.95) layers at a caption level, loaded once."""
 
-    # ---------------------------------------------------------------- every pair, every metric
+    def __init__(self, files, models):
+        self.files, self.models, self._cache = files, models, {}
+
+    def __call__(self, key, level):
+        from prh_fast.prepare import prepare_features
+        from prh_fast.store import load_features
+
+        lv = None if self.models[key]["kind"] == "vision" else level
+        if (key, lv) not in self._cache:
+            rec = load_features(self.files[(key, lv)])
+            self._cache[(key, lv)] = prepare_features(_layers(rec), q=0.95)
+        return self._cache[(key, lv)]
+
+
+def _align_model_pairs(models, metrics, feats, main_level, topk, null_permutations, seed,
+                       say):
+    """Every model pair with every metric at the main caption level, with the shuffled
+    control: ``(rows, layer_maps)`` (``mutual_knn``'s results, for the layer figures)."""
+    from prh_fast._align import align
+
     keys = [m[0] for m in DEMO_MODELS]
     pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
     pairs.sort(key=lambda p: (models[p[0]]["kind"] == models[p[1]]["kind"], p))
@@ -190,9 +272,15 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
             if metric == "mutual_knn":
                 layer_maps[(a, b)] = r
         say(f"  {models[a]['name']} vs {models[b]['name']}: done")
+    return results, layer_maps
 
-    # ---------------------------------------------------------------- caption detail
+
+def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
+    """Language-vision alignment at every caption level (the caption-density experiment)."""
+    from prh_fast._align import align
+
     density = []
+    keys = [m[0] for m in DEMO_MODELS]
     vision = [k for k in keys if models[k]["kind"] == "vision"]
     text = [k for k in keys if models[k]["kind"] == "text"]
     dens_metrics = [m for m in ("mutual_knn", "cka") if m in metrics] or metrics[:1]
@@ -206,17 +294,11 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
                     density.append({"level": lv, "x": t, "y": v, "metric": metric,
                                     "best": r.best_score,
                                     "best_layers": list(r.best_pair) if r.best_pair else None})
+    return density
 
-    # ---------------------------------------------------------------- report
-    figures = _figures(out_dir, models, layer_maps, density, levels, topk)
-    report = {
-        "data": {"source": "easy-vqa", "split": "train", "n": len(main), "levels": levels,
-                 "main_level": main_level, "examples": examples},
-        "models": models, "topk": topk, "null_permutations": null_permutations,
-        "alignment": results, "caption_detail": density, "figures": figures,
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "features": {f"{k}/{lv}" if lv else k: p for (k, lv), p in files.items()},
-    }
+
+def _write_report(out_dir, report, figures, verbose, say) -> None:
+    """``report.json`` and ``summary.md`` (atomically), and the short summary when verbose."""
     atomic_write(os.path.join(out_dir, "report.json"),
                  lambda fh: fh.write(json.dumps(report, indent=2, default=str).encode()))
     md = _markdown(report)
@@ -225,7 +307,6 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
     if verbose:
         print()
         print(_short_summary(report))
-    return report
 
 
 def _figures(out_dir, models, layer_maps, density, levels, topk) -> list:

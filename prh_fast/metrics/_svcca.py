@@ -12,6 +12,8 @@ layers costs one eigendecomposition per layer and one ``r x r`` SVD per pair; no
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from prh_fast.errors import InputError
@@ -27,6 +29,18 @@ def _standardised(X: torch.Tensor, dtype: torch.dtype):
     e = torch.frexp(C.abs().amax(dim=0, keepdim=True)).exponent
     std = torch.ldexp(torch.ldexp(C, -e).std(dim=0, keepdim=True), e)
     return (C / (std + 1e-8)).to(dtype)
+
+
+def _scaled(Z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Z`` scaled by the power of two that puts its largest ``|value|`` in ``[0.5, 1)``
+    (exact), then cast to ``dtype``. The basis ``Z V Λ^{-1/2}`` does not depend on the scale,
+    and the scaled Gram matrix cannot underflow: standardised columns of features far below the
+    ``1e-8`` of the standardisation (~1e-30) are themselves tiny (~1e-22), and their products
+    would be float32 subnormals."""
+    top = float(Z.abs().max()) if Z.numel() else 0.0
+    if top > 0:
+        Z = torch.ldexp(Z, torch.tensor(-math.frexp(top)[1], dtype=torch.int64, device=Z.device))
+    return Z.to(dtype)
 
 
 def _top_eig(G: torch.Tensor, r: int, name: str):
@@ -77,7 +91,7 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
     y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
 
     def basis(x, name):
-        xs_ = _standardised(x, x.dtype if dtype is None else dtype)
+        xs_ = _scaled(_standardised(x, torch.float64), x.dtype if dtype is None else dtype)
         lam, V = _top_eig((xs_.T @ xs_).double(), cca_dim, name)
         return (xs_.double() @ V) / lam.sqrt()  # [N, r] orthonormal, centred columns
 
