@@ -12,6 +12,11 @@ Here each layer is prepared once and all ``Lx x Ly`` pairs are scored from those
   ``Σ K_p∘L_q`` with one matrix product per block, never holding an ``N x N`` matrix.
 - SVCCA: each layer's top singular subspace once; each pair is an ``r x r`` SVD.
 
+The kernel scorers are the metrics' own (``prh_fast.metrics._kernel.cka_scores``,
+``prh_fast.metrics._svcca.svcca_scores``), and the neighbour metrics' values come from the same
+``neighbour_scores`` and ``knn_value``: ``prh_fast.metrics`` scores one pair as the ``1 x 1``
+case of these grids.
+
 The result keeps the whole score matrix, the best score and pair under the reference's tie
 rule (scan ``i`` then ``j``; keep a pair only if strictly greater than the best so far,
 starting from 0), and timings. With an approximate neighbour search (``backend="faiss-ivf"``

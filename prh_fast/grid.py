@@ -20,6 +20,10 @@ pairs); ``GridResult`` itself always reads x first: ``indices[a, b] = (x layer, 
 ``GridResult.save`` writes the ``.npy`` exactly as the reference does (see ``save``).
 
 ``Alignment`` is the reference's scoring class over local feature files (no downloads).
+
+A grid's settings are checked once, by :class:`GridSpec` (``align_models``' arguments), which
+also plans the pairs, builds the model cache, scores a pair and assembles the result; the
+distributed grid (``prh_fast.distributed.align_models``) uses the same spec.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import prepare_features
 
-__all__ = ["align_models", "GridResult", "Alignment", "output_stem"]
+__all__ = ["align_models", "GridResult", "Alignment", "GridSpec", "output_stem"]
 
 logger = logging.getLogger("prh_fast")
 
