@@ -29,6 +29,7 @@ def _run(module, args, out):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.slow
 def test_bench_knn_gpu_suite_small_on_cpu(tmp_path):
     out = _run("bench_knn", ["--suite", "gpu", "--device", "cpu", "--small", "--n", "96",
                                 "160", "--d", "16", "--k", "4", "--max-full-n", "96",
@@ -54,6 +55,7 @@ def test_bench_knn_gpu_suite_small_on_cpu(tmp_path):
     assert all(r["timed_rows"] < r["N"] for r in sampled)
 
 
+@pytest.mark.slow
 def test_bench_grid_gpu_small_on_cpu(tmp_path):
     args = ["--device", "cpu", "--small", "--replicate-to", "3", "3", "--cache", "disk",
             "--cache-dir", str(tmp_path / "cache")]

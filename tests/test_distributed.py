@@ -328,6 +328,7 @@ def test_single_process_falls_back_to_plain_knn():
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_knn_equals_single_process(tmp_path, world):
     from prh_fast.knn import knn as knn1
 
@@ -372,6 +373,7 @@ def _assert_grid_equal(got, ref, what):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_grid_equals_single_process(tmp_path, world):
     from prh_fast.grid import align_models
 
@@ -406,6 +408,7 @@ def test_grid_equals_single_process(tmp_path, world):
     assert outs[0]["cycle_knn"]["timings"]["computed"] == 9
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_loudly_and_restart_resumes(tmp_path):
     from prh_fast.grid import align_models
 
@@ -442,6 +445,7 @@ def _cli_args(files, out):
             "--output_dir", out, "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_align_under_torchrun_environment(tmp_path):
     from prh_fast.cli import main
 
@@ -480,6 +484,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_cli_killed_rank_message_and_resume(tmp_path):
     files = _grid_files(str(tmp_path))
     script = tmp_path / "dying_cli.py"
@@ -497,6 +502,7 @@ def test_cli_killed_rank_message_and_resume(tmp_path):
     assert "3 pair(s) scored" in res[0][1]  # the six finished pairs were not redone
 
 
+@pytest.mark.slow
 def test_real_torchrun_launch(tmp_path):
     files = _grid_files(str(tmp_path))
     port = _free_port()
@@ -512,6 +518,7 @@ def test_real_torchrun_launch(tmp_path):
     np.testing.assert_array_equal(np.diag(saved["scores"]), np.ones(3))
 
 
+@pytest.mark.slow
 def test_extraction_by_range_resumes_and_merges(tmp_path):
     from prh_fast.store import load_features
 

@@ -61,6 +61,7 @@ def _torchrun(args, nproc: int):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_torchrun_text_extraction_equals_one_process(setup, tmp_path):
     model, data = str(setup / "gpt2"), str(setup / "pairs")
     single = extract_text(model, data, features_dir=tmp_path / "one", batch_size=4,

@@ -146,6 +146,7 @@ def test_layers_shapes_and_metadata(encoders, saved, kind):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 @pytest.mark.parametrize("pool", POOLINGS)
+@pytest.mark.slow
 def test_pooling_matches_hand_computation(encoders, kind, pool):
     enc = encoders[kind]
     tb = enc.encode(TEXTS, pool=pool)
@@ -396,6 +397,7 @@ CAPTIONS = ["a red circle", "a small blue triangle in the bottom right corner",
 
 
 @pytest.mark.models
+@pytest.mark.slow
 def test_packaged_smollm2(packaged):
     enc = packaged["smollm2-135m"]
     # 30 decoder blocks + embeddings, hidden size 576; GGUF converted into the cache

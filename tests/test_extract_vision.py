@@ -80,6 +80,7 @@ def _block_tokens(model, x):
 # ----------------------------------------------------------------------------- timm ViT
 
 @pytest.mark.parametrize("variant,prefix", [("cls", 1), ("reg", 3), ("nocls", 0)])
+@pytest.mark.slow
 def test_timm_vit_pooling_matches_hooks(timm_vits, variant, prefix):
     imgs = _images(4)
     pools = ["avg", "auto"] + (["cls"] if prefix else [])
@@ -278,6 +279,7 @@ def hf_towers(tmp_path_factory):
 
 @pytest.mark.parametrize("key,prefix,cls_ok", [("vit", 1, True), ("dinoreg", 3, True),
                                                ("clip", 1, True), ("siglip", 0, False)])
+@pytest.mark.slow
 def test_hf_towers_pooling(hf_towers, key, prefix, cls_ok):
     imgs = _images(3)
     for pool in ["avg", "auto"] + (["cls"] if cls_ok else []):

@@ -82,6 +82,7 @@ CASES = [  # (N, D, k)
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("n,d,k", CASES, ids=str)
+@pytest.mark.slow
 def test_exact_equals_oracle(n, d, k, dtype):
     X = _features(n, d, seed=n + d + k, dtype=dtype)
     idx, vals, stats = T.knn_triton(X, k, BUDGET, return_stats=True)
@@ -90,6 +91,7 @@ def test_exact_equals_oracle(n, d, k, dtype):
 
 
 @pytest.mark.parametrize("k,dtype", [(256, torch.float32), (280, torch.bfloat16)], ids=str)
+@pytest.mark.slow
 def test_exact_second_stage_large_k(k, dtype):
     X = _features(300, 24, seed=k, dtype=dtype)
     idx, vals, stats = T.knn_triton(X, k, BUDGET, return_stats=True)
@@ -97,6 +99,7 @@ def test_exact_second_stage_large_k(k, dtype):
     _check_exact(idx, vals, X, k, f"triton exact k={k}")
 
 
+@pytest.mark.slow
 def test_precisions_give_the_same_exact_lists():
     X = _features(170, 40, seed=3)
     want = R.knn(X.double(), 9)
@@ -113,6 +116,7 @@ def test_non_contiguous_and_numpy_like_inputs_through_knn():
     _check_exact(idx, vals, X.contiguous(), 7, "non-contiguous")
 
 
+@pytest.mark.slow
 def test_dense_and_sparse_merges_agree():
     # DENSE_AT=0: every tile merged by tl.topk; DENSE_AT=BLOCK_N: only the sparse path.
     # (fast mode with fp32 products: the kernel's own lists, no re-score)
@@ -141,6 +145,7 @@ def _near_tie_sets():
 
 @pytest.mark.parametrize("name", ["duplicates", "perturbed", "lowrank", "quantised", "integers"])
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.slow
 def test_near_ties_exact(name, precision):
     X = _near_tie_sets()[name]
     k = 10
@@ -151,6 +156,7 @@ def test_near_ties_exact(name, precision):
         assert torch.equal(idx, knn(X, k, backend="torch"))
 
 
+@pytest.mark.slow
 def test_buffer_overflow_falls_back_to_the_exact_path(caplog):
     # 294 identical rows: their scores all tie, more than the largest buffer (256) holds, so
     # no row can be certified; the exact path must produce the lower-index lists.
@@ -164,6 +170,7 @@ def test_buffer_overflow_falls_back_to_the_exact_path(caplog):
     assert torch.equal(idx, knn(X, 5, backend="torch"))
 
 
+@pytest.mark.slow
 def test_retry_with_a_larger_buffer():
     # Scores crowded within the bf16 margin: the first buffer (32) cannot certify, 256 can.
     g = torch.Generator().manual_seed(0)
@@ -197,6 +204,7 @@ def test_margin_bound_holds_for_emulated_bf16_products():
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("k", [5, 40])
+@pytest.mark.slow
 def test_fast_mode_is_close_and_logged(k, dtype, caplog):
     X = _features(150, 30, seed=k, dtype=dtype, spread=False)
     monkey_logged = set(_log._logged)
@@ -214,6 +222,7 @@ def test_fast_mode_is_close_and_logged(k, dtype, caplog):
     assert float((vals.double() - want).abs().max()) <= 2e-2 * scale
 
 
+@pytest.mark.slow
 def test_fast_mode_second_stage():
     X = _features(300, 16, seed=2, spread=False)
     idx, _, stats = T.knn_triton(X, 270, BUDGET, exact=False, return_stats=True)
@@ -223,6 +232,7 @@ def test_fast_mode_second_stage():
 
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.slow
 def test_cross_search(exact, dtype):
     Q = _features(77, 24, seed=1, dtype=dtype)
     K = _features(230, 24, seed=2, dtype=dtype)
@@ -253,6 +263,7 @@ def test_cross_search_torch_backend_matches():
 
 
 @pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.slow
 def test_kernels_compile_for_gpu_targets(arch):
     import json
     import subprocess
@@ -336,6 +347,7 @@ def test_bad_arguments_name_themselves():
         T.knn_triton(X, 30, BUDGET)
 
 
+@pytest.mark.slow
 def test_small_memory_budget_chunks_rows():
     X = _features(130, 12, seed=9)
     idx, _ = T.knn_triton(X, 4, 20_000)  # a few rows per chunk
