@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.slow]
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
