@@ -326,3 +326,25 @@ def test_svcca_with_constant_columns(dtype):
     want = R.svcca(A.double(), B.double(), cca_dim=10)
     rtol, atol = kernel_tolerance("svcca", {}, dtype, 123)
     assert got == pytest.approx(want, rel=rtol, abs=atol)
+
+
+@pytest.mark.parametrize("metric,kwargs", [
+    ("cka", {}), ("unbiased_cka", {}), ("cka", {"kernel_metric": "rbf"}),
+    ("unbiased_cka", {"kernel_metric": "rbf", "rbf_sigma": 0.7}), ("svcca", {"cca_dim": 4}),
+    ("mutual_knn", {"topk": 5}), ("lcs_knn", {"topk": 5}), ("edit_distance_knn", {"topk": 5}),
+    ("cycle_knn", {"topk": 5}), ("cknna", {"topk": 6}),
+])
+def test_single_pair_metric_is_the_1x1_case_of_align(metric, kwargs):
+    """One scorer per metric: ``prh_fast.metrics`` and ``prh_fast.align`` run the same code,
+    so a metric equals align's 1 x 1 grid exactly (feature-space linear CKA at these sizes)."""
+    import prh_fast
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    B = A[:, :6] + 0.5 * torch.randn(50, 6, generator=g, dtype=torch.float64)
+    kwargs = dict(kwargs)
+    topk = kwargs.pop("topk", 10)
+    got = metrics.measure(metric, A, B, **({"topk": topk} if "knn" in metric else {}),
+                          **kwargs)
+    res = prh_fast.align([A], [B], metric, topk=topk, normalize=False, **kwargs)
+    assert got == float(res.scores[0, 0])
