@@ -26,11 +26,7 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 #: Public names that still lack an example, grouped by the module that defines them; each entry
 #: is ``"module:name"``. This list is meant to be empty.
-PENDING_EXAMPLES: set = {
-    # prh_fast/store/_stream.py, prh_fast/distributed/_knn.py
-    "prh_fast.store:stream_knn", "prh_fast.store:clip_thresholds", "prh_fast.store:StreamPrep",
-    "prh_fast.distributed:knn", "prh_fast.distributed:shard",
-}
+PENDING_EXAMPLES: set = set()
 
 
 def _module_names() -> list:
