@@ -28,6 +28,7 @@ def test_info_function_returns_dict(capsys):
     assert "prh_fast" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_example_prints_every_metric():
     out = _run("example", "--n", "300", "--topk", "5")
     for m in prh_fast.SUPPORTED_METRICS:

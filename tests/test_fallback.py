@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_import_without_native_warns_once_and_matches():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          check=True)

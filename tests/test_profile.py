@@ -46,6 +46,7 @@ def test_broken_reference_import_is_reported(tmp_path):
         load_reference(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_bench_against_stand_in(tmp_path):
     import subprocess
     import sys

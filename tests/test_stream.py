@@ -125,6 +125,7 @@ def budget_for_panel(st, l, k, panels, backend="cpu"):
     (777, 1000, (0.95, True)),      # a single shard, exact clipping
     (613, 61, (0.9, False)),        # approximate clipping, many shards
 ], ids=["plain", "exact-clip", "approx-clip"])
+@pytest.mark.slow
 def test_lists_equal_in_memory(tmp_path, dtype, n, shard_rows, prep):
     q, exact = prep
     st = write_store(tmp_path / "s", structured(n, [24, 17], seed=n), dtype, shard_rows)
