@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import prh_fast
 
 
