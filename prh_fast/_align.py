@@ -37,10 +37,8 @@ from prh_fast._validate import (as_layer_pair, as_layers, check_memory_budget,
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
-from prh_fast.metrics._cknna import (cknna_excludes_self, cknna_lists, cknna_terms,
-                                     cknna_values)
-from prh_fast.metrics._kernel import (cka_ratio, cka_scores, check_cka_options,
-                                      hsic_from_sums)
+from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
+from prh_fast.metrics._kernel import (cka_ratio, cka_scores, check_cka_options)
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import svcca_scores
 from prh_fast.prepare import normalize_rows
@@ -175,11 +173,6 @@ def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None
     return score
 
 
-def _cknna_sim(n, p, q, unbiased, backend=None):
-    t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1], backend=backend)
-    return hsic_from_sums(n, t, sp, sq, pq, unbiased=unbiased, dot_rows_t=qp)
-
-
 def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, reports=None,
                 exclude_self=None):
     """One side's ``(lists, self_sims)``: per layer the (indices, similarities) of the search
@@ -196,7 +189,7 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, repor
         return i, cknna_values(i, s, unbiased, distance_agnostic)
 
     la = [lists(x) for x in xs]
-    return la, [_cknna_sim(n, p, p, unbiased, backend) for p in la]
+    return la, [cknna_sim(n, p, p, unbiased, backend) for p in la]
 
 
 def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic=False,
@@ -211,7 +204,7 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
     timings["knn"] = time.perf_counter() - t0
 
     def sim(p, q):
-        return _cknna_sim(n, p, q, unbiased, backend)
+        return cknna_sim(n, p, q, unbiased, backend)
 
     def score(perm=None):
         out = torch.empty((len(xs), len(ys)), dtype=torch.float64)

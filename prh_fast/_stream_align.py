@@ -124,7 +124,7 @@ class StreamPolicy:
     def knn_side(self, m, metric: str, k: int, opts: dict):
         """The model's neighbour data in the form ``prh_fast._align._knn_side`` (``[L, N, k]``)
         or ``_cknna_side`` (``(lists, self_sims)``) returns it."""
-        from prh_fast._align import _cknna_sim
+        from prh_fast.metrics._cknna import cknna_sim
         from prh_fast.metrics._cknna import cknna_excludes_self, cknna_values
         from prh_fast.store._stream import _stream_knn
 
@@ -149,7 +149,7 @@ class StreamPolicy:
             lists.append((i, cknna_values(i, s, opts.get("unbiased", True),
                                           opts.get("distance_agnostic", False))))
         n = p.n
-        return lists, [_cknna_sim(n, x, x, opts.get("unbiased", True), self.backend)
+        return lists, [cknna_sim(n, x, x, opts.get("unbiased", True), self.backend)
                        for x in lists]
 
     def stand_ins(self, m) -> list:

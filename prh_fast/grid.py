@@ -777,7 +777,7 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
             features exceed 1 GiB; ``True``: every store, an error where a metric cannot
             stream (RBF CKA, null permutations of kernel metrics); ``False``: load everything.
         memory_budget: bytes of scratch memory, as in ``align``: the streamed computations
-            (default 512 MiB, or ``PRH_FAST_STREAM_BUDGET``) and CKA's kernel row blocks in
+            (default 512 MiB, or ``PRH_FAST_MEMORY_BUDGET``) and CKA's kernel row blocks in
             memory (default 256 MiB).
         stream_budget: deprecated name of ``memory_budget`` (a ``FutureWarning``).
         trust: allow reading back a reference-format ``.npy`` (a pickle: it can run code

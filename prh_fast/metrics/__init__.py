@@ -22,9 +22,8 @@ import torch
 from prh_fast._validate import as_pair, check_positive_int, check_topk, compute_dtype
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.metrics._cknna import (cknna_excludes_self, cknna_lists, cknna_terms,
-                                     cknna_values)
-from prh_fast.metrics._kernel import cka_ratio, cka_scores, check_cka_options, hsic_from_sums
+from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
+from prh_fast.metrics._kernel import cka_ratio, cka_scores, check_cka_options
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca_scores
 
@@ -302,11 +301,9 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *
     sa = cknna_values(ia, sa, bool(unbiased), bool(distance_agnostic))
     sb = cknna_values(ib, sb, bool(unbiased), bool(distance_agnostic))
 
-    def sim(i1, s1, i2, s2):
-        t, p, q, pq, qp = cknna_terms(i1, s1, i2, s2, backend=backend)
-        return hsic_from_sums(n, t, p, q, pq, unbiased=bool(unbiased), dot_rows_t=qp)
-
-    return cka_ratio(sim(ia, sa, ib, sb), sim(ia, sa, ia, sa), sim(ib, sb, ib, sb))
+    a, b = (ia, sa), (ib, sb)
+    return cka_ratio(cknna_sim(n, a, b, unbiased, backend), cknna_sim(n, a, a, unbiased, backend),
+                     cknna_sim(n, b, b, unbiased, backend))
 
 
 def svcca(feats_A, feats_B, cca_dim=10) -> float:

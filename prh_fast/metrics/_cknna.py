@@ -21,6 +21,7 @@ import torch
 
 from prh_fast import _native
 from prh_fast.errors import BackendUnavailableError, InputError
+from prh_fast.metrics._kernel import hsic_from_sums
 from prh_fast.metrics._neighbours import row_membership
 
 
@@ -174,3 +175,21 @@ def cknna_terms_torch(ia, sa, ib, sb):
         t_pq = 0.0
     return (t_pq, float(p_v.sum()), float(q_v.sum()), float(col_p @ row_q),
             float(col_q @ row_p))
+
+
+def cknna_sim(n: int, p, q, unbiased: bool, backend=None) -> float:
+    """``sim(P, Q) = hsic(M∘P, M∘Q)`` from two sides' ``(lists, values)``, ``M`` the mutual
+    mask of the two lists: the one CKNNA scorer behind ``metrics.cknna``, ``align``'s grids
+    and the streamed grid.
+
+    Args:
+        n: number of samples.
+        p, q: ``(indices [N, k], values [N, k])`` of each side (``cknna_values`` output).
+        unbiased: the unbiased HSIC estimator.
+        backend: set-op backend name (see ``prh_fast.knn``); ``None``: the configured one.
+
+    Returns:
+        The (un)biased HSIC of the masked kernels, a float.
+    """
+    t, sp, sq, pq, qp = cknna_terms(p[0], p[1], q[0], q[1], backend=backend)
+    return hsic_from_sums(n, t, sp, sq, pq, unbiased=bool(unbiased), dot_rows_t=qp)

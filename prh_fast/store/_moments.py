@@ -12,7 +12,7 @@ below) and each layer pair ``(x, y)`` the pass accumulates, in float64:
 With ``μ = s/N`` the centred products are ``G̃ = G - s sᵀ/N`` and ``C̃ = C - s_x s_yᵀ/N``:
 
 - biased HSIC (feature space): ``hsic(K, L) = ||C̃||_F²``, ``hsic(K, K) = ||G̃_x||_F²``.
-- unbiased HSIC, as ``prh_fast.metrics._kernel.linear_cka`` (centred features,
+- unbiased HSIC, as ``prh_fast.metrics._kernel.cka_scores`` (centred features,
   ``k_i = ||x̃_i||²``, ``Σ K̃ = -Σ k_i``, ``K̃1 = -k``): it needs ``Σ k_i = Σ a_i - N·|μ|²`` and
   ``Σ k_i l_i``, which expands (``k_i = a_i - 2 x'_i·μ + |μ|²``) into the accumulated sums:
   ``Σ a b - 2 (Σ a y')·ν - 2 (Σ b x')·μ + 4 μᵀ C ν + |ν|² Σ a + |μ|² Σ b - 3 N |μ|² |ν|²``.
