@@ -1,14 +1,30 @@
-"""The ``prh_fast`` logger and its once-per-message warning, shared by the backend registry
-(``prh_fast.knn._backends``) and the backends themselves (``prh_fast.knn``, ``prh_fast.store``)."""
+"""Logging helpers: the package's root logger and a once-per-message warning.
+
+Every module logs on its own logger, ``logging.getLogger(__name__)`` (``prh_fast.knn._backends``,
+``prh_fast.store._stream``, ...), so a user can tune one part with the standard ``logging``
+configuration; all of them propagate to ``prh_fast``.
+"""
 from __future__ import annotations
 
 import logging
 
+#: The package's root logger; modules log on their own children of it.
 logger = logging.getLogger("prh_fast")
 _logged: set = set()
 
 
-def _log_once(msg: str) -> None:
+def _log_once(msg: str, log: logging.Logger | None = None) -> None:
+    """Warn ``msg`` once per process, on ``log`` (default: the package's root logger).
+
+    Args:
+        msg: the message; a message already warned is skipped.
+        log: the calling module's logger.
+
+    Example:
+        >>> import logging
+        >>> from prh_fast._log import _log_once
+        >>> _log_once("prh_fast: an example notice", logging.getLogger("prh_fast.example"))
+    """
     if msg not in _logged:
         _logged.add(msg)
-        logger.warning(msg)
+        (log or logger).warning(msg)

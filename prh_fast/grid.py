@@ -65,7 +65,7 @@ from prh_fast.prepare import prepare_features
 
 __all__ = ["align_models", "GridResult", "Alignment", "GridSpec", "output_stem"]
 
-logger = logging.getLogger("prh_fast")
+logger = logging.getLogger(__name__)
 
 #: Prepared layers kept in memory for the kernel metrics (CKA, SVCCA), which need the features
 #: of both models of a pair; beyond this the least recently used model is dropped and reloaded.

@@ -23,7 +23,7 @@ import torch
 from prh_fast import _config
 from prh_fast.errors import DistributedError, InputError
 
-logger = logging.getLogger("prh_fast")
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedError",

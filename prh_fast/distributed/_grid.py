@@ -42,7 +42,7 @@ from prh_fast.grid import PairScore, plan_pairs
 
 __all__ = ["align_models", "plan_pairs"]
 
-logger = logging.getLogger("prh_fast")
+logger = logging.getLogger(__name__)
 
 
 def _source_id(m):

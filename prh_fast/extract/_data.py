@@ -70,7 +70,7 @@ from prh_fast.errors import DataNotFoundError, InputError
 __all__ = ["PairedDataset", "load_pairs", "EASY_VQA_LEVELS", "DataNotFoundError",
            "easy_vqa_attributes", "easy_vqa_caption"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 
 EASY_VQA_LEVELS = ("colour", "shape", "full", "detailed")
 _LEVEL_ALIASES = {"color": "colour"}

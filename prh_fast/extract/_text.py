@@ -60,7 +60,7 @@ from prh_fast.extract._packages import package_dir as _package_dir
 __all__ = ["POOLINGS", "PROMPT_TEMPLATE", "PACKAGED_TEXT_MODELS", "TextBatch", "TextEncoder",
            "ModelNotAvailableError", "load_text_model", "text_model_status", "cache_root"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 
 POOLINGS = ("avg", "last", "prompt")
 PROMPT_TEMPLATE = "An image with the caption '{caption}'. This is an image of a"

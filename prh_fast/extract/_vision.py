@@ -66,7 +66,7 @@ from prh_fast.extract._text import (ModelNotAvailableError, _cached_hub_repo,
 __all__ = ["POOLINGS", "ImageEncoder", "load_vision_model", "ModelNotAvailableError",
            "PACKAGED_ARCH", "load_packaged_state_dict"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "avg", "auto")
 PACKAGED_ARCH = {"efficientnet-lite0": "tf_efficientnet_lite0"}

@@ -23,7 +23,7 @@ from prh_fast.errors import InputError
 
 __all__ = ["PtWriter", "STORAGE_DTYPES"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.pt$")

@@ -40,6 +40,7 @@ Names:
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,8 @@ from prh_fast import _config, _native
 from prh_fast._log import _log_once
 from prh_fast.errors import BackendUnavailableError, InputError
 from prh_fast.knn._faiss_ann import ANN_BACKENDS, AnnParams
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ANN_BACKENDS", "KNN_BACKENDS", "CUDA_MAX_K", "Backend", "SetOps", "Request",
            "Choice", "BACKENDS", "SETOPS", "device_type", "resolve", "resolve_knn_backend",
@@ -344,7 +347,7 @@ def _auto(request: Request, order, table, what: str):
             if skipped:
                 _log_once(f"prh_fast: {what} 'auto' skipped " + "; ".join(skipped)
                           + f"; using the {cand} backend"
-                          + (" for neighbour-set scores" if request.op == "setops" else ""))
+                          + (" for neighbour-set scores" if request.op == "setops" else ""), logger)
             return cand
         missing = [t for kind, t in reasons if kind == UNAVAILABLE]
         if missing and not any(kind == UNSUPPORTED for kind, _ in reasons):
@@ -393,7 +396,7 @@ def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=Non
                       stream=bool(stream), distributed=bool(distributed))
     if name != "auto" and stream and source != "argument" and not BACKENDS[name].streams:
         _log_once(f"prh_fast: {source}={name!r} cannot stream from a store; the streaming "
-                  f"search uses 'auto'")
+                  f"search uses 'auto'", logger)
         name, params = "auto", None
     requested = name
     if name == "auto":

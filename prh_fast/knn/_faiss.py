@@ -6,8 +6,12 @@ otherwise they are searched on the CPU and the lists come back on their device.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def knn_faiss(X: torch.Tensor, k: int, budget: int):
@@ -17,7 +21,7 @@ def knn_faiss(X: torch.Tensor, k: int, budget: int):
 
     if X.dtype == torch.float64:
         _log_once("prh_fast: the faiss backend computes in float32; float64 features lose "
-                  "precision there (use backend='cpu' for float64 search)")
+                  "precision there (use backend='cpu' for float64 search)", logger)
     n = X.shape[0]
     x = np.ascontiguousarray(X.detach().cpu().to(torch.float32).numpy())
     index = faiss.IndexFlatIP(x.shape[1])

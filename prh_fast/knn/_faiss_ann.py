@@ -39,12 +39,15 @@ identical run to run in our tests, but FAISS does not promise it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "knn_ann"]
 
@@ -487,14 +490,14 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
     ``X``: ``[N, D]`` prepared features; ``keys``: ``[M, D]`` for a cross search (nothing
     excluded), else ``X`` searches itself with each row excluded.
     """
-    from prh_fast._log import _log_once, logger
+    from prh_fast._log import _log_once
 
     faiss = _faiss()
     self_search = keys is None
     dev = X.device
     if X.dtype == torch.float64 or (keys is not None and keys.dtype == torch.float64):
         _log_once("prh_fast: the faiss backends compute in float32; float64 features lose "
-                  "precision there")
+                  "precision there", logger)
     Xf = X.detach().to(torch.float32).contiguous()
     Kf = Xf if self_search else keys.detach().to(torch.float32).contiguous()
     n, d = Xf.shape
@@ -505,7 +508,7 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
         why = ("FAISS has no GPU HNSW" if p.backend == "faiss-hnsw"
                else "this faiss build has no GPU support")
         _log_once(f"prh_fast: {p.backend} runs on the CPU for CUDA features ({why}); the "
-                  "features are copied to host memory")
+                  "features are copied to host memory", logger)
     x_cpu = Xf.cpu()
     k_cpu = x_cpu if self_search else Kf.cpu()
     xk = k_cpu.numpy()

@@ -62,9 +62,9 @@ import torch
 
 from prh_fast.knn._merge import TopK, select_topk
 
-logger = logging.getLogger("prh_fast")
+logger = logging.getLogger(__name__)
 #: DEBUG records of each search's :class:`SearchStats` (the ``triton_stats`` extra field).
-_stats_log = logging.getLogger(__name__)
+_stats_log = logger
 
 #: Largest running list held on chip in one pass (``tl.topk`` sizes are powers of two).
 KMAX = 256
@@ -414,7 +414,7 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
         from prh_fast._log import _log_once
 
         _log_once(f"prh_fast: triton kNN in fast mode ({stats.precision} products, no "
-                  "float32 re-score): neighbour lists and scores are approximate")
+                  "float32 re-score): neighbour lists and scores are approximate", logger)
 
     if exact:
         qn = _row_norms64(Xs) * (1 + 2.0**-20)

@@ -50,7 +50,7 @@ from prh_fast.errors import InputError, StoreError
 __all__ = ["StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
            "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "prh_store.json"
 FORMAT = "prh_fast.store"

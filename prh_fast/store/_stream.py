@@ -70,9 +70,9 @@ from prh_fast.store._sharded import FeatureStore, open_store
 __all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan",
            "DEFAULT_STREAM_BUDGET", "as_store", "check_budget"]
 
-log = logging.getLogger("prh_fast")
+log = logging.getLogger(__name__)
 #: DEBUG records of what each streaming computation did (:func:`_note`).
-_events = logging.getLogger(__name__)
+_events = log
 
 #: Default scratch budget of the streaming computations (bytes).
 DEFAULT_STREAM_BUDGET = 512 * 2**20
