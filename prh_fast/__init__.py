@@ -6,12 +6,15 @@ matrices. ``import prh_fast`` never touches CUDA.
 """
 from __future__ import annotations
 
-from prh_fast._version import __version__
-
-from prh_fast import _native  # noqa: F401  (emits the one warning if _C is missing)
-from prh_fast import knn, metrics  # subpackages: prh_fast.knn.knn(X, k) is the search
-from prh_fast._info import info
+from prh_fast import (  # subpackages: prh_fast.knn.knn(X, k) is the search
+    _native,  # noqa: F401  (emits the one warning if _C is missing)
+    knn,
+    metrics,
+)
+from prh_fast._align import AlignmentResult, align, compute_score
 from prh_fast._config import config_context, get_config, set_config
+from prh_fast._info import info
+from prh_fast._version import __version__
 from prh_fast.errors import (
     BackendUnavailableError,
     DestinationLocked,
@@ -20,9 +23,8 @@ from prh_fast.errors import (
     PrhFastError,
     StoreError,
 )
-from prh_fast._align import AlignmentResult, align, compute_score
-from prh_fast.metrics import AlignmentMetrics, SUPPORTED_METRICS, measure
 from prh_fast.grid import Alignment, GridResult, align_models
+from prh_fast.metrics import SUPPORTED_METRICS, AlignmentMetrics, measure
 from prh_fast.prepare import prepare_features
 from prh_fast.store import load_features, save_features
 

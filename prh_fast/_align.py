@@ -31,14 +31,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prh_fast._validate import (as_layer_pair, as_layers, check_memory_budget,
-                                check_positive_int, check_topk, compute_dtype,
-                                resolve_memory_budget)
+from prh_fast._validate import (
+    as_layer_pair,
+    as_layers,
+    check_memory_budget,
+    check_positive_int,
+    check_topk,
+    compute_dtype,
+    resolve_memory_budget,
+)
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
-from prh_fast.metrics._kernel import (cka_ratio, cka_scores, check_cka_options)
+from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import svcca_scores
 from prh_fast.prepare import normalize_rows
@@ -416,12 +422,12 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
     if not reps or all(r is None for r in reps):
         return None
     if any(r is None for r in reps) or not x_reports or not y_reports:
-        raise ValueError("ann report: every layer of both sides must come from an approximate "
+        raise InputError("ann report: every layer of both sides must come from an approximate "
                          "search with the same parameters")
     r0 = reps[0]
     for r in reps[1:]:
         if r.k != r0.k or r.n != r0.n or not torch.equal(r.sample, r0.sample):
-            raise ValueError("ann report: the layers' recall samples differ (same N, k and "
+            raise InputError("ann report: the layers' recall samples differ (same N, k and "
                              "seed are needed to compare them)")
     x_layers = list(range(len(x_reports))) if x_layers is None else list(x_layers)
     y_layers = list(range(len(y_reports))) if y_layers is None else list(y_layers)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from prh_fast import _config
+from prh_fast.errors import InputError
 
 __all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy"]
 
@@ -112,7 +113,7 @@ class StreamPolicy:
             return False
         if not _knn_backend_streams(self.backend):
             if self.mode == "on" and self.backend is not None:
-                raise ValueError(f"backend: {self.backend!r} has no streaming search; with "
+                raise InputError(f"backend: {self.backend!r} has no streaming search; with "
                                  f"stream=True use 'auto', 'cpu' or 'torch'")
             return False
         if self.mode == "on":
@@ -124,8 +125,7 @@ class StreamPolicy:
     def knn_side(self, m, metric: str, k: int, opts: dict):
         """The model's neighbour data in the form ``prh_fast._align._knn_side`` (``[L, N, k]``)
         or ``_cknna_side`` (``(lists, self_sims)``) returns it."""
-        from prh_fast.metrics._cknna import cknna_sim
-        from prh_fast.metrics._cknna import cknna_excludes_self, cknna_values
+        from prh_fast.metrics._cknna import cknna_excludes_self, cknna_sim, cknna_values
         from prh_fast.store._stream import _stream_knn
 
         p = self.prep(m)
@@ -172,7 +172,7 @@ class StreamPolicy:
             why = "null_permutations re-score shuffled rows, which needs the rows in memory"
         if why is not None:
             if self.mode == "on":
-                raise ValueError(f"stream: cannot stream {metric} ({why}); pass stream=False "
+                raise InputError(f"stream: cannot stream {metric} ({why}); pass stream=False "
                                  f"or 'auto' to load the features")
             return False
         if self.mode == "on":

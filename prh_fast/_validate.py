@@ -55,8 +55,8 @@ def as_tensor(x, name: str, *, detach: bool = True) -> torch.Tensor:
             if not x.flags.writeable or any(st < 0 for st in x.strides):
                 x = x.copy()
             return torch.from_numpy(x)
-        raise ValueError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
-    raise ValueError(
+        raise InputError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    raise InputError(
         f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}"
     )
 
@@ -75,17 +75,17 @@ def as_features(x, name: str, *, check_finite: bool = True, detach: bool = True)
     """
     t = as_tensor(x, name, detach=detach)
     if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        raise InputError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"{name}: expected a 2-D array [N, D] of features, got {t.dim()}-D with shape "
             f"{tuple(t.shape)}"
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name}: expected a non-empty [N, D] array, got shape {tuple(t.shape)}")
+        raise InputError(f"{name}: expected a non-empty [N, D] array, got shape {tuple(t.shape)}")
     if check_finite and not bool(torch.isfinite(t.detach()).all()):
         bad = int((~torch.isfinite(t.detach())).sum())
-        raise ValueError(f"{name}: contains {bad} NaN or Inf value(s)")
+        raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
     return t
 
 
@@ -94,12 +94,12 @@ def as_pair(feats_A, feats_B, *, names=("feats_A", "feats_B")):
     A = as_features(feats_A, names[0])
     B = as_features(feats_B, names[1])
     if A.shape[0] != B.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{names[0]} and {names[1]} must have the same number of samples (rows), got "
             f"{A.shape[0]} and {B.shape[0]}"
         )
     if A.device != B.device:
-        raise ValueError(
+        raise InputError(
             f"{names[0]} and {names[1]} must be on the same device, got {A.device} and {B.device}"
         )
     return A, B
@@ -218,11 +218,11 @@ def count_samples(feats, where: str) -> int:
 
 def check_positive_int(value, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+        raise InputError(f"{name}: expected an integer, got {value!r}")
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
         hi = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name}: expected an integer >= {minimum}{hi}, got {value}")
+        raise InputError(f"{name}: expected an integer >= {minimum}{hi}, got {value}")
     return value
 
 
@@ -231,10 +231,10 @@ def check_positive_float(value, name: str) -> float:
     ``ValueError`` naming ``name`` for anything else (``None``, strings, bools, NaN, inf,
     zero, negative numbers)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+        raise InputError(f"{name}: expected a positive finite number, got {value!r}")
     v = float(value)
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+        raise InputError(f"{name}: expected a positive finite number, got {value!r}")
     return v
 
 
@@ -250,7 +250,7 @@ def check_memory_budget(value, default: int) -> int:
             and float(value).is_integer():
         ok = True
     if not ok or value <= 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes, got {value!r}")
+        raise InputError(f"memory_budget: expected a positive number of bytes, got {value!r}")
     return int(value)
 
 
@@ -291,7 +291,7 @@ def resolve_memory_budget(memory_budget=None, stream_budget=None, *, stacklevel:
 def check_topk(topk, n: int, name: str = "topk", *, minimum: int = 1) -> int:
     """``minimum <= topk <= n - 1`` (a point is never its own neighbour)."""
     if n - 1 < minimum:
-        raise ValueError(
+        raise InputError(
             f"{name}: needs at least {minimum + 1} samples for {name} >= {minimum}, got N = {n}"
         )
     return check_positive_int(topk, name, minimum=minimum, maximum=n - 1)

@@ -25,6 +25,7 @@ from prh_fast._cli_common import (  # noqa: F401  (re-exported: prh_fast.cli's n
     nonnegative_int,
     positive_int,
 )
+from prh_fast.errors import InputError
 
 
 def _cmd_info(args) -> int:
@@ -202,8 +203,8 @@ def _memory_budget(args):
 def _knn_backend(backend, options):
     """``--backend`` plus ``--knn-option KEY=VALUE`` -> what ``align_models`` takes: the name
     (or spec string) as given, or an ``AnnParams`` when options are given."""
-    from prh_fast.knn._backends import ANN_BACKENDS, KNN_BACKENDS
     from prh_fast.knn import AnnParams
+    from prh_fast.knn._backends import ANN_BACKENDS, KNN_BACKENDS
 
     name = (backend or "").partition(":")[0].lower()
     if backend is not None and name not in KNN_BACKENDS:
@@ -257,7 +258,7 @@ def _as_nld(feats, path):
 
     if isinstance(feats, (list, tuple)):
         if len({f.shape[1] for f in feats}) != 1:
-            raise ValueError(f"{path}: layers of different widths; profiling needs [N, L, D]")
+            raise InputError(f"{path}: layers of different widths; profiling needs [N, L, D]")
         feats = torch.stack(list(feats), dim=1)
     return feats.float()
 

@@ -37,14 +37,13 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from prh_fast import _lock, store
-from prh_fast._io import atomic_write
 from prh_fast._align import (
     _KNN_RAW,
     AlignmentResult,
@@ -57,6 +56,7 @@ from prh_fast._align import (
     best_pair,
     set_path_runner,
 )
+from prh_fast._io import atomic_write
 from prh_fast._stream_align import StreamPolicy
 from prh_fast._validate import as_layers, count_samples, layer_feats, resolve_memory_budget
 from prh_fast.errors import InputError
@@ -115,21 +115,21 @@ def _names_for_paths(paths) -> list:
 
 def _as_models(models, arg: str) -> list:
     if isinstance(models, (str, os.PathLike)):
-        raise ValueError(f"{arg}: expected a dict name -> features/path or a list of paths, "
+        raise InputError(f"{arg}: expected a dict name -> features/path or a list of paths, "
                          f"got a single path {os.fspath(models)!r}")
     if isinstance(models, dict):
         items = [(str(k), v) for k, v in models.items()]
     elif isinstance(models, (list, tuple)):
         bad = [m for m in models if not _is_path(m)]
         if bad:
-            raise ValueError(f"{arg}: a list must hold feature-file paths (use a dict "
+            raise InputError(f"{arg}: a list must hold feature-file paths (use a dict "
                              f"name -> features for loaded ones), got {type(bad[0]).__name__}")
         items = list(zip(_names_for_paths(models), models))
     else:
-        raise ValueError(f"{arg}: expected a dict name -> features/path or a list of paths, "
+        raise InputError(f"{arg}: expected a dict name -> features/path or a list of paths, "
                          f"got {type(models).__name__}")
     if not items:
-        raise ValueError(f"{arg}: no models given")
+        raise InputError(f"{arg}: no models given")
     out = []
     for name, src in items:
         if _is_path(src):
@@ -140,7 +140,7 @@ def _as_models(models, arg: str) -> list:
     names = [m.name for m in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"{arg}: duplicate model names {dup}")
+        raise InputError(f"{arg}: duplicate model names {dup}")
     return out
 
 
@@ -165,7 +165,7 @@ def _check_n(models) -> int:
         if n_ref is None:
             n_ref, where_ref = n, m.where
         elif n != n_ref:
-            raise ValueError(f"{m.where}: has N = {n} samples, but {where_ref} has N = {n_ref}; "
+            raise InputError(f"{m.where}: has N = {n} samples, but {where_ref} has N = {n_ref}; "
                              f"alignment needs the same (paired) samples for every model")
     return n_ref
 
@@ -213,7 +213,7 @@ class _ModelCache:
             layers = _prepare_side(as_layers(feats, m.name), self.normalize, False)
         except ValueError as err:
             msg = str(err)
-            raise ValueError(msg if m.where in msg else f"{m.where}: {msg}") from err
+            raise InputError(msg if m.where in msg else f"{m.where}: {msg}") from err
         self.timings["prepare"] += time.perf_counter() - t1
         self._layers[m.key] = layers
         while len(self._layers) > 1 and sum(
@@ -295,7 +295,7 @@ def score_pair(cache, x, y, metric, k, opts, reference_order, null_permutations,
         msg = str(err)
         if x.where in msg or y.where in msg:
             raise
-        raise ValueError(f"{x.name} vs {y.name}: {msg}") from err
+        raise InputError(f"{x.name} vs {y.name}: {msg}") from err
 
 
 def assemble(metric: str, topk, xm, ym, computed: dict, mirror: dict, *,
@@ -356,7 +356,7 @@ def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutatio
         xa, xb = cache.layers(a), cache.layers(b)
         ca = cb = None
     if xa[0].shape[0] != xb[0].shape[0]:
-        raise ValueError(f"{my.where}: has N = {xb[0].shape[0]} samples, but {mx.where} has "
+        raise InputError(f"{my.where}: has N = {xb[0].shape[0]} samples, but {mx.where} has "
                          f"N = {xa[0].shape[0]}")
     res = _align_prepared(metric, xa, xb, list(range(len(xa))), list(range(len(xb))), k, opts,
                           cache.backend, null_permutations, seed, timings,
@@ -526,7 +526,7 @@ class GridResult:
                     return cls.from_dict(json.loads(f.read().decode("utf-8")))
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError,
                     AttributeError, RecursionError) as err:
-                raise ValueError(f"{base}.json: unreadable or malformed saved grid "
+                raise InputError(f"{base}.json: unreadable or malformed saved grid "
                                  f"({type(err).__name__}: {err})") from None
         npy = base + ".npy"
         if not os.path.exists(npy):
@@ -537,22 +537,22 @@ class GridResult:
                 d = d.item()
         except ValueError as err:
             if not trust and "allow_pickle" in str(err):
-                raise ValueError(
+                raise InputError(
                     f"{npy}: holds a pickled Python object (the reference's format); reading "
                     f"it back would run any code hidden in the file. Pass trust=True (CLI: "
                     f"--trust) only if you wrote it yourself, or recompute it "
                     f"(force_remake=True, CLI: --force_remake)") from None
-            raise ValueError(f"{npy}: unreadable saved grid ({err})") from None
+            raise InputError(f"{npy}: unreadable saved grid ({err})") from None
         except (OSError, EOFError) as err:
-            raise ValueError(f"{npy}: unreadable saved grid ({err})") from None
+            raise InputError(f"{npy}: unreadable saved grid ({err})") from None
         try:
             scores = np.asarray(d["scores"], dtype=np.float64)
             ref_idx = np.asarray(d["indices"], dtype=np.float64)
             idx = np.where(np.isnan(ref_idx), -1, ref_idx)[..., ::-1].astype(np.int64)
             if scores.ndim != 2 or idx.shape != scores.shape + (2,):
-                raise ValueError(f"scores {scores.shape}, indices {ref_idx.shape}")
+                raise InputError(f"scores {scores.shape}, indices {ref_idx.shape}")
         except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise ValueError(f"{npy}: not a saved alignment grid ({err})") from None
+            raise InputError(f"{npy}: not a saved alignment grid ({err})") from None
         mx, my = scores.shape
         return cls(metric=metric, topk=topk,
                    x_names=list(x_names) if x_names else [f"x{a}" for a in range(mx)],
@@ -582,7 +582,7 @@ def output_lock(output_dir, metric: str, topk):
         return
     out = os.fspath(output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"output_dir: {out} exists and is not a folder")
+        raise InputError(f"output_dir: {out} exists and is not a folder")
     with _lock.exclusive_lock(os.path.join(out, output_stem(metric, topk)), folder=False):
         yield
 
@@ -603,7 +603,7 @@ def load_existing(output_dir, metric: str, topk, x_names: list, y_names: list, *
     src = p["json"] if os.path.exists(p["json"]) else p["npy"]
     if (res.x_names != list(x_names) or res.y_names != list(y_names)
             or res.scores.shape != (len(x_names), len(y_names))):
-        raise ValueError(f"{src}: exists but holds a grid of other models "
+        raise InputError(f"{src}: exists but holds a grid of other models "
                          f"({len(res.x_names)} x {len(res.y_names)}); pass "
                          f"force_remake=True to overwrite it")
     logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
@@ -929,7 +929,7 @@ class Alignment:
         if _is_path(features) and os.path.isdir(features):
             paths = sorted(str(p) for p in Path(features).rglob("*.pt"))
             if not paths:
-                raise ValueError(f"{os.fspath(features)}: no .pt feature files in this folder")
+                raise InputError(f"{os.fspath(features)}: no .pt feature files in this folder")
         elif _is_path(features):
             paths = [os.fspath(features)]
         else:
@@ -959,7 +959,7 @@ class Alignment:
         metric = metric or self.metric or "mutual_knn"
         topk = topk if topk is not None else (self.topk if self.topk is not None else 10)
         if metric not in SUPPORTED_METRICS:
-            raise ValueError(f"metric: unknown metric {metric!r}; supported: "
+            raise InputError(f"metric: unknown metric {metric!r}; supported: "
                              f"{SUPPORTED_METRICS}")
         if _is_path(features):
             src = _Model(Path(features).stem, os.fspath(features),
@@ -970,7 +970,7 @@ class Alignment:
             n = _n_in_memory(src)
         if n != self.n:
             m = self._models[0]
-            raise ValueError(f"features: has N = {n} samples, but reference model {m.name!r} "
+            raise InputError(f"features: has N = {n} samples, but reference model {m.name!r} "
                              f"({m.source}) has N = {self.n}")
         k, opts = _metric_options(metric, n, topk, metric_kwargs, self.memory_budget)
         ckey = (q, bool(normalize))
@@ -994,9 +994,9 @@ class Alignment:
     def get_data(self, modality: str) -> list:
         """The paired data set's ``"image"`` or ``"text"`` column (from ``data=``)."""
         if modality not in ("image", "text"):
-            raise ValueError(f"modality: expected 'image' or 'text', got {modality!r}")
+            raise InputError(f"modality: expected 'image' or 'text', got {modality!r}")
         if self._data is None:
-            raise ValueError("no local paired data set was given: pass Alignment(..., data=) a "
+            raise InputError("no local paired data set was given: pass Alignment(..., data=) a "
                              "dict of lists or a JSONL file with 'image' and 'text' fields "
                              "(prh_fast downloads nothing)")
         data = self._data
@@ -1009,17 +1009,17 @@ class Alignment:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as err:
-                            raise ValueError(f"{path}:{ln}: not JSON ({err.msg})") from err
+                            raise InputError(f"{path}:{ln}: not JSON ({err.msg})") from err
             missing = [ln for ln, r in enumerate(rows, 1) if modality not in r]
             if missing:
-                raise ValueError(f"{path}: record {missing[0]} has no {modality!r} field")
+                raise InputError(f"{path}: record {missing[0]} has no {modality!r} field")
             return [r[modality] for r in rows]
         if isinstance(data, dict):
             if modality not in data:
-                raise ValueError(f"data: has no {modality!r} column (columns: "
+                raise InputError(f"data: has no {modality!r} column (columns: "
                                  f"{sorted(data)})")
             return list(data[modality])
-        raise ValueError(f"data: expected a dict of lists or a JSONL path, got "
+        raise InputError(f"data: expected a dict of lists or a JSONL path, got "
                          f"{type(data).__name__}")
 
 
@@ -1031,10 +1031,10 @@ def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, back
     ``AlignmentResult`` read x first. ``concat`` and per-pair null statistics need every
     layer in memory: load the features for those."""
     if concat:
-        raise ValueError("concat: concatenating all layers needs them in memory; load the "
+        raise InputError("concat: concatenating all layers needs them in memory; load the "
                          "features (prh_fast.store.load_features) to use it")
     if null_permutations:
-        raise ValueError("null_permutations: per-pair null statistics need the features in "
+        raise InputError("null_permutations: per-pair null statistics need the features in "
                          "memory; prh_fast.align_models gives the best-score null from files "
                          "and stores")
     t0 = time.perf_counter()

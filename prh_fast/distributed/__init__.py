@@ -21,8 +21,8 @@ from prh_fast.distributed._env import (
 )
 from prh_fast.distributed._extract import part_path, run_sharded
 from prh_fast.distributed._grid import align_models
-from prh_fast.distributed._store import merge_parts
 from prh_fast.distributed._knn import knn, shard
+from prh_fast.distributed._store import merge_parts
 
 __all__ = [
     "DistributedError",

@@ -101,7 +101,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name}: expected an integer in the environment, got {raw!r}") from None
+        raise InputError(f"{name}: expected an integer in the environment, got {raw!r}") from None
 
 
 def launched_by_torchrun() -> bool:
@@ -178,7 +178,7 @@ def init_from_env(backend=None, timeout=None) -> bool:
         return False
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(var):
-            raise ValueError(f"{var}: not set in the environment; launch with torchrun "
+            raise InputError(f"{var}: not set in the environment; launch with torchrun "
                              f"(torchrun --nproc-per-node=G -m prh_fast.cli ...)")
     name = _pick_backend(backend)
     if timeout is None:

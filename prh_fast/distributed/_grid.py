@@ -37,7 +37,6 @@ from prh_fast.distributed._env import (
     shard_range,
     world,
 )
-
 from prh_fast.grid import PairScore, plan_pairs
 
 __all__ = ["align_models", "plan_pairs"]

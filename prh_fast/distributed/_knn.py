@@ -42,6 +42,7 @@ from prh_fast.distributed._env import (
     shard_range,
     world,
 )
+from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET
 from prh_fast.knn._exact import Sweep, candidate_count, finish, margins, search_exponent
 from prh_fast.knn._merge import TopK, check_filled, merge_results
@@ -80,15 +81,15 @@ def _check_local(X):
     """This rank's shard as a 2-D float tensor (an empty ``[0, D]`` shard is allowed)."""
     t = as_tensor(X, "X")
     if not t.is_floating_point():
-        raise ValueError(f"X: expected a floating-point tensor, got dtype {t.dtype}")
+        raise InputError(f"X: expected a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 2:
-        raise ValueError(f"X: expected a 2-D array [n, D] (this rank's rows), got "
+        raise InputError(f"X: expected a 2-D array [n, D] (this rank's rows), got "
                          f"{t.dim()}-D with shape {tuple(t.shape)}")
     if t.shape[1] == 0:
-        raise ValueError(f"X: expected D >= 1 columns, got shape {tuple(t.shape)}")
+        raise InputError(f"X: expected D >= 1 columns, got shape {tuple(t.shape)}")
     if t.shape[0] and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"X: contains {bad} NaN or Inf value(s)")
+        raise InputError(f"X: contains {bad} NaN or Inf value(s)")
     return t
 
 
@@ -320,9 +321,9 @@ def _check_request(X, gather, mode, memory_budget, backend):
     err, t, budget = None, None, None
     try:
         if gather not in _GATHER:
-            raise ValueError(f"gather: expected one of {_GATHER}, got {gather!r}")
+            raise InputError(f"gather: expected one of {_GATHER}, got {gather!r}")
         if mode not in _MODES:
-            raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+            raise InputError(f"mode: expected one of {_MODES}, got {mode!r}")
         budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
         t = _check_local(X)
         _local_backend(backend, t.device if t.device.type == "cuda" else comm_device())
@@ -356,11 +357,11 @@ def _exchange_layout(t, err, rank: int, P: int) -> _Layout:
     sizes = [m[1][0] for m in metas]
     dims = {m[1][1] for m in metas}
     if len(dims) != 1:
-        raise ValueError(f"X: every rank's shard must have the same number of columns D, got "
+        raise InputError(f"X: every rank's shard must have the same number of columns D, got "
                          f"{[m[1][1] for m in metas]} on ranks 0..{P - 1}")
     f64 = {m[1][2] for m in metas if m[1][0] > 0}
     if len(f64) > 1:
-        raise ValueError("X: some ranks hold float64 shards and others not; use one dtype on "
+        raise InputError("X: some ranks hold float64 shards and others not; use one dtype on "
                          "every rank")
     return _Layout(rank=rank, P=P, sizes=sizes,
                    offs=np.concatenate([[0], np.cumsum(sizes)]).tolist(), D=dims.pop(),
@@ -442,6 +443,6 @@ def _checked_scores(vals: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Scores in the compute dtype; inf where the float64 ones were finite means overflow."""
     out = vals.to(dtype)
     if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
-        raise ValueError(f"X: the neighbours' inner products exceed the {dtype} range; pass "
+        raise InputError(f"X: the neighbours' inner products exceed the {dtype} range; pass "
                          f"float64 features or normalise the rows")
     return out

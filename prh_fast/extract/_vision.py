@@ -60,8 +60,12 @@ import torch
 
 from prh_fast.errors import InputError
 from prh_fast.extract._packages import package_dir as _package_dir
-from prh_fast.extract._text import (ModelNotAvailableError, _cached_hub_repo,
-                                    _hub_reachable, _offline_env)
+from prh_fast.extract._text import (
+    ModelNotAvailableError,
+    _cached_hub_repo,
+    _hub_reachable,
+    _offline_env,
+)
 
 __all__ = ["POOLINGS", "ImageEncoder", "load_vision_model", "ModelNotAvailableError",
            "PACKAGED_ARCH", "load_packaged_state_dict"]

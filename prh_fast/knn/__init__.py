@@ -44,8 +44,14 @@ from __future__ import annotations
 
 import torch
 
-from prh_fast._validate import (as_features, check_memory_budget, check_positive_int, check_topk,
-                                compute_dtype)
+from prh_fast._validate import (
+    as_features,
+    check_memory_budget,
+    check_positive_int,
+    check_topk,
+    compute_dtype,
+)
+from prh_fast.errors import InputError
 from prh_fast.knn._backends import ANN_BACKENDS, resolve
 from prh_fast.knn._faiss_ann import AnnParams, AnnReport
 
@@ -117,7 +123,7 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
     if return_scores:
         out = vals.to(cd)
         if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
-            raise ValueError(f"X: the neighbours' inner products exceed the {cd} range (largest "
+            raise InputError(f"X: the neighbours' inner products exceed the {cd} range (largest "
                              f"{float(vals.abs().max()):.3g}); pass float64 features, normalise "
                              f"the rows, or leave return_scores=False")
         res = res + (out,)
@@ -137,19 +143,19 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
     if keys is not None:
         keys = as_features(keys, "keys")
         if keys.shape[1] != X.shape[1]:
-            raise ValueError(f"keys: expected {X.shape[1]} columns like X, got shape "
+            raise InputError(f"keys: expected {X.shape[1]} columns like X, got shape "
                              f"{tuple(keys.shape)}")
         if keys.device != X.device:
-            raise ValueError(f"keys: must be on X's device ({X.device}), got {keys.device}")
+            raise InputError(f"keys: must be on X's device ({X.device}), got {keys.device}")
         k = check_positive_int(k, "k", minimum=1, maximum=keys.shape[0])
         if include_self:
-            raise ValueError("include_self: only for a self search (keys=None)")
+            raise InputError("include_self: only for a self search (keys=None)")
     else:
         k = check_topk(k, X.shape[0], "k")
     if not isinstance(exact, bool):
-        raise ValueError(f"exact: expected True or False, got {exact!r}")
+        raise InputError(f"exact: expected True or False, got {exact!r}")
     if not isinstance(include_self, bool):
-        raise ValueError(f"include_self: expected True or False, got {include_self!r}")
+        raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
     choice = resolve(backend, X.device, k=k, dtype=X.dtype, cross=keys is not None)
     name = choice.search

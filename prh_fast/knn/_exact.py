@@ -43,8 +43,8 @@ import math
 
 import torch
 
-from prh_fast.knn._merge import (TopK, _canonical, _tree_dots, fixed_dots, fixed_self,
-                                 merge_results)
+from prh_fast.errors import InputError
+from prh_fast.knn._merge import TopK, _canonical, _tree_dots, fixed_dots, fixed_self, merge_results
 
 # fixed_dots, fixed_self (and the tree order of _tree_dots) are defined with the running merge
 # whose entries carry them (prh_fast.knn._merge) and re-exported here with the mechanism.
@@ -70,7 +70,7 @@ def candidate_count(k: int, n_keys: int) -> int:
 def _gamma(n: int, u: float) -> float:
     nu = n * u
     if nu >= 0.5:
-        raise ValueError(f"X: dimension {n} too large for a certified error bound")
+        raise InputError(f"X: dimension {n} too large for a certified error bound")
     return nu / (1.0 - nu)
 
 
@@ -103,7 +103,7 @@ def margins(qnorm: torch.Tensor, kmax: float, d: int, dtype: torch.dtype) -> tor
 def check_scores_finite(vals: torch.Tensor, what: str) -> None:
     """The search's own scores must be finite (finite features, scaled into range)."""
     if vals.numel() and not bool(torch.isfinite(vals).all()):
-        raise ValueError(f"{what}: the neighbour search produced non-finite inner products "
+        raise InputError(f"{what}: the neighbour search produced non-finite inner products "
                          f"(the features' scale overflows {vals.dtype}); normalise the rows or "
                          f"pass float64 features")
 
@@ -191,7 +191,7 @@ class Sweep:
     def result(self):
         vals, idx, _ = self._top.result()
         if bool((vals == float("-inf")).any()):
-            raise ValueError("X: the exact re-score found fewer than k keys above a row's "
+            raise InputError("X: the exact re-score found fewer than k keys above a row's "
                              "threshold (non-finite scores?)")
         return idx, vals
 

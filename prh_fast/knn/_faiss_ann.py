@@ -47,6 +47,8 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from prh_fast.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "knn_ann"]
@@ -79,11 +81,11 @@ _PQ_DEFAULT_REFINE = 4
 
 def _canonical_name(name) -> str:
     if not isinstance(name, str):
-        raise ValueError(f"backend: expected one of {ANN_BACKENDS}, got {name!r}")
+        raise InputError(f"backend: expected one of {ANN_BACKENDS}, got {name!r}")
     low = name.strip().lower()
     low = _SHORT.get(low, low)
     if low not in ANN_BACKENDS:
-        raise ValueError(f"backend: expected one of {ANN_BACKENDS}, got {name!r}")
+        raise InputError(f"backend: expected one of {ANN_BACKENDS}, got {name!r}")
     return low
 
 
@@ -141,19 +143,19 @@ class AnnParams:
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{f.name}: expected an integer, got {v!r}")
+                raise InputError(f"{f.name}: expected an integer, got {v!r}")
             v = int(v)
             object.__setattr__(self, f.name, v)
             low = 0 if f.name == "seed" else (2 if f.name == "hnsw_m" else 1)
             if v < low:
-                raise ValueError(f"{f.name}: expected an integer >= {low}, got {v}")
+                raise InputError(f"{f.name}: expected an integer >= {low}, got {v}")
             if f.name != "seed" and self.backend not in _APPLIES[f.name]:
-                raise ValueError(f"{f.name}: applies to {' / '.join(_APPLIES[f.name])}, not "
+                raise InputError(f"{f.name}: applies to {' / '.join(_APPLIES[f.name])}, not "
                                  f"{self.backend}")
         if self.pq_nbits is not None and self.pq_nbits > 16:
-            raise ValueError(f"pq_nbits: expected 1..16, got {self.pq_nbits}")
+            raise InputError(f"pq_nbits: expected 1..16, got {self.pq_nbits}")
         if self.seed >= 2**31:
-            raise ValueError(f"seed: expected an integer below 2**31, got {self.seed}")
+            raise InputError(f"seed: expected an integer below 2**31, got {self.seed}")
 
     # ---------------------------------------------------------------------------- parsing
     @classmethod
@@ -168,7 +170,7 @@ class AnnParams:
             items = {}
             for s in options:
                 if not isinstance(s, str) or "=" not in s:
-                    raise ValueError(f"knn option: expected KEY=VALUE, got {s!r}")
+                    raise InputError(f"knn option: expected KEY=VALUE, got {s!r}")
                 key, val = s.split("=", 1)
                 items[key.strip()] = val.strip()
             options = items
@@ -180,15 +182,15 @@ class AnnParams:
             else:
                 field_name = _ALIASES.get(key, key)
             if field_name not in known:
-                raise ValueError(f"knn option {key!r}: unknown; expected one of "
+                raise InputError(f"knn option {key!r}: unknown; expected one of "
                                  f"{sorted(known)} (or FAISS's names {sorted(_ALIASES)}, 'm')")
             if field_name in kw:
-                raise ValueError(f"knn option {key!r}: given twice (as {field_name})")
+                raise InputError(f"knn option {key!r}: given twice (as {field_name})")
             if isinstance(val, str):
                 try:
                     val = int(val)
                 except ValueError:
-                    raise ValueError(f"{field_name}: expected an integer, got {val!r}") from None
+                    raise InputError(f"{field_name}: expected an integer, got {val!r}") from None
             kw[field_name] = val
         return cls(backend=name, **kw)
 
@@ -222,7 +224,7 @@ class AnnParams:
 
         def check(name, v, lo, hi, why=""):
             if not lo <= v <= hi:
-                raise ValueError(f"{name}: expected {lo}..{hi}{why}, got {v}")
+                raise InputError(f"{name}: expected {lo}..{hi}{why}, got {v}")
             return v
 
         out["recall_sample"] = check("recall_sample", self.recall_sample or min(nq, 1000), 1,
@@ -240,7 +242,7 @@ class AnnParams:
             if pq_m is None:
                 pq_m = max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
             if pq_m > d or d % pq_m:
-                raise ValueError(f"pq_m: must divide the feature width D = {d}, got {pq_m}")
+                raise InputError(f"pq_m: must divide the feature width D = {d}, got {pq_m}")
             out["pq_m"] = pq_m
         if b in ("faiss-ivf", "faiss-ivfpq"):
             need = out["nlist"]
@@ -258,10 +260,10 @@ class AnnParams:
                     want = max(want, 64 * 2**nbits)
                 train = min(n_keys, want)
             if train > n_keys:
-                raise ValueError(f"train_size: expected at most N = {n_keys} points, got {train}")
+                raise InputError(f"train_size: expected at most N = {n_keys} points, got {train}")
             if train < need:
                 what = ("nlist" if need == out["nlist"] else "2**pq_nbits")
-                raise ValueError(f"train_size: needs at least {what} = {need} points to train "
+                raise InputError(f"train_size: needs at least {what} = {need} points to train "
                                  f"the quantiser, got {train}")
             out["train_size"] = train
         if b == "faiss-ivfpq":

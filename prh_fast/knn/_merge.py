@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prh_fast import _native
+from prh_fast.errors import InputError
 
 __all__ = ["EMPTY", "TopK", "select_topk", "merge_results", "check_filled", "fixed_dots",
            "fixed_self"]
@@ -174,7 +175,7 @@ def merge_results(parts, k: int):
     """
     parts = list(parts)
     if not parts:
-        raise ValueError("parts: expected at least one result list")
+        raise InputError("parts: expected at least one result list")
     if len(parts) == 1 and parts[0][0].shape[1] == k:
         return tuple(parts[0])
     cols = [torch.cat([p[t] for p in parts], dim=1) for t in range(len(parts[0]))]
@@ -185,7 +186,7 @@ def check_filled(idx: torch.Tensor, what: str) -> None:
     """``ValueError`` when a list still has an empty slot (scores that never entered: NaN or
     ``-inf`` products)."""
     if idx.numel() and bool((idx == EMPTY).any()):
-        raise ValueError(f"{what}: neighbour search produced empty slots (non-finite scores?)")
+        raise InputError(f"{what}: neighbour search produced empty slots (non-finite scores?)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,18 +217,18 @@ class TopK:
     def __init__(self, n: int, k: int, dtype: torch.dtype, device=None, *, native: bool = False,
                  with_fixed: bool = False, ids=0):
         if k < 1:
-            raise ValueError(f"k: the running lists must hold at least 1 entry, got {k}")
+            raise InputError(f"k: the running lists must hold at least 1 entry, got {k}")
         self.n, self.k, self.dtype = int(n), int(k), dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.native, self.with_fixed = bool(native), bool(with_fixed)
         if self.native and (self.device.type != "cpu"
                             or dtype not in (torch.float32, torch.float64)):
-            raise ValueError(f"native: the native merge needs float32/float64 CPU lists, got "
+            raise InputError(f"native: the native merge needs float32/float64 CPU lists, got "
                              f"{dtype} on {self.device}")
         self._qids = ids if isinstance(ids, torch.Tensor) else None
         self._id0 = 0 if self._qids is not None else int(ids)
         if self.native and self._qids is not None:
-            raise ValueError("ids: the native merge takes consecutive query ids (an int)")
+            raise InputError("ids: the native merge takes consecutive query ids (an int)")
         shape = (self.n, self.k)
         if self.native:
             npd = np.float64 if dtype == torch.float64 else np.float32
@@ -261,7 +262,7 @@ class TopK:
         if r == 0 or c == 0:
             return
         if self.with_fixed and (q is None or keys is None):
-            raise ValueError("q, keys: the tile's rows are needed for the fixed-order scores")
+            raise InputError("q, keys: the tile's rows are needed for the fixed-order scores")
         if self.native:
             self._add_native(scores, col0, row0, exclude_self, q, keys)
         else:

@@ -60,6 +60,7 @@ import os
 
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.knn._merge import TopK, select_topk
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 def _gamma(n: float, v: float) -> float:
     nv = n * v
     if nv >= 0.5:
-        raise ValueError(f"X: dimension {n} too large for a certified float32 error bound")
+        raise InputError(f"X: dimension {n} too large for a certified float32 error bound")
     return nv / (1.0 - nv)
 
 
@@ -153,7 +154,7 @@ def product_format(in_dtype: torch.dtype, precision: str | None, exact: bool):
     if p == "ieee":
         p = "fp32"
     if p not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if p == "auto":
         if in_dtype in (torch.bfloat16, torch.float16):
             p = "bf16" if in_dtype == torch.bfloat16 else "fp16"
@@ -162,7 +163,7 @@ def product_format(in_dtype: torch.dtype, precision: str | None, exact: bool):
     f64_step = 2.0**-24 if in_dtype == torch.float64 else 0.0
     if p == "fp16":
         if in_dtype != torch.float16:
-            raise ValueError("precision: 'fp16' products need float16 features (float32 values "
+            raise InputError("precision: 'fp16' products need float16 features (float32 values "
                              "can overflow or underflow in float16); use 'bf16' or 'tf32'")
         return torch.float16, "ieee", 0.0
     if p == "bf16":
@@ -384,9 +385,9 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
     self_search = keys is None
     K = X if self_search else keys
     if K.shape[1] != X.shape[1]:
-        raise ValueError(f"keys: expected {X.shape[1]} columns like X, got {K.shape[1]}")
+        raise InputError(f"keys: expected {X.shape[1]} columns like X, got {K.shape[1]}")
     if K.device != X.device:
-        raise ValueError(f"keys: must be on X's device {X.device}, got {K.device}")
+        raise InputError(f"keys: must be on X's device {X.device}, got {K.device}")
     reason = unavailable_reason(X.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
@@ -394,9 +395,9 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
     nk = K.shape[0]
     avail = nk - 1 if self_search else nk
     if not 1 <= k <= avail:
-        raise ValueError(f"k: expected 1 <= k <= {avail}, got {k}")
+        raise InputError(f"k: expected 1 <= k <= {avail}, got {k}")
     if nk >= 2**31 - 1 or m >= 2**31 - 1:
-        raise ValueError("X: the triton backend handles fewer than 2^31 - 1 rows")
+        raise InputError("X: the triton backend handles fewer than 2^31 - 1 rows")
     in_dtype = torch.promote_types(X.dtype, K.dtype)
     cd = torch.float64 if in_dtype == torch.float64 else torch.float32
     prod_dtype, ip, u = product_format(in_dtype, precision, exact)

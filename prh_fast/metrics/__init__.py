@@ -23,7 +23,7 @@ from prh_fast._validate import as_pair, check_positive_int, check_topk, compute_
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
-from prh_fast.metrics._kernel import cka_ratio, cka_scores, check_cka_options
+from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca_scores
 

@@ -64,6 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from prh_fast.errors import InputError
 from prh_fast.prepare import normalize_rows
 from prh_fast.store._sharded import FeatureStore, open_store
 
@@ -96,7 +97,7 @@ def as_store(store, arg: str = "store") -> FeatureStore:
     try:
         return open_store(store)
     except TypeError:
-        raise ValueError(f"{arg}: expected a store folder or FeatureStore, got "
+        raise InputError(f"{arg}: expected a store folder or FeatureStore, got "
                          f"{type(store).__name__}") from None
 
 
@@ -111,7 +112,7 @@ def check_budget(memory_budget, default: int = DEFAULT_STREAM_BUDGET) -> int:
 def _check_layer(st: FeatureStore, layer) -> int:
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (
             -st.num_layers <= layer < st.num_layers):
-        raise ValueError(f"layer: expected a layer index in [0, {st.num_layers}) of "
+        raise InputError(f"layer: expected a layer index in [0, {st.num_layers}) of "
                          f"{st.path}, got {layer!r}")
     return int(layer) % st.num_layers
 
@@ -198,7 +199,7 @@ def _chunk_rows(st: FeatureStore, layers, budget: int, per_value: int) -> int:
     width = sum(st.dims[l] for l in layers)
     rows = budget // max(1, width * per_value)
     if rows < 1:
-        raise ValueError(f"memory_budget: {budget} bytes cannot hold one row of {st.path} "
+        raise InputError(f"memory_budget: {budget} bytes cannot hold one row of {st.path} "
                          f"({width} values, ~{width * per_value} bytes of scratch); raise it")
     return int(min(st.n, rows))
 
@@ -237,7 +238,7 @@ def _exact_thresholds(st: FeatureStore, q: float, budget: int, progress: bool) -
                     for l in g:
                         keys = chunk[l].reshape(-1).view(itype) & absmask
                         if p == 0 and keys.numel() and int(keys.max()) >= inf_key:
-                            raise ValueError(f"{st.path}: layer {l} contains NaN or Inf "
+                            raise InputError(f"{st.path}: layer {l} contains NaN or Inf "
                                              f"value(s) (rows {a}..{a + chunk[l].shape[0]})")
                         if hi < key_bits:
                             keys = keys[(keys >> hi) == prefixes[gi]]
@@ -278,7 +279,7 @@ def _approx_thresholds(st: FeatureStore, q: float, budget: int, progress: bool,
                 xs = [chunk[l].to(device).to(cd) for l in g]
                 for l, x in zip(g, xs):
                     if not bool(torch.isfinite(x).all()):
-                        raise ValueError(f"{st.path}: layer {l} contains NaN or Inf value(s) "
+                        raise InputError(f"{st.path}: layer {l} contains NaN or Inf value(s) "
                                          f"(rows {a}..{a + x.shape[0]})")
                 x = torch.stack(xs, dim=1) if st.layout == "tensor" else xs[0]
                 pieces[gi].append(_approx_per_sample(x, q))
@@ -422,7 +423,7 @@ class StreamPrep:
         x = self.store.layer(l, slice(a, b)).to(self.device)
         x = x if x.dtype == torch.float64 else x.float()
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{self.store.path}: layer {l} contains NaN or Inf value(s) "
+            raise InputError(f"{self.store.path}: layer {l} contains NaN or Inf value(s) "
                              f"(rows {a}..{b})")
         if t is not None:
             x = torch.clamp(x, -t, t)
@@ -456,9 +457,8 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
     """
     from prh_fast.knn import DEFAULT_MEMORY_BUDGET
     from prh_fast.knn._cpu import cpu_tile
-    from prh_fast.knn._torch import torch_tiles
-
     from prh_fast.knn._exact import candidate_count
+    from prh_fast.knn._torch import torch_tiles
 
     item = torch.empty((), dtype=compute_dtype).element_size()
     budget = int(memory_budget)
@@ -485,7 +485,7 @@ def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype
         plan, fixed, per = cost(max(1, budget // 4))
     panel = (budget - fixed) // per
     if panel < 1:
-        raise ValueError(f"memory_budget: {budget} bytes is too small for a streaming search "
+        raise InputError(f"memory_budget: {budget} bytes is too small for a streaming search "
                          f"of {n} x {d} rows ({plan}); it needs at least {fixed + per} bytes")
     plan["panel"] = int(min(panel, plan["blocks"]))
     plan["scratch_bytes"] = int(fixed + plan["panel"] * per)
@@ -699,7 +699,7 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
         return idx
     out = vals.to(cd)
     if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
-        raise ValueError(f"store: layer {layer}: the neighbours' inner products exceed the {cd} "
+        raise InputError(f"store: layer {layer}: the neighbours' inner products exceed the {cd} "
                          f"range; normalise the rows or leave return_scores=False")
     return idx, out
 
@@ -715,7 +715,7 @@ def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=
     l = _check_layer(st, layer)
     k = check_topk(k, st.n, "k")
     if not isinstance(include_self, bool):
-        raise ValueError(f"include_self: expected True or False, got {include_self!r}")
+        raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_budget(memory_budget)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = _resolve_backend(backend, dev)
