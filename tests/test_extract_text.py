@@ -424,6 +424,7 @@ def test_packaged_smollm2(packaged):
 
 
 @pytest.mark.models
+@pytest.mark.slow
 def test_packaged_minilm(packaged):
     enc = packaged["all-minilm-l6-v2"]
     assert not enc.causal and enc.num_layers == 7 and enc.dims == [384] * 7

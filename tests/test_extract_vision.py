@@ -398,6 +398,7 @@ def test_packaged_mapping_checks(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- packaged model
 
 @pytest.mark.models
+@pytest.mark.slow
 def test_packaged_efficientnet_lite0():
     import importlib.util
 

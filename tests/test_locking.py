@@ -139,6 +139,7 @@ def test_grid_output_is_exclusive_per_metric(tmp_path):
     assert (out / "cka.json").exists() and np.isfinite(res.scores).all()
 
 
+@pytest.mark.slow
 def test_concurrent_overwriting_converts_never_mix_sources(tmp_path):
     """Four `prh-fast store convert --overwrite` runs at once into one folder, each from its
     own source: every run either finishes or fails naming the other writer, and the store left

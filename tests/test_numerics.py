@@ -121,6 +121,7 @@ CKNNA_CASES = [
 @pytest.mark.parametrize("kw", CKNNA_CASES, ids=lambda kw: "-".join(f"{a}={b}" for a, b in
                                                                      kw.items()))
 @pytest.mark.parametrize("backend", TIE_EXACT_BACKENDS)
+@pytest.mark.slow
 def test_cknna_equals_spec_oracle(kw, backend):
     A, B = latent_pair()
     kw = dict(kw)
@@ -412,6 +413,7 @@ def fixed_order_oracle(X, k, include_self=False):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", TIE_EXACT_BACKENDS)
+@pytest.mark.slow
 def test_duplicate_rows_tie_exactly(dtype, backend):
     X = duplicate_heavy(dtype=dtype)
     for k in (3, 10):

@@ -180,6 +180,7 @@ def test_torch_backend_equals_in_memory_torch(tmp_path, dtype):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_native), "torch"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.slow
 def test_many_exact_ties_go_to_the_lower_index(tmp_path, dtype, backend):
     # duplicated small-integer rows: every score is exact, ties everywhere (also at distance 0)
     X, _ = with_duplicates(901, 5, n_unique=60, seed=2)
