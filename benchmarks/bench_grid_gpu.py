@@ -87,13 +87,20 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from benchmarks._gpu import (LATENT, Deadline, cuda_env, list_check, oracle_lists,
-                                 reset_peak, sync)
+    from benchmarks._gpu import (
+        LATENT,
+        Deadline,
+        cuda_env,
+        list_check,
+        oracle_lists,
+        reset_peak,
+        sync,
+    )
     from benchmarks._harness import environment, write_json
-    from prh_fast.testing import latent, layer_features
     from prh_fast import _native
     from prh_fast.knn import knn
     from prh_fast.metrics._neighbours import neighbour_scores, neighbour_scores_cuda
+    from prh_fast.testing import latent, layer_features
 
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"

@@ -43,10 +43,9 @@ from pathlib import Path
 import torch
 
 from benchmarks._harness import ROOT, finish, timeit
-from prh_fast.testing import latent, layer_features
-
-from prh_fast.knn._backends import faiss_available  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
+from prh_fast.knn._backends import faiss_available  # noqa: E402
+from prh_fast.testing import latent, layer_features
 
 
 def features(n: int, d: int, seed: int = 0):
@@ -215,8 +214,17 @@ def main_gpu(argv) -> int:
 
     import torch
 
-    from benchmarks._gpu import (Deadline, cuda_env, features as gpu_features, list_check,
-                                 matmul_ceilings, oracle_lists, peak_gib, reset_peak, sync)
+    from benchmarks._gpu import (
+        Deadline,
+        cuda_env,
+        list_check,
+        matmul_ceilings,
+        oracle_lists,
+        peak_gib,
+        reset_peak,
+        sync,
+    )
+    from benchmarks._gpu import features as gpu_features
     from benchmarks._harness import environment, print_table, write_json
 
     dev = torch.device(args.device)
@@ -242,8 +250,8 @@ def main_gpu(argv) -> int:
     save()
     rates: dict = {}  # mode -> best TFLOP/s so far
 
-    from prh_fast.knn._backends import faiss_available
     from prh_fast.knn import _triton as T
+    from prh_fast.knn._backends import faiss_available
 
     def run_mode(mode, X, k, check):
         kind, fmt, kw = GPU_MODES[mode]

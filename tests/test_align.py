@@ -4,13 +4,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _data import paired_features
 
 import prh_fast
 from prh_fast import reference
 from prh_fast._align import _relabel, best_pair
 from prh_fast.knn import knn
-
-from _data import paired_features
 
 
 def models(n=90, seed=0, dtype=torch.float64):

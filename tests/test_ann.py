@@ -11,12 +11,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from _data import HAS_FAISS, assert_knn_lists_match, paired_features, with_duplicates
+
 from prh_fast import align, align_models, metrics, reference, store
-from prh_fast.knn import _backends as _backend
-from prh_fast.cli import _UserError, _knn_backend, main
+from prh_fast.cli import _knn_backend, _UserError, main
 from prh_fast.knn import AnnParams, knn
+from prh_fast.knn import _backends as _backend
 
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
 ANN = ["faiss-ivf", "faiss-ivfpq", "faiss-hnsw"]

@@ -13,7 +13,7 @@ from prh_fast import _log, _native, metrics
 from prh_fast.errors import BackendUnavailableError, InputError
 from prh_fast.knn import _backends as _backend
 from prh_fast.knn import knn
-from prh_fast.metrics import _cknna, _neighbours
+from prh_fast.metrics import _neighbours
 
 needs_native = pytest.mark.skipif(not _native.HAS_NATIVE, reason="native module not built")
 
@@ -26,7 +26,8 @@ def test_auto_on_cpu_prefers_native():
 
 def test_auto_on_cuda_is_triton_when_it_can_run_else_torch():
     can = _backend.triton_unavailable(torch.device("cuda")) is None
-    assert _backend.resolve_knn_backend("auto", torch.device("cuda")) == ("triton" if can else "torch")
+    want = "triton" if can else "torch"
+    assert _backend.resolve_knn_backend("auto", torch.device("cuda")) == want
 
 
 def test_unknown_backend_names_argument():

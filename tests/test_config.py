@@ -138,7 +138,7 @@ def test_config_is_read_only():
     with pytest.raises(AttributeError):
         cfg.stream = "on"
     with pytest.raises(AttributeError):
-        cfg.no_such_setting
+        _ = cfg.no_such_setting
 
 
 def test_context_is_per_thread():

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _data import assert_knn_lists_match, integer_features, with_duplicates
+
 from prh_fast import _log, _native
 from prh_fast.knn import _backends as _backend
 from prh_fast.knn import knn
@@ -38,7 +38,8 @@ def _features(n, d, seed=0, dtype=torch.float32, device="cpu"):
     centres = torch.randn(16, d, generator=g, dtype=torch.float64)
     X = centres[torch.randint(0, 16, (n,), generator=g)] + 0.7 * torch.randn(
         n, d, generator=g, dtype=torch.float64)
-    X = X * torch.logspace(-0.5, 0.5, n, dtype=torch.float64)[torch.randperm(n, generator=g)][:, None]
+    scale = torch.logspace(-0.5, 0.5, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    X = X * scale[:, None]
     return X.to(dtype).to(device)
 
 
@@ -250,7 +251,8 @@ def test_cuda_neighbour_scores_large_n_and_many_pairs():
     # more than 65,535 layer pairs: split over several launches
     a = torch.randint(0, 3, (300, 3, 1))
     b = torch.randint(0, 3, (300, 3, 1))
-    torch.testing.assert_close(_neighbours.neighbour_scores_cuda("mutual", a.cuda(), b.cuda()).cpu(),
+    got = _neighbours.neighbour_scores_cuda("mutual", a.cuda(), b.cuda()).cpu()
+    torch.testing.assert_close(got,
                                _neighbours.neighbour_scores("mutual", a, b), rtol=0, atol=1e-12)
 
 

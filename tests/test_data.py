@@ -13,9 +13,14 @@ import pytest
 PIL = pytest.importorskip("PIL")
 from PIL import Image, ImageDraw  # noqa: E402
 
-from prh_fast.extract._data import (EASY_VQA_LEVELS, DataNotFoundError,  # noqa: E402
-                                    PairedDataset, easy_vqa_attributes, easy_vqa_caption,
-                                    load_pairs)
+from prh_fast.extract._data import (  # noqa: E402
+    EASY_VQA_LEVELS,
+    DataNotFoundError,
+    PairedDataset,
+    easy_vqa_attributes,
+    easy_vqa_caption,
+    load_pairs,
+)
 
 HAS_EASY_VQA = importlib.util.find_spec("easy_vqa") is not None
 needs_easy_vqa = pytest.mark.skipif(not HAS_EASY_VQA, reason="pip install --no-deps easy-vqa")

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _data import paired_features
+
 from prh_fast import metrics
 from prh_fast.knn import knn
 

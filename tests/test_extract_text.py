@@ -17,8 +17,14 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from prh_fast.extract import _text  # noqa: E402
-from prh_fast.extract._text import (POOLINGS, PROMPT_TEMPLATE, ModelNotAvailableError,  # noqa: E402
-                                    TextBatch, load_text_model, text_model_status)
+from prh_fast.extract._text import (  # noqa: E402
+    POOLINGS,
+    PROMPT_TEMPLATE,
+    ModelNotAvailableError,
+    TextBatch,
+    load_text_model,
+    text_model_status,
+)
 
 CORPUS = [
     "a red circle in the top left corner",

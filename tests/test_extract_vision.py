@@ -21,8 +21,12 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from prh_fast.extract import _vision  # noqa: E402
-from prh_fast.extract._vision import (POOLINGS, ImageEncoder, ModelNotAvailableError,  # noqa: E402
-                                      load_vision_model)
+from prh_fast.extract._vision import (  # noqa: E402
+    POOLINGS,
+    ImageEncoder,
+    ModelNotAvailableError,
+    load_vision_model,
+)
 
 MEAN, STD = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
 VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=4)

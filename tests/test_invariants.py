@@ -8,8 +8,8 @@ import functools
 
 import pytest
 import torch
-
 from _data import independent_features, paired_features
+
 from prh_fast import metrics
 from prh_fast import reference as R
 

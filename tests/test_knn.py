@@ -9,9 +9,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _data import (
+    DTYPES,
+    HAS_FAISS,
+    HAS_NATIVE,
+    KNN_BACKENDS,
+    TIE_EXACT_BACKENDS,
+    assert_knn_lists_match,
+    integer_features,
+    paired_features,
+    with_duplicates,
+)
 
-from _data import (DTYPES, HAS_FAISS, HAS_NATIVE, KNN_BACKENDS, TIE_EXACT_BACKENDS,
-                   assert_knn_lists_match, integer_features, paired_features, with_duplicates)
 from prh_fast import reference as R
 from prh_fast.knn import knn
 

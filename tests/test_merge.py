@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _data import HAS_NATIVE
-from prh_fast.knn._merge import (EMPTY, TopK, check_filled, fixed_dots, merge_results,
-                                 select_topk)
+
+from prh_fast.knn._merge import EMPTY, TopK, check_filled, fixed_dots, merge_results, select_topk
 
 needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="native prh_fast._C not built")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

@@ -17,9 +17,15 @@ import functools
 import numpy as np
 import pytest
 import torch
+from _data import (
+    DTYPES,
+    KNN_BACKENDS,
+    TIE_EXACT_BACKENDS,
+    assert_knn_lists_match,
+    paired_features,
+    with_duplicates,
+)
 
-from _data import (DTYPES, KNN_BACKENDS, TIE_EXACT_BACKENDS, assert_knn_lists_match,
-                   paired_features, with_duplicates)
 from prh_fast import metrics
 from prh_fast import reference as R
 from prh_fast.knn import knn
@@ -181,7 +187,8 @@ def test_cknna_backends_match_oracle(kwargs, dtype, backend):
     A, B = features(123, 32, 96, dtype)
     want = oracle("cknna", 123, 32, 96, dtype, _kw_key(kwargs))
     got = metrics.cknna(A, B, backend=backend, **kwargs)
-    rtol, atol = kernel_tolerance("cknna", kwargs, torch.float32 if backend == "faiss" else dtype, 123)
+    tol_dtype = torch.float32 if backend == "faiss" else dtype
+    rtol, atol = kernel_tolerance("cknna", kwargs, tol_dtype, 123)
     assert got == pytest.approx(want, rel=rtol, abs=atol)
 
 
@@ -243,7 +250,8 @@ def test_numpy_inputs(metric, kwargs, np_dtype):
     got = metrics.measure(metric, An, Bn, **kwargs)
     assert type(got) is float
     want = R.measure(metric, An.astype(np.float64), Bn.astype(np.float64), **kwargs)
-    _assert_close_to_oracle(metric, got, want, torch.float64 if np_dtype == np.float64 else torch.float32)
+    tol_dtype = torch.float64 if np_dtype == np.float64 else torch.float32
+    _assert_close_to_oracle(metric, got, want, tol_dtype)
     # a Fortran-ordered (non-contiguous) array gives the same number (up to summation order)
     fortran = metrics.measure(metric, np.asfortranarray(An), np.asfortranarray(Bn), **kwargs)
     assert fortran == pytest.approx(got, rel=1e-6 if np_dtype != np.float64 else 1e-12, abs=1e-12)

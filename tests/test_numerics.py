@@ -2,7 +2,8 @@
 
 - CKNNA's masks follow the reference: the diagonal competes for the top-k unless unbiased, in
   ``prh_fast.metrics``, ``align``, the streamed grid path and the package oracle, checked
-  against a float64 oracle written here from the wording of docs/metrics.md; ``exclude_self`` overrides.
+  against a float64 oracle written here from the wording of docs/metrics.md; ``exclude_self``
+  overrides.
 - Scale: features times 1e20 or 1e-30 (float32) give the unscaled answer through the pipeline
   (row normalisation is scale-free), raw kNN lists are the unscaled ones, kernel metrics are
   the formula's value (never NaN, never a silent 0 or 1), or a ValueError says why not.
@@ -17,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _data import HAS_NATIVE, TIE_EXACT_BACKENDS
 
 import prh_fast
-from _data import HAS_NATIVE, TIE_EXACT_BACKENDS
 from prh_fast import metrics
 from prh_fast import reference as R
 from prh_fast.knn import knn

@@ -51,7 +51,6 @@ def test_cli_bench_against_stand_in(tmp_path):
     import subprocess
     import sys
 
-
     from prh_fast.store import save_features
 
     X, Y = paired_features(80, 2, 12, seed=3)

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _data import independent_features, paired_features, with_duplicates
+
 from prh_fast import reference as R
 
 

@@ -6,8 +6,7 @@ import json
 import pytest
 
 from prh_fast.extract import _registry, _text
-from prh_fast.extract._registry import (MODEL_SETS, SET_KINDS, check_available,
-                                        resolve_model_set)
+from prh_fast.extract._registry import MODEL_SETS, SET_KINDS, check_available, resolve_model_set
 
 
 def _no_network(*a, **k):

@@ -21,8 +21,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from _data import HAS_NATIVE, assert_knn_lists_match, with_duplicates
+
 from prh_fast._align import _prepare_side, as_layers
 from prh_fast.knn import knn
 from prh_fast.prepare import prepare_features

@@ -26,9 +26,10 @@ if (not torch.cuda.is_available() and "triton" not in sys.modules
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _data import assert_knn_lists_match, integer_features, with_duplicates  # noqa: E402
+
 from prh_fast import _log  # noqa: E402
-from prh_fast.knn import _backends as _backend  # noqa: E402
 from prh_fast import reference as R  # noqa: E402
+from prh_fast.knn import _backends as _backend  # noqa: E402
 from prh_fast.knn import _triton as T  # noqa: E402
 from prh_fast.knn import knn  # noqa: E402
 

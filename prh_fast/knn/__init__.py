@@ -1,9 +1,9 @@
 """Exact k-nearest-neighbour search by inner product, the step every ``*_knn`` metric shares.
 
 ``knn(X, k)[i]`` holds the ``k`` rows ``j != i`` with the largest ``<x_i, x_j>``, by decreasing
-similarity, ties broken by the lower index (docs/metrics.md, "Nearest neighbours"). No backend ever holds
-an ``N x N`` matrix: queries are processed in blocks against key tiles, with a running top-k
-merge, under a memory budget.
+similarity, ties broken by the lower index (docs/metrics.md, "Nearest neighbours"). No backend
+ever holds an ``N x N`` matrix: queries are processed in blocks against key tiles, with a
+running top-k merge, under a memory budget.
 
 What "largest" means for the exact ``cpu`` / ``torch`` backends (and the streamed and
 distributed searches, which share the mechanism, ``_exact.py``): tile products only propose

@@ -25,7 +25,8 @@ Names:
 - ``"auto"``: CPU tensors -> native C++ (``torch`` for a cross search, or without the native
   module); CUDA tensors -> the fused Triton search when Triton can run, else ``torch``.
   Neighbour-set scores: native on CPU, ``torch`` on CUDA lists (the CUDA set-op kernels are
-  picked automatically only once declared verified on hardware, :attr:`SetOps.verified_on_hardware`).
+  picked automatically only once declared verified on hardware,
+  :attr:`SetOps.verified_on_hardware`).
 - ``"cpu"``: native C++/OpenMP kernels (CPU tensors only; self search only).
 - ``"torch"``: pure torch everywhere (CPU or CUDA).
 - ``"triton"``: the fused Triton search (CUDA tensors; CPU tensors only under
