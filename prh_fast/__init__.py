@@ -2,18 +2,21 @@
 
 Implements the measurements of *The Platonic Representation Hypothesis* (Huh, Cheung, Wang,
 Isola, ICML 2024) with the reference's semantics (see ``prh_fast.metrics``), without N x N
-matrices. ``import prh_fast`` never touches CUDA.
+matrices. ``import prh_fast`` never touches CUDA, and it does not import torch either: the
+settings, the errors and the version are loaded at once, every other public name (and the
+``knn`` / ``metrics`` subpackages) on first use, so ``prh-fast --help`` and argument errors
+answer without the cost of importing torch.
 """
 from __future__ import annotations
 
-from prh_fast import (  # subpackages: prh_fast.knn.knn(X, k) is the search
+import importlib
+from typing import TYPE_CHECKING
+
+from prh_fast import (
     _native,  # noqa: F401  (emits the one warning if _C is missing)
-    knn,
-    metrics,
+    errors,
 )
-from prh_fast._align import AlignmentResult, align, compute_score
 from prh_fast._config import config_context, get_config, set_config
-from prh_fast._info import info
 from prh_fast._version import __version__
 from prh_fast.errors import (
     BackendUnavailableError,
@@ -23,10 +26,52 @@ from prh_fast.errors import (
     PrhFastError,
     StoreError,
 )
-from prh_fast.grid import Alignment, GridResult, align_models
-from prh_fast.metrics import SUPPORTED_METRICS, AlignmentMetrics, measure
-from prh_fast.prepare import prepare_features
-from prh_fast.store import load_features, save_features
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and readers
+    from prh_fast import knn, metrics
+    from prh_fast._align import AlignmentResult, align, compute_score
+    from prh_fast._info import info
+    from prh_fast.grid import Alignment, GridResult, align_models
+    from prh_fast.metrics import SUPPORTED_METRICS, AlignmentMetrics, measure
+    from prh_fast.prepare import prepare_features
+    from prh_fast.store import load_features, save_features
+
+#: Public name -> (module, attribute); attribute None: the name is the module itself.
+_LAZY = {
+    "knn": ("prh_fast.knn", None),
+    "metrics": ("prh_fast.metrics", None),
+    "info": ("prh_fast._info", "info"),
+    "align": ("prh_fast._align", "align"),
+    "AlignmentResult": ("prh_fast._align", "AlignmentResult"),
+    "compute_score": ("prh_fast._align", "compute_score"),
+    "align_models": ("prh_fast.grid", "align_models"),
+    "Alignment": ("prh_fast.grid", "Alignment"),
+    "GridResult": ("prh_fast.grid", "GridResult"),
+    "prepare_features": ("prh_fast.prepare", "prepare_features"),
+    "load_features": ("prh_fast.store", "load_features"),
+    "save_features": ("prh_fast.store", "save_features"),
+    "measure": ("prh_fast.metrics", "measure"),
+    "AlignmentMetrics": ("prh_fast.metrics", "AlignmentMetrics"),
+    "SUPPORTED_METRICS": ("prh_fast.metrics", "SUPPORTED_METRICS"),
+}
+
+
+def __getattr__(name: str):
+    """Load a public name on first use (PEP 562) and keep it as a module attribute."""
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'prh_fast' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -236,8 +236,8 @@ def _cmd_bench(args) -> int:
         if x.shape[0] != y.shape[0]:
             raise _UserError(f"--x {args.x} has {x.shape[0]} samples but --y {args.y} has "
                              f"{y.shape[0]}; the metrics need the same (paired) samples")
+    from prh_fast._names import SUPPORTED_METRICS
     from prh_fast.demo import check_metric_settings
-    from prh_fast.metrics import SUPPORTED_METRICS
 
     check_metric_settings(list(args.metrics or SUPPORTED_METRICS) + list(args.grid_metrics),
                           args.n if x is None else x.shape[0], args.topk,
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--topk", type=positive_int, default=10)
     pe.add_argument("--seed", type=_int_type(0, 2**64 - 1), default=0)
     pe.set_defaults(func=_cmd_example)
-    from prh_fast.metrics import SUPPORTED_METRICS
+    from prh_fast._names import SUPPORTED_METRICS
 
     pa = sub.add_parser("align", help="align a grid of models' feature files "
                         "(the reference's measure_alignment.py)")

@@ -172,8 +172,8 @@ def _extract_distributed(args, kind, names, pool) -> int:
 
 def _cmd_demo(args) -> int:
     from prh_fast._cli_common import check_device, check_output_folder
+    from prh_fast._names import SUPPORTED_METRICS
     from prh_fast.demo import check_metric_settings
-    from prh_fast.metrics import SUPPORTED_METRICS
 
     check_device("--device", args.device)
     check_output_folder("--out", args.out)
@@ -204,7 +204,7 @@ def add_parsers(sub) -> None:
         (256, 10, './prh-fast-demo')
     """
     from prh_fast._cli_common import nonnegative_int, positive_int
-    from prh_fast.metrics import SUPPORTED_METRICS
+    from prh_fast._names import SUPPORTED_METRICS
 
     pe = sub.add_parser("extract", help="per-layer features of language or vision models "
                         "(the reference's extract_features.py, offline first)")

@@ -513,3 +513,35 @@ def test_run_demo_checks_its_arguments_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=name):
             run_demo(out, verbose=False, progress=False, **kw)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["align", "--help"], ["demo", "--help"],
+                                  ["extract", "--help"], ["store", "--help"],
+                                  ["align", "--metric", "nope"]])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    """Help and argument errors answer before torch is imported (it takes seconds)."""
+    code = ("import sys\n"
+            "import prh_fast.cli\n"
+            "try:\n"
+            f"    prh_fast.cli.main({argv!r})\n"
+            "except SystemExit as e:\n"
+            "    status = e.code\n"
+            "print('torch' in sys.modules, status)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    torch_loaded, status = out.stdout.split()[-2:]
+    assert torch_loaded == "False", out.stdout + out.stderr
+    assert status == ("2" if "nope" in argv else "0"), out.stdout + out.stderr
+
+
+def test_import_prh_fast_loads_public_names_on_first_use():
+    code = ("import sys\n"
+            "import prh_fast\n"
+            "before = 'torch' in sys.modules\n"
+            "from prh_fast import align, knn, SUPPORTED_METRICS\n"
+            "print(before, 'torch' in sys.modules, callable(align), callable(knn.knn),\n"
+            "      SUPPORTED_METRICS is prh_fast.metrics.SUPPORTED_METRICS,\n"
+            "      sorted(set(prh_fast.__all__) - set(dir(prh_fast))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False True True True True []", out.stdout + out.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from prh_fast._names import SUPPORTED_METRICS
 from prh_fast._validate import as_pair, check_positive_int, check_topk, compute_dtype
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
@@ -47,16 +48,6 @@ __all__ = [
 KNN_KINDS = {"mutual_knn": "mutual", "cycle_knn": "cycle", "lcs_knn": "lcs",
              "edit_distance_knn": "edit"}
 
-SUPPORTED_METRICS = [
-    "cycle_knn",
-    "mutual_knn",
-    "lcs_knn",
-    "cka",
-    "unbiased_cka",
-    "cknna",
-    "svcca",
-    "edit_distance_knn",
-]
 
 
 def knn_value(metric: str, raw, topk: int, normalize_lcs: bool = False):
