@@ -40,6 +40,14 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 _LAZY = {
     "knn": ("prh_fast.knn", None),
     "metrics": ("prh_fast.metrics", None),
+    # submodules reachable as attributes of the package (store, grid and prepare always were)
+    "store": ("prh_fast.store", None),
+    "grid": ("prh_fast.grid", None),
+    "prepare": ("prh_fast.prepare", None),
+    "distributed": ("prh_fast.distributed", None),
+    "extract": ("prh_fast.extract", None),
+    "reference": ("prh_fast.reference", None),
+    "testing": ("prh_fast.testing", None),
     "info": ("prh_fast._info", "info"),
     "align": ("prh_fast._align", "align"),
     "AlignmentResult": ("prh_fast._align", "AlignmentResult"),

@@ -545,3 +545,14 @@ def test_import_prh_fast_loads_public_names_on_first_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.strip() == "False True True True True []", out.stdout + out.stderr
+
+
+def test_submodules_are_attributes_of_the_package():
+    """``prh_fast.store`` / ``grid`` / ``prepare`` work after a bare ``import prh_fast``."""
+    code = ("import prh_fast\n"
+            "print(prh_fast.store.open_store.__name__, prh_fast.grid.align_models.__name__,\n"
+            "      prh_fast.prepare.prepare_features.__name__, prh_fast.testing.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["open_store", "align_models", "prepare_features",
+                                  "prh_fast.testing"], out.stdout + out.stderr
