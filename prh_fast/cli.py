@@ -244,7 +244,7 @@ def _cmd_bench(args) -> int:
                           names=("--n" if x is None else f"--x {args.x} samples", "--topk"))
     report = profile_against(args.against, x_feats=x, y_feats=y, n=args.n, d=args.d,
                              layers=args.layers, topk=args.topk, metrics=args.metrics,
-                             grid_metrics=args.grid_metrics)
+                             grid_metrics=args.grid_metrics, repeats=args.repeats)
     src = f"{args.x} vs {args.y}" if args.x else (
         f"generated paired features N={args.n}, D={args.d}, {args.layers} layers")
     print(f"reference: {args.against}\nfeatures: {src}; topk {args.topk}\n")
@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)
     pb.add_argument("--grid-metrics", nargs="+", choices=SUPPORTED_METRICS,
                     default=["mutual_knn"], help="metrics timed over the whole layer grid")
+    pb.add_argument("--repeats", type=positive_int, default=3,
+                    help="timed runs per measurement, after one warm-up run; the median is shown "
+                         "(default 3)")
     pb.set_defaults(func=_cmd_bench)
     from prh_fast.cli_extract import add_parsers as _extract_parsers
 

@@ -5,13 +5,18 @@
 (``compute_score(x_feats, y_feats, metric, topk, normalize)``) from ``PATH``, runs both
 implementations on the same features — generated paired features with shared structure, or the
 user's own feature files — and reports times and differences side by side, per metric and for
-a layer grid.
+a layer grid. Each timing is the median of ``repeats`` runs after one untimed warm-up run
+(first-call costs such as lazy imports, thread-pool start-up and allocator growth are not
+counted for either side), and the machine's load average is recorded before and after: on a
+shared machine the ratios are what to read, not the absolute times.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,7 +103,8 @@ def load_reference(path) -> ReferenceModules:
         try:
             m = _import_file("metrics", mfile)
         except Exception as exc:
-            raise InputError(f"--against: importing {mfile} failed: {exc!r}") from exc
+            raise InputError(f"--against: importing {mfile} failed: {exc!r}"
+                             f"{_install_hint(exc)}") from exc
         if not hasattr(m, "AlignmentMetrics") or not hasattr(m.AlignmentMetrics, "measure"):
             raise InputError(f"--against: {mfile} has no AlignmentMetrics.measure")
         ma, err = None, None
@@ -109,7 +115,7 @@ def load_reference(path) -> ReferenceModules:
                 if not hasattr(ma, "compute_score"):
                     ma, err = None, f"{afile} has no compute_score"
             except Exception as exc:  # heavy optional deps of the reference may be missing
-                err = f"importing {afile} failed: {exc!r}"
+                err = f"importing {afile} failed: {exc!r}{_install_hint(exc)}"
         else:
             err = f"{afile} not found"
     return ReferenceModules(root, m, ma, err)
@@ -147,10 +153,37 @@ def paired_features(n: int, layers: int, d: int, seed: int = 0):
     return model(), model()
 
 
-def _time(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+def _install_hint(exc: BaseException) -> str:
+    """``"; install it: pip install NAME"`` when ``exc`` is a missing module, else ``""``."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        return f"; the reference needs {top!r}: pip install {_PIP_NAMES.get(top, top)}"
+    return ""
+
+
+#: Import names whose pip package is named differently.
+_PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python"}
+
+
+def _time(fn, repeats: int = 1, warmup: bool = False):
+    """``(last result, median seconds, all times)`` of ``repeats`` calls of ``fn`` (after one
+    untimed call when ``warmup``)."""
+    if warmup:
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), times
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS does not report it)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _as_float(v):
@@ -167,7 +200,9 @@ class ProfileReport:
         rows: One dict per metric: times, values, speed-up and absolute difference (or
             ``error`` when the reference failed).
         grid: One dict per grid metric: times, best pairs and whether they agree.
-        notes: Lines explaining what was skipped.
+        notes: Lines explaining what was skipped, and how to read the numbers.
+        load: The 1-minute load average before and after the runs.
+        repeats: Timed runs per measurement (each after one untimed warm-up run).
 
     Example:
         >>> from prh_fast.profile import ProfileReport
@@ -180,6 +215,8 @@ class ProfileReport:
     rows: list = field(default_factory=list)
     grid: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    load: tuple = (None, None)
+    repeats: int = 1
 
     def table(self) -> str:
         """The report as a fixed-width text table, one line per metric and grid."""
@@ -204,12 +241,16 @@ class ProfileReport:
                 f"{g['reference_best']}, prh_fast {g['prh_fast_s']:.3f}s {g['prh_fast_best']} "
                 f"-> {g['speedup']:.1f}x, {same}")
         lines += [f"note: {n}" for n in self.notes]
+        if self.load != (None, None):
+            lines.append(f"machine load (1-min average): {self.load[0]} before, {self.load[1]} "
+                         f"after; times are medians of {self.repeats} runs after a warm-up")
         return "\n".join(lines)
 
 
 def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int = 256,
                     layers: int = 4, topk: int = 10, metrics=None, grid_metrics=None,
-                    normalize: bool = True) -> ProfileReport:
+                    normalize: bool = True, repeats: int = 3,
+                    warmup: bool = True) -> ProfileReport:
     """Time the reference at ``path`` and prh_fast on the same features, side by side.
 
     Per metric: the last layers of ``x_feats``/``y_feats`` (L2-normalised when ``normalize``).
@@ -226,6 +267,8 @@ def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int =
         metrics: Metric names (default: all eight).
         grid_metrics: Metrics timed over the layer grid (default: ``["mutual_knn"]``).
         normalize: L2-normalise rows, as the reference's ``compute_score`` does.
+        repeats: Timed runs of each measurement; the median is reported.
+        warmup: One untimed run of each measurement first (both implementations).
 
     Returns:
         A :class:`ProfileReport`.
@@ -242,26 +285,30 @@ def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int =
         ...                 "class AlignmentMetrics:\\n"
         ...                 "    measure = staticmethod(reference.measure)\\n")
         >>> report = profile_against(ref, n=64, d=16, layers=2, topk=5,
-        ...                          metrics=["mutual_knn", "cka"])
+        ...                          metrics=["mutual_knn", "cka"], repeats=1)
         >>> [(r["metric"], r["abs_diff"] < 1e-5) for r in report.rows]
         [('mutual_knn', True), ('cka', True)]
         >>> report.notes
         ['layer grid skipped: .../measure_alignment.py not found']
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InputError(f"repeats: expected an integer >= 1, got {repeats!r}")
     ref = load_reference(path)
     if x_feats is None or y_feats is None:
         x_feats, y_feats = paired_features(n, layers, d)
-    report = ProfileReport()
+    report = ProfileReport(repeats=repeats)
+    load_before = _load()
     A, B = x_feats[:, -1], y_feats[:, -1]
     if normalize:
         A, B = F.normalize(A.float(), dim=-1), F.normalize(B.float(), dim=-1)
     names = list(metrics or fast_metrics.SUPPORTED_METRICS)
     for m in names:
         kw = {"topk": topk} if "knn" in m else {}
-        fast, t_fast = _time(lambda: fast_metrics.measure(m, A, B, **kw))
+        fast, t_fast, _ = _time(lambda: fast_metrics.measure(m, A, B, **kw), repeats, warmup)
         row = {"metric": m, "prh_fast_s": t_fast, "prh_fast_value": fast}
         try:
-            val, t_ref = _time(lambda: ref.metrics.AlignmentMetrics.measure(m, A, B, **kw))
+            val, t_ref, _ = _time(lambda: ref.metrics.AlignmentMetrics.measure(m, A, B, **kw),
+                                  repeats, warmup)
             val = _as_float(val)
             row.update(reference_s=t_ref, reference_value=val, speedup=t_ref / t_fast,
                        abs_diff=abs(val - fast) if not (math.isnan(val) and math.isnan(fast))
@@ -269,19 +316,25 @@ def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int =
         except Exception as exc:
             row["error"] = repr(exc)
         report.rows.append(row)
+    if "svcca" in names:
+        report.notes.append("svcca: the paper's reference code uses a randomised SVD, so its "
+                            "value changes from run to run; prh_fast's is exact")
     if ref.measure_alignment is None:
         report.notes.append(f"layer grid skipped: {ref.measure_alignment_error}")
+        report.load = (load_before, _load())
         return report
     for m in list(grid_metrics or ["mutual_knn"]):
         g = {"metric": m, "shape": f"{x_feats.shape[1]}x{y_feats.shape[1]}"}
-        fb, t_fast = _time(lambda: fast_compute_score(x_feats, y_feats, m, topk, normalize))
+        fb, t_fast, _ = _time(lambda: fast_compute_score(x_feats, y_feats, m, topk, normalize),
+                              repeats, warmup)
         try:
-            rb, t_ref = _time(lambda: ref.measure_alignment.compute_score(
-                x_feats, y_feats, m, topk, normalize))
+            rb, t_ref, _ = _time(lambda: ref.measure_alignment.compute_score(
+                x_feats, y_feats, m, topk, normalize), repeats, warmup)
             g.update(reference_s=t_ref, prh_fast_s=t_fast, speedup=t_ref / t_fast,
                      reference_best=(_as_float(rb[0]), rb[1]), prh_fast_best=fb,
                      same_pair=tuple(rb[1] or ()) == tuple(fb[1] or ()))
         except Exception as exc:
             g["error"] = repr(exc)
         report.grid.append(g)
+    report.load = (load_before, _load())
     return report

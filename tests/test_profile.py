@@ -65,3 +65,39 @@ def test_cli_bench_against_stand_in(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "prh_fast.cli", "bench", "--against",
                           str(tmp_path / "missing")], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a folder" in bad.stderr
+
+
+def test_repeats_warmup_load_and_svcca_note(monkeypatch):
+    """Each measurement runs once untimed, then ``repeats`` times (median reported)."""
+    import prh_fast.profile as P
+
+    calls = []
+    real = P.fast_metrics.measure
+
+    def counting(m, *a, **k):
+        calls.append(m)
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(P.fast_metrics, "measure", counting)
+    X, Y = paired_features(64, 2, 12, seed=2)
+    rep = profile_against(FAKE, x_feats=X.double(), y_feats=Y.double(), topk=4,
+                          metrics=["mutual_knn", "svcca"], grid_metrics=["cka"], repeats=4)
+    assert calls == ["mutual_knn"] * 5 + ["svcca"] * 5  # 1 warm-up + 4 timed each
+    assert rep.repeats == 4 and len(rep.load) == 2
+    assert any("randomised SVD" in n for n in rep.notes)
+    text = rep.table()
+    assert "medians of 4 runs after a warm-up" in text and "machine load" in text
+    with pytest.raises(ValueError, match="repeats"):
+        profile_against(FAKE, repeats=0)
+
+
+def test_missing_reference_dependency_names_the_package(tmp_path):
+    (tmp_path / "metrics.py").write_text("import sklearn_is_not_here.sub\n")
+    with pytest.raises(ValueError, match="pip install sklearn_is_not_here"):
+        load_reference(tmp_path)
+    (tmp_path / "metrics.py").write_text("import sklearn\n")
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        with pytest.raises(ValueError, match="pip install scikit-learn"):
+            load_reference(tmp_path)
