@@ -64,8 +64,6 @@ from prh_fast.errors import InputError
 from prh_fast.knn._merge import TopK, select_topk
 
 logger = logging.getLogger(__name__)
-#: DEBUG records of each search's :class:`SearchStats` (the ``triton_stats`` extra field).
-_stats_log = logger
 
 #: Largest running list held on chip in one pass (``tl.topk`` sizes are powers of two).
 KMAX = 256
@@ -477,7 +475,7 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
     if stats.retried or stats.fallback:
         logger.info("prh_fast: triton kNN: %d of %d rows needed a larger candidate buffer, %d "
                     "were computed by the exact float64 path", stats.retried, m, stats.fallback)
-    _stats_log.debug("prh_fast: triton kNN: %d rows, KP=%d, G=%d, %s products, %d retried, %d "
+    logger.debug("prh_fast: triton kNN: %d rows, KP=%d, G=%d, %s products, %d retried, %d "
                      "by the float64 path", m, kp, g, fmt, stats.retried, stats.fallback,
                      extra={"triton_stats": stats.as_dict()})
     return out_i, out_v, stats

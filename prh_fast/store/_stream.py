@@ -64,16 +64,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from prh_fast._validate import check_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.prepare import normalize_rows
 from prh_fast.store._sharded import FeatureStore, open_store
 
 __all__ = ["StreamPrep", "clip_thresholds", "stream_knn", "knn_plan",
-           "DEFAULT_STREAM_BUDGET", "as_store", "check_budget"]
+           "DEFAULT_STREAM_BUDGET", "as_store"]
 
 log = logging.getLogger(__name__)
-#: DEBUG records of what each streaming computation did (:func:`_note`).
-_events = log
 
 #: Default scratch budget of the streaming computations (bytes).
 DEFAULT_STREAM_BUDGET = 512 * 2**20
@@ -99,14 +98,6 @@ def as_store(store, arg: str = "store") -> FeatureStore:
     except TypeError:
         raise InputError(f"{arg}: expected a store folder or FeatureStore, got "
                          f"{type(store).__name__}") from None
-
-
-def check_budget(memory_budget, default: int = DEFAULT_STREAM_BUDGET) -> int:
-    """``prh_fast._validate.check_memory_budget`` (the one budget check) with the streaming
-    default: ``memory_budget`` as a positive int (bytes), ``None`` -> ``default``."""
-    from prh_fast._validate import check_memory_budget
-
-    return check_memory_budget(memory_budget, default)
 
 
 def _check_layer(st: FeatureStore, layer) -> int:
@@ -137,10 +128,10 @@ def _note(event: str, path: str, count: int = 1, **fields) -> None:
         count: how many.
         **fields: more ``stream_*`` fields.
     """
-    if _events.isEnabledFor(logging.DEBUG):
+    if log.isEnabledFor(logging.DEBUG):
         extra = {"stream_event": event, "stream_count": int(count), "stream_store": path}
         extra.update({f"stream_{a}": v for a, v in fields.items()})
-        _events.debug("prh_fast.store: %s += %d (%s)", event, count, path, extra=extra)
+        log.debug("prh_fast.store: %s += %d (%s)", event, count, path, extra=extra)
 
 
 def _digest(settings: dict) -> str:
@@ -328,7 +319,7 @@ def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
     st = as_store(store)
     q = _check_q(q)
     exact = bool(exact)
-    budget = check_budget(memory_budget)
+    budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if q == 1:
         return [None] * st.num_layers
@@ -384,7 +375,7 @@ class StreamPrep:
         self.normalize = bool(normalize)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = _compute_dtype(self.store)
-        self._budget = check_budget(memory_budget)
+        self._budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
         self._progress = bool(progress)
         self._cache = bool(cache)
         self._t = None
@@ -716,7 +707,7 @@ def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=
     k = check_topk(k, st.n, "k")
     if not isinstance(include_self, bool):
         raise InputError(f"include_self: expected True or False, got {include_self!r}")
-    budget = check_budget(memory_budget)
+    budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = _resolve_backend(backend, dev)
     prep = StreamPrep(st, q=q, exact=exact, normalize=normalize, device=dev,
