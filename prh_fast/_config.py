@@ -25,6 +25,15 @@ setting            environment variable                value
                                                        ``None`` (``~/.cache/prh_fast``)
 ``traceback``      ``PRH_FAST_TRACEBACK``              the CLI shows tracebacks of user errors
                                                        too; default ``False``
+``num_threads``    ``PRH_FAST_NUM_THREADS``            CPU threads of every prh_fast computation
+                                                       (torch's intra-op pool and the native
+                                                       kernels together, ``prh_fast._threads``);
+                                                       default ``None`` (torch's own count)
+``cpu_screen``     ``PRH_FAST_CPU_SCREEN``             precision of the CPU search's candidate
+                                                       products: ``"auto"`` (bfloat16 where the
+                                                       CPU has fast bfloat16, else float32),
+                                                       ``"bfloat16"`` or ``"float32"``; the lists
+                                                       are exact either way; default ``"auto"``
 =================  ==================================  ===========================================
 
 The environment is parsed at first use; the parse is kept and redone only when the raw value
@@ -59,6 +68,8 @@ DEFAULTS = {
     "dist_backend": "auto",
     "cache_dir": None,
     "traceback": False,
+    "num_threads": None,
+    "cpu_screen": "auto",
 }
 
 #: Setting -> the environment variable it is read from.
@@ -70,6 +81,8 @@ ENV_VARS = {
     "dist_backend": "PRH_FAST_DIST_BACKEND",
     "cache_dir": "PRH_FAST_CACHE",
     "traceback": "PRH_FAST_TRACEBACK",
+    "num_threads": "PRH_FAST_NUM_THREADS",
+    "cpu_screen": "PRH_FAST_CPU_SCREEN",
 }
 #: Deprecated environment variable -> the one that replaces it.
 DEPRECATED_ENV = {"PRH_FAST_STREAM_BUDGET": "PRH_FAST_MEMORY_BUDGET"}
@@ -183,6 +196,37 @@ def _parse_traceback(value, name: str) -> bool:
     raise InputError(f"{name}: expected True or False, got {value!r}")
 
 
+def _parse_num_threads(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InputError(f"{name}: expected a positive number of threads, got {value!r}") \
+                from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}: expected a positive number of threads, got {value!r}")
+    return int(value)
+
+
+_CPU_SCREENS = {"auto": "auto", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float32": "float32", "fp32": "float32"}
+
+
+def parse_cpu_screen(value, name: str) -> str:
+    """``"auto"``, ``"bfloat16"`` or ``"float32"`` (``"bf16"`` / ``"fp32"`` and any case too).
+
+    Example:
+        >>> parse_cpu_screen("BF16", "cpu_screen")
+        'bfloat16'
+    """
+    low = value.strip().lower() if isinstance(value, str) else None
+    if low not in _CPU_SCREENS:
+        raise InputError(f"{name}: expected 'auto', 'bfloat16' or 'float32', got {value!r}")
+    return _CPU_SCREENS[low]
+
+
 _PARSERS = {
     "backend": _parse_backend,
     "stream": parse_stream,
@@ -191,6 +235,8 @@ _PARSERS = {
     "dist_backend": parse_dist_backend,
     "cache_dir": _parse_cache_dir,
     "traceback": _parse_traceback,
+    "num_threads": _parse_num_threads,
+    "cpu_screen": parse_cpu_screen,
 }
 
 
@@ -208,8 +254,9 @@ class Config:
     """The settings in force: a read-only snapshot (see the module docstring for the fields).
 
     Attributes are the settings (``backend``, ``stream``, ``memory_budget``, ``dist_timeout``,
-    ``dist_backend``, ``cache_dir``, ``traceback``). Reading one whose environment variable
-    holds an invalid value raises :class:`~prh_fast.errors.InputError` naming the variable.
+    ``dist_backend``, ``cache_dir``, ``traceback``, ``num_threads``, ``cpu_screen``). Reading
+    one whose environment variable holds an invalid value raises
+    :class:`~prh_fast.errors.InputError` naming the variable.
 
     Example:
         >>> with config_context(stream="off"):
@@ -336,7 +383,8 @@ def get_config() -> Config:
 
 
 def set_config(*, backend=None, stream=None, memory_budget=None, dist_timeout=None,
-               dist_backend=None, cache_dir=None, traceback=None) -> None:
+               dist_backend=None, cache_dir=None, traceback=None, num_threads=None,
+               cpu_screen=None) -> None:
     """Set process-wide defaults (over the environment); ``None`` leaves a setting unchanged.
 
     Args:
@@ -347,6 +395,10 @@ def set_config(*, backend=None, stream=None, memory_budget=None, dist_timeout=No
         dist_backend: ``"auto"``, ``"gloo"`` or ``"nccl"``.
         cache_dir: folder for converted models.
         traceback: the CLI shows tracebacks of user errors too.
+        num_threads: CPU threads of prh_fast's computations (torch's pool and the native
+            kernels together).
+        cpu_screen: ``"auto"``, ``"bfloat16"`` or ``"float32"``: precision of the CPU
+            search's candidate products (lists are exact either way).
 
     Raises:
         InputError: naming the setting, for an invalid value.
@@ -358,7 +410,8 @@ def set_config(*, backend=None, stream=None, memory_budget=None, dist_timeout=No
     """
     new = _checked(dict(backend=backend, stream=stream, memory_budget=memory_budget,
                         dist_timeout=dist_timeout, dist_backend=dist_backend,
-                        cache_dir=cache_dir, traceback=traceback), "set_config")
+                        cache_dir=cache_dir, traceback=traceback, num_threads=num_threads,
+                        cpu_screen=cpu_screen), "set_config")
     with _lock:
         _global.update(new)
 
@@ -375,7 +428,8 @@ def reset_config() -> None:
 
 @contextlib.contextmanager
 def config_context(*, backend=None, stream=None, memory_budget=None, dist_timeout=None,
-                   dist_backend=None, cache_dir=None, traceback=None):
+                   dist_backend=None, cache_dir=None, traceback=None, num_threads=None,
+                   cpu_screen=None):
     """Override settings inside a ``with`` block (this thread / task only); ``None`` leaves a
     setting as it is. Arguments as :func:`set_config`.
 
@@ -389,7 +443,8 @@ def config_context(*, backend=None, stream=None, memory_budget=None, dist_timeou
     """
     new = _checked(dict(backend=backend, stream=stream, memory_budget=memory_budget,
                         dist_timeout=dist_timeout, dist_backend=dist_backend,
-                        cache_dir=cache_dir, traceback=traceback), "config_context")
+                        cache_dir=cache_dir, traceback=traceback, num_threads=num_threads,
+                        cpu_screen=cpu_screen), "config_context")
     token = _context.set({**(_context.get() or {}), **new})
     try:
         yield get_config()
