@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -89,3 +91,83 @@ def test_every_benchmark_imports_as_a_module_of_the_package():
     done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+_FAKE_REFERENCE = '''\
+import torch
+import torchaudio.functional as TAF
+
+
+class AlignmentMetrics:
+    SUPPORTED_METRICS = ["cycle_knn", "mutual_knn", "lcs_knn", "cka", "unbiased_cka", "cknna",
+                         "svcca", "edit_distance_knn"]
+
+    @staticmethod
+    def measure(metric, A, B, **kw):
+        if metric == "edit_distance_knn":
+            return 1.0 - TAF.edit_distance([1, 2, 3, 4], [1, 3, 4, 5]) / 4
+        return float((A * B).sum() / A.shape[0])
+'''
+
+
+def test_bench_compare_quick_against_a_fake_reference(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "metrics.py").write_text(_FAKE_REFERENCE)
+    out = _run("bench_compare", ["--quick", "--against", str(ref)], tmp_path)
+    data = json.loads((tmp_path / "bench_compare.json").read_text())
+    assert data["benchmark"] == "compare" and {"env", "args", "sections", "rows"} <= set(data)
+    assert list(data["sections"]) == ["reference", "grid", "knn", "cka"]
+    sec = data["sections"]
+    for s in sec.values():
+        assert len(s["load_before"]) == 3 and len(s["load_after"]) == 3
+        assert s["table"].startswith("| ") and s["table"] in out
+    one = {r["metric"]: r for r in sec["reference"]["rows"]}
+    assert set(one) == {"cycle_knn", "mutual_knn", "lcs_knn", "edit_distance_knn", "cka",
+                        "unbiased_cka", "cknna", "svcca"}
+    for r in one.values():
+        assert "error" not in r, r
+        assert math.isfinite(r["speedup"]) and r["speedup"] > 0
+        assert math.isfinite(r["abs_diff"])
+    # the fake's edit distance: "1234" -> "1345" is two edits
+    assert one["edit_distance_knn"]["reference_value"] == 0.5
+    assert "randomised" in one["svcca"]["note"]
+    grid = sec["grid"]["rows"]
+    assert [g["metric"] for g in grid] == ["mutual_knn"] and math.isfinite(grid[0]["speedup"])
+    # no measure_alignment.py: the reference's loop is reproduced, and the output says so
+    assert grid[0]["reference_ran"] == "loop over AlignmentMetrics.measure"
+    knn_rows = {r["method"]: r for r in sec["knn"]["rows"]}
+    assert knn_rows["prh_fast.knn.knn"]["rows_equal"] == 1.0
+    timed = [r for r in knn_rows.values() if "seconds" in r]
+    assert len(timed) >= 2 and all(math.isfinite(r["prh_fast_speedup"]) for r in timed)
+    for name, module in (("scikit-learn", "sklearn"), ("faiss-cpu", "faiss")):
+        row = next(r for m, r in knn_rows.items() if m.startswith(name))
+        if importlib.util.find_spec(module) is None:
+            assert "not installed" in row["skipped"]
+        else:
+            assert row["rows_same_set"] > 0.9
+    cka = {r["implementation"]: r for r in sec["cka"]["rows"]}
+    assert abs(cka["prh_fast.metrics.cka"]["value"] - cka["dense torch float64"]["value"]) < 1e-5
+    assert all(math.isfinite(r["prh_fast_speedup"]) for r in cka.values())
+    if importlib.util.find_spec("torchaudio") is None:
+        assert data["torchaudio_stub"] is True
+        assert any("stand-in" in n for n in data["notes"]) and "stand-in" in out
+        assert "stand-in" in one["edit_distance_knn"]["note"]
+
+
+def test_bench_compare_skips_reference_sections_without_a_checkout(tmp_path):
+    _run("bench_compare", ["--quick", "--sections", "reference", "cka"], tmp_path)
+    data = json.loads((tmp_path / "bench_compare.json").read_text())
+    assert data["sections"]["reference"] == {"skipped": "no --against checkout given", "rows": []}
+    assert [r["section"] for r in data["rows"]] == ["cka"] * 3
+
+
+def test_levenshtein_and_drop_self():
+    from benchmarks.bench_compare import drop_self, levenshtein
+
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein([], [1, 2]) == 2 and levenshtein([5, 6], [5, 6]) == 0
+    assert levenshtein(torch.tensor([1, 2, 3]), torch.tensor([3, 2, 1])) == 2
+    idx = torch.tensor([[0, 2, 1], [0, 1, 2], [3, 1, 0], [1, 0, 2]])
+    # a row's own index goes wherever it sits; without it the last entry goes
+    assert drop_self(idx, 2).tolist() == [[2, 1], [0, 2], [3, 1], [1, 0]]
