@@ -12,10 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from prh_fast import (
-    _native,  # noqa: F401  (emits the one warning if _C is missing)
-    errors,
-)
+from prh_fast import _threads, errors
 from prh_fast._config import config_context, get_config, set_config
 from prh_fast._version import __version__
 from prh_fast.errors import (
@@ -26,6 +23,12 @@ from prh_fast.errors import (
     PrhFastError,
     StoreError,
 )
+
+# Before the native module loads the OpenMP runtime: idle threads sleep instead of spinning
+# (prh_fast._threads explains why; a user's own OMP_WAIT_POLICY stands).
+_threads.prefer_passive_wait()
+
+from prh_fast import _native  # noqa: E402, F401  (emits the one warning if _C is missing)
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and readers
     from prh_fast import knn, metrics

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prh_fast._threads import with_threads
 from prh_fast._validate import (
     as_layer_pair,
     as_layers,
@@ -258,6 +259,7 @@ def set_path_runner(fn) -> None:
     _PATH_RUNNER[:] = [fn]
 
 
+@with_threads
 def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
           *, concat: bool = False, backend: str | None = None, null_permutations: int = 0,
           seed: int = 0, memory_budget: int | None = None, stream_budget: int | None = None,
@@ -503,6 +505,7 @@ def _no_extra(metric, extra):
         raise InputError(f"{metric}: unexpected keyword argument(s) {sorted(extra)}")
 
 
+@with_threads
 def compute_score(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10,
                   normalize: bool = True):
     """The reference's ``compute_score``: ``(best_score, (i, j))`` over all layer pairs.

@@ -58,6 +58,7 @@ from prh_fast._align import (
 )
 from prh_fast._io import atomic_write
 from prh_fast._stream_align import StreamPolicy
+from prh_fast._threads import with_threads
 from prh_fast._validate import as_layers, count_samples, layer_feats, resolve_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
@@ -738,6 +739,7 @@ class GridSpec:
         return res
 
 
+@with_threads
 def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normalize: bool = True,
                  q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
                  progress: bool = True, backend=None, reference_order: bool = True,
@@ -1023,6 +1025,7 @@ class Alignment:
                          f"{type(data).__name__}")
 
 
+@with_threads
 def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, backend=None,
                 null_permutations=0, seed=0, stream=None, memory_budget=None,
                 **metric_kwargs):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from prh_fast._threads import with_threads
 from prh_fast._validate import (
     as_features,
     check_memory_budget,
@@ -61,6 +62,7 @@ __all__ = ["knn", "DEFAULT_MEMORY_BUDGET", "AnnParams", "AnnReport"]
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
+@with_threads
 def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = None,
         return_scores: bool = False, keys=None, exact: bool = True,
         precision: str | None = None, return_report: bool = False,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from prh_fast._names import SUPPORTED_METRICS
+from prh_fast._threads import with_threads
 from prh_fast._validate import as_pair, check_positive_int, check_topk, compute_dtype
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
@@ -80,6 +81,7 @@ def _knn_metric(metric, feats_A, feats_B, topk, backend, normalize_lcs=False) ->
     return knn_value(metric, raw, k, normalize_lcs)
 
 
+@with_threads
 def mutual_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     """Mean over samples of ``|knn_A(i) ∩ knn_B(i)| / topk``.
 
@@ -104,6 +106,7 @@ def mutual_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     return _knn_metric("mutual_knn", feats_A, feats_B, topk, backend)
 
 
+@with_threads
 def cycle_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     """Share of samples ``i`` found among the A-neighbours of one of their B-neighbours.
 
@@ -128,6 +131,7 @@ def cycle_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     return _knn_metric("cycle_knn", feats_A, feats_B, topk, backend)
 
 
+@with_threads
 def lcs_knn(feats_A, feats_B, topk, *, normalize=False, backend=None) -> float:
     """Mean length of the longest common subsequence of the ordered neighbour lists.
 
@@ -156,6 +160,7 @@ def lcs_knn(feats_A, feats_B, topk, *, normalize=False, backend=None) -> float:
     return _knn_metric("lcs_knn", feats_A, feats_B, topk, backend, bool(normalize))
 
 
+@with_threads
 def edit_distance_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     """``1 - mean_i(levenshtein(knn_A(i), knn_B(i))) / topk``.
 
@@ -180,6 +185,7 @@ def edit_distance_knn(feats_A, feats_B, topk, *, backend=None) -> float:
     return _knn_metric("edit_distance_knn", feats_A, feats_B, topk, backend)
 
 
+@with_threads
 def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
         memory_budget=None) -> float:
     """Centred kernel alignment ``hsic(K,L) / (sqrt(hsic(K,K) hsic(L,L)) + 1e-6)``.
@@ -221,6 +227,7 @@ def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
     return float(scores[0, 0])
 
 
+@with_threads
 def unbiased_cka(*args, **kwargs) -> float:
     """``cka(..., unbiased=True)``: CKA with the unbiased HSIC estimator (needs ``N >= 4``).
 
@@ -241,6 +248,7 @@ def unbiased_cka(*args, **kwargs) -> float:
     return cka(*args, **kwargs)
 
 
+@with_threads
 def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *,
           backend=None, exclude_self=None) -> float:
     """CKA restricted to mutual k-nearest neighbours (CKNNA).
@@ -297,6 +305,7 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *
                      cknna_sim(n, b, b, unbiased, backend))
 
 
+@with_threads
 def svcca(feats_A, feats_B, cca_dim=10) -> float:
     """Mean of the ``cca_dim`` canonical correlations between the top-``cca_dim`` singular
     subspaces of the standardised features.
@@ -342,6 +351,7 @@ _FUNCS = {
 }
 
 
+@with_threads
 def measure(metric, *args, **kwargs) -> float:
     """One metric by name: ``measure('mutual_knn', A, B, topk=10)`` is
     ``mutual_knn(A, B, topk=10)``.

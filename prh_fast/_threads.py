@@ -1,0 +1,180 @@
+"""CPU threads: how many, and how they wait. One home for both.
+
+**How many.** torch's intra-op pool (``torch.mm``, elementwise ops) and the native kernels
+(``prh_fast._C``, OpenMP) share one OpenMP runtime in a normal install: ``_C`` links
+``libgomp.so.1`` and torch's wheel ships the same soname, so the process loads it once and one
+pool of threads serves both. Every prh_fast computation runs with ``torch.get_num_threads()``
+threads in total -- or with the ``num_threads`` setting (``PRH_FAST_NUM_THREADS``,
+:func:`prh_fast.set_config`) when it is given, which :func:`limit_threads` applies to both
+torch and the native kernels for the duration of the call and then restores. The native
+kernels are told the same count on every call, so even a build whose native module got a
+runtime of its own cannot run more threads than torch's count.
+
+**How they wait.** An OpenMP worker that finishes its share of a parallel region waits for
+the next one. GNU OpenMP's default is to spin (busy-wait) for a while first -- about
+300,000 polls, milliseconds on a loaded core -- before it sleeps. On an idle machine that
+saves a wake-up; on a shared one the spinning threads take the cores the busy processes and
+the threads still working need, and every parallel region's barrier can cost a scheduler
+time slice. A search at small ``N`` runs hundreds of regions (a tile product and a top-k
+merge per tile), so with four busy processes on two cores it was measured 5-13x slower than
+idle with spinning threads and about 3x (the fair share) with sleeping ones, while the idle
+times were the same within noise either way (``benchmarks/bench_contention.py``).
+
+The runtime reads its wait policy once, when it is loaded. ``import prh_fast`` therefore sets
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep as soon as they are idle) *before* it loads the
+native module, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves (their
+choice stands) or an OpenMP runtime is already in the process (torch imported first): then it
+is too late to change, and :func:`wait_policy` says so (``prh-fast info`` shows it). The CLI
+always imports prh_fast first.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+
+__all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads"]
+
+log = logging.getLogger(__name__)
+
+_RUNTIMES = ("libgomp", "libiomp", "libomp.so")
+
+#: ``(policy, why)`` decided at ``import prh_fast``; see :func:`wait_policy`.
+_STATE: tuple = ("unknown", "prh_fast has not been imported")
+
+
+def _runtime_loaded() -> str | None:
+    """The path of an OpenMP runtime already mapped into this process, if any (Linux); else
+    ``"torch"`` when torch is imported (its runtime loads with it), else None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if any(r in line for r in _RUNTIMES):
+                    return line.split()[-1]
+    except OSError:
+        pass
+    return "torch" if "torch" in sys.modules else None
+
+
+def prefer_passive_wait() -> tuple:
+    """Ask the OpenMP runtime to put idle threads to sleep at once (module docstring).
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` in this process's environment when the user set neither
+    ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` and no OpenMP runtime is loaded yet. Called by
+    ``import prh_fast`` before the native module loads.
+
+    Returns:
+        ``(policy, why)`` as :func:`wait_policy`.
+
+    Example:
+        >>> prefer_passive_wait()[0] in ("passive", "active", "default (spin, then sleep)")
+        True
+    """
+    global _STATE
+    user = os.environ.get("OMP_WAIT_POLICY")
+    if user:
+        _STATE = (user.strip().lower(), "OMP_WAIT_POLICY set by the user")
+    elif os.environ.get("GOMP_SPINCOUNT"):
+        _STATE = ("default (spin, then sleep)",
+                  f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']} set by the user")
+    else:
+        loaded = _runtime_loaded()
+        if loaded is None:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            _STATE = ("passive", "set by prh_fast before the OpenMP runtime loaded")
+        else:
+            _STATE = ("default (spin, then sleep)",
+                      f"the OpenMP runtime was loaded before prh_fast ({loaded}); import "
+                      f"prh_fast before torch, or set OMP_WAIT_POLICY=passive, to make idle "
+                      f"threads sleep")
+    return _STATE
+
+
+def wait_policy() -> tuple:
+    """``(policy, why)``: how this process's OpenMP threads wait between parallel regions.
+
+    ``policy`` is ``"passive"`` (they sleep at once), ``"active"`` (they spin), or
+    ``"default (spin, then sleep)"``; ``why`` says who decided.
+
+    Example:
+        >>> import prh_fast
+        >>> from prh_fast._threads import wait_policy
+        >>> isinstance(wait_policy()[1], str)
+        True
+    """
+    return _STATE
+
+
+def effective_threads() -> int:
+    """Threads a prh_fast computation uses: the ``num_threads`` setting, else
+    ``torch.get_num_threads()``.
+
+    Example:
+        >>> effective_threads() >= 1
+        True
+    """
+    from prh_fast._config import get_config
+
+    n = get_config().num_threads
+    if n is None:
+        import torch
+
+        n = torch.get_num_threads()
+    return int(n)
+
+
+def _native_set(n: int) -> None:
+    from prh_fast import _native
+
+    if _native.HAS_NATIVE:
+        _native.native().set_num_threads(int(n))
+
+
+@contextlib.contextmanager
+def limit_threads():
+    """Run the block with :func:`effective_threads` threads in torch and in the native kernels;
+    torch's count is restored afterwards. Nested blocks cost two integer reads.
+
+    Example:
+        >>> from prh_fast import config_context
+        >>> import torch
+        >>> before = torch.get_num_threads()
+        >>> with config_context(num_threads=1), limit_threads():
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    import torch
+
+    want = effective_threads()
+    have = torch.get_num_threads()
+    if want != have:
+        torch.set_num_threads(want)
+    _native_set(want)
+    try:
+        yield want
+    finally:
+        if want != have:
+            torch.set_num_threads(have)
+            _native_set(have)
+
+
+def with_threads(fn):
+    """Decorator: run ``fn`` inside :func:`limit_threads` (public entry points use it).
+
+    Example:
+        >>> @with_threads
+        ... def f():
+        ...     return 1
+        >>> f()
+        1
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with limit_threads():
+            return fn(*args, **kwargs)
+
+    return wrapper
