@@ -10,6 +10,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# As a user's script would: prh_fast before torch, so the OpenMP runtime loads with idle
+# threads sleeping (prh_fast._threads) and the suite shares this machine's cores politely.
+import prh_fast  # noqa: E402, F401
+
 # Triton's CPU interpreter must be switched on before anything imports triton (transformers,
 # timm and torch._dynamo may import it while other test modules are collected), so that
 # tests/test_triton.py runs the kernels on a machine without a GPU. Only the "triton" backend
