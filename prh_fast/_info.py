@@ -19,7 +19,9 @@ def collect() -> dict:
     Returns:
         A dict: versions (``prh_fast``, ``python``, ``torch``, ``numpy``, ``triton``,
         ``faiss``), ``native`` (whether ``prh_fast._C`` loaded) and its ``build`` record,
-        ``cuda_kernels``, ``torch_threads``, ``gpus`` and ``torch_cuda``.
+        ``cuda_kernels``, ``torch_threads``, ``cpu_screen`` (the product dtype of the CPU
+        search's candidates for float32 features, the setting and why), ``gpus`` and
+        ``torch_cuda``.
 
     Example:
         >>> from prh_fast._info import collect
@@ -49,6 +51,13 @@ def collect() -> dict:
     out["faiss"] = _version("faiss-cpu") or _version("faiss-gpu") or (
         "installed" if importlib.util.find_spec("faiss") else None)
     out["torch_threads"] = torch.get_num_threads()
+    from prh_fast._config import get_config
+    from prh_fast.knn._cpu import cpu_screen
+
+    setting = get_config().cpu_screen
+    screen, why = cpu_screen(torch.float32, setting)
+    out["cpu_screen"] = {"setting": setting, "float32": str(screen).replace("torch.", ""),
+                         "why": why}
     gpus = []
     try:
         if torch.cuda.is_available():
@@ -98,7 +107,9 @@ def info(file=None) -> dict:
             + (f"yes (CUDA {b.get('cuda_version')}, archs {b.get('cuda_archs')})"
                if b.get("cuda") else "not built"),
         ]
+    cs = d["cpu_screen"]
     lines += [
+        f"  cpu screen         : {cs['float32']} ({cs['why']}; exact lists either way)",
         f"  Triton             : {d['triton'] or 'not installed'}",
         f"  FAISS              : {d['faiss'] or 'not installed'}",
         f"  torch CUDA         : {d['torch_cuda'] or 'CPU-only build'}",

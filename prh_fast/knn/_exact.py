@@ -31,72 +31,108 @@ Mechanism, per query row ``i``:
    every key with a product score ``>= f_k - e_i`` -- a superset of the true top-k -- is
    re-scored and merged by ``(fixed desc, index asc)``. Exact, whatever the data.
 
-Error bound ``c`` (per unit ``|x_i| |x_j|``): the product in the compute dtype, recursive
-summation worst case ``γ(D, u)`` with ``u = 2^-24`` (float32) or ``2^-53`` (float64), plus the
-rounding of float32 inputs to the tensor-core format when ``torch.get_float32_matmul_precision``
-allows it (tf32: ``2^-10``, bf16: ``2^-8``, as the triton backend's bound); plus the fixed-order
-sum's own ``γ(D + 1, 2^-53)``. ``eta`` covers underflow. Norms are float64, rounded up.
+Error bound ``c`` (per unit ``|x_i| |x_j|``): one implementation, ``prh_fast.knn._bound``
+(shared with the triton backend). The product in the compute dtype: recursive summation worst
+case ``γ(D + 2, u)`` with ``u = 2^-24`` (float32) or ``2^-53`` (float64), plus the rounding of
+float32 inputs to the tensor-core format when ``torch.get_float32_matmul_precision`` allows it
+(tf32: ``2^-10``, bf16: ``2^-8``); plus the fixed-order sum's own ``γ(D + 1, 2^-53)``. ``eta``
+covers underflow. Norms are float64, rounded up.
+
+bfloat16 screen (``screen=torch.bfloat16``, the CPU search on CPUs with fast bfloat16): the
+candidates come from a bfloat16 ``torch.mm`` of bfloat16 copies of the rows. Its bound
+(:data:`~prh_fast.knn._bound.BF16_CPU`) adds the inputs' rounding (``2^-8`` each), a
+matrix-unit accumulation allowance and the rounding of the result to bfloat16 (``2^-8``):
+``c`` is about 0.012 at ``D = 768``, so more candidates are kept (:data:`EXTRA_BF16`). The
+fixed-order re-score, the ranking, the certificate and the sweep are the float32 search's:
+the lists are the same lists. The sweep re-scores with float32 products, so its threshold uses
+the float32 margin.
+
+Re-scores only where they can matter: a candidate with ``a_ij < a_(k) - 2 e_i`` (``a_(k)``: the
+row's ``k``-th product score) has ``fixed(i, j) <= a_ij + e_i < a_(k) - e_i``, which is below
+the fixed score of each of the ``k`` best candidates by product: it cannot be in the list, so
+:func:`refine_in_memory` does not re-score it (its fixed score is ``-inf``). The certificate is
+unchanged (``a_min`` is still the smallest kept product score).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 
 import torch
 
 from prh_fast.errors import InputError
+from prh_fast.knn._bound import (
+    BF16_CPU,
+    U_BF16,
+    U_FP32,
+    U_FP64,
+    U_TF32,
+    ProductFormat,
+    coefficient,
+    eta_conversion,
+    eta_products,
+)
 from prh_fast.knn._merge import TopK, _canonical, _tree_dots, fixed_dots, fixed_self, merge_results
+
+logger = logging.getLogger(__name__)
 
 # fixed_dots, fixed_self (and the tree order of _tree_dots) are defined with the running merge
 # whose entries carry them (prh_fast.knn._merge) and re-exported here with the mechanism.
 __all__ = ["fixed_dots", "candidate_count", "margins", "finish", "Sweep", "merge_self",
            "fixed_self", "check_scores_finite", "search_exponent", "refine_in_memory",
-           "_tree_dots"]
+           "_tree_dots", "product_format", "ExactStats", "EXTRA", "EXTRA_BF16"]
 
 #: Candidates kept beyond ``k``: room for a few near-ties at the boundary (duplicated rows)
 #: before a row needs the sweep. Each one costs a little in the running lists (an insertion
-#: shifts up to ``k'`` entries) and one fixed-order re-score.
+#: shifts up to ``k'`` entries) and at most one fixed-order re-score.
 EXTRA = 8
 
+#: Candidates kept beyond ``k`` by a bfloat16 screen, whose margin is ~1000x wider: enough that
+#: the certificate holds for most rows of real embeddings (measured in
+#: ``benchmarks/bench_knn.py --screen``).
+EXTRA_BF16 = 32
 
-def candidate_count(k: int, n_keys: int) -> int:
-    """``k'``: candidates kept per row for lists of ``k`` among ``n_keys`` keys."""
-    return min(n_keys, k + EXTRA)
+
+def candidate_count(k: int, n_keys: int, screen: torch.dtype | None = None) -> int:
+    """``k'``: candidates kept per row for lists of ``k`` among ``n_keys`` keys (``screen``:
+    the product dtype, bfloat16 keeps :data:`EXTRA_BF16` beyond ``k``)."""
+    extra = EXTRA_BF16 if screen == torch.bfloat16 else EXTRA
+    return min(n_keys, k + extra)
 
 
 # --------------------------------------------------------------------------------------------
 # margin and certificate
 
 
-def _gamma(n: int, u: float) -> float:
-    nu = n * u
-    if nu >= 0.5:
-        raise InputError(f"X: dimension {n} too large for a certified error bound")
-    return nu / (1.0 - nu)
-
-
-def _product_unit(dtype: torch.dtype) -> tuple:
-    """``(input rounding, accumulation unit)`` of a ``torch.mm`` in ``dtype``: float32 products
-    may round their inputs to tf32 (``"high"``) or bf16 (``"medium"``) when
-    ``torch.set_float32_matmul_precision`` allows it (bounds as in ``_triton.product_format``)."""
+def product_format(dtype: torch.dtype, screen: torch.dtype | None = None) -> ProductFormat:
+    """How a CPU/torch search computes its product scores of ``dtype`` rows: a ``torch.mm`` in
+    ``dtype`` (float32 products may round their inputs to tf32 (``"high"``) or bf16
+    (``"medium"``) when ``torch.set_float32_matmul_precision`` allows it, as the triton
+    backend's formats), or -- ``screen`` bfloat16 -- a bfloat16 ``torch.mm`` of bfloat16 copies
+    (:data:`~prh_fast.knn._bound.BF16_CPU`)."""
+    if screen == torch.bfloat16 and dtype != torch.bfloat16:
+        return BF16_CPU
     if dtype == torch.float64:
-        return 0.0, 2.0**-53
+        return ProductFormat(u_in=0.0, u_acc=U_FP64)
     prec = torch.get_float32_matmul_precision()
-    if prec == "high":
-        return 2.0**-10, 2.0**-24
-    if prec == "medium":
-        return 2.0**-8, 2.0**-24
-    return 0.0, 2.0**-24
+    u_in = {"high": U_TF32, "medium": U_BF16}.get(prec, 0.0)
+    return ProductFormat(u_in=u_in, u_acc=U_FP32)
 
 
-def margins(qnorm: torch.Tensor, kmax: float, d: int, dtype: torch.dtype) -> torch.Tensor:
+def margins(qnorm: torch.Tensor, kmax: float, d: int, dtype: torch.dtype,
+            screen: torch.dtype | None = None) -> torch.Tensor:
     """``e_i``: a bound on ``|product score - fixed score|`` for query ``i`` against any key
-    (``qnorm`` = float64 query norms ``[r]``, ``kmax`` = the largest key norm)."""
-    uin, uacc = _product_unit(dtype)
-    c = 2.0 * uin + uin * uin + _gamma(d + 2, uacc) * (1.0 + uin) ** 2 + _gamma(d + 1, 2.0**-53)
+    (``qnorm`` = float64 query norms ``[r]``, ``kmax`` = the largest key norm, ``dtype`` the
+    rows' dtype, ``screen``: bfloat16 when the product scores came from bfloat16 copies of the
+    rows, see :func:`product_format`)."""
+    fmt = product_format(dtype, screen)
+    c = coefficient(d, fmt)
     c *= 1.0 + 2.0**-20  # absorbs the rounding of the norms and of this product
-    # underflow: at most one unit of the smallest normal per product and per addition (flushed
-    # subnormals included), in the product and in the float64 re-score
-    eta = 4.0 * (d + 2) * (torch.finfo(dtype).tiny + torch.finfo(torch.float64).tiny)
+    eta = eta_products(d, dtype)
+    if fmt.u_in:
+        qmax = float(qnorm.max()) if qnorm.numel() else 0.0
+        eta += eta_conversion(d, qmax, kmax)
     return qnorm.to(torch.float64) * (c * kmax) + eta
 
 
@@ -110,10 +146,12 @@ def check_scores_finite(vals: torch.Tensor, what: str) -> None:
 
 def _ranked(vals: torch.Tensor, idx: torch.Tensor, k: int):
     """The first ``k`` of each row by ``(vals desc, idx asc)``: one sort by value; rows where
-    equal values meet (rare: exact ties) are put in canonical order by the two stable sorts."""
+    equal values meet within the first ``k + 1`` (rare: exact ties; ``-inf`` entries after the
+    ``k``-th do not count) are put in canonical order by the two stable sorts."""
     v, o = torch.sort(vals, dim=1, descending=True, stable=True)
     i = idx.gather(1, o)
-    tied = (v[:, 1:] == v[:, :-1]).any(dim=1) if v.shape[1] > 1 else v.new_zeros(0, dtype=bool)
+    h = v[:, :k + 1]
+    tied = (h[:, 1:] == h[:, :-1]).any(dim=1) if h.shape[1] > 1 else v.new_zeros(0, dtype=bool)
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         v[rows], i[rows] = _canonical(v[rows], i[rows])
@@ -196,38 +234,88 @@ class Sweep:
         return idx, vals
 
 
+@dataclasses.dataclass
+class ExactStats:
+    """What the exact refinement of one search did (logged at DEBUG as ``exact_stats``).
+
+    Attributes:
+        rows: query rows.
+        candidates: candidates kept per row (``k'``).
+        screen: product dtype of the candidates (``"float32"``, ``"bfloat16"``, ...).
+        rescored: fixed-order re-scores of candidates (pairs).
+        swept: rows the certificate left open, finished by :class:`Sweep`.
+
+    Example:
+        >>> ExactStats(rows=4, candidates=3, screen="float32").swept
+        0
+    """
+
+    rows: int
+    candidates: int
+    screen: str
+    rescored: int = 0
+    swept: int = 0
+
+
+def _rescore(X, K, ci, keep):
+    """Fixed-order scores of the candidates ``ci`` ``[r, k']`` marked by ``keep`` (others:
+    ``-inf``), in chunks of ~4M pairs."""
+    cf = torch.full(ci.shape, float("-inf"), dtype=torch.float64, device=ci.device)
+    step = max(1, (1 << 22) // max(1, ci.shape[1]))
+    for r0 in range(0, ci.shape[0], step):
+        c, m = ci[r0:r0 + step], keep[r0:r0 + step]
+        rr, cc = m.nonzero(as_tuple=True)
+        cf[r0 + rr, cc] = fixed_dots(X, K, rr + r0, c[rr, cc])
+    return cf
+
+
 def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
-                     norms: torch.Tensor | None = None):
+                     norms: torch.Tensor | None = None, screen: torch.dtype | None = None,
+                     return_stats: bool = False):
     """Exact lists ``(idx [N, k], fixed [N, k] float64)`` from candidates ``cand = (idx, prod,
     fixed)`` of the rows of ``X`` against ``keys`` (``None``: ``X`` itself, self excluded;
-    ``fixed`` None: re-scored here, one pass over the candidates);
-    uncertain rows are swept over the keys in memory. ``norms``: ``X``'s float64 row norms
-    when already known."""
+    ``fixed`` None: re-scored here, only the candidates that can enter a list, see the module
+    docstring); uncertain rows are swept over the keys in memory. ``norms``: ``X``'s float64
+    row norms when already known. ``screen``: the dtype of the candidates' products when not
+    ``X``'s (bfloat16 copies). ``return_stats``: also return the :class:`ExactStats`."""
     from prh_fast.prepare import row_norms
 
     K = X if keys is None else keys
     qn = row_norms(X) if norms is None else norms.to(torch.float64)
     kn = qn if keys is None else row_norms(K)
     kmax = float(kn.max()) if kn.numel() else 0.0
-    e = margins(qn, kmax, X.shape[1], X.dtype)
+    d = X.shape[1]
+    e = margins(qn, kmax, d, X.dtype, screen)
     n_keys = K.shape[0] - (1 if keys is None else 0)
     ci, cv, cf = cand
+    name = str(screen if screen is not None else X.dtype).replace("torch.", "")
+    stats = ExactStats(rows=int(ci.shape[0]), candidates=int(ci.shape[1]), screen=name)
     if cf is None:
-        cf = torch.empty(ci.shape, dtype=torch.float64, device=ci.device)
-        step = max(1, (1 << 22) // max(1, ci.shape[1]))  # index temporaries of ~4M pairs
-        for r0 in range(0, ci.shape[0], step):
-            c = ci[r0:r0 + step]
-            rows = torch.arange(r0, r0 + c.shape[0], device=ci.device).repeat_interleave(
-                c.shape[1])
-            cf[r0:r0 + step] = fixed_dots(X, K, rows, c.reshape(-1)).view(c.shape)
+        if ci.shape[1] > k:
+            check_scores_finite(cv, "X")
+            ak = cv.topk(k, dim=1).values[:, -1].to(torch.float64)
+            keep = cv.to(torch.float64) >= (ak - 2.0 * e).unsqueeze(1)
+        else:
+            keep = torch.ones(ci.shape, dtype=torch.bool, device=ci.device)
+        cf = _rescore(X, K, ci, keep)
+        stats.rescored = int(keep.sum())
+    else:
+        stats.rescored = int(cf.numel())
     idx, fixed, (rows, thr) = finish(ci, cv, cf, k, e, all_keys=ci.shape[1] >= n_keys)
     if rows.numel():
+        if screen is not None and screen != X.dtype:
+            # the sweep's own products are X's dtype: its (narrower) margin sets the threshold
+            thr = fixed[rows, k - 1] - margins(qn[rows], kmax, d, X.dtype)
+        stats.swept = int(rows.numel())
         sw = Sweep(X[rows], rows, thr, k, budget, exclude_self=keys is None)
         step = 4096
         for c0 in range(0, K.shape[0], step):
             sw.add(K[c0:c0 + step], c0)
         idx[rows], fixed[rows] = sw.result()
-    return idx, fixed
+    logger.debug("prh_fast: exact kNN: %d rows, %d candidates (%s products), %d re-scores, %d "
+                 "rows swept", stats.rows, stats.candidates, stats.screen, stats.rescored,
+                 stats.swept, extra={"exact_stats": dataclasses.asdict(stats)})
+    return (idx, fixed, stats) if return_stats else (idx, fixed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,12 +55,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 import os
 
 import torch
 
 from prh_fast.errors import InputError
+from prh_fast.knn._bound import TENSOR_CORE, coefficient, eta_conversion
 from prh_fast.knn._merge import TopK, select_topk
 
 logger = logging.getLogger(__name__)
@@ -136,13 +136,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 # product formats and the error bound
 
 
-def _gamma(n: float, v: float) -> float:
-    nv = n * v
-    if nv >= 0.5:
-        raise InputError(f"X: dimension {n} too large for a certified float32 error bound")
-    return nv / (1.0 - nv)
-
-
 def product_format(in_dtype: torch.dtype, precision: str | None, exact: bool):
     """``(torch dtype fed to tl.dot, tl.dot input_precision, u)`` for features of ``in_dtype``.
 
@@ -175,10 +168,9 @@ def product_format(in_dtype: torch.dtype, precision: str | None, exact: bool):
 
 
 def margin_coefficient(u: float, d: int, rescore_dtype: torch.dtype) -> float:
-    """``c`` such that ``|a_ij - r_ij| <= c·|q_i|·|k_j| + eta`` (module docstring)."""
-    acc = 2.0 * _gamma(d + 32, 2.0**-23) * (1.0 + u) ** 2
-    ur = 2.0**-53 if rescore_dtype == torch.float64 else 2.0**-24
-    return 2.0 * u + u * u + acc + _gamma(d + 1, ur)
+    """``c`` such that ``|a_ij - r_ij| <= c·|q_i|·|k_j| + eta`` (module docstring): the shared
+    bound of ``prh_fast.knn._bound`` with :data:`TENSOR_CORE` accumulation."""
+    return coefficient(d, dataclasses.replace(TENSOR_CORE, u_in=u), rescore_dtype)
 
 
 def _next_pow2(n: int) -> int:
@@ -420,7 +412,7 @@ def _knn_triton(X, k, budget, keys, exact, precision, tune):
         kn = qn if self_search else _row_norms64(Ks) * (1 + 2.0**-20)
         c = margin_coefficient(u, d, torch.float64)
         c1 = c * (1 + 2.0**-8) + 2.0**-20
-        eta = 2.0**-124 * (d + math.sqrt(d) * (float(qn.max()) + float(kn.max())))
+        eta = eta_conversion(d, float(qn.max()), float(kn.max()))
         qs32 = (c1 * qn).to(torch.float32)
         kn32 = kn.to(torch.float32)
         coef2, eta2 = 2 * c1 + 2.0**-16, 4.02 * eta
