@@ -1,0 +1,110 @@
+"""CPU threads (``prh_fast._threads``): the wait policy set at import, one thread count for torch
+and the native kernels, and results that do not depend on either."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prh_fast
+from prh_fast import _native, config_context
+from prh_fast._threads import effective_threads, limit_threads, wait_policy
+from prh_fast.errors import InputError
+from prh_fast.testing import drifting_layers
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base.update(env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=_ROOT, env=base, check=True)
+    return out.stdout.strip()
+
+
+def test_import_prh_fast_first_makes_idle_threads_sleep():
+    out = _run("import os, prh_fast\n"
+               "from prh_fast._threads import wait_policy\n"
+               "print(os.environ['OMP_WAIT_POLICY'], wait_policy()[0])")
+    assert out == "PASSIVE passive"
+
+
+def test_users_policy_stands():
+    out = _run("import os, prh_fast\n"
+               "from prh_fast._threads import wait_policy\n"
+               "print(os.environ['OMP_WAIT_POLICY'], '|', wait_policy()[1])",
+               OMP_WAIT_POLICY="active")
+    assert out == "active | OMP_WAIT_POLICY set by the user"
+    out = _run("import os, prh_fast\n"
+               "print('OMP_WAIT_POLICY' in os.environ)", GOMP_SPINCOUNT="1000")
+    assert out == "False"
+
+
+def test_too_late_after_torch_is_said():
+    out = _run("import os, torch, prh_fast\n"
+               "from prh_fast._threads import wait_policy\n"
+               "p, why = wait_policy()\n"
+               "print('OMP_WAIT_POLICY' in os.environ, p, '|', why)")
+    unset, rest = out.split(" ", 1)
+    assert unset == "False"
+    assert rest.startswith("default (spin, then sleep) |")
+    assert "import prh_fast before torch" in rest
+
+
+def test_wait_policy_in_this_process_is_known():
+    policy, why = wait_policy()
+    # conftest imports prh_fast before torch: passive, unless the caller set a policy
+    assert policy == "passive" or why.endswith("set by the user")
+
+
+def test_num_threads_applies_to_torch_and_native_then_restores():
+    before = torch.get_num_threads()
+    with config_context(num_threads=1):
+        assert effective_threads() == 1
+        with limit_threads() as n:
+            assert n == 1 and torch.get_num_threads() == 1
+            if _native.HAS_NATIVE:
+                assert _native.native().build_info()["omp_max_threads"] == 1
+    assert torch.get_num_threads() == before
+    if _native.HAS_NATIVE:
+        assert _native.native().build_info()["omp_max_threads"] == before
+
+
+def test_public_entry_points_run_with_the_setting(monkeypatch):
+    seen = []
+    real = torch.mm
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    X = torch.nn.functional.normalize(drifting_layers(300, 1, 48, seed=3)[:, 0], dim=1)
+    want = prh_fast.knn.knn(X, 5)
+    monkeypatch.setattr(torch, "mm", spy)
+    with config_context(num_threads=1):
+        got = prh_fast.knn.knn(X, 5)
+    assert seen and set(seen) == {1}
+    assert torch.equal(got, want)
+
+
+def test_scores_do_not_depend_on_the_thread_count():
+    A, B = drifting_layers(257, 3, 40, seed=1), drifting_layers(257, 3, 40, seed=2)
+    for metric in ("mutual_knn", "cka", "cknna"):
+        ref = prh_fast.align(A, B, metric, topk=7).scores
+        with config_context(num_threads=1):
+            one = prh_fast.align(A, B, metric, topk=7).scores
+        torch.testing.assert_close(one, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_thread_count_is_named(monkeypatch):
+    with pytest.raises(InputError, match="num_threads"):
+        with config_context(num_threads=0):
+            pass
+    monkeypatch.setenv("PRH_FAST_NUM_THREADS", "many")
+    X = torch.randn(20, 4)
+    with pytest.raises(InputError, match="PRH_FAST_NUM_THREADS"):
+        prh_fast.knn.knn(X, 3)
