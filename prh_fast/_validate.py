@@ -65,6 +65,24 @@ def as_tensor(x, name: str, *, detach: bool = True) -> torch.Tensor:
 _to_tensor = as_tensor
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite, in one reduction: a NaN or an infinity makes the
+    sum NaN or infinite, so a finite sum proves the values finite. Only when the sum is not
+    finite (a bad value, or finite values whose sum overflows) is every value tested.
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+        >>> all_finite(torch.tensor([3e38, 3e38]))  # the sum overflows; the values are finite
+        True
+    """
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def as_features(x, name: str, *, check_finite: bool = True, detach: bool = True) -> torch.Tensor:
     """Return ``x`` as a 2-D floating torch tensor ``[N, D]`` (no copy when possible).
 
@@ -83,7 +101,7 @@ def as_features(x, name: str, *, check_finite: bool = True, detach: bool = True)
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise InputError(f"{name}: expected a non-empty [N, D] array, got shape {tuple(t.shape)}")
-    if check_finite and not bool(torch.isfinite(t.detach()).all()):
+    if check_finite and not all_finite(t.detach()):
         bad = int((~torch.isfinite(t.detach())).sum())
         raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
     return t

@@ -23,7 +23,7 @@ import numbers
 import numpy as np
 import torch
 
-from prh_fast._validate import as_features, as_tensor
+from prh_fast._validate import all_finite, as_features, as_tensor
 from prh_fast.errors import InputError
 
 __all__ = ["prepare_features", "normalize_rows", "row_norms"]
@@ -233,8 +233,9 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     bad = ~(torch.isfinite(norm) & (norm >= _NORM_SAFE_MIN)).squeeze(-1)
-    bad &= x.ne(0).any(dim=-1)  # all-zero rows: F.normalize keeps them zero
     y = x / norm.clamp_min(_NORM_SAFE_MIN)
+    if bool(bad.any()):
+        bad &= x.ne(0).any(dim=-1)  # all-zero rows: F.normalize keeps them zero
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(1)
         xb = x[rows]
@@ -275,7 +276,7 @@ def _as_3d(feats, name: str) -> torch.Tensor:
     if feats.numel() == 0:
         raise InputError(f"{name}: expected a non-empty [N, L, D] tensor, got shape "
                          f"{tuple(feats.shape)}")
-    if not bool(torch.isfinite(feats).all()):
+    if not all_finite(feats):
         bad = int((~torch.isfinite(feats)).sum())
         raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
     return feats
