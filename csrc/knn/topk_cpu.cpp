@@ -15,6 +15,31 @@
 
 namespace prh_fast {
 
+namespace {
+
+constexpr int64_t kScan = 16;         // scores per branch-free test of a contiguous row
+constexpr int64_t kColumnBlock = 64;  // rows that advance together through a column-major tile
+
+// Whether any of the kScan scores at s could enter a list whose last score is `worst`, or is
+// NaN (counted by the scalar loop): `!(x <= worst)` is true exactly for x > worst and for NaN.
+// No early exit, so the compiler turns the loop into a few vector compares.
+template <typename T>
+inline bool block_may_enter(const T* s, T worst) {
+  int hit = 0;
+  for (int64_t e = 0; e < kScan; ++e) hit |= !(s[e] <= worst);
+  return hit != 0;
+}
+
+// Same for a column of kColumnBlock consecutive rows, each against its own row's last score.
+template <typename T>
+inline bool column_may_enter(const T* s, const T* worst) {
+  int hit = 0;
+  for (int64_t e = 0; e < kColumnBlock; ++e) hit |= !(s[e] <= worst[e]);
+  return hit != 0;
+}
+
+}  // namespace
+
 template <typename T>
 int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
                         int64_t stride_c, int64_t row0, int64_t col0, T* vals, int64_t* idx,
@@ -32,37 +57,51 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
       const T* srow = scores + r * stride_r;
       const int64_t self = row0 + r;
       T worst = v[k - 1];
-      for (int64_t c = 0; c < cols; ++c) {
-        const T s = srow[c * stride_c];
+      auto scan_one = [&](const T s, const int64_t cc) {
         if (!(s > worst)) {
           if (s != s) ++nans;
-          continue;
+          return;
         }
-        const int64_t j = col0 + c;
-        if (exclude_self && j == self) continue;
+        const int64_t j = col0 + cc;
+        if (exclude_self && j == self) return;
         if (pay)
           topk_insert_payload(v, ix, fx.fixed + r * k, k, s, j,
-                              dot_fixed(fx.q + r * fx.q_stride, fx.keys + c * fx.k_stride, fx.d));
+                              dot_fixed(fx.q + r * fx.q_stride, fx.keys + cc * fx.k_stride, fx.d));
         else
           topk_insert(v, ix, k, s, j);
         worst = v[k - 1];
+      };
+      int64_t c = 0;
+      if (stride_c == 1) {
+        // Contiguous row: most blocks of kScan scores hold no entrant and no NaN, which one
+        // branch-free test per block (vectorised by the compiler) establishes; only blocks
+        // that fail it take the scalar loop below.
+        for (; c + kScan <= cols; c += kScan) {
+          if (!block_may_enter(srow + c, worst)) continue;
+          for (int64_t e = c; e < c + kScan; ++e) scan_one(srow[e], e);
+        }
       }
+      for (; c < cols; ++c) scan_one(srow[c * stride_c], c);
     }
     return nans;
   }
   // Column-major tile (e.g. a transposed view): walking one row would stride through memory,
   // so a block of rows advances together, column by column, reading each column's run of
   // consecutive rows. Every row still sees its columns in increasing order (same tie rule).
-  constexpr int64_t kBlock = 64;
+  constexpr int64_t kBlock = kColumnBlock;
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) reduction(+ : nans)
   for (int64_t bl = 0; bl < blocks; ++bl) {
     const int64_t r0 = bl * kBlock, r1 = r0 + kBlock < rows ? r0 + kBlock : rows;
     T worst[kBlock];
     for (int64_t r = r0; r < r1; ++r) worst[r - r0] = vals[r * k + k - 1];
+    const bool full = stride_r == 1 && r1 - r0 == kBlock;
     for (int64_t c = 0; c < cols; ++c) {
       const T* scol = scores + c * stride_c;
       const int64_t j = col0 + c;
+      // A contiguous run of kBlock rows: one branch-free test (vectorised) against the rows'
+      // current last scores rejects the whole column for this block in the common case.
+      if (full && !column_may_enter(scol + r0, worst)) continue;
       for (int64_t r = r0; r < r1; ++r) {
         const T s = scol[r * stride_r];
         if (!(s > worst[r - r0])) {
