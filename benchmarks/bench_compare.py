@@ -45,9 +45,11 @@ import importlib.util
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import torch
 
@@ -163,6 +165,18 @@ def loadavg() -> list | None:
         return None
 
 
+def worktree_changes() -> list:
+    """``git status --porcelain`` lines of the package and native sources: what the measured
+    prh_fast had on top of the recorded revision (empty where git is not available)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "prh_fast", "csrc"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.splitlines() if line.strip()]
+
+
 def _f(v, fmt):
     if v is None:
         return ""
@@ -233,6 +247,10 @@ def section_reference(args, ref, stubbed: bool) -> dict:
         rows.append(row)
     if stubbed:
         notes.append(STUB_NOTE)
+    if any("knn" in m for m in args.metrics):
+        notes.append("kNN lists: the reference ranks float32 scores with argsort (near-ties in "
+                     "any order), prh_fast by float64 scores with ties to the lower index, so a "
+                     "few rows' lists can differ; that is the abs diff of the list metrics")
     table = markdown(
         ["metric", "reference (s)", "prh_fast (s)", "prh_fast speed-up", "reference value",
          "prh_fast value", "abs diff", "note"],
@@ -534,6 +552,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    changes_at_start = worktree_changes()
     sections, notes = {}, []
     ref, ref_error, stubbed = None, None, False
     if {"reference", "grid"} & set(args.sections):
@@ -576,7 +595,8 @@ def main(argv=None) -> int:
     path = write_json("bench_compare", {
         "benchmark": "compare", "env": environment(), "args": vars(args),
         "reference": None if ref is None else str(ref.path), "torchaudio_stub": stubbed,
-        "notes": notes, "sections": sections, "rows": rows, "table": text,
+        "worktree_changes_at_start": changes_at_start, "notes": notes, "sections": sections,
+        "rows": rows, "table": text,
         "wall_s": round(time.perf_counter() - t_start, 1)}, args.out)
     for line in notes:
         print(f"note: {line}")
