@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +43,15 @@ class ReferenceModules:
         measure_alignment: Its ``measure_alignment`` module (with ``compute_score``), or None
             when it is missing or failed to import.
         measure_alignment_error: Why ``measure_alignment`` is None.
+        stubs: One note per missing module that was stood in for while importing (only
+            ``torchaudio``, whose ``functional.edit_distance`` is all the reference uses).
     """
 
     path: Path
     metrics: object  # the module with AlignmentMetrics
     measure_alignment: object | None  # the module with compute_score, if importable
     measure_alignment_error: str | None = None
+    stubs: list = field(default_factory=list)  # notes on modules stood in for (torchaudio)
 
 
 @contextlib.contextmanager
@@ -58,6 +62,45 @@ def _on_path(path: Path):
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(str(path))
+
+
+def _levenshtein(seq1, seq2) -> int:
+    from prh_fast.reference import levenshtein
+
+    def as_list(s):
+        return s.tolist() if hasattr(s, "tolist") else list(s)
+
+    return levenshtein(as_list(seq1), as_list(seq2))
+
+
+@contextlib.contextmanager
+def _torchaudio_stub(notes: list):
+    """While the reference is imported: when ``torchaudio`` cannot be imported, a stand-in
+    ``torchaudio.functional`` whose ``edit_distance`` is :func:`prh_fast.reference.levenshtein`
+    (the reference calls nothing else of torchaudio, and only in ``edit_distance_knn``). The
+    stand-in leaves ``sys.modules`` afterwards; the reference keeps its own handle to it."""
+    try:
+        importlib.import_module("torchaudio.functional")
+        yield
+        return
+    except Exception as exc:  # absent, or present but broken (e.g. built for another torch)
+        why = f"{type(exc).__name__}: {exc}"
+    ta, taf = types.ModuleType("torchaudio"), types.ModuleType("torchaudio.functional")
+    taf.edit_distance = _levenshtein
+    ta.functional = taf
+    saved = {k: sys.modules.get(k) for k in ("torchaudio", "torchaudio.functional")}
+    sys.modules.update({"torchaudio": ta, "torchaudio.functional": taf})
+    notes.append(f"torchaudio could not be imported ({why}); the reference's edit_distance_knn "
+                 "ran with prh_fast.reference.levenshtein standing in for "
+                 "torchaudio.functional.edit_distance")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
 
 
 def _import_file(name: str, file: Path):
@@ -99,7 +142,8 @@ def load_reference(path) -> ReferenceModules:
     if not mfile.is_file():
         raise InputError(f"--against: {mfile} not found (the reference keeps AlignmentMetrics "
                          "in metrics.py at the repository root)")
-    with _on_path(root):
+    stubs: list = []
+    with _on_path(root), _torchaudio_stub(stubs):
         try:
             m = _import_file("metrics", mfile)
         except Exception as exc:
@@ -118,7 +162,7 @@ def load_reference(path) -> ReferenceModules:
                 err = f"importing {afile} failed: {exc!r}{_install_hint(exc)}"
         else:
             err = f"{afile} not found"
-    return ReferenceModules(root, m, ma, err)
+    return ReferenceModules(root, m, ma, err, stubs)
 
 
 def paired_features(n: int, layers: int, d: int, seed: int = 0):
@@ -316,6 +360,8 @@ def profile_against(path, *, x_feats=None, y_feats=None, n: int = 1024, d: int =
         except Exception as exc:
             row["error"] = repr(exc)
         report.rows.append(row)
+    if "edit_distance_knn" in names:
+        report.notes += ref.stubs
     if "svcca" in names:
         report.notes.append("svcca: the paper's reference code uses a randomised SVD, so its "
                             "value changes from run to run; prh_fast's is exact")

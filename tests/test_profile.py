@@ -101,3 +101,35 @@ def test_missing_reference_dependency_names_the_package(tmp_path):
     if importlib.util.find_spec("sklearn") is None:
         with pytest.raises(ValueError, match="pip install scikit-learn"):
             load_reference(tmp_path)
+
+
+def test_torchaudio_stands_in_for_edit_distance_only_when_missing(tmp_path):
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torchaudio") is not None:
+        pytest.skip("torchaudio is installed: no stand-in is used")
+    (tmp_path / "metrics.py").write_text(
+        "import torchaudio.functional as TAF\n"
+        "from prh_fast import reference\n"
+        "class AlignmentMetrics:\n"
+        "    @staticmethod\n"
+        "    def measure(name, A, B, **kw):\n"
+        "        if name == 'edit_distance_knn':\n"
+        "            a = reference.knn(A, kw['topk'])\n"
+        "            b = reference.knn(B, kw['topk'])\n"
+        "            d = [TAF.edit_distance(x, y) for x, y in zip(a, b)]\n"
+        "            return 1 - sum(d) / len(d) / kw['topk']\n"
+        "        return reference.measure(name, A, B, **kw)\n")
+    ref = load_reference(tmp_path)
+    assert len(ref.stubs) == 1 and "torchaudio" in ref.stubs[0]
+    assert "torchaudio" not in sys.modules  # the stand-in does not outlive the import
+    report = profile_against(tmp_path, n=80, d=12, layers=2, topk=4,
+                             metrics=["edit_distance_knn", "mutual_knn"], repeats=1)
+    assert [r["abs_diff"] < 1e-12 for r in report.rows] == [True, True]
+    assert any("edit_distance_knn ran with prh_fast.reference.levenshtein" in n
+               for n in report.notes)
+    # metrics that do not use it carry no such note
+    other = profile_against(tmp_path, n=80, d=12, layers=2, topk=4, metrics=["mutual_knn"],
+                            repeats=1)
+    assert not any("standing in" in n for n in other.notes), other.notes
