@@ -19,9 +19,10 @@ def collect() -> dict:
     Returns:
         A dict: versions (``prh_fast``, ``python``, ``torch``, ``numpy``, ``triton``,
         ``faiss``), ``native`` (whether ``prh_fast._C`` loaded) and its ``build`` record,
-        ``cuda_kernels``, ``torch_threads``, ``cpu_screen`` (the product dtype of the CPU
-        search's candidates for float32 features, the setting and why), ``gpus`` and
-        ``torch_cuda``.
+        ``cuda_kernels``, ``torch_threads``, ``threads`` (what prh_fast computes with),
+        ``omp_wait_policy`` (how idle OpenMP threads wait, and who decided), ``cpu_screen``
+        (the product dtype of the CPU search's candidates for float32 features, the setting
+        and why), ``gpus`` and ``torch_cuda``.
 
     Example:
         >>> from prh_fast._info import collect
@@ -51,6 +52,11 @@ def collect() -> dict:
     out["faiss"] = _version("faiss-cpu") or _version("faiss-gpu") or (
         "installed" if importlib.util.find_spec("faiss") else None)
     out["torch_threads"] = torch.get_num_threads()
+    from prh_fast._threads import effective_threads, wait_policy
+
+    out["threads"] = effective_threads()
+    policy, why = wait_policy()
+    out["omp_wait_policy"] = {"policy": policy, "why": why}
     from prh_fast._config import get_config
     from prh_fast.knn._cpu import cpu_screen
 
@@ -107,6 +113,12 @@ def info(file=None) -> dict:
             + (f"yes (CUDA {b.get('cuda_version')}, archs {b.get('cuda_archs')})"
                if b.get("cuda") else "not built"),
         ]
+    wp = d["omp_wait_policy"]
+    lines += [
+        f"  threads            : {d['threads']} (torch and the native kernels together; "
+        f"PRH_FAST_NUM_THREADS sets it)",
+        f"  idle OpenMP threads: {wp['policy']} ({wp['why']})",
+    ]
     cs = d["cpu_screen"]
     lines += [
         f"  cpu screen         : {cs['float32']} ({cs['why']}; exact lists either way)",
