@@ -3,6 +3,8 @@ GPU engine against what users write (``--suite gpu``).
 
     python -m benchmarks.bench_knn                      # N in {4096, 16384, 50000}, D = 768/64
     python -m benchmarks.bench_knn --n 4096 --d 768 --k 10
+    python -m benchmarks.bench_knn --suite screen --n 4096 16384   # bf16 vs fp32 CPU screen
+    python -m benchmarks.bench_knn --suite screen --features emb.pt --extra 16 32 64
 
 Correctness first: every backend's lists are compared with the native backend's (FAISS may
 order exact ties differently; the count of differing rows is reported). Peak memory of each
@@ -36,8 +38,10 @@ a run killed from outside keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,10 +75,12 @@ def peak_memory(backend: str, n: int, d: int, k: int) -> float:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    pre.add_argument("--suite", choices=["cpu", "gpu", "screen"], default="cpu")
     suite, rest = pre.parse_known_args(argv)
     if suite.suite == "gpu":
         return main_gpu(rest)
+    if suite.suite == "screen":
+        return main_screen(rest)
     return main_cpu(rest)
 
 
@@ -116,6 +122,114 @@ def main_cpu(argv) -> int:
         ("peak_mib", "peak MiB", ".0f"), ("rows_differing", "rows != cpu", "d"),
     ], footer="* 2·N²·D / time: the dense-product work a brute-force search would do")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# --suite screen: the CPU search's bfloat16 screen against its float32 screen
+
+
+def screen_search(X, k, screen, extra, budget):
+    """One exact CPU self search with candidates from ``screen`` products (``extra`` beyond
+    ``k``): ``(idx, ExactStats)``."""
+    from prh_fast.knn._cpu import cpu_candidates
+    from prh_fast.knn._exact import refine_in_memory
+    from prh_fast.prepare import row_norms
+
+    n = X.shape[0]
+    kc = min(n - 1, k + extra)
+    scr = None if screen == X.dtype else screen
+    cand = cpu_candidates(X, kc, budget, screen=scr)
+    idx, _, st = refine_in_memory(X, None, k, cand, budget, norms=row_norms(X), screen=scr,
+                                  return_stats=True)
+    return idx, st
+
+
+def _mm_rate(dtype, n=4096, d=768, repeats=5):
+    """GFLOP/s of one ``n x d`` by ``d x n`` ``torch.mm`` in ``dtype`` (median)."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(n, d, generator=g).to(dtype)
+    _, t = timeit(lambda: torch.mm(A, A.T), repeats=repeats)
+    return 2.0 * n * n * d / t["p50"] / 1e9
+
+
+def main_screen(argv) -> int:
+    """bfloat16 vs float32 candidate screen of the exact CPU search, side by side in one
+    process (interleaved repeats, medians), with the rows each screen left to the sweep."""
+    import os
+
+    from prh_fast.knn._cpu import cpu_bf16_support
+    from prh_fast.knn._exact import EXTRA, EXTRA_BF16
+
+    p = argparse.ArgumentParser(description="CPU search: bfloat16 vs float32 screen")
+    p.add_argument("--suite", default="screen")
+    p.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--extra", type=int, nargs="+", default=[EXTRA_BF16],
+                   help="bfloat16 candidates beyond k (several: one row each)")
+    p.add_argument("--features", default=None,
+                   help="a .pt tensor [N, D] of real features (first N rows) instead of the "
+                        "structured generator")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-budget", type=int, default=256 << 20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    fast, why = cpu_bf16_support()
+    load0 = os.getloadavg()
+    rates = {"float32": _mm_rate(torch.float32), "bfloat16": _mm_rate(torch.bfloat16)}
+    print(f"CPU bfloat16: {why}; torch.mm 4096x768 GFLOP/s: float32 {rates['float32']:.0f}, "
+          f"bfloat16 {rates['bfloat16']:.0f}; load {load0[0]:.2f}", flush=True)
+    real = None
+    if args.features:
+        real = torch.load(args.features, map_location="cpu").float()
+        real = torch.nn.functional.normalize(real, dim=1)
+    rows = []
+    for n in args.n:
+        if real is not None:
+            X = real[:n].contiguous()
+            src = Path(args.features).name
+        else:
+            X = features(n, args.d)
+            src = "structured"
+        runs = [("float32", torch.float32, EXTRA)] + [("bfloat16", torch.bfloat16, e)
+                                                      for e in args.extra]
+        for _name, dt, e in runs:  # warm-up
+            screen_search(X, args.k, dt, e, args.memory_budget)
+        times = {r: [] for r in range(len(runs))}
+        out = {}
+        for _ in range(max(1, args.repeats)):
+            for r, (_name, dt, e) in enumerate(runs):
+                t0 = time.perf_counter()
+                out[r] = screen_search(X, args.k, dt, e, args.memory_budget)
+                times[r].append(time.perf_counter() - t0)
+        base_idx = out[0][0]
+        t32 = statistics.median(times[0])
+        for r, (name, _dt, e) in enumerate(runs):
+            idx, st = out[r]
+            t = statistics.median(times[r])
+            row = {"screen": name, "source": src, "N": X.shape[0], "D": X.shape[1],
+                   "k": args.k, "candidates": st.candidates, "seconds": t, "timing": times[r],
+                   "vs_float32": t32 / t, "swept": st.swept, "rescored": st.rescored,
+                   "rescored_per_row": st.rescored / max(1, st.rows),
+                   "lists_equal": bool(torch.equal(idx, base_idx))}
+            rows.append(row)
+            print(f"  {name:>8} +{e:<3} {src} N={row['N']:>6} D={row['D']}: {t:.3f} s "
+                  f"({row['vs_float32']:.2f}x float32), swept {st.swept} rows, "
+                  f"{row['rescored_per_row']:.1f} re-scores/row, lists equal: "
+                  f"{row['lists_equal']}", flush=True)
+    load1 = os.getloadavg()
+    args.load = [load0[0], load1[0]]
+    args.bf16_hardware = why
+    args.mm_gflops = rates
+    finish("bench_knn_screen", "knn_cpu_screen", args, rows, [
+        ("screen", "screen", ""), ("source", "data", ""), ("N", "N", "d"), ("D", "D", "d"),
+        ("k", "k", "d"), ("candidates", "k'", "d"), ("seconds", "time (s)", ".3f"),
+        ("vs_float32", "speed vs fp32", ".2f"), ("swept", "rows swept", "d"),
+        ("rescored_per_row", "re-scores/row", ".1f"), ("lists_equal", "= fp32 lists", ""),
+    ], footer=f"load average {load0[0]:.2f} -> {load1[0]:.2f}; {why}; torch.mm GFLOP/s "
+              f"float32 {rates['float32']:.0f}, bfloat16 {rates['bfloat16']:.0f}")
+    ok = all(r["lists_equal"] for r in rows)
+    return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------------------------

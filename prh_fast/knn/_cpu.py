@@ -10,6 +10,16 @@ every query row sees its key tiles in increasing index order (block ``J`` receiv
 never displaces a lower index. Each entry that enters a list also gets its fixed-order float64
 score (the tile's rows are passed along); ``prh_fast.knn._exact`` ranks the final lists by those,
 so exact duplicates tie exactly whatever BLAS did.
+
+The screen (:func:`cpu_screen`, setting ``cpu_screen``): on a CPU with native bfloat16 matrix
+units (AMX-BF16, AVX512-BF16) the candidates of float32 rows come from bfloat16 copies of the
+rows, cast once per search, multiplied at about twice the float32 rate. torch's CPU ``mm``
+returns bfloat16 for bfloat16 inputs (no float32 output), so each tile is widened to float32
+for the native merge and the certified margin covers the input and output rounding
+(``prh_fast.knn._bound.BF16_CPU``); more candidates are kept (``_exact.EXTRA_BF16``). The
+re-score, certificate and sweep are unchanged, so the lists are the float32 screen's lists.
+float64 rows always screen in float64. Elsewhere (AVX2: a bfloat16 ``mm`` is emulated and
+slower than float32) ``"auto"`` keeps the float32 screen.
 """
 from __future__ import annotations
 
