@@ -30,29 +30,35 @@ _EXTRA = 8
 def _standardised_scaled(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(X - mean) / (std + 1e-8)`` per column (unbiased std, as ``torch.std`` in the
     reference), computed in float64, multiplied by the power of two that puts its largest
-    ``|value|`` in about ``[0.5, 1)``, and cast to ``dtype``.
+    ``|value|`` in about ``[0.5, 1)``, and returned in ``dtype``.
 
-    The sum of squares of each centred column is taken after scaling the column by the power
-    of two of its largest ``|x - mean|`` (exact, undone after the square root), so the std
-    neither overflows (columns ~1e200) nor underflows (~1e-200). The global power of two does
-    not change the basis ``Z V Λ^{-1/2}`` (it cancels) and keeps the Gram matrix of features
-    far below the ``1e-8`` of the standardisation (~1e-30, standardised to ~1e-22) out of the
-    float32 subnormals. The column weight and both powers of two are folded into one ``[D]``
-    vector, so the ``[N, D]`` data is read four times and written twice."""
+    The global power of two does not change the basis ``Z V Λ^{-1/2}`` (it cancels) and keeps
+    the Gram matrix of features far below the ``1e-8`` of the standardisation (~1e-30,
+    standardised to ~1e-22) out of the float32 subnormals. Squares of values of any narrower
+    dtype fit float64; for float64 input the sum of squares of each centred column is taken
+    after scaling it by the power of two of its largest ``|x - mean|`` (exact, undone after the
+    square root), so the std neither overflows (columns ~1e200) nor underflows (~1e-200). The
+    column weights and the global power of two are folded into one ``[D]`` vector, applied in
+    the same pass that writes the result."""
     n = X.shape[0]
     mu = X.mean(dim=0, dtype=torch.float64)
     C = torch.sub(X, mu)  # float64 (type promotion), a fresh tensor
-    lo, hi = torch.aminmax(C, dim=0)
-    amax = torch.maximum(hi, -lo)
-    p = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent)
-    std = torch.linalg.vector_norm(C * p, dim=0) / math.sqrt(max(n - 1, 1)) / p
-    w = 1.0 / (std + 1e-8)
+    if X.dtype == torch.float64:
+        lo, hi = torch.aminmax(C, dim=0)
+        amax = torch.maximum(hi, -lo)
+        p = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent)
+        std = torch.linalg.vector_norm(C * p, dim=0) / p
+    else:
+        lo, hi = torch.aminmax(X, dim=0)
+        amax = torch.maximum(hi.double() - mu, mu - lo.double())
+        std = torch.linalg.vector_norm(C, dim=0)
+    w = 1.0 / (std / math.sqrt(max(n - 1, 1)) + 1e-8)
     top = float((amax * w).max()) if amax.numel() else 0.0
     if top > 0:
         w = torch.ldexp(w, torch.tensor(-math.frexp(top)[1], dtype=torch.int64, device=w.device))
     if dtype == torch.float64:
         return C.mul_(w)
-    return torch.mul(C, w).to(dtype)
+    return torch.mul(C, w, out=torch.empty(C.shape, dtype=dtype, device=C.device))
 
 
 def _raise_rank(r: int, name: str):
