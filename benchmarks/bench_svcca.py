@@ -17,7 +17,11 @@ and the machine's load average before and after. A per-stage profile of prh_fast
 (standardisation, Gram product, top-eigenspace solver, basis product) is recorded too, with
 the full ``torch.linalg.eigh`` it replaces, so the floor is visible.
 """
+# ruff: noqa: I001
 from __future__ import annotations
+
+# prh_fast first, as the CLI does: it chooses the OpenMP wait policy before torch loads it
+import prh_fast  # noqa: F401
 
 import argparse
 import contextlib
