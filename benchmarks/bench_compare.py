@@ -51,6 +51,13 @@ import time
 import types
 from pathlib import Path
 
+# prh_fast before torch: importing it first lets it choose the OpenMP runtime's wait policy
+# (idle threads sleep) before torch loads the runtime; the reference runs in the same process
+# and gets the same policy
+import prh_fast
+
+# isort: split
+
 import torch
 
 from benchmarks._harness import environment, write_json
@@ -282,7 +289,6 @@ def _reference_loop(ref_metrics, x_feats, y_feats, metric, topk, normalize=True)
 
 def section_grid(args, ref) -> dict:
     """A layer grid: the reference's loop against ``prh_fast.align``."""
-    import prh_fast
     from prh_fast.profile import paired_features
 
     L = args.grid_layers
@@ -550,6 +556,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from prh_fast._threads import wait_policy
+
     args = parse_args(argv)
     t_start = time.perf_counter()
     changes_at_start = worktree_changes()
@@ -589,14 +597,15 @@ def main(argv=None) -> int:
         print(f"- load average (1/5/15 min): {sec['load_before']} before, {sec['load_after']} "
               f"after; medians of {args.repeats} interleaved runs after a warm-up run "
               f"({sec['wall_s']} s)", flush=True)
+    notes.append("OpenMP wait policy: {} ({})".format(*wait_policy()))
     rows = [dict(r, section=name) for name, sec in sections.items() for r in sec["rows"]]
     text = "\n\n".join(f"## {s['title']}\n\n{s['table']}" for s in sections.values()
                        if "table" in s)
     path = write_json("bench_compare", {
         "benchmark": "compare", "env": environment(), "args": vars(args),
         "reference": None if ref is None else str(ref.path), "torchaudio_stub": stubbed,
-        "worktree_changes_at_start": changes_at_start, "notes": notes, "sections": sections,
-        "rows": rows, "table": text,
+        "worktree_changes_at_start": changes_at_start, "omp_wait_policy": wait_policy(),
+        "notes": notes, "sections": sections, "rows": rows, "table": text,
         "wall_s": round(time.perf_counter() - t_start, 1)}, args.out)
     for line in notes:
         print(f"note: {line}")

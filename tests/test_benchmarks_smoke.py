@@ -117,6 +117,10 @@ def test_bench_compare_quick_against_a_fake_reference(tmp_path):
     out = _run("bench_compare", ["--quick", "--against", str(ref)], tmp_path)
     data = json.loads((tmp_path / "bench_compare.json").read_text())
     assert data["benchmark"] == "compare" and {"env", "args", "sections", "rows"} <= set(data)
+    # prh_fast is imported before torch, so it chose the OpenMP wait policy (unless the caller's
+    # environment set one)
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        assert data["omp_wait_policy"][0] == "passive"
     assert list(data["sections"]) == ["reference", "grid", "knn", "cka"]
     sec = data["sections"]
     for s in sec.values():
