@@ -42,15 +42,27 @@ def _pow2_exponent(x: float) -> int:
 
 
 def centred(X: torch.Tensor, dtype: torch.dtype):
-    """``(C, e)``: ``X`` with its column means removed (in float64), scaled by ``2**-e`` so that
-    its largest ``|value|`` lies in ``[0.5, 1)``, then cast to ``dtype``.
+    """``(C, e)``: ``X`` with its column means removed, scaled by ``2**-e`` so that its largest
+    ``|value|`` lies in ``[0.5, 1)`` (up to one rounding), in ``dtype``.
 
     The power-of-two scale is exact, so every product formed from ``C`` is the product of the
     centred features times a known power of two -- nothing overflows (features ~1e20 in
     float32) or underflows (~1e-30) in the compute dtype. Kernel sums of degree 2 in ``K``
     scale by ``2**(-4e)``; callers undo it where the formula is not scale-invariant (the
     ``1e-6`` of the CKA ratio, RBF distances).
+
+    Float32 products of features in range are centred in float32, in two passes (the column
+    means, then the residual means of the result), without a float64 copy;
+    what is left of the column means is of the order of one rounding of the centred values,
+    and the biased HSIC of :func:`cka_scores` removes it exactly (``ÃᵀB̃ = AᵀB - s_A s_Bᵀ/N``;
+    the other estimators hold for any shift). Elsewhere -- float64, or values beyond
+    ``2**±100`` -- the centring runs in float64.
     """
+    if dtype == torch.float32 and X.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and X.numel():
+        C = _centred_float32(X.to(torch.float32))
+        if C is not None:
+            return C
     X64 = X.to(torch.float64)
     C = X64 - X64.mean(dim=0, keepdim=True)
     if not C.numel():
@@ -62,6 +74,34 @@ def centred(X: torch.Tensor, dtype: torch.dtype):
     elif e:
         C = torch.ldexp(C, torch.tensor(-e, dtype=torch.int64, device=C.device))
     return C.to(dtype), e
+
+
+#: Float32 centring handles values below ``2**_F32_RANGE`` in magnitude and scales by at most
+#: ``2**±_F32_RANGE`` (so that neither the difference nor the scaled values leave float32).
+_F32_RANGE = 100
+
+
+def _centred_float32(X: torch.Tensor):
+    """:func:`centred` of float32 ``X`` in float32 (three passes, one ``[N, D]`` temporary), or
+    ``None`` when the values or the scale would leave float32's comfortable range."""
+    lo, hi = torch.aminmax(X)
+    big = max(-float(lo), float(hi))
+    if not big < 2.0 ** _F32_RANGE:  # also NaN / inf: the float64 path decides
+        return None
+    n = X.shape[0]
+    C = X - X.mean(dim=0)
+    lo, hi = torch.aminmax(C)
+    e = _pow2_exponent(max(-float(lo), float(hi)))
+    if abs(e) > _F32_RANGE:
+        return None
+    # the first mean is off by up to one rounding of the mean (large next to the spread when
+    # the columns sit far from 0); a second pass removes the residual. Partial sums of centred
+    # columns stay near sqrt(N) times their spread, so float32 sums leave a residual far below
+    # one rounding of the values.
+    C.sub_(C.sum(dim=0).div_(n))
+    if e:
+        C.mul_(2.0 ** -e)  # a power of two within float32's normal range: exact
+    return C, e
 
 
 def hsic_from_sums(n: int, s_kl: float, sum_k: float, sum_l: float, dot_rows: float,
@@ -284,32 +324,74 @@ def _cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
 def _cka_features(xs, ys, ex, ey, unbiased):
     """Linear CKA pair by pair in feature space (cheaper when ``N >> D``).
 
-    Biased: ``||ÃᵀB̃||_F²``; unbiased: the module docstring's sums of the zero-diagonal
-    kernels. Products in the features' dtype, sums in float64."""
+    Biased: ``||ÃᵀB̃||_F²`` with ``ÃᵀB̃ = AᵀB - s_A s_Bᵀ / N`` (``s`` the column sums: the
+    residual means that :func:`centred` leaves); unbiased: the module docstring's sums of the
+    zero-diagonal kernels, which hold for uncentred columns as well. Products in the features'
+    dtype (a layer with itself: the blocks on and above the diagonal of the symmetric ``AᵀA``
+    only, :func:`_sym_fro2`), their squares summed in float64."""
     n = xs[0].shape[0]
 
     def stats(x):
-        x64 = x.double()
-        k = (x64 * x64).sum(1)
-        s = x64.sum(0)
-        r = x64 @ s - k  # K̃1
-        return {"x": x, "k": k, "sum": float(s @ s - k.sum()), "r": r}
+        # k = diag(K) in float64: the unbiased estimator subtracts Σ k_i l_i from ||AᵀB||²,
+        # which nearly cancel when the layers are unrelated. The columns are centred, so the
+        # column sums s are tiny (a float32 sum suffices) and so is A(Aᵀ1) next to k in
+        # K̃1 = A(Aᵀ1) - k.
+        s = x.sum(0).double()
+        k = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+        r = (x @ s.to(x.dtype)).double().sub_(k)
+        return {"x": x, "s": s, "k": k, "sum": float(s @ s - k.sum()), "r": r}
 
-    def h(cross_fro2, a, b):
+    def h(fro2, a, b):
         if not unbiased:
-            return cross_fro2
-        return hsic_from_sums(n, cross_fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
+            return fro2
+        return hsic_from_sums(n, fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
                               float(a["r"] @ b["r"]), unbiased=True)
 
     def fro(a, b):
-        return float((a["x"].T @ b["x"]).double().pow(2).sum())
+        P = (a["x"].T @ b["x"]).double()
+        if not unbiased:
+            P.sub_(torch.outer(a["s"], b["s"]).div_(n))
+        return float(P.pow_(2).sum())
 
     sx, sy = [stats(x) for x in xs], [stats(y) for y in ys]
-    hx = [h(fro(a, a), a, a) for a in sx]
-    hy = [h(fro(b, b), b, b) for b in sy]
+    hx = [h(_sym_fro2(a["x"], a["s"] if not unbiased else None, n), a, a) for a in sx]
+    hy = [h(_sym_fro2(b["x"], b["s"] if not unbiased else None, n), b, b) for b in sy]
     out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
     for i, a in enumerate(sx):
         for j, b in enumerate(sy):
             # K = A Aᵀ was scaled by 2**-2ex, L by 2**-2ey
             out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j], cka_eps(2 * ex[i], 2 * ey[j]))
     return out
+
+
+#: Column-block width of :func:`_sym_fro2`: narrow enough that skipping the blocks below the
+#: diagonal saves most of the lower half, wide enough for BLAS to run at full rate.
+SYM_BLOCK = 128
+
+
+def _sym_fro2(x: torch.Tensor, s: torch.Tensor | None, n: int) -> float:
+    """``||xᵀx - s sᵀ/n||_F²`` (``s = None``: ``||xᵀx||_F²``) in float64, from the column
+    blocks on and above the diagonal of the symmetric ``xᵀx`` (an off-diagonal block counts
+    twice): about ``(1 + 1/b)/2`` of the full product's flops for ``b`` blocks.
+
+    Example:
+        >>> x = torch.randn(64, 300, dtype=torch.float64)
+        >>> abs(_sym_fro2(x, None, 64) - float((x.T @ x).pow(2).sum())) < 1e-6 * 64 * 300**2
+        True
+    """
+    d = x.shape[1]
+    if d <= SYM_BLOCK * 3 // 2:
+        blocks = [(0, d)]
+    else:
+        nb = round(d / SYM_BLOCK)
+        edges = [d * i // nb for i in range(nb + 1)]
+        blocks = list(zip(edges[:-1], edges[1:]))
+    total = 0.0
+    for c0, c1 in blocks:
+        G = (x[:, c0:c1].T @ x[:, c0:]).double()
+        if s is not None:
+            G.sub_(torch.outer(s[c0:c1], s[c0:]).div_(n))
+        G.pow_(2)
+        w = c1 - c0
+        total += float(G[:, :w].sum()) + 2.0 * float(G[:, w:].sum())
+    return total
