@@ -175,16 +175,36 @@ def test_constant_columns_on_the_krylov_path():
     assert got == pytest.approx(R.svcca(A, B, 10), rel=1e-8, abs=1e-10)
 
 
-def test_standardisation_is_the_formula_up_to_a_power_of_two():
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** 664, 2.0 ** -664], ids=["1", "1e200", "1e-200"])
+def test_standardisation_is_the_formula_up_to_a_power_of_two(scale):
     A, _ = paired_features(97, 33, 5, seed=10, dtype=F64)
-    A = A * torch.logspace(-5, 5, 33, dtype=F64)
-    want = (A - A.mean(0)) / (A.std(0) + 1e-8)
-    got = S._standardised_scaled(A, F64)
+    base = A * torch.logspace(-5, 5, 33, dtype=F64) + 3.0
+    base[:, 4] = 0.0  # constant (exactly, at every scale)
+    A = base * scale  # exact: a power of two
+    C = base - base.mean(0)
+    if scale == 1:
+        want = C / (C.std(0) + 1e-8)
+    elif scale > 1:  # the 1e-8 vanishes next to the std (the formula's own squares overflow)
+        want = C / torch.where(C.std(0) > 0, C.std(0), 1.0)
+    else:  # std << 1e-8: the columns are only centred
+        want = (A - A.mean(0)) / 1e-8
+    Y, q, G = S._standardised_gram(A, F64)
+    got = Y * q
     ratio = got.abs().max() / want.abs().max()
-    assert float(ratio) == 2.0 ** round(float(torch.log2(ratio)))
-    torch.testing.assert_close(got / ratio, want, rtol=1e-13, atol=1e-13)
-    assert 0.5 <= float(got.abs().max()) <= 1.0
-    assert S._standardised_scaled(A.float(), torch.float32).dtype == torch.float32
+    two = 2.0 ** round(float(torch.log2(ratio)))
+    assert float(ratio) == pytest.approx(two, rel=1e-13)
+    torch.testing.assert_close(got / two, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(G, got.T @ got, rtol=1e-12, atol=1e-13 * float(G.abs().max()))
+    assert float(Y.abs().amax(0).max()) < 1.0
+    if scale == 1.0:  # float32 input: the same formula on the float32 values
+        A32 = A.float()
+        C32 = A32.double() - A32.double().mean(0)
+        want32 = C32 / (C32.std(0) + 1e-8)
+        Y32, q32, G32 = S._standardised_gram(A32, torch.float32)
+        assert Y32.dtype == torch.float32 and q32.dtype == G32.dtype == F64
+        got32 = Y32.double() * q32
+        got32 = got32 / (got32.abs().max() / want32.abs().max())
+        torch.testing.assert_close(got32, want32, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------- grid and streaming forms

@@ -8,7 +8,15 @@ score is their mean. Each layer's ``[N, r]`` basis is formed once (in float64), 
 layers costs one eigendecomposition per layer and one ``r x r`` SVD per pair; nothing of size
 ``N x N`` is formed. :func:`svcca_scores` is the one scorer: ``prh_fast.metrics.svcca`` is its
 ``1 x 1`` case, ``prh_fast.align`` its grid; the store accumulators
-(``prh_fast.store._moments``) are its streaming form.
+(``prh_fast.store._moments``) are its streaming form, through the same :func:`_top_eig`.
+
+Cost per layer: three reads of the data (mean, range, the scaled copy), the ``D x D`` Gram
+product (which also gives the column variances), the top-``r`` eigenspace and one ``[N, D] x
+[D, r]`` product. The eigenspace comes from a block Krylov method whose answer is certified:
+a bound on its distance to the exact top-``r`` eigenspace, from the residual and a
+Cholesky-proven upper bound on the ``(r+1)``-th eigenvalue, must be below ``1e-10``; where it
+is not (a degenerate or nearly degenerate ``r``-th eigenvalue, a small matrix) the full
+``torch.linalg.eigh`` answers. Either way the result is deterministic.
 """
 from __future__ import annotations
 
@@ -27,38 +35,32 @@ _EPS64 = torch.finfo(torch.float64).eps
 _EXTRA = 8
 
 
-def _standardised_scaled(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(X - mean) / (std + 1e-8)`` per column (unbiased std, as ``torch.std`` in the
-    reference), computed in float64, multiplied by the power of two that puts its largest
-    ``|value|`` in about ``[0.5, 1)``, and returned in ``dtype``.
+def _standardised_gram(X: torch.Tensor, dtype: torch.dtype):
+    """``(Y [N, D] dtype, q [D] float64, G [D, D] float64)`` with ``Y · diag(q)`` the
+    standardised ``X`` (``(X - mean) / (std + 1e-8)`` per column, unbiased std as ``torch.std``
+    in the reference) up to one power of two, and ``G`` its Gram matrix ``q_i q_j (YᵀY)_ij``.
 
-    The global power of two does not change the basis ``Z V Λ^{-1/2}`` (it cancels) and keeps
-    the Gram matrix of features far below the ``1e-8`` of the standardisation (~1e-30,
-    standardised to ~1e-22) out of the float32 subnormals. Squares of values of any narrower
-    dtype fit float64; for float64 input the sum of squares of each centred column is taken
-    after scaling it by the power of two of its largest ``|x - mean|`` (exact, undone after the
-    square root), so the std neither overflows (columns ~1e200) nor underflows (~1e-200). The
-    column weights and the global power of two are folded into one ``[D]`` vector, applied in
-    the same pass that writes the result."""
+    ``Y`` is ``X`` centred (in float64) with each column multiplied by the power of two that
+    puts its largest ``|x - mean|`` in ``[0.5, 1)`` (exact), written in ``dtype`` in one pass.
+    The product ``YᵀY`` is taken in ``dtype``; its diagonal gives the column sums of squares,
+    so the std costs no pass of its own, and no entry of ``Y`` or of ``YᵀY`` can overflow or
+    underflow whatever the scale of a column (~1e200, ~1e-200, constant). The column weights
+    ``q`` (the standardisation, undoing the powers of two) are applied to the ``D x D``
+    product in float64, with one common power of two that puts the largest in ``[0.5, 1)``:
+    the basis ``Y q V Λ^{-1/2}`` does not depend on it."""
     n = X.shape[0]
     mu = X.mean(dim=0, dtype=torch.float64)
-    C = torch.sub(X, mu)  # float64 (type promotion), a fresh tensor
-    if X.dtype == torch.float64:
-        lo, hi = torch.aminmax(C, dim=0)
-        amax = torch.maximum(hi, -lo)
-        p = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent)
-        std = torch.linalg.vector_norm(C * p, dim=0) / p
-    else:
-        lo, hi = torch.aminmax(X, dim=0)
-        amax = torch.maximum(hi.double() - mu, mu - lo.double())
-        std = torch.linalg.vector_norm(C, dim=0)
-    w = 1.0 / (std / math.sqrt(max(n - 1, 1)) + 1e-8)
-    top = float((amax * w).max()) if amax.numel() else 0.0
+    amax = torch.maximum(X.amax(dim=0).double() - mu, mu - X.amin(dim=0).double())
+    p = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent)
+    Y = torch.addcmul(-mu * p, X, p, out=torch.empty(X.shape, dtype=dtype, device=X.device))
+    G = (Y.T @ Y).double()
+    std = G.diagonal().clamp_min(0.0).sqrt() / p / math.sqrt(max(n - 1, 1))
+    q = 1.0 / ((std + 1e-8) * p)
+    top = float(q.max()) if q.numel() else 0.0
     if top > 0:
-        w = torch.ldexp(w, torch.tensor(-math.frexp(top)[1], dtype=torch.int64, device=w.device))
-    if dtype == torch.float64:
-        return C.mul_(w)
-    return torch.mul(C, w, out=torch.empty(C.shape, dtype=dtype, device=C.device))
+        q = torch.ldexp(q, torch.tensor(-math.frexp(top)[1], dtype=torch.int64, device=q.device))
+    G.mul_(q[:, None]).mul_(q[None, :])
+    return Y, q, G
 
 
 def _raise_rank(r: int, name: str):
@@ -218,9 +220,9 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
     y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
 
     def basis(x, name):
-        xs_ = _standardised_scaled(x, x.dtype if dtype is None else dtype)
-        lam, V = _top_eig((xs_.T @ xs_).double(), cca_dim, name)
-        return (xs_.double() @ V) / lam.sqrt()  # [N, r] orthonormal, centred columns
+        Y, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
+        lam, V = _top_eig(G, cca_dim, name)
+        return (Y.double() @ (q[:, None] * V)) / lam.sqrt()  # [N, r] orthonormal, centred
 
     ux = [basis(x, name) for x, name in zip(xs, x_names)]
     uy = [basis(y, name) for y, name in zip(ys, y_names)]
