@@ -131,6 +131,7 @@ def main_cpu(argv) -> int:
 def screen_search(X, k, screen, extra, budget):
     """One exact CPU self search with candidates from ``screen`` products (``extra`` beyond
     ``k``): ``(idx, ExactStats)``."""
+    from prh_fast.knn._bound import input_rounding
     from prh_fast.knn._cpu import cpu_candidates
     from prh_fast.knn._exact import refine_in_memory
     from prh_fast.prepare import row_norms
@@ -138,8 +139,11 @@ def screen_search(X, k, screen, extra, budget):
     n = X.shape[0]
     kc = min(n - 1, k + extra)
     scr = None if screen == X.dtype else screen
-    cand = cpu_candidates(X, kc, budget, screen=scr)
-    idx, _, st = refine_in_memory(X, None, k, cand, budget, norms=row_norms(X), screen=scr,
+    norms = row_norms(X)
+    Xs = None if scr is None else X.to(scr)
+    rho = None if scr is None else input_rounding(X, Xs, norms)
+    cand = cpu_candidates(X, kc, budget, screen=scr, Xs=Xs)
+    idx, _, st = refine_in_memory(X, None, k, cand, budget, norms=norms, screen=scr, rho=rho,
                                   return_stats=True)
     return idx, st
 
@@ -171,13 +175,18 @@ def main_screen(argv) -> int:
                    help="a .pt tensor [N, D] of real features (first N rows) instead of the "
                         "structured generator")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each screen first")
+    p.add_argument("--mm-size", type=int, default=4096,
+                   help="rows of the torch.mm rate check (rows x D by D x rows)")
     p.add_argument("--memory-budget", type=int, default=256 << 20)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     fast, why = cpu_bf16_support()
     load0 = os.getloadavg()
-    rates = {"float32": _mm_rate(torch.float32), "bfloat16": _mm_rate(torch.bfloat16)}
-    print(f"CPU bfloat16: {why}; torch.mm 4096x768 GFLOP/s: float32 {rates['float32']:.0f}, "
+    m = args.mm_size
+    rates = {"float32": _mm_rate(torch.float32, m, args.d),
+             "bfloat16": _mm_rate(torch.bfloat16, m, args.d)}
+    print(f"CPU bfloat16: {why}; torch.mm {m}x{args.d} GFLOP/s: float32 {rates['float32']:.0f}, "
           f"bfloat16 {rates['bfloat16']:.0f}; load {load0[0]:.2f}", flush=True)
     real = None
     if args.features:
@@ -193,8 +202,9 @@ def main_screen(argv) -> int:
             src = "structured"
         runs = [("float32", torch.float32, EXTRA)] + [("bfloat16", torch.bfloat16, e)
                                                       for e in args.extra]
-        for _name, dt, e in runs:  # warm-up
-            screen_search(X, args.k, dt, e, args.memory_budget)
+        for _ in range(max(0, args.warmup)):
+            for _name, dt, e in runs:
+                screen_search(X, args.k, dt, e, args.memory_budget)
         times = {r: [] for r in range(len(runs))}
         out = {}
         for _ in range(max(1, args.repeats)):

@@ -143,9 +143,12 @@ def test_bf16_products_stay_inside_the_margin(name):
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     F = _exact.fixed_dots(X, X, i.reshape(-1), j.reshape(-1)).view(n, n)
     qn = prh_fast.prepare.row_norms(X)
-    e = _exact.margins(qn, float(qn.max()), X.shape[1], X.dtype, torch.bfloat16)
-    err = (A - F).abs()
-    assert bool((err <= e.unsqueeze(1)).all())
+    rho = _bound.input_rounding(X, Xs, qn)
+    assert 0 <= rho < _bound.U_BF16
+    for r in (None, rho):  # the worst case and the measured rounding the search uses
+        e = _exact.margins(qn, float(qn.max()), X.shape[1], X.dtype, torch.bfloat16, r)
+        err = (A - F).abs()
+        assert bool((err <= e.unsqueeze(1)).all())
     if name != "quantised":  # quarters: every bfloat16 product is exact
         assert float(err.max()) > 0  # the products really were rounded
 
@@ -240,3 +243,37 @@ def test_screen_rejects_float64_rows_for_bf16():
     X = torch.randn(10, 4, dtype=torch.float64)
     with pytest.raises(prh_fast.InputError, match="screen"):
         _cpu.cpu_candidates(X, 3, BUDGET, screen=torch.bfloat16)
+
+
+def test_measured_rounding_is_zero_for_representable_rows_and_tighter_otherwise():
+    X = DATA["quantised"].float()
+    qn = prh_fast.prepare.row_norms(X)
+    assert _bound.input_rounding(X, X.to(torch.bfloat16), qn) == 0.0
+    Y = DATA["structured"].float()
+    qy = prh_fast.prepare.row_norms(Y)
+    rho = _bound.input_rounding(Y, Y.to(torch.bfloat16), qy)
+    assert 0 < rho < 0.75 * _bound.U_BF16
+    e_rho = _exact.margins(qy, 1.0, Y.shape[1], Y.dtype, torch.bfloat16, rho)
+    e_max = _exact.margins(qy, 1.0, Y.shape[1], Y.dtype, torch.bfloat16)
+    assert bool((e_rho < e_max).all())
+
+
+def test_screen_benchmark_runs_and_its_lists_agree(tmp_path):
+    """``python -m benchmarks.bench_knn --suite screen`` at a tiny size: both screens, the
+    JSON rows, equal lists (its exit status)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_knn", "--suite", "screen", "--n", "301",
+         "--d", "48", "--k", "5", "--extra", "8", "32", "--repeats", "1", "--warmup", "0",
+         "--mm-size", "128", "--out", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_knn_screen.json").read_text())["rows"]
+    assert [r["screen"] for r in rows] == ["float32", "bfloat16", "bfloat16"]
+    assert all(r["lists_equal"] for r in rows)
+    assert [r["candidates"] for r in rows] == [13, 13, 37]

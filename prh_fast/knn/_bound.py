@@ -23,6 +23,12 @@ with its own rounding; :class:`ProductFormat` names them:
    within ``gamma(D + 1, u_rescore) * |q| |k|`` of the exact inner product (float64: ``u =
    2^-53``).
 
+Measured input rounding: with ``rho >= |q' - q| / |q|`` for every row (:func:`input_rounding`,
+the rows' actual rounding to the product format, about ``0.48 u_in`` for bf16 copies of real
+features), ``|q'.k' - q.k| = |dq.k + q.dk + dq.dk| <= (2 rho + rho^2) |q| |k|`` and ``|q'|
+|k'| <= (1 + rho)^2 |q| |k|``: step 1 holds with ``rho`` in place of ``u_in``, so a search that
+measures ``rho`` passes ``dataclasses.replace(fmt, u_in=rho)``.
+
 So ``|a - fixed(q, k)| <= c * |q| * |k| + eta`` with ``c`` from :func:`coefficient`. ``eta``
 covers underflow: :func:`eta_products` (at most one smallest-normal unit per product and per
 addition, flushed subnormals included, in the product and in the float64 re-score) and
@@ -39,7 +45,7 @@ import torch
 from prh_fast.errors import InputError
 
 __all__ = ["U_BF16", "U_TF32", "U_FP32", "U_FP64", "ProductFormat", "TENSOR_CORE", "BF16_CPU",
-           "gamma", "coefficient", "eta_products", "eta_conversion"]
+           "gamma", "coefficient", "eta_products", "eta_conversion", "input_rounding"]
 
 #: Unit roundoff (round to nearest) of the formats a product can use.
 U_BF16 = 2.0**-8
@@ -150,3 +156,33 @@ def eta_conversion(d: int, qmax: float, kmax: float) -> float:
         True
     """
     return 2.0**-124 * (d + math.sqrt(d) * (qmax + kmax))
+
+
+def input_rounding(X: torch.Tensor, Xs: torch.Tensor, norms: torch.Tensor) -> float:
+    """``rho``: the largest relative rounding ``|x' - x| / |x|`` of a row of ``X`` converted to
+    ``Xs`` (its copy in the product format), rounded up; rows of norm 0 convert exactly.
+
+    Args:
+        X: ``[N, D]`` rows.
+        Xs: ``[N, D]`` the same rows in the product format.
+        norms: ``[N]`` float64 norms of ``X``'s rows.
+
+    Returns:
+        ``rho`` (0.0 when every row converts exactly).
+
+    Example:
+        >>> X = torch.tensor([[1.0, 2.0**-9], [0.5, 0.25]])
+        >>> rho = input_rounding(X, X.to(torch.bfloat16), X.double().norm(dim=1))
+        >>> 0 < rho < 2.0**-8
+        True
+    """
+    rho = 0.0
+    step = max(1, (1 << 22) // max(1, X.shape[1]))
+    for r0 in range(0, X.shape[0], step):
+        dx = (Xs[r0:r0 + step].to(torch.float64) - X[r0:r0 + step].to(torch.float64))
+        dn = torch.linalg.vector_norm(dx, dim=1)
+        n = norms[r0:r0 + step].to(torch.float64)
+        ok = n > 0
+        if bool(ok.any()):
+            rho = max(rho, float((dn[ok] / n[ok]).max()))
+    return rho * (1.0 + 2.0**-20)

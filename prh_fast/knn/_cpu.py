@@ -28,9 +28,11 @@ import functools
 import torch
 
 from prh_fast.errors import InputError
+from prh_fast.knn._bound import input_rounding
 from prh_fast.knn._exact import candidate_count, refine_in_memory
 from prh_fast.knn._merge import TopK
 from prh_fast.knn._tiles import square_tile
+from prh_fast.prepare import row_norms
 
 
 def cpu_tile(n: int, itemsize: int, budget: int) -> int:
@@ -45,20 +47,20 @@ def cpu_tile(n: int, itemsize: int, budget: int) -> int:
 
 
 def cpu_candidates(X: torch.Tensor, kc: int, budget: int, with_fixed: bool = False,
-                   screen: torch.dtype | None = None):
+                   screen: torch.dtype | None = None, Xs: torch.Tensor | None = None):
     """``(idx, prod, fixed)`` ``[N, kc]``: each row's ``kc`` best other rows by the BLAS score
     (lower index at ties), with those scores and -- ``with_fixed`` -- the candidates'
     fixed-order float64 scores, computed as they enter (else ``fixed`` is None: in memory a
     pass over the final candidates is cheaper, about ``kc`` instead of ``kc·(1 + ln(N/kc))``
     re-scores per row). ``screen`` bfloat16: the scores are products of bfloat16 copies of the
     rows (cast once), widened to float32 for the running lists; the fixed-order scores are
-    still those of ``X``'s own values."""
+    still those of ``X``'s own values. ``Xs``: the copies, when already made."""
     if screen is None or screen == X.dtype:
         return _candidates_native(X, kc, budget, with_fixed)
     if screen != torch.bfloat16 or X.dtype != torch.float32:
         raise InputError(f"screen: a {screen} screen needs float32 rows, got {X.dtype}")
     n = X.shape[0]
-    Xs = X.to(screen)
+    Xs = X.to(screen) if Xs is None else Xs
     top = TopK(n, kc, torch.float32, native=True, with_fixed=with_fixed)
     # a bfloat16 tile and its float32 copy (the native merge reads float32 or float64)
     b = cpu_tile(n, 6, budget)
@@ -168,7 +170,13 @@ def knn_cpu(X: torch.Tensor, k: int, budget: int, norms: torch.Tensor | None = N
     if screen == X.dtype:
         screen = None
     kc = candidate_count(k, n - 1, screen)
-    cand = cpu_candidates(X, kc, budget, screen=screen)
-    out = refine_in_memory(X, None, k, cand, budget, norms=norms, screen=screen,
+    Xs = rho = None
+    if screen is not None:
+        if norms is None:
+            norms = row_norms(X)
+        Xs = X.to(screen)  # once per search; the margin uses its measured rounding
+        rho = input_rounding(X, Xs, norms)
+    cand = cpu_candidates(X, kc, budget, screen=screen, Xs=Xs)
+    out = refine_in_memory(X, None, k, cand, budget, norms=norms, screen=screen, rho=rho,
                            return_stats=True)
     return out if return_stats else out[:2]

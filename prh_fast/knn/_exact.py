@@ -40,9 +40,11 @@ covers underflow. Norms are float64, rounded up.
 
 bfloat16 screen (``screen=torch.bfloat16``, the CPU search on CPUs with fast bfloat16): the
 candidates come from a bfloat16 ``torch.mm`` of bfloat16 copies of the rows. Its bound
-(:data:`~prh_fast.knn._bound.BF16_CPU`) adds the inputs' rounding (``2^-8`` each), a
-matrix-unit accumulation allowance and the rounding of the result to bfloat16 (``2^-8``):
-``c`` is about 0.012 at ``D = 768``, so more candidates are kept (:data:`EXTRA_BF16`). The
+(:data:`~prh_fast.knn._bound.BF16_CPU`) adds the inputs' rounding (at most ``2^-8`` each; the
+search passes the copies' measured rounding ``rho``, about ``2^-9``), a matrix-unit
+accumulation allowance and the rounding of the result to bfloat16 (``2^-8``): ``c`` is about
+0.008 at ``D = 768`` (0.012 in the worst case), so more candidates are kept
+(:data:`EXTRA_BF16`). The
 fixed-order re-score, the ranking, the certificate and the sweep are the float32 search's:
 the lists are the same lists. The sweep re-scores with float32 products, so its threshold uses
 the float32 margin.
@@ -121,16 +123,20 @@ def product_format(dtype: torch.dtype, screen: torch.dtype | None = None) -> Pro
 
 
 def margins(qnorm: torch.Tensor, kmax: float, d: int, dtype: torch.dtype,
-            screen: torch.dtype | None = None) -> torch.Tensor:
+            screen: torch.dtype | None = None, rho: float | None = None) -> torch.Tensor:
     """``e_i``: a bound on ``|product score - fixed score|`` for query ``i`` against any key
     (``qnorm`` = float64 query norms ``[r]``, ``kmax`` = the largest key norm, ``dtype`` the
     rows' dtype, ``screen``: bfloat16 when the product scores came from bfloat16 copies of the
-    rows, see :func:`product_format`)."""
+    rows, see :func:`product_format`; ``rho``: the copies' measured relative rounding
+    (``prh_fast.knn._bound.input_rounding``, at most ``2^-8``), used instead of the worst
+    case)."""
     fmt = product_format(dtype, screen)
+    if rho is not None and fmt.u_in and rho < fmt.u_in:
+        fmt = dataclasses.replace(fmt, u_in=rho)
     c = coefficient(d, fmt)
     c *= 1.0 + 2.0**-20  # absorbs the rounding of the norms and of this product
     eta = eta_products(d, dtype)
-    if fmt.u_in:
+    if fmt.u_in or rho is not None:
         qmax = float(qnorm.max()) if qnorm.numel() else 0.0
         eta += eta_conversion(d, qmax, kmax)
     return qnorm.to(torch.float64) * (c * kmax) + eta
@@ -271,13 +277,14 @@ def _rescore(X, K, ci, keep):
 
 def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
                      norms: torch.Tensor | None = None, screen: torch.dtype | None = None,
-                     return_stats: bool = False):
+                     rho: float | None = None, return_stats: bool = False):
     """Exact lists ``(idx [N, k], fixed [N, k] float64)`` from candidates ``cand = (idx, prod,
     fixed)`` of the rows of ``X`` against ``keys`` (``None``: ``X`` itself, self excluded;
     ``fixed`` None: re-scored here, only the candidates that can enter a list, see the module
     docstring); uncertain rows are swept over the keys in memory. ``norms``: ``X``'s float64
     row norms when already known. ``screen``: the dtype of the candidates' products when not
-    ``X``'s (bfloat16 copies). ``return_stats``: also return the :class:`ExactStats`."""
+    ``X``'s (bfloat16 copies), ``rho`` their measured rounding (:func:`margins`).
+    ``return_stats``: also return the :class:`ExactStats`."""
     from prh_fast.prepare import row_norms
 
     K = X if keys is None else keys
@@ -285,7 +292,7 @@ def refine_in_memory(X: torch.Tensor, keys, k: int, cand, budget: int,
     kn = qn if keys is None else row_norms(K)
     kmax = float(kn.max()) if kn.numel() else 0.0
     d = X.shape[1]
-    e = margins(qn, kmax, d, X.dtype, screen)
+    e = margins(qn, kmax, d, X.dtype, screen, rho)
     n_keys = K.shape[0] - (1 if keys is None else 0)
     ci, cv, cf = cand
     name = str(screen if screen is not None else X.dtype).replace("torch.", "")
