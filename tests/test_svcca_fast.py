@@ -220,3 +220,14 @@ def test_grid_and_streaming_forms_agree_with_single_pairs():
             assert float(grid[i, j]) == pytest.approx(R.svcca(x, y, 6), rel=1e-8, abs=1e-10)
     stream = kernel_scores(TensorSource(xs), TensorSource(ys), "svcca", cca_dim=6)
     torch.testing.assert_close(stream, grid, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [5, 191, 400, 777, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_block_triangle_gram_is_the_product(d, dtype):
+    Y = torch.randn(130, d, generator=torch.Generator().manual_seed(d), dtype=dtype)
+    G = S._gram(Y)
+    assert G.dtype == dtype and G.shape == (d, d)
+    assert torch.equal(G, G.T)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(G, Y.T @ Y, rtol=tol, atol=tol * 130)
