@@ -110,6 +110,7 @@ class AlignmentMetrics:
 '''
 
 
+@pytest.mark.slow
 def test_bench_compare_quick_against_a_fake_reference(tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -159,6 +160,7 @@ def test_bench_compare_quick_against_a_fake_reference(tmp_path):
         assert "stand-in" in one["edit_distance_knn"]["note"]
 
 
+@pytest.mark.slow
 def test_bench_compare_skips_reference_sections_without_a_checkout(tmp_path):
     _run("bench_compare", ["--quick", "--sections", "reference", "cka"], tmp_path)
     data = json.loads((tmp_path / "bench_compare.json").read_text())
