@@ -20,9 +20,6 @@ import torch
 #: The repository root: child processes of the benchmarks put it on ``sys.path`` (or run from
 #: it) to import ``benchmarks.*``.
 ROOT = Path(__file__).resolve().parents[1]
-#: The repository root: child processes of the benchmarks put it on ``sys.path`` (or run from
-#: it) to import ``benchmarks.*``.
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
