@@ -12,8 +12,8 @@ Sections (``--sections``):
     ``AlignmentMetrics`` (its default keyword arguments, ``topk`` for the kNN metrics and
     CKNNA) against ``prh_fast.metrics.<name>``: times, speed-up and the absolute difference
     of the two values. The checkout is loaded as ``prh-fast bench --against`` loads it
-    (``prh_fast.profile.load_reference``). When ``torchaudio`` does not import, a stand-in
-    ``torchaudio.functional`` whose ``edit_distance`` is this file's Levenshtein distance is
+    (``prh_fast.profile.load_reference``): when ``torchaudio`` does not import, a stand-in
+    ``torchaudio.functional`` whose ``edit_distance`` is ``prh_fast.reference.levenshtein`` is
     put in place while the reference loads (only ``edit_distance_knn`` calls it); the output
     says so.
 ``grid``
@@ -40,7 +40,6 @@ absolute times. Prints one markdown table per section and writes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import math
 import os
@@ -48,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 # prh_fast before torch: importing it first lets it choose the OpenMP runtime's wait policy
@@ -65,72 +63,7 @@ from benchmarks._harness import environment, write_json
 SECTIONS = ("reference", "grid", "knn", "cka")
 REFERENCE_METRICS = ("cycle_knn", "mutual_knn", "lcs_knn", "edit_distance_knn", "cka",
                      "unbiased_cka", "cknna", "svcca")
-STUB_NOTE = ("torchaudio is not installed: the reference's edit_distance_knn ran against a "
-             "stand-in torchaudio.functional.edit_distance (this benchmark's Levenshtein "
-             "distance); only edit distance uses it")
 SVCCA_NOTE = "reference value is randomised (torch.svd_lowrank); prh_fast's is exact"
-
-
-# --------------------------------------------------------------------------------------------
-# the torchaudio stand-in
-
-
-def levenshtein(seq1, seq2) -> int:
-    """Edit distance (unit-cost insertions, deletions, substitutions) of two sequences.
-
-    Args:
-        seq1: A sequence (list, tuple, 1-D array or tensor) of comparable items.
-        seq2: Another sequence.
-
-    Returns:
-        The Levenshtein distance, as ``torchaudio.functional.edit_distance`` returns it.
-
-    Example:
-        >>> levenshtein("kitten", "sitting"), levenshtein([1, 2, 3], [1, 2, 3])
-        (3, 0)
-    """
-    a = seq1.tolist() if hasattr(seq1, "tolist") else list(seq1)
-    b = seq2.tolist() if hasattr(seq2, "tolist") else list(seq2)
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
-
-
-def _torchaudio_importable() -> bool:
-    try:
-        import torchaudio.functional  # noqa: F401
-    except Exception:  # absent, or a build that does not match torch
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def torchaudio_stub():
-    """While active, ``import torchaudio.functional`` gives a stand-in when the real one does
-    not import; yields whether the stand-in is in place. ``sys.modules`` is restored after."""
-    if _torchaudio_importable():
-        yield False
-        return
-    names = ("torchaudio", "torchaudio.functional")
-    saved = {n: sys.modules.get(n) for n in names}
-    pkg = types.ModuleType("torchaudio")
-    pkg.__path__ = []
-    fn = types.ModuleType("torchaudio.functional")
-    fn.edit_distance = levenshtein
-    pkg.functional = fn
-    sys.modules.update({"torchaudio": pkg, "torchaudio.functional": fn})
-    try:
-        yield True
-    finally:
-        for n, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = mod
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +186,7 @@ def section_reference(args, ref, stubbed: bool) -> dict:
                        reference_times=r["times"], prh_fast_times=p["times"])
         rows.append(row)
     if stubbed:
-        notes.append(STUB_NOTE)
+        notes += ref.stubs
     if any("knn" in m for m in args.metrics):
         notes.append("kNN lists: the reference ranks float32 scores with argsort (near-ties in "
                      "any order), prh_fast by float64 scores with ties to the lower index, so a "
@@ -569,12 +502,12 @@ def main(argv=None) -> int:
         else:
             from prh_fast.profile import load_reference
 
-            with torchaudio_stub() as stubbed:
-                try:
-                    ref = load_reference(args.against)
-                except Exception as exc:
-                    ref_error = f"the reference did not load: {exc}"
-        notes.append(STUB_NOTE if stubbed else "torchaudio: the installed one (no stand-in)")
+            try:
+                ref = load_reference(args.against)  # stands in for torchaudio if missing
+            except Exception as exc:
+                ref_error = f"the reference did not load: {exc}"
+        stubbed = bool(ref is not None and ref.stubs)
+        notes += ref.stubs if stubbed else ["torchaudio: the installed one (no stand-in)"]
     runners = {"reference": lambda: section_reference(args, ref, stubbed),
                "grid": lambda: section_grid(args, ref),
                "knn": lambda: section_knn(args), "cka": lambda: section_cka(args)}

@@ -91,8 +91,8 @@ def _torchaudio_stub(notes: list):
     saved = {k: sys.modules.get(k) for k in ("torchaudio", "torchaudio.functional")}
     sys.modules.update({"torchaudio": ta, "torchaudio.functional": taf})
     notes.append(f"torchaudio could not be imported ({why}); the reference's edit_distance_knn "
-                 "ran with prh_fast.reference.levenshtein standing in for "
-                 "torchaudio.functional.edit_distance")
+                 "ran with a stand-in for torchaudio.functional.edit_distance: "
+                 "prh_fast.reference.levenshtein")
     try:
         yield
     finally:
