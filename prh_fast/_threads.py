@@ -24,8 +24,9 @@ The runtime reads its wait policy once, when it is loaded. ``import prh_fast`` t
 ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep as soon as they are idle) *before* it loads the
 native module, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves (their
 choice stands) or an OpenMP runtime is already in the process (torch imported first): then it
-is too late to change, and :func:`wait_policy` says so (``prh-fast info`` shows it). The CLI
-always imports prh_fast first.
+is too late to change, and :func:`wait_policy` says so (``prh-fast info`` shows it); the first
+computation on a busy machine (1-minute load above the cores) then logs one warning that says
+how to avoid it. The CLI always imports prh_fast first.
 """
 from __future__ import annotations
 
@@ -125,6 +126,31 @@ def effective_threads() -> int:
     return int(n)
 
 
+_spin_checked = False
+
+
+def _warn_if_spinning_on_a_busy_machine() -> None:
+    """Once per process: when idle threads spin (the runtime loaded before prh_fast) and the
+    machine is busy (1-minute load above its cores), say what that costs and how to avoid it.
+    On an idle machine spinning costs nothing, so nothing is said."""
+    global _spin_checked
+    if _spin_checked or not _STATE[0].startswith("default"):
+        return
+    try:
+        load = os.getloadavg()[0]
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    except OSError:
+        return
+    if load > cpus:
+        from prh_fast._log import _log_once
+
+        _spin_checked = True
+        _log_once(f"prh_fast: this machine is busy (load {load:.1f} on {cpus} cores) and idle "
+                  f"OpenMP threads spin in this process ({_STATE[1]}); spinning threads can "
+                  f"make the CPU kernels several times slower here", log)
+
+
 def _native_set(n: int) -> None:
     from prh_fast import _native
 
@@ -149,6 +175,7 @@ def limit_threads():
     """
     import torch
 
+    _warn_if_spinning_on_a_busy_machine()
     want = effective_threads()
     have = torch.get_num_threads()
     if want != have:

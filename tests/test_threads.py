@@ -108,3 +108,33 @@ def test_bad_thread_count_is_named(monkeypatch):
     X = torch.randn(20, 4)
     with pytest.raises(InputError, match="PRH_FAST_NUM_THREADS"):
         prh_fast.knn.knn(X, 3)
+
+
+def test_spinning_on_a_busy_machine_is_said_once(monkeypatch, caplog):
+    from prh_fast import _log, _threads
+
+    monkeypatch.setattr(_threads, "_STATE", ("default (spin, then sleep)", "loaded before"))
+    monkeypatch.setattr(_threads, "_spin_checked", False)
+    monkeypatch.setattr(_log, "_logged", set())
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    X = torch.randn(30, 4)
+    with caplog.at_level("WARNING", logger="prh_fast"):
+        prh_fast.knn.knn(X, 3)
+        prh_fast.knn.knn(X, 3)
+    said = [r.getMessage() for r in caplog.records if "spin" in r.getMessage()]
+    assert len(said) == 1 and "busy (load 64.0" in said[0] and "loaded before" in said[0]
+
+
+def test_nothing_said_when_threads_sleep_or_the_machine_is_idle(monkeypatch, caplog):
+    from prh_fast import _log, _threads
+
+    monkeypatch.setattr(_log, "_logged", set())
+    X = torch.randn(30, 4)
+    for state, load in ((("passive", "set by prh_fast"), 64.0),
+                        (("default (spin, then sleep)", "loaded before"), 0.0)):
+        monkeypatch.setattr(_threads, "_STATE", state)
+        monkeypatch.setattr(_threads, "_spin_checked", False)
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        with caplog.at_level("WARNING", logger="prh_fast"):
+            prh_fast.knn.knn(X, 3)
+    assert not [r for r in caplog.records if "spin" in r.getMessage()]
