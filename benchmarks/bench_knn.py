@@ -162,15 +162,16 @@ def main_screen(argv) -> int:
     import os
 
     from prh_fast.knn._cpu import cpu_bf16_support
-    from prh_fast.knn._exact import EXTRA, EXTRA_BF16
+    from prh_fast.knn._exact import EXTRA, candidate_count
 
     p = argparse.ArgumentParser(description="CPU search: bfloat16 vs float32 screen")
     p.add_argument("--suite", default="screen")
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--extra", type=int, nargs="+", default=[EXTRA_BF16],
-                   help="bfloat16 candidates beyond k (several: one row each)")
+    p.add_argument("--extra", type=int, nargs="+", default=None,
+                   help="bfloat16 candidates beyond k (several: one row each; default: the "
+                        "search's own count, candidate_count)")
     p.add_argument("--features", default=None,
                    help="a .pt tensor [N, D] of real features (first N rows) instead of the "
                         "structured generator")
@@ -181,6 +182,8 @@ def main_screen(argv) -> int:
     p.add_argument("--memory-budget", type=int, default=256 << 20)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.extra is None:
+        args.extra = [candidate_count(args.k, 1 << 62, torch.bfloat16) - args.k]
     fast, why = cpu_bf16_support()
     load0 = os.getloadavg()
     m = args.mm_size
