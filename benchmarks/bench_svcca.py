@@ -81,7 +81,7 @@ def median_time(fn, repeats: int) -> float:
 def stage_profile(X: torch.Tensor, r: int, repeats: int) -> dict:
     """Median seconds of each stage of one layer's basis, and whether the Krylov solver's
     certificate held (``None``: the matrix is small enough for the full solver)."""
-    Y, q, G = _svcca._standardised_gram(X, X.dtype)
+    Y, m, q, G = _svcca._standardised_gram(X, X.dtype)
     lam, V = _svcca._top_eig(G, r, "x")
     return {
         "standardise_and_gram_s": median_time(lambda: _svcca._standardised_gram(X, X.dtype),
@@ -89,7 +89,8 @@ def stage_profile(X: torch.Tensor, r: int, repeats: int) -> dict:
         "gram_product_only_s": median_time(lambda: Y.T @ Y, repeats),
         "top_eig_s": median_time(lambda: _svcca._top_eig(G, r, "x"), repeats),
         "full_eigh_s": median_time(lambda: torch.linalg.eigh(G), repeats),
-        "basis_s": median_time(lambda: (Y.double() @ (q[:, None] * V)) / lam.sqrt(), repeats),
+        "basis_s": median_time(lambda: (Y.double() @ (q[:, None] * V) - m @ (q[:, None] * V))
+                               / lam.sqrt(), repeats),
         "krylov_certified": _svcca._top_eig_krylov(G, r) is not None
         if G.shape[0] >= _svcca._KRYLOV_MIN_DIM else None,
     }

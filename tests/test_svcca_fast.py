@@ -188,7 +188,8 @@ def test_standardisation_is_the_formula_up_to_a_power_of_two(scale):
         want = C / torch.where(C.std(0) > 0, C.std(0), 1.0)
     else:  # std << 1e-8: the columns are only centred
         want = (A - A.mean(0)) / 1e-8
-    Y, q, G = S._standardised_gram(A, F64)
+    Y, m, q, G = S._standardised_gram(A, F64)
+    assert not m.any()  # float64 input: centred in float64
     got = Y * q
     ratio = got.abs().max() / want.abs().max()
     two = 2.0 ** round(float(torch.log2(ratio)))
@@ -200,9 +201,11 @@ def test_standardisation_is_the_formula_up_to_a_power_of_two(scale):
         A32 = A.float()
         C32 = A32.double() - A32.double().mean(0)
         want32 = C32 / (C32.std(0) + 1e-8)
-        Y32, q32, G32 = S._standardised_gram(A32, torch.float32)
-        assert Y32.dtype == torch.float32 and q32.dtype == G32.dtype == F64
-        got32 = Y32.double() * q32
+        Y32, m32, q32, G32 = S._standardised_gram(A32, torch.float32)
+        assert Y32.dtype == torch.float32 and m32.dtype == q32.dtype == G32.dtype == F64
+        got32 = (Y32.double() - m32) * q32
+        torch.testing.assert_close(G32, got32.T @ got32, rtol=1e-5,
+                                   atol=1e-6 * float(G32.abs().max()))
         got32 = got32 / (got32.abs().max() / want32.abs().max())
         torch.testing.assert_close(got32, want32, rtol=1e-5, atol=1e-6)
 
@@ -231,3 +234,14 @@ def test_block_triangle_gram_is_the_product(d, dtype):
     torch.testing.assert_close(G, G.T, rtol=1e-12 if dtype == F64 else 1e-5, atol=1e-3)
     tol = 1e-12 if dtype == F64 else 1e-5
     torch.testing.assert_close(G, Y.T @ Y, rtol=tol, atol=tol * 130)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e2, 3e4])
+def test_float32_with_a_large_common_offset(offset):
+    # float32 input is centred in float32 and the product corrected by the residual column
+    # means: an offset far above the spread must not leak into the score
+    A, B = paired_features(600, WIDE, WIDE + 8, latent=24, noise=0.3, seed=11)
+    A, B = A + offset, B - offset
+    got = metrics.svcca(A, B, cca_dim=10)
+    want = R.svcca(A.double(), B.double(), 10)  # the oracle on the same float32 values
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)

@@ -51,31 +51,46 @@ def _gram(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _standardised_gram(X: torch.Tensor, dtype: torch.dtype):
-    """``(Y [N, D] dtype, q [D] float64, G [D, D] float64)`` with ``Y · diag(q)`` the
-    standardised ``X`` (``(X - mean) / (std + 1e-8)`` per column, unbiased std as ``torch.std``
-    in the reference) up to one power of two, and ``G`` its Gram matrix ``q_i q_j (YᵀY)_ij``.
+    """``(Y [N, D] dtype, m [D], q [D], G [D, D])`` (all but ``Y`` float64) with
+    ``(Y - m) · diag(q)`` the standardised ``X`` (``(X - mean) / (std + 1e-8)`` per column,
+    unbiased std as ``torch.std`` in the reference) up to one power of two, and ``G`` its Gram
+    matrix ``q_i q_j ((Y - m)ᵀ(Y - m))_ij``.
 
-    ``Y`` is ``X`` centred (in float64) with each column multiplied by the power of two that
-    puts its largest ``|x - mean|`` in ``[0.5, 1)`` (exact), written in ``dtype`` in one pass.
-    The product ``YᵀY`` is taken in ``dtype``; its diagonal gives the column sums of squares,
-    so the std costs no pass of its own, and no entry of ``Y`` or of ``YᵀY`` can overflow or
-    underflow whatever the scale of a column (~1e200, ~1e-200, constant). The column weights
-    ``q`` (the standardisation, undoing the powers of two) are applied to the ``D x D``
-    product in float64, with one common power of two that puts the largest in ``[0.5, 1)``:
-    the basis ``Y q V Λ^{-1/2}`` does not depend on it."""
+    ``Y`` is ``X`` centred with each column multiplied by the power of two that puts its
+    largest ``|x - mean|`` in about ``[0.5, 1)`` (exact), written in ``dtype`` in one pass; ``m``
+    is what is left of its column means. Float32 input in float32 is centred in float32 (the
+    data is read without a float64 copy) and ``m`` corrects the product; other inputs are
+    centred in float64 (``m = 0``). The product ``YᵀY`` is taken in ``dtype``; its diagonal gives
+    the column sums of squares, so the std costs no pass of its own, and no entry of ``Y`` or of
+    ``YᵀY`` can overflow or underflow whatever the scale of a column (~1e200, ~1e-200,
+    constant). The column weights ``q`` (the standardisation, undoing the powers of two) are
+    applied to the ``D x D`` product in float64, with one common power of two that puts the
+    largest in ``[0.5, 1)``: the basis ``(Y - m) q V Λ^{-1/2}`` does not depend on it."""
     n = X.shape[0]
-    mu = X.mean(dim=0, dtype=torch.float64)
-    amax = torch.maximum(X.amax(dim=0).double() - mu, mu - X.amin(dim=0).double())
-    p = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent)
+    f32 = X.dtype == dtype == torch.float32
+    mu = X.mean(dim=0) if f32 else X.mean(dim=0, dtype=torch.float64)
+    mu64 = mu.double()
+    amax = torch.maximum(X.amax(dim=0).double() - mu64, mu64 - X.amin(dim=0).double())
+    e = torch.frexp(amax).exponent
+    # float32 centring needs the powers of two (and their products) in the float32 range
+    f32 = f32 and bool(((e > -100) & (e < 100)).all())
+    if not f32:
+        mu = mu64
+    p = torch.ldexp(torch.ones_like(mu), -e)
     Y = torch.addcmul(-mu * p, X, p, out=torch.empty(X.shape, dtype=dtype, device=X.device))
     G = _gram(Y).double()
-    std = G.diagonal().clamp_min(0.0).sqrt() / p / math.sqrt(max(n - 1, 1))
-    q = 1.0 / ((std + 1e-8) * p)
+    if f32:
+        m = Y.sum(dim=0).double() / n
+        G.sub_(torch.outer(m, m).mul_(n))
+    else:
+        m = torch.zeros_like(mu64)
+    std = G.diagonal().clamp_min(0.0).sqrt() / p.double() / math.sqrt(max(n - 1, 1))
+    q = 1.0 / ((std + 1e-8) * p.double())
     top = float(q.max()) if q.numel() else 0.0
     if top > 0:
         q = torch.ldexp(q, torch.tensor(-math.frexp(top)[1], dtype=torch.int64, device=q.device))
     G.mul_(q[:, None]).mul_(q[None, :])
-    return Y, q, G
+    return Y, m, q, G
 
 
 def _raise_rank(r: int, name: str):
@@ -243,9 +258,10 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
     y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
 
     def basis(x, name):
-        Y, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
+        Y, m, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
         lam, V = _top_eig(G, cca_dim, name)
-        return (Y.double() @ (q[:, None] * V)) / lam.sqrt()  # [N, r] orthonormal, centred
+        W = q[:, None] * V
+        return (Y.double() @ W - m @ W) / lam.sqrt()  # [N, r] orthonormal, centred
 
     ux = [basis(x, name) for x, name in zip(xs, x_names)]
     uy = [basis(y, name) for y, name in zip(ys, y_names)]
