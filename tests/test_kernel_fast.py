@@ -38,11 +38,13 @@ def test_float32_centring_matches_float64_centring(shift, scale):
     assert float((back - want).abs().max()) <= 4 * 2.0 ** -24 * spread
     # the residual column means are of the order of one rounding of the values, not of the mean
     assert float(back.mean(0).abs().max()) <= 2 * 2.0 ** -24 * spread
-    assert 0.25 <= float(C.abs().max()) <= 1.0
+    top = float(C.abs().max())
+    # scaled into [0.5, 1) (up to the residual's rounding), or left alone where it is harmless
+    assert (2.0 ** -20 <= top <= 2.0 ** 20) if e == 0 else (0.25 <= top <= 1.0)
 
 
 @pytest.mark.parametrize("values", [[3e37, -3e37, 1.0], [1e-38, 2e-38, 0.0], [float("nan"), 1, 2],
-                                    [float("inf"), 0, 1]])
+                                    [float("inf"), 0, 1], [3e38, 3e38, 1.0]])
 def test_float32_centring_leaves_extreme_values_to_float64(values):
     X = torch.tensor(values, dtype=torch.float32).repeat(4, 1).T.contiguous()  # [3, 4]
     assert _kernel._centred_float32(X) is None

@@ -42,21 +42,22 @@ def _pow2_exponent(x: float) -> int:
 
 
 def centred(X: torch.Tensor, dtype: torch.dtype):
-    """``(C, e)``: ``X`` with its column means removed, scaled by ``2**-e`` so that its largest
-    ``|value|`` lies in ``[0.5, 1)`` (up to one rounding), in ``dtype``.
+    """``(C, e)``: ``X`` with its column means removed, scaled by ``2**-e``, in ``dtype``.
 
     The power-of-two scale is exact, so every product formed from ``C`` is the product of the
     centred features times a known power of two -- nothing overflows (features ~1e20 in
     float32) or underflows (~1e-30) in the compute dtype. Kernel sums of degree 2 in ``K``
     scale by ``2**(-4e)``; callers undo it where the formula is not scale-invariant (the
-    ``1e-6`` of the CKA ratio, RBF distances).
+    ``1e-6`` of the CKA ratio, RBF distances). The largest ``|value|`` of ``C`` lies in
+    ``[0.5, 1)``, or ``e = 0`` on the float32 path when it already lies in ``[2**-20, 2**20)``
+    (no product can leave float32 there, and a pass is saved).
 
     Float32 products of features in range are centred in float32, in two passes (the column
-    means, then the residual means of the result), without a float64 copy;
-    what is left of the column means is of the order of one rounding of the centred values,
-    and the biased HSIC of :func:`cka_scores` removes it exactly (``ÃᵀB̃ = AᵀB - s_A s_Bᵀ/N``;
-    the other estimators hold for any shift). Elsewhere -- float64, or values beyond
-    ``2**±100`` -- the centring runs in float64.
+    means, then the residual means of the result), without a float64 copy; what is left of the
+    column means is of the order of one rounding of the centred values, and the biased HSIC of
+    :func:`cka_scores` removes it exactly (``ÃᵀB̃ = AᵀB - s_A s_Bᵀ/N``; the other estimators
+    hold for any shift). Elsewhere -- float64, or centred values beyond ``2**±100`` -- the
+    centring runs in float64.
     """
     if dtype == torch.float32 and X.dtype in (torch.float32, torch.float16, torch.bfloat16) \
             and X.numel():
@@ -76,22 +77,26 @@ def centred(X: torch.Tensor, dtype: torch.dtype):
     return C.to(dtype), e
 
 
-#: Float32 centring handles values below ``2**_F32_RANGE`` in magnitude and scales by at most
-#: ``2**±_F32_RANGE`` (so that neither the difference nor the scaled values leave float32).
+#: Float32 centring handles centred values below ``2**_F32_RANGE`` in magnitude and scales by
+#: at most ``2**±_F32_RANGE`` (neither the values nor their products leave float32).
 _F32_RANGE = 100
+#: Float32 centred values whose largest magnitude lies in ``[2**-_F32_KEEP, 2**_F32_KEEP)`` are
+#: not scaled: products of ``D`` such values stay far inside float32's range.
+_F32_KEEP = 20
 
 
 def _centred_float32(X: torch.Tensor):
-    """:func:`centred` of float32 ``X`` in float32 (three passes, one ``[N, D]`` temporary), or
-    ``None`` when the values or the scale would leave float32's comfortable range."""
-    lo, hi = torch.aminmax(X)
-    big = max(-float(lo), float(hi))
-    if not big < 2.0 ** _F32_RANGE:  # also NaN / inf: the float64 path decides
-        return None
+    """:func:`centred` of float32 ``X`` in float32 (one ``[N, D]`` temporary, five passes at
+    most), or ``None`` when the values or the scale would leave float32's comfortable range."""
     n = X.shape[0]
+    # a column mean that overflows, an overflowing difference, NaN or inf all show up in C's
+    # extremes: the float64 path takes those
     C = X - X.mean(dim=0)
     lo, hi = torch.aminmax(C)
-    e = _pow2_exponent(max(-float(lo), float(hi)))
+    big = max(-float(lo), float(hi))
+    if not big < 2.0 ** _F32_RANGE:
+        return None
+    e = _pow2_exponent(big)
     if abs(e) > _F32_RANGE:
         return None
     # the first mean is off by up to one rounding of the mean (large next to the spread when
@@ -99,8 +104,9 @@ def _centred_float32(X: torch.Tensor):
     # columns stay near sqrt(N) times their spread, so float32 sums leave a residual far below
     # one rounding of the values.
     C.sub_(C.sum(dim=0).div_(n))
-    if e:
-        C.mul_(2.0 ** -e)  # a power of two within float32's normal range: exact
+    if -_F32_KEEP < e <= _F32_KEEP:
+        return C, 0
+    C.mul_(2.0 ** -e)  # a power of two within float32's normal range: exact
     return C, e
 
 
