@@ -126,8 +126,13 @@ def _certify(G: torch.Tensor, U: torch.Tensor, theta: torch.Tensor, theta_next: 
       subtracted matrix has rank ``r``), and a successful Cholesky factorisation of
       ``(σ - η) I - (G - U Θ Uᵀ)`` shows ``λ_1(G - U Θ Uᵀ) < σ``; ``η`` covers the rounding of
       forming and factorising the matrix.
-    - Davis–Kahan's sin Θ theorem: the Rayleigh quotients of ``U`` are ``>= θ_r`` and the
-      other eigenvalues of ``G`` are ``<= σ``, so ``||sin Θ||_F <= ||G U - U Θ||_F / (θ_r - σ)``.
+    - Davis–Kahan's sin Θ theorem: the eigenvalues of ``Uᵀ G U`` are ``>= θ_r - ρ`` and the
+      other eigenvalues of ``G`` are ``<= σ``, so ``||sin Θ||_F <= ρ / (θ_r - ρ - σ)``, with
+      ``ρ`` the computed ``||G U - U Θ||_F`` plus ``4 √n ε θ_1 √r`` for its own rounding (the
+      residual of ``Uᵀ G U`` itself is no larger than that of ``Θ``).
+
+    The bound is rigorous for the computed quantities up to rounding; ``η`` is a worst-case
+    allowance, the residual's is the typical (``√n``) size of rounding in a float64 product.
     """
     n, r = U.shape
     theta_r = float(theta[-1])
@@ -145,7 +150,10 @@ def _certify(G: torch.Tensor, U: torch.Tensor, theta: torch.Tensor, theta_next: 
     M.diagonal().add_(sigma - eta)
     if int(torch.linalg.cholesky_ex(M).info) != 0:
         return None
-    return float(torch.linalg.matrix_norm(R, ord="fro")) / (theta_r - sigma) * (1 + 2 * orth)
+    rho = (float(torch.linalg.matrix_norm(R, ord="fro"))
+           + 4 * (n * r) ** 0.5 * _EPS64 * float(theta[0]))
+    delta = theta_r - rho - sigma
+    return rho / delta * (1 + 2 * orth) if delta > 0 else None
 
 
 def _top_eig_krylov(G: torch.Tensor, r: int, tol: float = _SUBSPACE_TOL):
@@ -187,10 +195,13 @@ def _top_eig_krylov(G: torch.Tensor, r: int, tol: float = _SUBSPACE_TOL):
             if gap > 0:
                 U = V[:, :c] @ Yr
                 res = float(torch.linalg.matrix_norm(GV[:, :c] @ Yr - U * theta[:r], ord="fro"))
-                est = res / (0.75 * gap)
+                est = (res + 4 * (n * r) ** 0.5 * _EPS64 * top) / (0.75 * gap)
                 if est <= tol:
                     bound = _certify(G, U, theta[:r].clone(), float(theta[r]))
-                    return (theta[:r].clone(), U) if bound is not None and bound <= tol else None
+                    if bound is None:
+                        return None  # an eigenvalue the Krylov space missed, or lost orthogonality
+                    if bound <= tol:
+                        return theta[:r].clone(), U
                 check = j + 1
                 if last is not None and 0 < est < last[1]:
                     # the estimate falls about geometrically: skip the checks it will not pass
