@@ -343,7 +343,7 @@ def _cka_features(xs, ys, ex, ey, unbiased):
         # column sums s are tiny (a float32 sum suffices) and so is A(Aᵀ1) next to k in
         # K̃1 = A(Aᵀ1) - k.
         s = x.sum(0).double()
-        k = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_()
+        k = _row_sq_norms(x)
         r = (x @ s.to(x.dtype)).double().sub_(k)
         return {"x": x, "s": s, "k": k, "sum": float(s @ s - k.sum()), "r": r}
 
@@ -368,6 +368,25 @@ def _cka_features(xs, ys, ex, ey, unbiased):
             # K = A Aᵀ was scaled by 2**-2ex, L by 2**-2ey
             out[i, j] = cka_ratio(h(fro(a, b), a, b), hx[i], hy[j], cka_eps(2 * ex[i], 2 * ey[j]))
     return out
+
+
+def _row_sq_norms(x: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """``||x_i||²`` of every row, accumulated in float64, ``rows`` rows at a time on the CPU
+    (the float64 copy of a block stays in cache instead of doubling the whole matrix in
+    memory; accelerators take all rows in one call).
+
+    Example:
+        >>> x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+        >>> _row_sq_norms(x).tolist()
+        [25.0, 1.0]
+    """
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    if x.device.type != "cpu":
+        rows = max(1, x.shape[0])
+    for r0 in range(0, x.shape[0], rows):
+        torch.linalg.vector_norm(x[r0:r0 + rows], dim=1, dtype=torch.float64,
+                                 out=out[r0:r0 + rows])
+    return out.square_()
 
 
 #: Column-block width of :func:`_sym_fro2`: narrow enough that skipping the blocks below the
