@@ -5,9 +5,8 @@ randomised ``torch.svd_lowrank`` + scikit-learn CCA), in one process on the same
     python -m benchmarks.bench_svcca --against /tmp/ref --n 1024 --quick
 
 The reference checkout is loaded as ``prh-fast bench --against`` loads it
-(``prh_fast.profile.load_reference``); its ``metrics.py`` imports ``torchaudio.functional``
-(used only by ``edit_distance_knn``, not benchmarked here), so an empty stand-in module is put
-in its place when torchaudio does not import, and the output says so.
+(``prh_fast.profile.load_reference``, which stands in for a missing torchaudio -- the reference
+uses it only in ``edit_distance_knn`` -- and says so; the note is printed under the table).
 
 Correctness first: prh_fast's value is checked against the float64 oracle
 (``prh_fast.reference.svcca``, an exact SVD) before anything is timed. The reference's value is
@@ -25,12 +24,10 @@ from __future__ import annotations
 import prh_fast  # noqa: F401
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -39,30 +36,6 @@ from benchmarks.bench_metrics import features
 from prh_fast import reference
 from prh_fast.metrics import _svcca, svcca
 from prh_fast.profile import load_reference
-
-
-@contextlib.contextmanager
-def torchaudio_standin():
-    """While active, ``import torchaudio.functional`` succeeds (an empty module) if the real
-    one does not; yields whether the stand-in was used."""
-    try:
-        import torchaudio.functional  # noqa: F401
-        yield False
-        return
-    except Exception:
-        pass
-    saved = {k: sys.modules.get(k) for k in ("torchaudio", "torchaudio.functional")}
-    pkg, fn = types.ModuleType("torchaudio"), types.ModuleType("torchaudio.functional")
-    pkg.functional = fn
-    sys.modules.update({"torchaudio": pkg, "torchaudio.functional": fn})
-    try:
-        yield True
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 def load() -> str:
@@ -112,13 +85,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with torchaudio_standin() as stubbed:
-        ref = load_reference(args.against).metrics.AlignmentMetrics
+    mods = load_reference(args.against)
+    ref = mods.metrics.AlignmentMetrics
     notes = ["svcca: the reference's value is randomised (torch.svd_lowrank); prh_fast's is "
-             "exact and is checked against the float64 oracle"]
-    if stubbed:
-        notes.append("torchaudio is not installed: an empty torchaudio.functional stood in "
-                     "(the reference uses it only in edit_distance_knn)")
+             "exact and is checked against the float64 oracle", *mods.stubs]
 
     rows = []
     r = args.cca_dim
