@@ -171,7 +171,7 @@ def input_rounding(X: torch.Tensor, Xs: torch.Tensor, norms: torch.Tensor) -> fl
         ``rho`` (0.0 when every row converts exactly).
 
     Example:
-        >>> X = torch.tensor([[1.0, 2.0**-9], [0.5, 0.25]])
+        >>> X = torch.tensor([[1.0, 1.0 / 3.0], [0.5, 0.25]])
         >>> rho = input_rounding(X, X.to(torch.bfloat16), X.double().norm(dim=1))
         >>> 0 < rho < 2.0**-8
         True
