@@ -62,8 +62,7 @@ def stage_profile(X: torch.Tensor, r: int, repeats: int) -> dict:
         "gram_product_only_s": median_time(lambda: Y.T @ Y, repeats),
         "top_eig_s": median_time(lambda: _svcca._top_eig(G, r, "x"), repeats),
         "full_eigh_s": median_time(lambda: torch.linalg.eigh(G), repeats),
-        "basis_s": median_time(lambda: (Y.double() @ (q[:, None] * V) - m @ (q[:, None] * V))
-                               / lam.sqrt(), repeats),
+        "basis_s": median_time(lambda: _svcca._times(Y, q[:, None] * V / lam.sqrt()), repeats),
         "krylov_certified": _svcca._top_eig_krylov(G, r) is not None
         if G.shape[0] >= _svcca._KRYLOV_MIN_DIM else None,
     }

@@ -93,6 +93,18 @@ def _standardised_gram(X: torch.Tensor, dtype: torch.dtype):
     return Y, m, q, G
 
 
+def _times(Y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Y @ W`` in float64 (``W`` float64), converting ``Y`` a row block at a time (no float64
+    copy of the whole ``Y``)."""
+    if Y.dtype == torch.float64:
+        return Y @ W
+    out = torch.empty((Y.shape[0], W.shape[1]), dtype=torch.float64, device=Y.device)
+    step = max(1, (1 << 18) // max(1, Y.shape[1]))
+    for a in range(0, Y.shape[0], step):
+        torch.mm(Y[a:a + step].double(), W, out=out[a:a + step])
+    return out
+
+
 def _raise_rank(r: int, name: str):
     raise InputError(
         f"cca_dim: {r} exceeds the numerical rank of {name} after standardisation "
@@ -271,8 +283,8 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
     def basis(x, name):
         Y, m, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
         lam, V = _top_eig(G, cca_dim, name)
-        W = q[:, None] * V
-        return (Y.double() @ W - m @ W) / lam.sqrt()  # [N, r] orthonormal, centred
+        W = q[:, None] * V / lam.sqrt()
+        return _times(Y, W) - m @ W  # [N, r] orthonormal, centred columns
 
     ux = [basis(x, name) for x, name in zip(xs, x_names)]
     uy = [basis(y, name) for y, name in zip(ys, y_names)]
