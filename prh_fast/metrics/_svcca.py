@@ -175,8 +175,10 @@ def _top_eig_krylov(G: torch.Tensor, r: int, tol: float = _SUBSPACE_TOL):
 
     The basis ``V`` grows by blocks of ``r + 8`` columns up to half of ``G``'s order; the
     projected matrix ``H = Vᵀ G V`` grows with it (one new block column per step). From the
-    fourth block on, each step computes the Ritz pairs and stops once the residual predicts the
-    tolerance; :func:`_certify` then has the last word. The start block is a fixed-seed
+    fourth block on, Ritz pairs are computed at the steps where the residual estimate, falling
+    about geometrically, may have reached the tolerance; once it has, :func:`_certify` has the
+    last word (an eigenvalue bound that fails ends the attempt; a bound above the tolerance
+    lets the basis grow). The start block is a fixed-seed
     Gaussian, so results are deterministic. The returned eigenvalues are Rayleigh quotients of
     the returned vectors (``Vᵀ G V = diag(λ)`` up to rounding), which is what the orthonormal
     basis ``X V Λ^{-1/2}`` needs."""
