@@ -178,10 +178,10 @@ def _top_eig_krylov(G: torch.Tensor, r: int, tol: float = _SUBSPACE_TOL):
     fourth block on, Ritz pairs are computed at the steps where the residual estimate, falling
     about geometrically, may have reached the tolerance; once it has, :func:`_certify` has the
     last word (an eigenvalue bound that fails ends the attempt; a bound above the tolerance
-    lets the basis grow). The start block is a fixed-seed
-    Gaussian, so results are deterministic. The returned eigenvalues are Rayleigh quotients of
-    the returned vectors (``Vᵀ G V = diag(λ)`` up to rounding), which is what the orthonormal
-    basis ``X V Λ^{-1/2}`` needs."""
+    lets the basis grow). It gives up early when the extrapolation lies far beyond the budget.
+    The start block is a fixed-seed Gaussian, so results are deterministic. The returned
+    eigenvalues are Rayleigh quotients of the returned vectors (``Vᵀ G V = diag(λ)`` up to
+    rounding), which is what the orthonormal basis ``X V Λ^{-1/2}`` needs."""
     n = G.shape[0]
     b = r + _EXTRA
     nblocks = max(2, (n // 2) // b)
@@ -221,6 +221,8 @@ def _top_eig_krylov(G: torch.Tensor, r: int, tol: float = _SUBSPACE_TOL):
                     # the estimate falls about geometrically: skip the checks it will not pass
                     rate = math.log(est / last[1]) / (j - last[0])
                     check = j + max(1, int(math.log(tol / est) / rate))
+                    if check > 3 * nblocks:
+                        return None  # hopeless within the budget (a flat top of the spectrum)
                 last = (j, est)
         if j == nblocks:
             return None
