@@ -3,6 +3,7 @@ randomised ``torch.svd_lowrank`` + scikit-learn CCA), in one process on the same
 
     python -m benchmarks.bench_svcca --against /tmp/ref                  # N=4096, D=768, r=10
     python -m benchmarks.bench_svcca --against /tmp/ref --n 1024 --quick
+    python -m benchmarks.bench_svcca --against /tmp/ref --data noise --out /tmp   # worst case
 
 The reference checkout is loaded as ``prh-fast bench --against`` loads it
 (``prh_fast.profile.load_reference``, which stands in for a missing torchaudio -- the reference
@@ -74,6 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[4096])
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--cca-dim", type=int, default=10)
+    p.add_argument("--data", choices=["latent", "noise"], default="latent",
+                   help="latent: paired features with shared structure (bench_metrics); noise: "
+                        "independent Gaussian features, whose flat spectrum top sends the "
+                        "eigenspace to the full eigendecomposition (the slow case)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for both implementations (default: as is)")
@@ -92,7 +97,11 @@ def main(argv=None) -> int:
     rows = []
     r = args.cca_dim
     for n in args.n:
-        A, B = features(n, args.d)
+        if args.data == "latent":
+            A, B = features(n, args.d)
+        else:
+            g = torch.Generator().manual_seed(0)
+            A, B = (torch.randn(n, args.d, generator=g) for _ in range(2))
         fast = svcca(A, B, cca_dim=r)
         oracle = reference.svcca(A.double(), B.double(), r)
         if not abs(fast - oracle) <= 1e-4 * abs(oracle) + 1e-5:
@@ -109,7 +118,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 fn()
                 (t_fast if name == "fast" else t_ref).append(time.perf_counter() - t0)
-        row = {"N": n, "D": args.d, "cca_dim": r, "dtype": "float32",
+        row = {"N": n, "D": args.d, "cca_dim": r, "dtype": "float32", "data": args.data,
                "threads": torch.get_num_threads(),
                "prh_fast_s": statistics.median(t_fast), "reference_s": statistics.median(t_ref),
                "prh_fast_runs": t_fast, "reference_runs": t_ref,
@@ -124,8 +133,10 @@ def main(argv=None) -> int:
         prof = row["profile_layer_A"]
         print("    one layer: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in prof.items()), flush=True)
-    finish("bench_svcca", "svcca", args, rows, [
-        ("N", "N", "d"), ("D", "D", "d"), ("cca_dim", "r", "d"), ("value", "prh_fast", ".5f"),
+    name = "bench_svcca" if args.data == "latent" else "bench_svcca_noise"
+    finish(name, "svcca", args, rows, [
+        ("data", "data", ""), ("N", "N", "d"), ("D", "D", "d"), ("cca_dim", "r", "d"),
+        ("value", "prh_fast", ".5f"),
         ("oracle_value", "oracle", ".5f"), ("reference_value", "reference", ".5f"),
         ("prh_fast_s", "prh_fast (s)", ".3f"), ("reference_s", "reference (s)", ".3f"),
         ("speedup", "speed-up", ".2f"), ("threads", "threads", "d"),
