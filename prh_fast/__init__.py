@@ -73,6 +73,10 @@ def __getattr__(name: str):
         module, attr = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'prh_fast' has no attribute {name!r}") from None
+    if module == "prh_fast._align":
+        # align() on store folders / feature files runs the model grid's path for one pair,
+        # which prh_fast.grid (a layer above _align) registers when it is imported
+        importlib.import_module("prh_fast.grid")
     value = importlib.import_module(module)
     if attr is not None:
         value = getattr(value, attr)

@@ -309,6 +309,9 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
     memory_budget = resolve_memory_budget(memory_budget, stream_budget)
     if isinstance(x_feats, (str, os.PathLike)) or isinstance(y_feats, (str, os.PathLike)):
         # store folders (streamed) or feature files: the grid's path for one model pair
+        if not _PATH_RUNNER:
+            raise RuntimeError("align on paths needs prh_fast.grid: call prh_fast.align (or "
+                               "import prh_fast.grid first)")
         return _PATH_RUNNER[0](x_feats, y_feats, metric, topk, normalize, concat=concat,
                                backend=backend, null_permutations=null_permutations, seed=seed,
                                memory_budget=memory_budget, **metric_kwargs)

@@ -460,3 +460,20 @@ def test_fixed_order_score_depends_on_the_rows_only():
             assert torch.equal(v, w)
         exact = (X[i].double() * X[j].double()).sum(1)
         torch.testing.assert_close(_exact.fixed_dots(X, X, i, j), exact, rtol=1e-14, atol=1e-14)
+
+
+def test_align_on_store_folders_in_a_fresh_process(tmp_path):
+    # `import prh_fast` loads nothing but the settings; the path runner that align() needs for
+    # folders is registered when prh_fast.align is first looked up
+    import subprocess
+    import sys
+
+    A, B = latent_pair(n=90)
+    px, py = write_store(tmp_path / "x", [A]), write_store(tmp_path / "y", [B])
+    code = ("import sys, prh_fast\n"
+            "r = prh_fast.align(sys.argv[1], sys.argv[2], 'mutual_knn', topk=5)\n"
+            "print(float(r.scores[0, 0]))")
+    out = subprocess.run([sys.executable, "-c", code, str(px), str(py)], capture_output=True,
+                         text=True, check=True)
+    want = float(prh_fast.align(A[:, None], B[:, None], "mutual_knn", topk=5).scores[0, 0])
+    assert float(out.stdout.strip()) == pytest.approx(want, abs=1e-12)
