@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prh_fast._threads import with_threads
+from prh_fast._threads import map_layers, with_threads
 from prh_fast._validate import (
     as_layer_pair,
     as_layers,
@@ -43,6 +43,7 @@ from prh_fast._validate import (
 )
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
+from prh_fast.knn._backends import resolve
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
@@ -149,13 +150,22 @@ def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def _knn_side(xs, topk, backend, reports=None):
     """One side's neighbour lists, ``[L, N, k]``: one search per layer. ``reports``: a list
     that receives each layer's ``AnnReport`` (``None`` for an exact search)."""
-    out = []
-    for x in xs:
-        idx, rep = knn(x, topk, backend=backend, return_report=True)
-        out.append(idx)
-        if reports is not None:
-            reports.append(rep)
-    return torch.stack(out)
+    found = map_layers(lambda x: knn(x, topk, backend=backend, return_report=True), list(xs),
+                       xs[0].shape[0], parallel=_side_by_side(xs, topk, backend))
+    if reports is not None:
+        reports.extend(rep for _, rep in found)
+    return torch.stack([idx for idx, _ in found])
+
+
+def _side_by_side(xs, topk, backend) -> bool:
+    """Whether one side's layers may be searched side by side (``map_layers``): the exact CPU
+    search on CPU tensors (the other backends bring their own threading)."""
+    if not xs or any(x.device.type != "cpu" for x in xs):
+        return False
+    try:
+        return resolve(backend, xs[0].device, k=topk, dtype=xs[0].dtype).search == "cpu"
+    except Exception:  # the search itself reports a bad backend, with its own message
+        return False
 
 
 #: A neighbour metric's value from ``neighbour_scores``' raw row mean (the metrics' own rule).
@@ -191,11 +201,12 @@ def _cknna_side(xs, topk, backend, unbiased=True, distance_agnostic=False, repor
 
     def lists(x):
         i, s, rep = cknna_lists(x, topk, backend, excl, return_report=True)
-        if reports is not None:
-            reports.append(rep)
-        return i, cknna_values(i, s, unbiased, distance_agnostic)
+        return (i, cknna_values(i, s, unbiased, distance_agnostic)), rep
 
-    la = [lists(x) for x in xs]
+    found = map_layers(lists, list(xs), n, parallel=_side_by_side(xs, topk, backend))
+    if reports is not None:
+        reports.extend(rep for _, rep in found)
+    la = [p for p, _ in found]
     return la, [cknna_sim(n, p, p, unbiased, backend) for p in la]
 
 

@@ -10,6 +10,10 @@ torch and the native kernels for the duration of the call and then restores. The
 kernels are told the same count on every call, so even a build whose native module got a
 runtime of its own cannot run more threads than torch's count.
 
+**Side by side.** A layer grid searches every layer of a side; at small ``N`` each search is
+hundreds of small parallel regions, so :func:`map_layers` runs whole searches side by side, one
+thread each, instead (same results, no barriers).
+
 **How they wait.** An OpenMP worker that finishes its share of a parallel region waits for
 the next one. GNU OpenMP's default is to spin (busy-wait) for a while first -- about
 300,000 polls, milliseconds on a loaded core -- before it sleeps. On an idle machine that
@@ -31,12 +35,13 @@ how to avoid it. The CLI always imports prh_fast first.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
 import sys
 
-__all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads"]
+__all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads", "map_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +210,68 @@ def with_threads(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+#: Largest ``N`` whose layers :func:`map_layers` searches side by side: below it a search is
+#: many small parallel regions (a tile product and a merge per 256-row tile), each ending in a
+#: barrier; above it the tiles are large and one search uses the threads well by itself (and
+#: side-by-side searches would multiply the scratch memory).
+LAYER_PARALLEL_MAX_N = 8192
+
+
+def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
+    """``[fn(x) for x in items]``, with independent items run side by side when that pays.
+
+    With ``T = effective_threads() >= 2``, at least two items, ``n <= LAYER_PARALLEL_MAX_N`` and
+    ``parallel``, ``T`` worker threads each run whole items with one compute thread (torch's
+    pool and the native kernels): the GIL is released inside the products and the native
+    kernels, so the items overlap, and no item waits at a barrier for a thread the operating
+    system has descheduled -- on a busy machine, small searches lose most of their time there.
+    The results (and their order) are those of the plain loop; each worker runs in a copy of
+    the caller's context (``config_context`` settings hold there too).
+
+    Args:
+        fn: the function of one item.
+        items: the items (e.g. one side's layers).
+        n: the items' size (rows), compared with :data:`LAYER_PARALLEL_MAX_N`.
+        parallel: ``False`` runs the plain loop (e.g. a backend that is not the CPU one).
+
+    Returns:
+        ``[fn(x) for x in items]``.
+
+    Example:
+        >>> map_layers(lambda x: x * x, [1, 2, 3], n=10)
+        [1, 4, 9]
+    """
+    t = effective_threads()
+    if not parallel or t < 2 or len(items) < 2 or n > LAYER_PARALLEL_MAX_N:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from prh_fast._config import config_context
+
+    def one(x):
+        _native_set(1)
+        return fn(x)
+
+    workers = min(t, len(items))
+    have = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = []
+            for x in items:
+                ctx = contextvars.copy_context()
+                # inside the workers, the public entry points keep one thread each
+                futures.append(pool.submit(ctx.run, _with_one_thread, config_context, one, x))
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(have)
+        _native_set(have)
+
+
+def _with_one_thread(config_context, fn, x):
+    with config_context(num_threads=1):
+        return fn(x)

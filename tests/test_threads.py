@@ -138,3 +138,60 @@ def test_nothing_said_when_threads_sleep_or_the_machine_is_idle(monkeypatch, cap
         with caplog.at_level("WARNING", logger="prh_fast"):
             prh_fast.knn.knn(X, 3)
     assert not [r for r in caplog.records if "spin" in r.getMessage()]
+
+
+def test_map_layers_keeps_order_settings_and_thread_count(monkeypatch):
+    import threading
+
+    from prh_fast import _threads
+    from prh_fast._config import get_config
+    from prh_fast._threads import map_layers
+
+    monkeypatch.setattr(_threads, "effective_threads", lambda: 2)
+    before = torch.get_num_threads()
+    seen = []
+
+    def fn(x):
+        seen.append((threading.get_ident(), torch.get_num_threads(), get_config().stream))
+        return x * 10
+
+    with config_context(stream="off"):
+        out = map_layers(fn, [3, 1, 2, 5], n=100)
+    assert out == [30, 10, 20, 50]
+    assert {s[1:] for s in seen} == {(1, "off")}  # one thread each, the caller's settings
+    assert torch.get_num_threads() == before
+    # large items, one item, or parallel=False: the plain loop in this thread
+    seen.clear()
+    assert map_layers(fn, [1, 2], n=10**6) == [10, 20]
+    assert map_layers(fn, [4], n=10) == [40]
+    assert map_layers(fn, [1, 2], n=10, parallel=False) == [10, 20]
+    assert {s[0] for s in seen} == {threading.get_ident()}
+
+
+def test_map_layers_reraises_a_workers_error(monkeypatch):
+    from prh_fast import _threads
+    from prh_fast._threads import map_layers
+
+    monkeypatch.setattr(_threads, "effective_threads", lambda: 2)
+
+    def fn(x):
+        if x == 2:
+            raise InputError("x: bad layer")
+        return x
+
+    before = torch.get_num_threads()
+    with pytest.raises(InputError, match="bad layer"):
+        map_layers(fn, [1, 2, 3], n=10)
+    assert torch.get_num_threads() == before
+
+
+def test_layer_grids_side_by_side_equal_the_plain_loop(monkeypatch):
+    from prh_fast import _threads
+
+    A, B = drifting_layers(300, 4, 48, seed=5), drifting_layers(300, 3, 48, seed=6)
+    monkeypatch.setattr(_threads, "effective_threads", lambda: 2)
+    got = {m: prh_fast.align(A, B, m, topk=6) for m in ("mutual_knn", "cknna", "lcs_knn")}
+    monkeypatch.setattr(_threads, "LAYER_PARALLEL_MAX_N", 0)
+    for m, res in got.items():
+        want = prh_fast.align(A, B, m, topk=6)
+        assert torch.equal(res.scores, want.scores), m
