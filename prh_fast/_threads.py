@@ -10,19 +10,22 @@ torch and the native kernels for the duration of the call and then restores. The
 kernels are told the same count on every call, so even a build whose native module got a
 runtime of its own cannot run more threads than torch's count.
 
-**Side by side.** A layer grid searches every layer of a side; at small ``N`` each search is
-hundreds of small parallel regions, so :func:`map_layers` runs whole searches side by side, one
-thread each, instead (same results, no barriers).
-
 **How they wait.** An OpenMP worker that finishes its share of a parallel region waits for
 the next one. GNU OpenMP's default is to spin (busy-wait) for a while first -- about
 300,000 polls, milliseconds on a loaded core -- before it sleeps. On an idle machine that
-saves a wake-up; on a shared one the spinning threads take the cores the busy processes and
-the threads still working need, and every parallel region's barrier can cost a scheduler
-time slice. A search at small ``N`` runs hundreds of regions (a tile product and a top-k
-merge per tile), so with four busy processes on two cores it was measured 5-13x slower than
-idle with spinning threads and about 3x (the fair share) with sleeping ones, while the idle
-times were the same within noise either way (``benchmarks/bench_contention.py``).
+saves a wake-up; on a shared one the spinning threads take the cores that busy processes and
+the threads still working need, and a parallel region's barrier can wait a scheduler time
+slice for a descheduled thread. Measured on 2 cores with 4 busy processes
+(``benchmarks/bench_contention.py``; the fair share is 3x the idle time): an 8 x 8 layer grid at
+``N = 1024`` with every search parallel inside took 9.7-45x its idle time with spinning
+threads and 4.8-6.2x with sleeping ones; with the layers side by side (below) 5.2x and 2.7x.
+A search at ``N = 16384`` (few, large regions): 3.9x spinning, 3.1x sleeping. Idle times were
+the same within noise either way.
+
+**Side by side.** A layer grid searches every layer of a side; at small ``N`` each search is
+hundreds of small parallel regions, so :func:`map_layers` runs whole searches side by side, one
+thread each, instead (same results, no barrier per tile; the 8 x 8 grid above took 0.284 s
+instead of 0.358 s on the idle machine, measured in one process).
 
 The runtime reads its wait policy once, when it is loaded. ``import prh_fast`` therefore sets
 ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep as soon as they are idle) *before* it loads the
