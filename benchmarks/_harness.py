@@ -101,6 +101,41 @@ def timeit(fn, *, repeats: int = 5, warmup: int = 1, device=None, max_seconds: f
     return result, {"p20": q(20), "p50": q(50), "p80": q(80), "runs": len(times)}
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Time several callables side by side: one untimed warm-up call each, then ``repeats``
+    rounds calling each once. Returns ``{name: {"value", "seconds" (median), "times"}}`` or
+    ``{name: {"error": repr}}`` for a callable that raised (it leaves the rounds)."""
+    out, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            out[name] = {"value": fn(), "times": []}
+            live[name] = fn
+        except Exception as exc:  # a failing competitor is reported, not fatal
+            out[name] = {"error": repr(exc)}
+    for _ in range(repeats):
+        for name, fn in list(live.items()):
+            t0 = time.perf_counter()
+            try:
+                value = fn()
+            except Exception as exc:
+                out[name] = {"error": repr(exc)}
+                live.pop(name)
+                continue
+            out[name]["times"].append(time.perf_counter() - t0)
+            out[name]["value"] = value
+    for name in live:
+        out[name]["seconds"] = statistics.median(out[name]["times"])
+    return out
+
+
+def loadavg() -> list | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS does not report them)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """``columns``: (key, header, format). Returns and prints the table."""
     heads = [h for _, h, _ in columns]

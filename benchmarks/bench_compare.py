@@ -42,8 +42,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -58,7 +56,7 @@ import prh_fast
 
 import torch
 
-from benchmarks._harness import environment, write_json
+from benchmarks._harness import environment, interleaved, loadavg, write_json
 
 SECTIONS = ("reference", "grid", "knn", "cka")
 REFERENCE_METRICS = ("cycle_knn", "mutual_knn", "lcs_knn", "edit_distance_knn", "cka",
@@ -68,41 +66,6 @@ SVCCA_NOTE = "reference value is randomised (torch.svd_lowrank); prh_fast's is e
 
 # --------------------------------------------------------------------------------------------
 # timing, load, tables
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Time several callables side by side: one untimed warm-up call each, then ``repeats``
-    rounds calling each once. Returns ``{name: {"value", "seconds" (median), "times"}}`` or
-    ``{name: {"error": repr}}`` for a callable that raised (it leaves the rounds)."""
-    out, live = {}, {}
-    for name, fn in fns.items():
-        try:
-            out[name] = {"value": fn(), "times": []}
-            live[name] = fn
-        except Exception as exc:  # a failing competitor is reported, not fatal
-            out[name] = {"error": repr(exc)}
-    for _ in range(repeats):
-        for name, fn in list(live.items()):
-            t0 = time.perf_counter()
-            try:
-                value = fn()
-            except Exception as exc:
-                out[name] = {"error": repr(exc)}
-                live.pop(name)
-                continue
-            out[name]["times"].append(time.perf_counter() - t0)
-            out[name]["value"] = value
-    for name in live:
-        out[name]["seconds"] = statistics.median(out[name]["times"])
-    return out
-
-
-def loadavg() -> list | None:
-    """The 1-, 5- and 15-minute load averages (None where the OS does not report them)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def worktree_changes() -> list:

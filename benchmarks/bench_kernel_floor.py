@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import math
-import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -39,36 +37,9 @@ import prh_fast
 
 import torch
 
-from benchmarks._harness import finish
+from benchmarks._harness import finish, interleaved, loadavg
 
 METRICS = ("cka", "unbiased_cka", "cknna")
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """One untimed warm-up call of each callable, then ``repeats`` rounds calling each once:
-    ``{name: {"value", "seconds" (median), "times"}}``, or ``{name: {"error": repr}}``."""
-    out = {}
-    for name, fn in fns.items():
-        try:
-            out[name] = {"value": fn(), "times": []}
-        except Exception as exc:  # reported by the caller
-            return {name: {"error": repr(exc)}}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            out[name]["value"] = fn()
-            out[name]["times"].append(time.perf_counter() - t0)
-    for r in out.values():
-        r["seconds"] = statistics.median(r["times"])
-    return out
-
-
-def loadavg() -> list | None:
-    """The 1-, 5- and 15-minute load averages (None where the OS does not report them)."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def pair(n: int, d: int, seed: int = 0):
