@@ -43,6 +43,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 __all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads", "map_layers"]
 
@@ -260,8 +261,7 @@ def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
         return fn(x)
 
     workers = min(t, len(items))
-    have = torch.get_num_threads()
-    torch.set_num_threads(1)
+    _single_threaded_enter(torch)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = []
@@ -271,8 +271,33 @@ def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
                 futures.append(pool.submit(ctx.run, _with_one_thread, config_context, one, x))
             return [f.result() for f in futures]
     finally:
-        torch.set_num_threads(have)
-        _native_set(have)
+        _single_threaded_leave(torch)
+
+
+# torch's thread count is process-wide: map_layers calls running at the same time (a user's
+# own threads) share one switch to a single thread, and the last to finish restores the count
+# the first one found.
+_switch_lock = threading.Lock()
+_switch_depth = 0
+_switch_saved = None
+
+
+def _single_threaded_enter(torch) -> None:
+    global _switch_depth, _switch_saved
+    with _switch_lock:
+        if _switch_depth == 0:
+            _switch_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _switch_depth += 1
+
+
+def _single_threaded_leave(torch) -> None:
+    global _switch_depth
+    with _switch_lock:
+        _switch_depth -= 1
+        if _switch_depth == 0:
+            torch.set_num_threads(_switch_saved)
+            _native_set(_switch_saved)
 
 
 def _with_one_thread(config_context, fn, x):

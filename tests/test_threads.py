@@ -195,3 +195,33 @@ def test_layer_grids_side_by_side_equal_the_plain_loop(monkeypatch):
     for m, res in got.items():
         want = prh_fast.align(A, B, m, topk=6)
         assert torch.equal(res.scores, want.scores), m
+
+
+def test_concurrent_grids_restore_torchs_thread_count(monkeypatch):
+    # a user's own threads running grids at the same time: one shared switch to one thread,
+    # restored by the last one out (torch's count is process-wide)
+    import threading
+
+    from prh_fast import _threads
+
+    monkeypatch.setattr(_threads, "effective_threads", lambda: 2)
+    A, B = drifting_layers(200, 3, 32, seed=7), drifting_layers(200, 3, 32, seed=8)
+    want = prh_fast.align(A, B, "mutual_knn", topk=5).scores
+    before = torch.get_num_threads()
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(3):
+                results.append(prh_fast.align(A, B, "mutual_knn", topk=5).scores)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 9 and all(torch.equal(r, want) for r in results)
+    assert torch.get_num_threads() == before
