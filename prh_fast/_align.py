@@ -131,7 +131,9 @@ def _prepare_side(layers, normalize, concat):
     if concat:
         out = [torch.cat([x.reshape(x.shape[0], -1) for x in layers], dim=1)] + out
     if normalize:
-        out = [normalize_rows(x.to(compute_dtype(x))) for x in out]
+        cpu = bool(out) and all(x.device.type == "cpu" for x in out)
+        out = map_layers(lambda x: normalize_rows(x.to(compute_dtype(x))), out,
+                         out[0].shape[0] if out else 0, parallel=cpu)
     return out
 
 
