@@ -28,6 +28,7 @@ from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim,
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca_scores
+from prh_fast.metrics._ties import NeighbourTies, check_ties, expected_mutual, neighbour_ties
 
 __all__ = [
     "SUPPORTED_METRICS",
@@ -43,6 +44,8 @@ __all__ = [
     "cknna",
     "svcca",
     "edit_distance_knn",
+    "neighbour_ties",
+    "NeighbourTies",
 ]
 
 #: The neighbour metrics and the kind of ``neighbour_scores`` that gives their raw row mean.
@@ -82,19 +85,30 @@ def _knn_metric(metric, feats_A, feats_B, topk, backend, normalize_lcs=False) ->
 
 
 @with_threads
-def mutual_knn(feats_A, feats_B, topk, *, backend=None) -> float:
+def mutual_knn(feats_A, feats_B, topk, *, ties="rule", backend=None) -> float:
     """Mean over samples of ``|knn_A(i) ∩ knn_B(i)| / topk``.
+
+    ``ties="rule"`` (default, the reference's number): each list breaks exact ties by the lower
+    index. ``ties="expected"``: the exact expectation of the score when every tie at a list's
+    boundary is broken uniformly at random, independently in A and B -- row ``j`` is in row
+    ``i``'s list with probability 1 above the ``topk``-th score, ``r / |T|`` among the ``|T|``
+    rows tied with it (``r`` places left), and the value is
+    ``mean_i sum_j p_A(i, j) p_B(i, j) / topk`` (see :func:`neighbour_ties`). Without ties the
+    two are equal.
 
     Args:
         feats_A, feats_B: paired ``[N, Da]`` and ``[N, Db]`` features (tensors or arrays).
         topk: neighbours per sample, ``1 <= topk <= N - 1``.
-        backend: neighbour-search backend (see ``prh_fast.knn``); ``None``: the default.
+        ties: ``"rule"`` or ``"expected"``.
+        backend: neighbour-search backend (see ``prh_fast.knn``); ``None``: the default. The
+            expected value does not depend on the search: :func:`neighbour_ties` scores the
+            features on their own device and ``backend`` is not used.
 
     Returns:
         The score in ``[0, 1]``.
 
     Raises:
-        InputError: naming the argument (shapes, ``topk``, NaN/Inf values).
+        InputError: naming the argument (shapes, ``topk``, ``ties``, NaN/Inf values).
 
     Example:
         >>> import torch
@@ -102,7 +116,14 @@ def mutual_knn(feats_A, feats_B, topk, *, backend=None) -> float:
         >>> A = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
         >>> mutual_knn(A, 2 * A, topk=5)
         1.0
+        >>> C = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+        >>> mutual_knn(C, C, topk=1), round(mutual_knn(C, C, topk=1, ties="expected"), 4)
+        (1.0, 0.4583)
     """
+    if check_ties(ties) == "expected":
+        A, B = as_pair(feats_A, feats_B)
+        k = check_topk(topk, A.shape[0])
+        return expected_mutual(neighbour_ties(A, k), neighbour_ties(B, k))
     return _knn_metric("mutual_knn", feats_A, feats_B, topk, backend)
 
 

@@ -1,0 +1,265 @@
+"""Ties at the boundary of the neighbour lists, and the tie-aware ``mutual_knn``.
+
+``knn(X, k)[i]`` breaks exact ties by the lower index (docs/metrics.md). When many rows score
+exactly the same against row ``i`` -- duplicated rows, quantised features -- the rule, not the
+features, picks which of them enter the list. This module describes those ties and scores the
+neighbour overlap as if every tie at a list's boundary were broken uniformly at random.
+
+Definitions, per row ``i`` of one layer ``X [N, D]`` (scores ``fixed(i, j)``, the exact
+fixed-order float64 inner products every exact list is ranked by, ``prh_fast.knn._exact``;
+``j != i``):
+
+- ``s_k(i)``: the ``k``-th largest score;
+- ``G_i``: the rows scoring strictly above ``s_k(i)`` (``|G_i| < k``);
+- ``T_i``: the rows scoring exactly ``s_k(i)`` (``|G_i| + |T_i| >= k``);
+- with ``r_i = k - |G_i|``, a uniformly random tie break puts ``j`` in the list with
+  probability ``p(i, j) = 1`` for ``j`` in ``G_i``, ``r_i / |T_i|`` for ``j`` in ``T_i`` and 0
+  otherwise.
+
+The k-th neighbour is *tied* with the (k+1)-th when ``|G_i| + |T_i| > k``: then the rule decides
+which of ``T_i`` are kept.
+
+How ``T_i`` is found without an ``N x N`` matrix: row blocks of product scores ``a_ij``
+(``torch.mm`` in the compute dtype) obey ``|a_ij - fixed(i, j)| <= e_i``
+(:func:`prh_fast.knn._exact.margins`). With ``a_(k)`` the row's ``k``-th largest product
+score, ``k`` keys have ``fixed >= a_(k) - e_i``, so ``s_k(i) >= a_(k) - e_i`` and every key in
+``G_i`` or ``T_i`` has ``a_ij >= a_(k) - 2 e_i``. Those candidates are re-scored exactly
+(:func:`prh_fast.knn._merge.fixed_dots`) and ``s_k``, ``G_i``, ``T_i`` are read off the exact
+scores: equality is tested on the fixed-order scores only, never on products. Memory: one row
+block of products, plus the candidates (about ``sum_i |G_i| + |T_i|``) kept as CSR arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from prh_fast._validate import as_features, check_memory_budget, check_topk, compute_dtype
+from prh_fast.errors import InputError
+from prh_fast.knn import DEFAULT_MEMORY_BUDGET
+from prh_fast.knn._exact import margins, search_exponent
+from prh_fast.knn._merge import fixed_dots
+from prh_fast.prepare import row_norms
+
+__all__ = ["NeighbourTies", "neighbour_ties", "expected_mutual", "TIES_MODES", "check_ties"]
+
+#: The values of a neighbour metric's ``ties`` option: ``"rule"`` (ties to the lower index, the
+#: reference-compatible default) and ``"expected"`` (the expectation over uniform tie breaks).
+TIES_MODES = ("rule", "expected")
+
+
+def check_ties(ties) -> str:
+    """``ties`` as one of :data:`TIES_MODES`, else an ``InputError`` naming ``ties``.
+
+    Example:
+        >>> check_ties("expected")
+        'expected'
+    """
+    if not isinstance(ties, str) or ties not in TIES_MODES:
+        raise InputError(f"ties: expected one of {TIES_MODES}, got {ties!r}")
+    return ties
+
+
+@dataclasses.dataclass
+class NeighbourTies:
+    """The boundary of every row's ``k``-list in one layer (see the module docstring).
+
+    Members of ``G_i`` and ``T_i`` are stored as CSR arrays: row ``i``'s keys are
+    ``keys[indptr[i]:indptr[i + 1]]`` (ascending), ``tied`` marks those in ``T_i``.
+
+    Attributes:
+        n: rows ``N``.
+        k: list length.
+        kth: ``[N]`` float64, ``s_k(i)`` (the fixed-order score of the features as searched,
+            which may be scaled by a power of two).
+        n_greater: ``[N]`` int64, ``|G_i|``.
+        n_tied: ``[N]`` int64, ``|T_i|``.
+        indptr: ``[N + 1]`` int64 row offsets into ``keys``.
+        keys: ``[nnz]`` int64 members of ``G_i ∪ T_i``.
+        tied: ``[nnz]`` bool, the member is in ``T_i``.
+        distinct_rows: number of distinct rows (exact duplicates counted once).
+
+    Example:
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+        >>> t = neighbour_ties(X, 1)
+        >>> t.n_tied.tolist(), t.distinct_rows, t.tied_fraction
+        ([2, 2, 2, 3], 2, 1.0)
+    """
+
+    n: int
+    k: int
+    kth: torch.Tensor
+    n_greater: torch.Tensor
+    n_tied: torch.Tensor
+    indptr: torch.Tensor
+    keys: torch.Tensor
+    tied: torch.Tensor
+    distinct_rows: int
+
+    @property
+    def is_tied(self) -> torch.Tensor:
+        """``[N]`` bool: the row's ``k``-th neighbour is tied with its ``(k+1)``-th."""
+        return self.n_greater + self.n_tied > self.k
+
+    @property
+    def tied_fraction(self) -> float:
+        """Share of rows whose ``k``-th neighbour is tied with the ``(k+1)``-th."""
+        return float(self.is_tied.to(torch.float64).mean()) if self.n else 0.0
+
+    def tie_weight(self) -> torch.Tensor:
+        """``[N]`` float64, ``r_i / |T_i|``: each tied member's chance of entering the list."""
+        return (self.k - self.n_greater).to(torch.float64) / self.n_tied.to(torch.float64)
+
+    def probabilities(self) -> torch.Tensor:
+        """``[nnz]`` float64, ``p(i, j)`` of each stored member (aligned with ``keys``)."""
+        rows = torch.repeat_interleave(torch.arange(self.n), self.indptr.diff())
+        w = self.tie_weight()[rows]
+        return torch.where(self.tied, w, torch.ones_like(w))
+
+    def summary(self) -> dict:
+        """Plain numbers for reports: ``n``, ``k``, ``distinct_rows``, ``tied_fraction``,
+        ``tied_rows`` and the largest ``|T_i|``."""
+        return {"n": self.n, "k": self.k, "distinct_rows": self.distinct_rows,
+                "tied_fraction": self.tied_fraction, "tied_rows": int(self.is_tied.sum()),
+                "max_tie": int(self.n_tied.max()) if self.n else 0}
+
+
+def _prepare(X):
+    """The rows as the metrics search them: compute dtype, scaled by a power of two when their
+    products would leave its range (exact: every score scales by the same factor)."""
+    X = as_features(X, "X")
+    X = X.to(compute_dtype(X)).contiguous()
+    norms = row_norms(X)
+    e = search_exponent(float(norms.max()) if norms.numel() else 0.0, X.dtype)
+    if e:
+        X = torch.ldexp(X, torch.tensor(-e, dtype=torch.int32, device=X.device))
+        norms = row_norms(X)
+    return X, norms
+
+
+def _block_rows(n: int, budget: int) -> int:
+    # per entry: the product score, its float64 copy, the fixed scores, masks (about 32 bytes)
+    return max(1, min(n, budget // (32 * max(1, n))))
+
+
+def neighbour_ties(X, k: int, *, memory_budget=None) -> NeighbourTies:
+    """The tie structure at the boundary of each row's ``k`` nearest neighbours.
+
+    The rows are taken as given (the caller normalises; float64 stays float64, other dtypes
+    are computed in float32, as the metrics). Exact ties are decided on the fixed-order
+    float64 scores, never on matrix products (module docstring).
+
+    Args:
+        X: ``[N, D]`` features (tensor or array).
+        k: list length, ``1 <= k <= N - 1``.
+        memory_budget: bytes of scratch for a block of product scores (default 256 MiB).
+
+    Returns:
+        A :class:`NeighbourTies`.
+
+    Raises:
+        InputError: naming the argument (``X``, ``k``, ``memory_budget``).
+
+    Example:
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+        >>> t = neighbour_ties(X, 1)
+        >>> t.n_greater.tolist(), t.n_tied.tolist(), t.distinct_rows
+        ([0, 0, 0, 0], [1, 1, 1, 2], 3)
+    """
+    X, qn = _prepare(X)
+    n, d = X.shape
+    k = check_topk(k, n, "k")
+    budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
+    kmax = float(qn.max())
+    e_all = margins(qn, kmax, d, X.dtype)
+    step = _block_rows(n, budget)
+    kth = torch.empty(n, dtype=torch.float64)
+    n_gt = torch.empty(n, dtype=torch.int64)
+    n_eq = torch.empty(n, dtype=torch.int64)
+    keys, tied, counts = [], [], []
+    cols = torch.arange(n, device=X.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows = torch.arange(r0, r1, device=X.device)
+        S = (X[r0:r1] @ X.T).to(torch.float64)
+        S[rows - r0, rows] = float("-inf")  # a row is not its own neighbour
+        e = e_all[r0:r1].to(S.device)
+        ak = S.topk(k, dim=1).values[:, k - 1]
+        hit = S >= (ak - 2.0 * e).unsqueeze(1)
+        rr, cc = hit.nonzero(as_tuple=True)
+        F = torch.full_like(S, float("-inf"))
+        F[rr, cc] = fixed_dots(X, X, rr + r0, cc).to(S.device)
+        sk = F.topk(k, dim=1).values[:, k - 1]
+        gt = F > sk.unsqueeze(1)
+        eq = F == sk.unsqueeze(1)
+        kth[r0:r1] = sk.cpu()
+        n_gt[r0:r1] = gt.sum(dim=1).cpu()
+        n_eq[r0:r1] = eq.sum(dim=1).cpu()
+        member = gt | eq
+        mr, mc = member.nonzero(as_tuple=True)
+        keys.append(cols[mc].cpu())
+        tied.append(eq[mr, mc].cpu())
+        counts.append(member.sum(dim=1).cpu())
+        del S, F, hit, gt, eq, member
+    indptr = torch.zeros(n + 1, dtype=torch.int64)
+    indptr[1:] = torch.cat(counts).cumsum(0)
+    distinct = int(torch.unique(X, dim=0).shape[0])
+    return NeighbourTies(n=n, k=k, kth=kth, n_greater=n_gt, n_tied=n_eq, indptr=indptr,
+                         keys=torch.cat(keys).to(torch.int64), tied=torch.cat(tied),
+                         distinct_rows=distinct)
+
+
+def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22) -> np.ndarray:
+    """``sum_j p_A(i, j) p_B(i, j)`` for every row ``i``, over rows in chunks of about
+    ``chunk`` stored members."""
+    n = a.n
+    out = np.zeros(n, dtype=np.float64)
+    ia, ib = a.indptr.numpy(), b.indptr.numpy()
+    pa, pb = a.probabilities().numpy(), b.probabilities().numpy()
+    ka, kb = a.keys.numpy(), b.keys.numpy()
+    r0 = 0
+    while r0 < n:
+        # rows r0..r1-1 hold at most ~chunk members on either side (at least one row)
+        lim = min(ia[r0] + chunk, ia[n]), min(ib[r0] + chunk, ib[n])
+        r1 = max(r0 + 1, min(int(np.searchsorted(ia, lim[0], side="right")) - 1,
+                             int(np.searchsorted(ib, lim[1], side="right")) - 1))
+        r1 = min(r1, n)
+        sa, sb = slice(ia[r0], ia[r1]), slice(ib[r0], ib[r1])
+        row_a = np.repeat(np.arange(r0, r1), np.diff(ia[r0:r1 + 1]))
+        row_b = np.repeat(np.arange(r0, r1), np.diff(ib[r0:r1 + 1]))
+        ca = (row_a - r0) * n + ka[sa]  # sorted: rows ascending, keys ascending within a row
+        cb = (row_b - r0) * n + kb[sb]
+        _, xa, xb = np.intersect1d(ca, cb, assume_unique=True, return_indices=True)
+        if xa.size:
+            out[r0:r1] += np.bincount(row_a[xa] - r0, weights=pa[sa][xa] * pb[sb][xb],
+                                      minlength=r1 - r0)
+        r0 = r1
+    return out
+
+
+def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies) -> float:
+    """``mutual_knn``'s expectation under independent uniform tie breaks in A and B:
+    ``mean_i sum_j p_A(i, j) p_B(i, j) / k``.
+
+    Args:
+        ties_A, ties_B: :func:`neighbour_ties` of the two layers (same ``N`` and ``k``).
+
+    Returns:
+        The expected score in ``[0, 1]``.
+
+    Raises:
+        InputError: the two describe different ``N`` or ``k``.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]])
+        >>> round(expected_mutual(neighbour_ties(A, 1), neighbour_ties(A, 1)), 4)
+        0.4583
+    """
+    if ties_A.n != ties_B.n or ties_A.k != ties_B.k:
+        raise InputError(f"ties_A/ties_B: describe N = {ties_A.n}, k = {ties_A.k} and "
+                         f"N = {ties_B.n}, k = {ties_B.k}; expected the same N and k")
+    return float(_row_sums(ties_A, ties_B).sum() / (ties_A.n * ties_A.k))
