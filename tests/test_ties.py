@@ -216,3 +216,17 @@ def test_bad_arguments():
         neighbour_ties(torch.full((5, 2), float("nan")), 1)
     with pytest.raises(InputError, match="ties_A"):
         expected_mutual(neighbour_ties(A, 3), neighbour_ties(A, 4))
+
+
+def test_lookup_table_and_direct_scores_agree(monkeypatch):
+    # few distinct rows are scored once in a table; the direct path must give the same ties
+    from prh_fast.metrics import _ties
+
+    X, groups = with_duplicates(90, 7, n_unique=5, seed=8)
+    X = X + 0.1 * torch.randn(5, 7, generator=torch.Generator().manual_seed(1))[groups]
+    a = neighbour_ties(X, 20)
+    monkeypatch.setattr(_ties, "_pair_table", lambda U, n, k: None)
+    b = neighbour_ties(X, 20)
+    assert a.distinct_rows == 5 and a.tied_fraction == 1.0
+    for f in ("kth", "n_greater", "n_tied", "indptr", "keys", "tied"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f

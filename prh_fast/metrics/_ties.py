@@ -140,7 +140,7 @@ def _prepare(X):
 
 
 def _block_rows(n: int, budget: int) -> int:
-    # per entry: the product score, its float64 copy, the fixed scores, masks (about 32 bytes)
+    # per entry: the product score and its mask, with room for the candidates (32 bytes)
     return max(1, min(n, budget // (32 * max(1, n))))
 
 
@@ -173,43 +173,83 @@ def neighbour_ties(X, k: int, *, memory_budget=None) -> NeighbourTies:
     n, d = X.shape
     k = check_topk(k, n, "k")
     budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
-    kmax = float(qn.max())
-    e_all = margins(qn, kmax, d, X.dtype)
+    # fixed(i, j) depends only on the two rows' values: few distinct rows are scored once
+    U, inv = torch.unique(X, dim=0, return_inverse=True)
+    table = _pair_table(U, n, k)
+    e_all = margins(qn, float(qn.max()), d, X.dtype)
     step = _block_rows(n, budget)
-    kth = torch.empty(n, dtype=torch.float64)
-    n_gt = torch.empty(n, dtype=torch.int64)
-    n_eq = torch.empty(n, dtype=torch.int64)
-    keys, tied, counts = [], [], []
-    cols = torch.arange(n, device=X.device)
+    kth, n_gt, n_eq, keys, tied, counts = [], [], [], [], [], []
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         rows = torch.arange(r0, r1, device=X.device)
-        S = (X[r0:r1] @ X.T).to(torch.float64)
+        S = X[r0:r1] @ X.T
         S[rows - r0, rows] = float("-inf")  # a row is not its own neighbour
-        e = e_all[r0:r1].to(S.device)
-        ak = S.topk(k, dim=1).values[:, k - 1]
-        hit = S >= (ak - 2.0 * e).unsqueeze(1)
+        thr = S.topk(k, dim=1).values[:, k - 1].to(torch.float64) - 2.0 * e_all[r0:r1]
+        hit = S >= _round_down(thr, S.dtype).unsqueeze(1)  # a superset of fixed >= s_k
+        del S
         rr, cc = hit.nonzero(as_tuple=True)
-        F = torch.full_like(S, float("-inf"))
-        F[rr, cc] = fixed_dots(X, X, rr + r0, cc).to(S.device)
-        sk = F.topk(k, dim=1).values[:, k - 1]
-        gt = F > sk.unsqueeze(1)
-        eq = F == sk.unsqueeze(1)
-        kth[r0:r1] = sk.cpu()
-        n_gt[r0:r1] = gt.sum(dim=1).cpu()
-        n_eq[r0:r1] = eq.sum(dim=1).cpu()
-        member = gt | eq
-        mr, mc = member.nonzero(as_tuple=True)
-        keys.append(cols[mc].cpu())
-        tied.append(eq[mr, mc].cpu())
-        counts.append(member.sum(dim=1).cpu())
-        del S, F, hit, gt, eq, member
+        del hit
+        f = _pair_scores(X, U, inv, table, rr + r0, cc)
+        sk = _kth_per_row(f, rr, r1 - r0, k)
+        fk = sk[rr]
+        member = f >= fk
+        rr, cc, eq = rr[member], cc[member], (f == fk)[member]
+        cnt = torch.bincount(rr, minlength=r1 - r0)
+        n_tie = torch.bincount(rr[eq], minlength=r1 - r0)
+        kth.append(sk.cpu())
+        n_eq.append(n_tie.cpu())
+        n_gt.append((cnt - n_eq[-1].to(cnt.device)).cpu())
+        keys.append(cc.cpu())
+        tied.append(eq.cpu())
+        counts.append(cnt.cpu())
     indptr = torch.zeros(n + 1, dtype=torch.int64)
     indptr[1:] = torch.cat(counts).cumsum(0)
-    distinct = int(torch.unique(X, dim=0).shape[0])
-    return NeighbourTies(n=n, k=k, kth=kth, n_greater=n_gt, n_tied=n_eq, indptr=indptr,
+    return NeighbourTies(n=n, k=k, kth=torch.cat(kth), n_greater=torch.cat(n_gt),
+                         n_tied=torch.cat(n_eq), indptr=indptr,
                          keys=torch.cat(keys).to(torch.int64), tied=torch.cat(tied),
-                         distinct_rows=distinct)
+                         distinct_rows=int(U.shape[0]))
+
+
+def _round_down(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest ``dtype`` values ``<= t`` (float64 ``t``): comparing ``dtype`` scores with
+    them keeps every score ``>= t``."""
+    r = t.to(dtype)
+    over = r.to(torch.float64) > t
+    return torch.where(over, torch.nextafter(r, torch.full_like(r, float("-inf"))), r)
+
+
+def _pair_table(U: torch.Tensor, n: int, k: int):
+    """``fixed`` of every pair of distinct rows ``U`` when they are few (``[u, u]`` float64),
+    else ``None``: heavily duplicated layers then score each candidate by a lookup."""
+    u = U.shape[0]
+    if u * u > min(1 << 22, 4 * n * k):
+        return None
+    a = torch.arange(u, device=U.device)
+    return fixed_dots(U, U, a.repeat_interleave(u), a.repeat(u)).view(u, u)
+
+
+def _pair_scores(X, U, inv, table, i, j) -> torch.Tensor:
+    """``fixed(x_i, x_j)`` for the pairs ``(i, j)``: from ``table`` (pairs of distinct rows
+    ``U``, ``inv`` each row's index into ``U``) when there is one."""
+    if table is None:
+        return fixed_dots(X, X, i, j).to(i.device)
+    return table[inv[i], inv[j]]
+
+
+def _kth_per_row(f: torch.Tensor, rows: torch.Tensor, r: int, k: int) -> torch.Tensor:
+    """Each row's ``k``-th largest value among the entries ``f`` of that row (``rows``
+    ascending, every row with at least ``k`` entries): ``[r]`` values."""
+    cnt = torch.bincount(rows, minlength=r)
+    if bool((cnt < k).any()):
+        raise InputError("X: fewer than k candidates above a row's threshold (non-finite "
+                         "scores?)")
+    first = torch.zeros(r, dtype=torch.int64, device=f.device)
+    first[1:] = cnt.cumsum(0)[:-1]
+    # the entries padded into an [r, max count] block (no larger than the block of products)
+    pos = torch.arange(f.numel(), device=f.device) - first[rows]
+    P = torch.full((r, int(cnt.max())), float("-inf"), dtype=f.dtype, device=f.device)
+    P[rows, pos] = f
+    return P.topk(k, dim=1).values[:, k - 1]
 
 
 def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22) -> np.ndarray:
