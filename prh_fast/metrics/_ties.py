@@ -27,6 +27,23 @@ score, ``k`` keys have ``fixed >= a_(k) - e_i``, so ``s_k(i) >= a_(k) - e_i`` an
 (:func:`prh_fast.knn._merge.fixed_dots`) and ``s_k``, ``G_i``, ``T_i`` are read off the exact
 scores: equality is tested on the fixed-order scores only, never on products. Memory: one row
 block of products, plus the candidates (about ``sum_i |G_i| + |T_i|``) kept as CSR arrays.
+
+Which neighbour metrics have a closed expected form under independent uniform tie breaks:
+
+- ``mutual_knn``: yes. ``|a_i ∩ b_i| = sum_j [j in a_i] [j in b_i]`` is linear in each side's
+  membership indicators and the two sides are independent, so its expectation is
+  ``sum_j p_A(i, j) p_B(i, j)`` (:func:`expected_mutual`).
+- ``cycle_knn``: ``[i in union_{j in b_i} a_j]`` is an OR over several rows' lists: not linear.
+  Its expectation needs the joint law of the ``r``-subset drawn from ``T_i`` (a sum over
+  subsets, e.g. an elementary-symmetric-polynomial recursion), not the marginals ``p`` alone.
+- ``lcs_knn``, ``edit_distance_knn``: depend on the *order* inside the lists (a tie break also
+  orders the tied members) through a maximum / minimum over alignments: no linear form; only
+  enumeration or Monte Carlo over tie breaks.
+- ``cknna``: the HSIC terms of the masked kernels mix linear terms (``sum M_ij K_ij L_ji``,
+  expectation ``p_A p_B``) with products of mask entries of the same row, whose joint
+  inclusion probabilities (``r (r - 1) / (|T| (|T| - 1))`` within one tie set) differ from
+  ``p p``; and the score is a ratio of such sums, whose expectation is not the ratio of the
+  expectations.
 """
 from __future__ import annotations
 
