@@ -366,14 +366,24 @@ def _markdown(rep) -> str:
         width = str(dims[0]) if len(dims) == 1 else f"{dims[0]}–{dims[-1]}"
         lines.append(f"| {m['name']} | {m['kind']} | {m['num_params'] / 1e6:.1f} M | "
                      f"{m['layers']} | {width} | {_fmt(m['loss'])} | {_fmt(m['bpb'])} |")
+    k = rep["topk"]
     lines += ["", "## Every pair, every metric", "",
+              f"`layers (i, j)`: the best pair's layer index in the first model of the pair (i) "
+              f"and in the second (j), counted from 0 -- for the language models 0 is the "
+              f"embedding output and i the output of block i; for the CNN, the stages in order. "
+              f"`lcs_knn` is the reference's raw value, the mean length of the longest common "
+              f"subsequence of the two ordered lists (0 to k = {k}); the fraction of k is "
+              f"given beside it.", "",
               "| pair | metric | best | layers | shuffled | z |", "|---|---|---:|---|---:|---:|"]
     for r in rep["alignment"]:
         sh = (f"{_fmt(r.get('shuffled_best_mean'))} ± {_fmt(r.get('shuffled_best_std'))}"
               if "shuffled_best_mean" in r else "n/a")
         lay = tuple(r["best_layers"]) if r["best_layers"] else "-"
+        best = _fmt(r["best"])
+        if r["metric"] == "lcs_knn" and r["best"] is not None:
+            best += f" ({_fmt(r['best'] / k)} of k)"
         lines.append(f"| {models[r['x']]['name']} vs {models[r['y']]['name']} | {r['metric']} "
-                     f"| {_fmt(r['best'])} | {lay} | {sh} | {_fmt(r.get('z'), 1)} |")
+                     f"| {best} | {lay} | {sh} | {_fmt(r.get('z'), 1)} |")
     lines += ["", "## Caption detail", "", "Examples:", ""]
     for lv, caps in rep["data"]["examples"].items():
         lines.append(f"- **{lv}**: " + "; ".join(f"“{c}”" for c in caps))

@@ -123,3 +123,21 @@ def test_golden_numbers(tmp_path):
         g = got["align"][name]
         tol = 0.01 if name.endswith("mutual_knn") else 1e-4
         assert g["best"] == pytest.approx(w["best"], abs=tol), name
+
+
+def test_summary_explains_layer_indices_and_raw_lcs():
+    from prh_fast.demo import _markdown
+
+    model = {"name": "M", "kind": "text", "num_params": 1e6, "layers": 3, "dims": [8],
+             "loss": None, "bpb": None}
+    rep = {"models": {"a": model, "b": dict(model, name="V", kind="vision")}, "topk": 10,
+           "null_permutations": 5, "seconds": 1.0, "figures": [], "caption_detail": [],
+           "data": {"n": 64, "main_level": "full", "examples": {}, "levels": ["full"]},
+           "alignment": [{"x": "a", "y": "b", "metric": "lcs_knn", "best": 2.5,
+                          "best_layers": [1, 2]},
+                         {"x": "a", "y": "b", "metric": "mutual_knn", "best": 0.25,
+                          "best_layers": [1, 2]}]}
+    md = _markdown(rep)
+    assert "`layers (i, j)`" in md and "0 is the embedding output" in md
+    assert "| lcs_knn | 2.500 (0.250 of k) |" in md
+    assert "| mutual_knn | 0.250 |" in md
