@@ -21,6 +21,8 @@ import numbers
 import numpy as np
 import torch
 
+from prh_fast._names import SUPPORTED_METRICS
+
 __all__ = [
     "SUPPORTED_METRICS",
     "knn",
@@ -40,16 +42,6 @@ __all__ = [
     "FROM_LISTS",
 ]
 
-SUPPORTED_METRICS = [
-    "cycle_knn",
-    "mutual_knn",
-    "lcs_knn",
-    "cka",
-    "unbiased_cka",
-    "cknna",
-    "svcca",
-    "edit_distance_knn",
-]
 
 
 # --------------------------------------------------------------------------------------------
