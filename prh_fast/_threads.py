@@ -45,6 +45,8 @@ import os
 import sys
 import threading
 
+from prh_fast._config import config_context, get_config
+
 __all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads", "map_layers"]
 
 log = logging.getLogger(__name__)
@@ -125,8 +127,6 @@ def effective_threads() -> int:
         >>> effective_threads() >= 1
         True
     """
-    from prh_fast._config import get_config
-
     n = get_config().num_threads
     if n is None:
         import torch
@@ -254,12 +254,6 @@ def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
 
     import torch
 
-    from prh_fast._config import config_context
-
-    def one(x):
-        _native_set(1)
-        return fn(x)
-
     workers = min(t, len(items))
     _single_threaded_enter(torch)
     try:
@@ -268,7 +262,7 @@ def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
             for x in items:
                 ctx = contextvars.copy_context()
                 # inside the workers, the public entry points keep one thread each
-                futures.append(pool.submit(ctx.run, _with_one_thread, config_context, one, x))
+                futures.append(pool.submit(ctx.run, _with_one_thread, fn, x))
             return [f.result() for f in futures]
     finally:
         _single_threaded_leave(torch)
@@ -300,6 +294,8 @@ def _single_threaded_leave(torch) -> None:
             _native_set(_switch_saved)
 
 
-def _with_one_thread(config_context, fn, x):
+def _with_one_thread(fn, x):
+    """``fn(x)`` in a worker: one native thread, and public entry points keep one too."""
+    _native_set(1)
     with config_context(num_threads=1):
         return fn(x)
