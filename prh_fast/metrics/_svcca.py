@@ -251,6 +251,40 @@ def _top_eig(G: torch.Tensor, r: int, name: str):
     return _top_eig_full(G, r, name)
 
 
+def layer_basis(x: torch.Tensor, cca_dim: int, dtype: torch.dtype | None = None,
+                name: str = "layer") -> torch.Tensor:
+    """The ``[N, r]`` float64 orthonormal basis ``U = X_s V Λ^{-1/2}`` of one layer's top
+    ``r = cca_dim`` left singular vectors after standardisation (columns centred).
+
+    The basis is permutation-equivariant: the basis of ``x[perm]`` is this one's rows in the
+    order ``perm`` (up to rounding and to the sign and rotation freedom inside the subspace,
+    which the canonical correlations do not see).
+
+    Args:
+        x: ``[N, D]`` tensor.
+        cca_dim: ``r``, at most ``min(N - 1, D)`` (checked by the caller).
+        dtype: the dtype of the standardised features and their Gram matrix; ``None``: ``x``'s.
+        name: how an error names the layer.
+
+    Returns:
+        The ``[N, r]`` float64 basis.
+
+    Raises:
+        InputError: ``cca_dim`` exceeds the layer's numerical rank.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> U = layer_basis(x, 3)
+        >>> torch.allclose(U.T @ U, torch.eye(3, dtype=torch.float64))
+        True
+    """
+    Y, m, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
+    lam, V = _top_eig(G, cca_dim, name)
+    W = q[:, None] * V / lam.sqrt()
+    return _times(Y, W) - m @ W  # [N, r] orthonormal, centred columns
+
+
 def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = None, *,
                  x_names=None, y_names=None) -> torch.Tensor:
     """SVCCA of every layer pair, ``[Lx, Ly]`` float64: the one SVCCA scorer.
@@ -283,15 +317,8 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
     """
     x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
     y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
-
-    def basis(x, name):
-        Y, m, q, G = _standardised_gram(x, x.dtype if dtype is None else dtype)
-        lam, V = _top_eig(G, cca_dim, name)
-        W = q[:, None] * V / lam.sqrt()
-        return _times(Y, W) - m @ W  # [N, r] orthonormal, centred columns
-
-    ux = [basis(x, name) for x, name in zip(xs, x_names)]
-    uy = [basis(y, name) for y, name in zip(ys, y_names)]
+    ux = [layer_basis(x, cca_dim, dtype, name) for x, name in zip(xs, x_names)]
+    uy = [layer_basis(y, cca_dim, dtype, name) for y, name in zip(ys, y_names)]
     out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
     for i, a in enumerate(ux):
         for j, b in enumerate(uy):

@@ -1,0 +1,401 @@
+"""Kernel-metric scores of shuffled pairings, with the per-layer work paid once.
+
+A permutation null scores ``Y' = Y[perm]`` (the rows of every ``y`` layer reordered) against
+the unchanged ``x`` layers, many times. Everything that depends on one layer alone is invariant
+or permutation-equivariant, so it is computed once:
+
+- **CKA / unbiased CKA.** A kernel of the permuted rows is the permuted kernel,
+  ``L' = P L Pᵀ``, and centring commutes with it (``H P L Pᵀ H = P (H L H) Pᵀ``). In the HSIC
+  sums of :func:`prh_fast.metrics._kernel.hsic_from_sums` the self terms ``HSIC(K, K)``,
+  ``HSIC(L, L)`` and the totals ``1ᵀK1``, ``1ᵀL1`` do not change; only ``Σ_ij K_ij L_p(i)p(j)``
+  and ``1ᵀK L' 1 = r_K · r_L[perm]`` (``r`` the row sums) do. With every layer's kernel cached,
+  a permutation costs a gather of the kernels of the side with fewer layers and one product
+  ``[Lx, N²] x [N², Ly]``. Permuting the x side by the inverse permutation gives the same
+  sums (``Σ K_q(a)q(b) L_ab`` with ``q = perm⁻¹``), so the side with fewer layers is the one
+  gathered; the result is always the one for permuting ``Y``.
+- **SVCCA.** Each layer's orthonormal basis of its top singular subspace (after
+  standardisation) is permutation-equivariant, so the bases are formed once and a permutation
+  costs one product of the stacked bases and one batched ``r x r`` SVD per layer pair.
+
+Which CKA path runs (:class:`CkaPermutationScorer`, attribute ``path``):
+
+- ``"gram"``: the kernels of all layers are cached (``(Lx + Ly) · N²`` values, in the compute
+  dtype for linear kernels and in float64 for RBF kernels, as the streamed scorer forms them)
+  when they fit in ``budget`` together with one row of the gathered kernels; the gathered
+  kernels are then formed a row block at a time within the rest of the budget.
+- ``"feature"`` (linear kernels only): the centred features and their self terms are cached;
+  a permutation costs one ``[D_x, N] x [N, D_y]`` product per pair (cheapest for narrow
+  layers, and what runs when the kernels do not fit).
+- ``"recompute"``: :func:`prh_fast.metrics._kernel.cka_scores` of the permuted layers (RBF
+  kernels that do not fit in the budget, or wherever it costs fewer flops).
+
+The choice is by estimated cost per permutation (the cached kernels' one-time cost spread over
+``permutations``), among the paths that fit in memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from prh_fast.errors import InputError
+from prh_fast.metrics._kernel import (
+    CKA_EPS,
+    _kernel_block,
+    _row_sq_norms,
+    _sym_fro2,
+    centred,
+    cka_eps,
+    cka_ratio,
+    cka_scores,
+    hsic_from_sums,
+    rbf_gamma,
+)
+from prh_fast.metrics._svcca import layer_basis
+
+#: A gathered kernel value costs about this many multiply-adds of the product (the gather is
+#: bound by memory traffic, the product by arithmetic).
+_GATHER_WEIGHT = 8
+
+
+def _check_perm(perm, n: int, device) -> torch.Tensor | None:
+    """``perm`` as an int64 tensor on ``device``, or ``None`` for the identity.
+
+    Raises:
+        InputError: ``perm`` is not a permutation of ``range(n)``.
+    """
+    if perm is None:
+        return None
+    p = torch.as_tensor(perm)
+    if p.ndim != 1 or p.numel() != n or p.dtype.is_floating_point or p.dtype == torch.bool:
+        raise InputError(f"perm: expected a permutation of {n} integer indices, got "
+                         f"{tuple(p.shape)} {p.dtype}")
+    p = p.to(device=device, dtype=torch.int64)
+    if not torch.equal(torch.sort(p).values, torch.arange(n, device=device)):
+        raise InputError(f"perm: expected a permutation of range({n})")
+    return p
+
+
+def _inverse(p: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(p.numel(), device=p.device)
+    return inv
+
+
+class CkaPermutationScorer:
+    """CKA of every layer pair for any pairing of the samples: ``scorer(perm)`` equals
+    ``cka_scores(xs, [y[perm] for y in ys], ...)[0]`` up to rounding (see the module
+    docstring for the paths). Built by :func:`cka_permutation_scorer`.
+
+    Attributes:
+        path: ``"gram"``, ``"feature"`` or ``"recompute"``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+        >>> score = cka_permutation_scorer([x], [x], torch.float32, budget=1 << 20)
+        >>> round(float(score()[0, 0]), 3)
+        1.0
+    """
+
+    def __init__(self, xs, ys, dtype, kernel_metric, sigma, unbiased, budget, permutations,
+                 path="auto"):
+        self._args = (xs, ys, dtype, kernel_metric, sigma, bool(unbiased), budget)
+        self.n = n = xs[0].shape[0]
+        self.device = xs[0].device
+        lx, ly = len(xs), len(ys)
+        dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+        ip = kernel_metric == "ip"
+        item = torch.tensor([], dtype=dtype).element_size() if ip else 8
+        cache = (lx + ly) * n * n * item
+        row = n * min(lx, ly) * item
+        sd = sum(dx) + sum(dy)
+        per = max(1, int(permutations))
+        costs = {}
+        if cache + row <= budget:
+            costs["gram"] = (n * n * lx * ly + _GATHER_WEIGHT * n * n * min(lx, ly)
+                             + n * n * sd / per)
+        if ip:
+            costs["feature"] = n * sum(dx) * sum(dy)
+            costs["recompute"] = min(
+                n * n * (sd + lx * ly),
+                n * (sum(a * b for a in dx for b in dy) + sum(a * a for a in dx)
+                     + sum(b * b for b in dy)))
+        else:
+            costs["recompute"] = n * n * (sd + lx * ly)
+        if path != "auto" and path not in costs:
+            raise InputError(f"path: expected 'auto' or one of {sorted(costs)} (what fits "
+                             f"these layers, kernel and budget), got {path!r}")
+        self.path = min(costs, key=costs.get) if path == "auto" else path
+        if self.path == "gram":
+            self._rows = max(1, min(n, (budget - cache) // row))
+            self._setup_gram()
+        elif self.path == "feature":
+            self._setup_features()
+
+    def __call__(self, perm=None) -> torch.Tensor:
+        """The ``[Lx, Ly]`` float64 CKA scores with ``y``'s rows in the order ``perm``.
+
+        Args:
+            perm: a permutation of ``range(N)`` (tensor or sequence), or ``None`` (identity).
+
+        Returns:
+            The ``[Lx, Ly]`` float64 CPU tensor.
+
+        Raises:
+            InputError: ``perm`` is not a permutation of ``range(N)``.
+        """
+        p = _check_perm(perm, self.n, self.device)
+        if self.path == "gram":
+            return self._score_gram(p)
+        if self.path == "feature":
+            return self._score_features(p)
+        xs, ys, dtype, kernel, sigma, unbiased, budget = self._args
+        if p is not None:
+            ys = [y[p] for y in ys]
+        return cka_scores(xs, ys, dtype, kernel_metric=kernel, sigma=sigma, unbiased=unbiased,
+                          budget=budget, space="auto")[0]
+
+    # -- Gram space -------------------------------------------------------------------------
+
+    def _grams(self, layers, scales):
+        """``[L, N, N]`` kernels (zero diagonal for the unbiased estimator), their row sums
+        ``[L, N]``, totals ``[L]`` and ``Σ K∘K`` ``[L]`` (float64)."""
+        _, _, _, kernel, sigma, unbiased, _ = self._args
+        n = self.n
+        item = layers[0].dtype if kernel == "ip" else torch.float64
+        K = torch.empty((len(layers), n, n), dtype=item, device=self.device)
+        step = max(1, min(n, (1 << 22) // max(1, n)))
+        for i, (x, e) in enumerate(zip(layers, scales)):
+            sq = (x * x).sum(1)
+            g = rbf_gamma(sigma, e) if kernel == "rbf" else None
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                K[i, r0:r1] = _kernel_block(x, sq, r0, r1, kernel, g, unbiased)
+        rows = torch.empty((len(layers), n), dtype=torch.float64, device=self.device)
+        kk = torch.empty(len(layers), dtype=torch.float64)
+        for i in range(len(layers)):
+            k = K[i].double()  # K[i] itself when it is float64: read only
+            rows[i] = k.sum(1)
+            kk[i] = float(torch.dot(k.view(-1), k.view(-1)))
+            del k
+        return K, rows.cpu(), rows.sum(1).cpu(), kk
+
+    def _setup_gram(self):
+        xs, ys, dtype, kernel, _, unbiased, _ = self._args
+        cx, cy = [centred(x, dtype) for x in xs], [centred(y, dtype) for y in ys]
+        self._ex, self._ey = [e for _, e in cx], [e for _, e in cy]
+        self._KX, self._rx, self._tx, sxx = self._grams([c for c, _ in cx], self._ex)
+        self._KY, self._ry, self._ty, syy = self._grams([c for c, _ in cy], self._ey)
+        self._hx = [self._h(sxx[i], self._rx[i] @ self._rx[i], self._tx[i], self._tx[i])
+                    for i in range(len(xs))]
+        self._hy = [self._h(syy[j], self._ry[j] @ self._ry[j], self._ty[j], self._ty[j])
+                    for j in range(len(ys))]
+
+    def _h(self, s, dot_rows, ta, tb):
+        return hsic_from_sums(self.n, float(s), float(ta), float(tb), float(dot_rows),
+                              unbiased=self._args[5])
+
+    def _cross(self, K, G, p):
+        """``S[i, j] = Σ_ab K[i]_ab G[j]_p(a)p(b)`` (``p = None``: no gather), ``[len(K),
+        len(G)]`` float64, a row block of the gathered ``G`` at a time."""
+        n = self.n
+        # rows r0:r1 of every layer, flattened: a strided view (no copy) that BLAS takes as is
+        K2, G2 = K.view(K.shape[0], n * n), G.view(G.shape[0], n * n)
+        S = torch.zeros((K.shape[0], G.shape[0]), dtype=torch.float64, device=self.device)
+        for r0 in range(0, n, self._rows):
+            r1 = min(n, r0 + self._rows)
+            if p is None:
+                g = G2[:, r0 * n:r1 * n]
+            else:
+                g = G.index_select(1, p[r0:r1]).index_select(2, p).view(G.shape[0], -1)
+            S += (K2[:, r0 * n:r1 * n] @ g.T).double()
+        return S.cpu()
+
+    def _score_gram(self, p):
+        lx, ly = self._KX.shape[0], self._KY.shape[0]
+        rx, ry = self._rx, self._ry
+        if p is None:
+            S = self._cross(self._KX, self._KY, None)
+        elif ly <= lx:
+            S = self._cross(self._KX, self._KY, p)
+            ry = ry[:, p.cpu()]
+        else:
+            q = _inverse(p)
+            S = self._cross(self._KY, self._KX, q).T
+            rx = rx[:, q.cpu()]
+        D = rx @ ry.T
+        kernel = self._args[3]
+        out = torch.empty((lx, ly), dtype=torch.float64)
+        for i in range(lx):
+            for j in range(ly):
+                eps = cka_eps(2 * self._ex[i], 2 * self._ey[j]) if kernel == "ip" else CKA_EPS
+                out[i, j] = cka_ratio(self._h(S[i, j], D[i, j], self._tx[i], self._ty[j]),
+                                      self._hx[i], self._hy[j], eps)
+        return out
+
+    # -- feature space (linear kernels) -----------------------------------------------------
+
+    def _setup_features(self):
+        xs, ys, dtype, _, _, unbiased, _ = self._args
+        n = self.n
+
+        def stats(x):
+            c, e = centred(x, dtype)
+            s = c.sum(0).double()
+            k = _row_sq_norms(c)
+            r = (c @ s.to(c.dtype)).double().sub_(k)
+            st = {"x": c, "e": e, "s": s, "k": k, "sum": float(s @ s - k.sum()), "r": r}
+            fro2 = _sym_fro2(c, None if unbiased else s, n)
+            st["h"] = self._hf(fro2, st, st)
+            return st
+
+        self._sx, self._sy = [stats(x) for x in xs], [stats(y) for y in ys]
+
+    def _hf(self, fro2, a, b):
+        if not self._args[5]:
+            return fro2
+        return hsic_from_sums(self.n, fro2 - float(a["k"] @ b["k"]), a["sum"], b["sum"],
+                              float(a["r"] @ b["r"]), unbiased=True)
+
+    def _score_features(self, p):
+        unbiased, n = self._args[5], self.n
+        sy = self._sy
+        if p is not None:
+            sy = [dict(b, x=b["x"][p], k=b["k"][p], r=b["r"][p]) for b in sy]
+        out = torch.empty((len(self._sx), len(sy)), dtype=torch.float64)
+        for j, b in enumerate(sy):
+            for i, a in enumerate(self._sx):
+                P = (a["x"].T @ b["x"]).double()
+                if not unbiased:
+                    P.sub_(torch.outer(a["s"], b["s"]).div_(n))
+                h = self._hf(float(P.pow_(2).sum()), a, b)
+                out[i, j] = cka_ratio(h, a["h"], b["h"], cka_eps(2 * a["e"], 2 * b["e"]))
+        return out
+
+
+def cka_permutation_scorer(xs: list, ys: list, dtype: torch.dtype, *, kernel_metric: str = "ip",
+                           sigma: float = 1.0, unbiased: bool = False, budget: int,
+                           permutations: int = 100, path: str = "auto") -> CkaPermutationScorer:
+    """A scorer of CKA for shuffled pairings: ``score(perm)`` is ``[Lx, Ly]`` float64 and
+    equals ``cka_scores(xs, [y[perm] for y in ys], dtype, kernel_metric=..., sigma=...,
+    unbiased=..., budget=..., space="auto")[0]`` up to rounding.
+
+    The per-layer work (kernels or centred features, self terms, row sums) is done here, once;
+    each call pays only for the cross terms. See the module docstring for the three paths and
+    how memory decides between them.
+
+    Args:
+        xs, ys: lists of ``[N, D]`` tensors (the same ``N`` and device; options already checked
+            by :func:`prh_fast.metrics._kernel.check_cka_options`).
+        dtype: the compute dtype of the products.
+        kernel_metric: ``"ip"`` (linear) or ``"rbf"``.
+        sigma: the RBF width.
+        unbiased: the unbiased HSIC estimator.
+        budget: bytes of memory for the cached kernels and the gathered row blocks.
+        permutations: how many permutations the caller means to score; it only spreads the
+            cached kernels' one-time cost in the choice of path.
+        path: ``"auto"`` (the cheapest that fits), or ``"gram"``, ``"feature"``,
+            ``"recompute"`` to force one (tests, benchmarks).
+
+    Returns:
+        A :class:`CkaPermutationScorer` (callable; ``None`` scores the given pairing).
+
+    Raises:
+        InputError: ``path`` names a path that does not fit (the kernels beyond ``budget``,
+            ``"feature"`` with an RBF kernel) or is unknown.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(40, 6, generator=g), torch.randn(40, 5, generator=g)
+        >>> score = cka_permutation_scorer([x], [y], torch.float64, budget=1 << 20)
+        >>> perm = torch.randperm(40, generator=g)
+        >>> want = cka_scores([x], [y[perm]], torch.float64, budget=1 << 20)[0]
+        >>> bool(torch.allclose(score(perm), want, rtol=1e-10, atol=0))
+        True
+    """
+    return CkaPermutationScorer(xs, ys, dtype, kernel_metric, sigma, unbiased, budget,
+                                permutations, path)
+
+
+class SvccaPermutationScorer:
+    """SVCCA of every layer pair for any pairing of the samples: ``scorer(perm)`` equals
+    ``svcca_scores(xs, [y[perm] for y in ys], cca_dim, dtype)`` up to rounding. Built by
+    :func:`svcca_permutation_scorer`.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> score = svcca_permutation_scorer([x], [2 * x], 3)
+        >>> round(float(score()[0, 0]), 3)
+        1.0
+    """
+
+    def __init__(self, xs, ys, cca_dim, dtype=None, x_names=None, y_names=None):
+        x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
+        y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
+        self.n, self.r = xs[0].shape[0], cca_dim
+        self.device = xs[0].device
+        self.lx, self.ly = len(xs), len(ys)
+        self._ux = torch.cat([layer_basis(x, cca_dim, dtype, nm) for x, nm in zip(xs, x_names)],
+                             dim=1)
+        self._uy = torch.cat([layer_basis(y, cca_dim, dtype, nm) for y, nm in zip(ys, y_names)],
+                             dim=1)
+
+    def __call__(self, perm=None) -> torch.Tensor:
+        """The ``[Lx, Ly]`` float64 SVCCA scores with ``y``'s rows in the order ``perm``.
+
+        Args:
+            perm: a permutation of ``range(N)`` (tensor or sequence), or ``None`` (identity).
+
+        Returns:
+            The ``[Lx, Ly]`` float64 CPU tensor.
+
+        Raises:
+            InputError: ``perm`` is not a permutation of ``range(N)``.
+        """
+        p = _check_perm(perm, self.n, self.device)
+        ux, uy = self._ux, self._uy
+        if p is not None:
+            # Ux' (Uy[p]) = (Ux[p⁻¹])' Uy: gather the side with fewer columns
+            if self.ly <= self.lx:
+                uy = uy[p]
+            else:
+                ux = ux[_inverse(p)]
+        r = self.r
+        M = (ux.T @ uy).reshape(self.lx, r, self.ly, r).permute(0, 2, 1, 3)
+        return torch.linalg.svdvals(M).clamp(0.0, 1.0).mean(-1).cpu()
+
+
+def svcca_permutation_scorer(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = None,
+                             *, x_names=None, y_names=None) -> SvccaPermutationScorer:
+    """A scorer of SVCCA for shuffled pairings: ``score(perm)`` is ``[Lx, Ly]`` float64 and
+    equals ``svcca_scores(xs, [y[perm] for y in ys], cca_dim, dtype)`` up to rounding.
+
+    Every layer's ``[N, r]`` orthonormal basis is formed once
+    (:func:`prh_fast.metrics._svcca.layer_basis`, as :func:`~prh_fast.metrics._svcca.svcca_scores`
+    forms it); a permutation costs a gather of the bases of the side with fewer layers, one
+    ``[Lx·r, N] x [N, Ly·r]`` product and a batched ``r x r`` SVD per layer pair.
+
+    Args:
+        xs, ys: lists of ``[N, D]`` tensors (the same ``N``).
+        cca_dim: ``r``, at most ``min(N - 1, D)`` of every layer (checked by the caller).
+        dtype: as in :func:`~prh_fast.metrics._svcca.svcca_scores`.
+        x_names, y_names: how errors name each layer.
+
+    Returns:
+        A :class:`SvccaPermutationScorer` (callable; ``None`` scores the given pairing).
+
+    Raises:
+        InputError: ``cca_dim`` exceeds a layer's numerical rank.
+
+    Example:
+        >>> import torch
+        >>> from prh_fast.metrics._svcca import svcca_scores
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = (torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2))
+        >>> perm = torch.randperm(40, generator=g)
+        >>> score = svcca_permutation_scorer([x], [y], 3)
+        >>> bool(torch.allclose(score(perm), svcca_scores([x], [y[perm]], 3), atol=1e-10))
+        True
+    """
+    return SvccaPermutationScorer(xs, ys, cca_dim, dtype, x_names, y_names)

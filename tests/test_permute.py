@@ -1,0 +1,157 @@
+"""Kernel-metric scorers of shuffled pairings (prh_fast.metrics._permute) against the scorers
+they replace: CKA / unbiased CKA (linear and RBF kernels, every path) and SVCCA of the
+permuted layers recomputed from scratch, on layers with shared structure, odd ``N``, ``Lx !=
+Ly`` in both orders, float32 and float64, several permutations and the identity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prh_fast import reference as R
+from prh_fast.errors import InputError
+from prh_fast.metrics._kernel import cka_scores
+from prh_fast.metrics._permute import cka_permutation_scorer, svcca_permutation_scorer
+from prh_fast.metrics._svcca import svcca_scores
+from prh_fast.testing import latent, layer_features, paired_features
+
+N = 97  # odd
+
+
+def _layers(n=N, widths_x=(24, 40, 7), widths_y=(16, 33), dtype=torch.float32, seed=0):
+    """Layers of two models built on one latent (real shared structure)."""
+    z = latent(n, 6, clusters=9, spread=0.5, seed=seed)
+    xs = [layer_features(z, d, seed=seed + 10 + i, dtype=torch.float64).to(dtype)
+          for i, d in enumerate(widths_x)]
+    ys = [layer_features(z, d, seed=seed + 50 + j, nonlinearity="relu", noise=0.8,
+                         dtype=torch.float64).to(dtype) for j, d in enumerate(widths_y)]
+    return xs, ys
+
+
+def _perms(n, count=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [None] + [torch.randperm(n, generator=g) for _ in range(count)]
+
+
+def _close(got, want, dtype):
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert got.shape == want.shape and got.dtype == torch.float64
+    assert torch.isfinite(want).all()
+    err = (got - want).abs() / want.abs().clamp_min(1.0)
+    assert float(err.max()) <= tol, float(err.max())
+
+
+BIG = 1 << 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kernel", ["ip", "rbf"])
+@pytest.mark.parametrize("swap", [False, True])  # Lx > Ly (gathers y) and Lx < Ly (gathers x)
+def test_cka_gram_path_matches_recompute(dtype, unbiased, kernel, swap):
+    xs, ys = _layers(dtype=dtype)
+    if swap:
+        xs, ys = ys, xs
+    kw = dict(kernel_metric=kernel, sigma=0.7, unbiased=unbiased, budget=BIG)
+    score = cka_permutation_scorer(xs, ys, dtype, path="gram", **kw)
+    assert score.path == "gram"
+    for p in _perms(N):
+        want = cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype, space="auto",
+                          **kw)[0]
+        _close(score(p), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_gram_path_in_row_blocks(dtype, unbiased):
+    """A budget that fits the kernels but only a few gathered rows at a time."""
+    xs, ys = _layers(dtype=dtype)
+    item = 4 if dtype == torch.float32 else 8
+    budget = (len(xs) + len(ys)) * N * N * item + 5 * N * len(ys) * item
+    score = cka_permutation_scorer(xs, ys, dtype, unbiased=unbiased, budget=budget, path="gram")
+    assert score._rows == 5
+    for p in _perms(N):
+        want = cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype, unbiased=unbiased,
+                          budget=budget)[0]
+        _close(score(p), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("path", ["feature", "recompute"])
+def test_cka_other_paths_match_recompute(dtype, unbiased, path):
+    xs, ys = _layers(dtype=dtype)
+    score = cka_permutation_scorer(xs, ys, dtype, unbiased=unbiased, budget=BIG, path=path)
+    for p in _perms(N):
+        want = cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype,
+                          unbiased=unbiased, budget=BIG)[0]
+        _close(score(p), want, dtype)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_identity_matches_float64_oracle(unbiased):
+    A, B = paired_features(61, 20, 31, seed=4, dtype=torch.float64)
+    score = cka_permutation_scorer([A], [B], torch.float64, unbiased=unbiased, budget=BIG,
+                                   path="gram")
+    want = R.cka(A, B, unbiased=unbiased)
+    assert abs(float(score()[0, 0]) - want) <= 1e-10
+    # a shuffled pairing is the oracle's value of the shuffled features
+    p = torch.randperm(61, generator=torch.Generator().manual_seed(3))
+    assert abs(float(score(p)[0, 0]) - R.cka(A, B[p], unbiased=unbiased)) <= 1e-10
+
+
+def test_cka_null_is_lower_than_the_true_pairing():
+    xs, ys = _layers(n=201)
+    score = cka_permutation_scorer(xs, ys, torch.float32, budget=BIG)
+    true = score()
+    null = torch.stack([score(p) for p in _perms(201, count=5)[1:]])
+    assert bool((null.amax(0) < true).all())
+
+
+def test_cka_path_choice_follows_memory_and_cost():
+    xs, ys = _layers()
+    assert cka_permutation_scorer(xs, ys, torch.float32, budget=BIG).path == "gram"
+    # the kernels do not fit: linear kernels take the feature space, RBF recomputes
+    assert cka_permutation_scorer(xs, ys, torch.float32, budget=1 << 14).path == "feature"
+    assert cka_permutation_scorer(xs, ys, torch.float32, kernel_metric="rbf",
+                                  budget=1 << 14).path == "recompute"
+    with pytest.raises(InputError, match="path"):
+        cka_permutation_scorer(xs, ys, torch.float32, budget=1 << 14, path="gram")
+    with pytest.raises(InputError, match="path"):
+        cka_permutation_scorer(xs, ys, torch.float32, kernel_metric="rbf", budget=BIG,
+                               path="feature")
+
+
+def test_bad_permutation_is_an_input_error():
+    xs, ys = _layers()
+    score = cka_permutation_scorer(xs, ys, torch.float32, budget=BIG)
+    for bad in (torch.arange(N - 1), torch.zeros(N, dtype=torch.int64),
+                torch.arange(N, dtype=torch.float32)):
+        with pytest.raises(InputError, match="perm"):
+            score(bad)
+    sv = svcca_permutation_scorer(xs, ys, 4)
+    with pytest.raises(InputError, match="perm"):
+        sv(list(range(N))[::-1][:-1])
+    # a Python list is accepted
+    assert torch.equal(sv(list(range(N))), sv())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("swap", [False, True])
+def test_svcca_matches_recompute(dtype, swap):
+    xs, ys = _layers(dtype=dtype)
+    if swap:
+        xs, ys = ys, xs
+    r = 5
+    score = svcca_permutation_scorer(xs, ys, r)
+    for p in _perms(N):
+        want = svcca_scores(xs, ys if p is None else [y[p] for y in ys], r)
+        _close(score(p), want, dtype)
+
+
+def test_svcca_krylov_widths_and_oracle():
+    """Widths that take the certified Krylov solver; the identity against the oracle."""
+    A, B = paired_features(401, 360, 330, seed=2, dtype=torch.float64)
+    score = svcca_permutation_scorer([A, B], [B], 6, torch.float64)
+    p = torch.randperm(401, generator=torch.Generator().manual_seed(8))
+    _close(score(p), svcca_scores([A, B], [B[p]], 6, torch.float64), torch.float64)
+    assert abs(float(score()[0, 0]) - R.svcca(A, B, cca_dim=6)) <= 1e-8
