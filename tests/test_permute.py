@@ -62,17 +62,28 @@ def test_cka_gram_path_matches_recompute(dtype, unbiased, kernel, swap):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_cka_gram_path_in_row_blocks(dtype, unbiased):
-    """A budget that fits the kernels but only a few gathered rows at a time."""
+@pytest.mark.parametrize("swap", [False, True])
+def test_cka_gram_path_in_blocks_and_groups(dtype, unbiased, swap):
+    """A budget that fits the kernels but only part of the gathered ones at a time; several
+    permutations scored together (``many``) equal the one-at-a-time scores."""
     xs, ys = _layers(dtype=dtype)
-    item = 4 if dtype == torch.float32 else 8
-    budget = (len(xs) + len(ys)) * N * N * item + 5 * N * len(ys) * item
+    if swap:
+        xs, ys = ys, xs
+    big = cka_permutation_scorer(xs, ys, dtype, unbiased=unbiased, budget=BIG, path="gram")
+    spare = 1100 * big._col
+    budget = BIG - big._spare + spare
     score = cka_permutation_scorer(xs, ys, dtype, unbiased=unbiased, budget=budget, path="gram")
-    assert score._rows == 5
-    for p in _perms(N):
+    assert score._spare == spare and score._tri > 4 * 1100  # five blocks of packed columns
+    perms = _perms(N, count=4)
+    got = score.many(perms)
+    assert got.shape == (len(perms), len(xs), len(ys))
+    grouped = big.many(perms)
+    for p, g, h in zip(perms, got, grouped):
         want = cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype, unbiased=unbiased,
                           budget=budget)[0]
-        _close(score(p), want, dtype)
+        _close(g, want, dtype)
+        _close(h, want, dtype)
+        _close(big(p), h, dtype)  # alone or in a group: the same up to rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -110,6 +121,7 @@ def test_cka_null_is_lower_than_the_true_pairing():
 def test_cka_path_choice_follows_memory_and_cost():
     xs, ys = _layers()
     assert cka_permutation_scorer(xs, ys, torch.float32, budget=BIG).path == "gram"
+    assert cka_permutation_scorer(xs, ys, torch.float32, budget=BIG).many([]).shape == (0, 3, 2)
     # the kernels do not fit: linear kernels take the feature space, RBF recomputes
     assert cka_permutation_scorer(xs, ys, torch.float32, budget=1 << 14).path == "feature"
     assert cka_permutation_scorer(xs, ys, torch.float32, kernel_metric="rbf",

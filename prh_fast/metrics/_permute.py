@@ -105,14 +105,16 @@ class CkaPermutationScorer:
         dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
         ip = kernel_metric == "ip"
         item = torch.tensor([], dtype=dtype).element_size() if ip else 8
-        cache = (lx + ly) * n * n * item
-        row = n * min(lx, ly) * item
+        tri = n * (n + 1) // 2
+        index_bytes = (2 * tri + n * n) * (4 if n * n < 2**31 else 8)
+        cache = (lx + ly) * tri * item + index_bytes
+        # one packed column of the gathered kernels for one permutation, with its indices
+        col = min(lx, ly) * item + 24
         sd = sum(dx) + sum(dy)
         per = max(1, int(permutations))
         costs = {}
-        if cache + row <= budget:
-            costs["gram"] = (n * n * lx * ly + _GATHER_WEIGHT * n * n * min(lx, ly)
-                             + n * n * sd / per)
+        if cache + col * min(tri, 1024) <= budget:
+            costs["gram"] = tri * (lx * ly + _GATHER_WEIGHT * min(lx, ly)) + n * n * sd / per
         if ip:
             costs["feature"] = n * sum(dx) * sum(dy)
             costs["recompute"] = min(
@@ -126,7 +128,7 @@ class CkaPermutationScorer:
                              f"these layers, kernel and budget), got {path!r}")
         self.path = min(costs, key=costs.get) if path == "auto" else path
         if self.path == "gram":
-            self._rows = max(1, min(n, (budget - cache) // row))
+            self._spare, self._col = budget - cache, col
             self._setup_gram()
         elif self.path == "feature":
             self._setup_features()
@@ -143,48 +145,98 @@ class CkaPermutationScorer:
         Raises:
             InputError: ``perm`` is not a permutation of ``range(N)``.
         """
-        p = _check_perm(perm, self.n, self.device)
+        return self.many([perm])[0]
+
+    def many(self, perms) -> torch.Tensor:
+        """The scores of several permutations, ``[P, Lx, Ly]`` float64: ``scorer(perm)`` for each
+        (the same values), faster on the ``"gram"`` path, where a group of permutations
+        shares one pass over the cached kernels.
+
+        Args:
+            perms: a sequence of permutations of ``range(N)`` (``None``: the identity).
+
+        Returns:
+            The ``[P, Lx, Ly]`` float64 CPU tensor.
+
+        Raises:
+            InputError: a permutation is not one of ``range(N)``.
+        """
+        ps = [_check_perm(p, self.n, self.device) for p in perms]
         if self.path == "gram":
-            return self._score_gram(p)
-        if self.path == "feature":
-            return self._score_features(p)
-        xs, ys, dtype, kernel, sigma, unbiased, budget = self._args
-        if p is not None:
-            ys = [y[p] for y in ys]
-        return cka_scores(xs, ys, dtype, kernel_metric=kernel, sigma=sigma, unbiased=unbiased,
-                          budget=budget, space="auto")[0]
+            out = []
+            group = max(1, min(16, self._spare // (self._col * min(self._tri, 1 << 16))))
+            for g0 in range(0, len(ps), group):
+                out.extend(self._score_gram(ps[g0:g0 + group]))
+        elif self.path == "feature":
+            out = [self._score_features(p) for p in ps]
+        else:
+            xs, ys, dtype, kernel, sigma, unbiased, budget = self._args
+            out = [cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype,
+                              kernel_metric=kernel, sigma=sigma, unbiased=unbiased,
+                              budget=budget, space="auto")[0] for p in ps]
+        if not out:
+            return torch.empty((0, len(self._args[0]), len(self._args[1])), dtype=torch.float64)
+        return torch.stack(out)
 
     # -- Gram space -------------------------------------------------------------------------
+    #
+    # Kernels are symmetric: each is kept as its packed upper triangle (diagonal included,
+    # row-major, ``N(N+1)/2`` values). ``Σ_ab K_ab G_ab`` is the packed product with the
+    # off-diagonal entries of one side counted twice; that side (the one not gathered) is
+    # stored with its off-diagonal entries doubled, which is exact. A permutation ``p`` maps the
+    # packed entry ``(a, b)``, ``a <= b``, of the gathered side to its packed entry
+    # ``(min, max)(p(a), p(b))``, read from a table of packed positions.
 
-    def _grams(self, layers, scales):
-        """``[L, N, N]`` kernels (zero diagonal for the unbiased estimator), their row sums
-        ``[L, N]``, totals ``[L]`` and ``Σ K∘K`` ``[L]`` (float64)."""
+    def _packed(self, layers, scales, doubled):
+        """Packed kernels ``[L, N(N+1)/2]`` (zero diagonal for the unbiased estimator;
+        off-diagonal entries doubled if ``doubled``), their row sums ``[L, N]``, totals ``[L]``
+        and ``Σ K∘K`` ``[L]`` (float64, CPU)."""
         _, _, _, kernel, sigma, unbiased, _ = self._args
         n = self.n
         item = layers[0].dtype if kernel == "ip" else torch.float64
-        K = torch.empty((len(layers), n, n), dtype=item, device=self.device)
+        flat = self._I.long() * n + self._J.long()
+        K = torch.empty((len(layers), self._tri), dtype=item, device=self.device)
+        rows = torch.empty((len(layers), n), dtype=torch.float64, device=self.device)
+        kk = torch.empty(len(layers), dtype=torch.float64)
         step = max(1, min(n, (1 << 22) // max(1, n)))
+        full = torch.empty((n, n), dtype=item, device=self.device)
         for i, (x, e) in enumerate(zip(layers, scales)):
             sq = (x * x).sum(1)
             g = rbf_gamma(sigma, e) if kernel == "rbf" else None
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
-                K[i, r0:r1] = _kernel_block(x, sq, r0, r1, kernel, g, unbiased)
-        rows = torch.empty((len(layers), n), dtype=torch.float64, device=self.device)
-        kk = torch.empty(len(layers), dtype=torch.float64)
-        for i in range(len(layers)):
-            k = K[i].double()  # K[i] itself when it is float64: read only
+                full[r0:r1] = _kernel_block(x, sq, r0, r1, kernel, g, unbiased)
+            k = full.double()  # ``full`` itself when it is float64: read only
             rows[i] = k.sum(1)
             kk[i] = float(torch.dot(k.view(-1), k.view(-1)))
             del k
+            if doubled:
+                full.mul_(2.0).diagonal().mul_(0.5)  # powers of two: exact
+            torch.index_select(full.view(-1), 0, flat, out=K[i])
         return K, rows.cpu(), rows.sum(1).cpu(), kk
 
     def _setup_gram(self):
-        xs, ys, dtype, kernel, _, unbiased, _ = self._args
+        xs, ys, dtype, _, _, _, _ = self._args
+        n = self.n
+        self._tri = n * (n + 1) // 2
+        idx = torch.int32 if n * n < 2**31 else torch.int64
+        I, J = torch.triu_indices(n, n, device=self.device)
+        self._I, self._J = I.to(idx), J.to(idx)
+        del I, J
+        a = torch.arange(n, device=self.device)
+        start = a * n - a * (a - 1) // 2 - a  # packed position of (a, b) is start[a] + b
+        lo = torch.minimum(a[:, None], a[None, :])
+        self._table = (start[lo] + torch.maximum(a[:, None], a[None, :])).to(idx).view(-1)
+        del lo
         cx, cy = [centred(x, dtype) for x in xs], [centred(y, dtype) for y in ys]
         self._ex, self._ey = [e for _, e in cx], [e for _, e in cy]
-        self._KX, self._rx, self._tx, sxx = self._grams([c for c, _ in cx], self._ex)
-        self._KY, self._ry, self._ty, syy = self._grams([c for c, _ in cy], self._ey)
+        # gather the side with fewer layers; the other is stored with doubled off-diagonals
+        self._gather_y = len(ys) <= len(xs)
+        self._KX, self._rx, self._tx, sxx = self._packed(
+            [c for c, _ in cx], self._ex, doubled=self._gather_y)
+        del cx
+        self._KY, self._ry, self._ty, syy = self._packed(
+            [c for c, _ in cy], self._ey, doubled=not self._gather_y)
         self._hx = [self._h(sxx[i], self._rx[i] @ self._rx[i], self._tx[i], self._tx[i])
                     for i in range(len(xs))]
         self._hy = [self._h(syy[j], self._ry[j] @ self._ry[j], self._ty[j], self._ty[j])
@@ -194,42 +246,46 @@ class CkaPermutationScorer:
         return hsic_from_sums(self.n, float(s), float(ta), float(tb), float(dot_rows),
                               unbiased=self._args[5])
 
-    def _cross(self, K, G, p):
-        """``S[i, j] = Σ_ab K[i]_ab G[j]_p(a)p(b)`` (``p = None``: no gather), ``[len(K),
-        len(G)]`` float64, a row block of the gathered ``G`` at a time."""
-        n = self.n
-        # rows r0:r1 of every layer, flattened: a strided view (no copy) that BLAS takes as is
-        K2, G2 = K.view(K.shape[0], n * n), G.view(G.shape[0], n * n)
-        S = torch.zeros((K.shape[0], G.shape[0]), dtype=torch.float64, device=self.device)
-        for r0 in range(0, n, self._rows):
-            r1 = min(n, r0 + self._rows)
-            if p is None:
-                g = G2[:, r0 * n:r1 * n]
-            else:
-                g = G.index_select(1, p[r0:r1]).index_select(2, p).view(G.shape[0], -1)
-            S += (K2[:, r0 * n:r1 * n] @ g.T).double()
-        return S.cpu()
+    def _cross(self, F, M, perms):
+        """``S[b, i, j] = Σ_(a<=c) F[i]_ac M[j]_(p_b(a), p_b(c))`` over the packed entries,
+        ``[B, len(F), len(M)]`` float64 (CPU), in blocks of packed columns within the spare
+        budget."""
+        n, tri, lf, lm, B = self.n, self._tri, F.shape[0], M.shape[0], len(perms)
+        cols = max(1, min(tri, self._spare // (self._col * B)))
+        q = [p * n for p in perms]
+        S = torch.zeros((lf, B * lm), dtype=torch.float64, device=self.device)
+        for t0 in range(0, tri, cols):
+            t1 = min(tri, t0 + cols)
+            I, J = self._I[t0:t1], self._J[t0:t1]
+            buf = torch.empty((B * lm, t1 - t0), dtype=M.dtype, device=self.device)
+            for b, p in enumerate(perms):
+                pos = self._table.index_select(
+                    0, q[b].index_select(0, I).add_(p.index_select(0, J)))
+                torch.index_select(M, 1, pos, out=buf[b * lm:(b + 1) * lm])
+            S += (F[:, t0:t1] @ buf.T).double()
+        return S.cpu().view(lf, B, lm).permute(1, 0, 2)
 
-    def _score_gram(self, p):
+    def _score_gram(self, ps):
+        n = self.n
         lx, ly = self._KX.shape[0], self._KY.shape[0]
-        rx, ry = self._rx, self._ry
-        if p is None:
-            S = self._cross(self._KX, self._KY, None)
-        elif ly <= lx:
-            S = self._cross(self._KX, self._KY, p)
-            ry = ry[:, p.cpu()]
+        ident = torch.arange(n, device=self.device)
+        ps = [ident if p is None else p for p in ps]
+        if self._gather_y:
+            S = self._cross(self._KX, self._KY, ps)
         else:
-            q = _inverse(p)
-            S = self._cross(self._KY, self._KX, q).T
-            rx = rx[:, q.cpu()]
-        D = rx @ ry.T
+            S = self._cross(self._KY, self._KX, [_inverse(p) for p in ps]).transpose(1, 2)
         kernel = self._args[3]
-        out = torch.empty((lx, ly), dtype=torch.float64)
-        for i in range(lx):
-            for j in range(ly):
-                eps = cka_eps(2 * self._ex[i], 2 * self._ey[j]) if kernel == "ip" else CKA_EPS
-                out[i, j] = cka_ratio(self._h(S[i, j], D[i, j], self._tx[i], self._ty[j]),
-                                      self._hx[i], self._hy[j], eps)
+        out = []
+        for b, p in enumerate(ps):
+            D = self._rx @ self._ry[:, p.cpu()].T
+            o = torch.empty((lx, ly), dtype=torch.float64)
+            for i in range(lx):
+                for j in range(ly):
+                    eps = (cka_eps(2 * self._ex[i], 2 * self._ey[j]) if kernel == "ip"
+                           else CKA_EPS)
+                    o[i, j] = cka_ratio(self._h(S[b, i, j], D[i, j], self._tx[i], self._ty[j]),
+                                        self._hx[i], self._hy[j], eps)
+            out.append(o)
         return out
 
     # -- feature space (linear kernels) -----------------------------------------------------
