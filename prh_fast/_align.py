@@ -43,12 +43,21 @@ from prh_fast._validate import (
 )
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.knn._backends import resolve
+from prh_fast.knn._backends import ANN_BACKENDS, resolve
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
 from prh_fast.metrics._svcca import svcca_scores
+from prh_fast.metrics._ties import (
+    check_ties,
+    distinct_rows,
+    expected_mutual,
+    list_ties,
+    neighbour_ties,
+    relabel_ties,
+    tie_warning,
+)
 from prh_fast.prepare import normalize_rows
 
 __all__ = ["align", "compute_score", "AlignmentResult", "best_pair", "as_layers",
@@ -97,6 +106,11 @@ class AlignmentResult:
     #: With an approximate neighbour search: ``ann_pair_report``'s dict (recall of every
     #: layer, and per layer pair the metric from approximate vs exact lists on the sample).
     ann_report: dict | None = None
+    #: Neighbour metrics with an exact search: ``mode`` (the ``ties`` option), ``k`` and per
+    #: side (``x``, ``y``) one dict per layer: ``layer``, ``n``, ``distinct_rows``,
+    #: ``tied_rows`` and ``tied_fraction`` (rows whose ``k``-th neighbour is tied with the
+    #: ``(k+1)``-th, so that the tie rule picks part of the list).
+    ties: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"metric": self.metric, "topk": self.topk, "scores": self.scores.tolist(),
@@ -104,6 +118,8 @@ class AlignmentResult:
              "x_layers": self.x_layers, "y_layers": self.y_layers, "timings": self.timings}
         if self.ann_report is not None:
             d["ann_report"] = self.ann_report
+        if self.ties is not None:
+            d["ties"] = self.ties
         if self.null is not None:
             d["null"] = {a: (v.tolist() if isinstance(v, torch.Tensor) else v)
                          for a, v in self.null.items()}
@@ -149,14 +165,67 @@ def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return inv[lists[..., perm, :]]
 
 
-def _knn_side(xs, topk, backend, reports=None):
-    """One side's neighbour lists, ``[L, N, k]``: one search per layer. ``reports``: a list
-    that receives each layer's ``AnnReport`` (``None`` for an exact search)."""
-    found = map_layers(lambda x: knn(x, topk, backend=backend, return_report=True), list(xs),
-                       xs[0].shape[0], parallel=_side_by_side(xs, topk, backend))
+@dataclass
+class NeighbourSide:
+    """One model's neighbour data for the kNN metrics (what :func:`_knn_side` returns).
+
+    Attributes:
+        lists: ``[L, N, k]`` int64 neighbour lists (``None`` with ``ties="expected"``, which
+            scores from ``boundary`` alone).
+        ties: per layer, the tie diagnostics (``prh_fast.metrics._ties.list_ties`` or
+            ``NeighbourTies.summary``); ``None`` for an approximate search, whose lists do not
+            tell exact ties.
+        boundary: with ``ties="expected"``, each layer's ``NeighbourTies``.
+    """
+
+    lists: torch.Tensor | None
+    ties: list | None = None
+    boundary: list | None = None
+
+
+def _knn_side(xs, topk, backend, reports=None, ties="rule") -> NeighbourSide:
+    """One side's neighbour data: one search per layer. ``reports``: a list that receives each
+    layer's ``AnnReport`` (``None`` for an exact search).
+
+    An exact search asks for ``topk + 1`` neighbours and keeps ``topk``: the lists are the same
+    (one total order), and the extra column tells, exactly, whether the ``k``-th neighbour is
+    tied with the ``(k+1)``-th. ``ties="expected"`` finds each layer's full boundary
+    (``neighbour_ties``) instead of lists."""
+    xs = list(xs)
+    n = xs[0].shape[0]
+    cpu = all(x.device.type == "cpu" for x in xs)
+    if ties == "expected":
+        found = map_layers(lambda x: neighbour_ties(x, topk), xs, n, parallel=cpu)
+        if reports is not None:
+            reports.extend(None for _ in xs)
+        return NeighbourSide(None, [t.summary() for t in found], found)
+    exact = _exact_search(xs, topk, backend)
+    extra = 1 if exact and topk + 1 <= n - 1 else 0
+
+    def one(x):
+        if not exact:
+            idx, rep = knn(x, topk, backend=backend, return_report=True)
+            return idx, rep, None
+        from prh_fast.knn import _search
+
+        idx, vals, rep, _ = _search(x, topk + extra, backend=backend)
+        return (idx[:, :topk].contiguous(), rep,
+                list_ties(idx, vals, topk, distinct_rows(x)))
+
+    found = map_layers(one, xs, n, parallel=_side_by_side(xs, topk, backend))
     if reports is not None:
-        reports.extend(rep for _, rep in found)
-    return torch.stack([idx for idx, _ in found])
+        reports.extend(rep for _, rep, _ in found)
+    return NeighbourSide(torch.stack([idx for idx, _, _ in found]),
+                         [t for _, _, t in found] if exact else None)
+
+
+def _exact_search(xs, topk, backend) -> bool:
+    """Whether ``backend`` searches these layers exactly (not an approximate FAISS index)."""
+    try:
+        return resolve(backend, xs[0].device, k=topk, dtype=xs[0].dtype).search \
+            not in ANN_BACKENDS
+    except Exception:  # the search itself reports a bad backend, with its own message
+        return True
 
 
 def _side_by_side(xs, topk, backend) -> bool:
@@ -175,14 +244,30 @@ _from_raw = knn_value
 
 
 def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None, ann=None,
-              **kw):
-    # x_cache / y_cache: lists from _knn_side computed earlier (model grids reuse them).
-    # ann: a dict that receives both sides' search reports ("x", "y").
+              sides=None, ties="rule", **kw):
+    # x_cache / y_cache: NeighbourSides from _knn_side computed earlier (model grids reuse them).
+    # ann: a dict that receives both sides' search reports ("x", "y"); sides: a dict that
+    # receives both NeighbourSides.
     ann = {} if ann is None else ann
     t0 = time.perf_counter()
-    ka = _knn_side(xs, topk, backend, ann.setdefault("x", [])) if x_cache is None else x_cache
-    kb = _knn_side(ys, topk, backend, ann.setdefault("y", [])) if y_cache is None else y_cache
+    sa = (_knn_side(xs, topk, backend, ann.setdefault("x", []), ties) if x_cache is None
+          else x_cache)
+    sb = (_knn_side(ys, topk, backend, ann.setdefault("y", []), ties) if y_cache is None
+          else y_cache)
     timings["knn"] = time.perf_counter() - t0
+    if sides is not None:
+        sides.update(x=sa, y=sb)
+    if ties == "expected":  # mutual_knn only (_metric_options)
+        def expected(perm=None):
+            out = torch.empty((len(sa.boundary), len(sb.boundary)), dtype=torch.float64)
+            for j, tb in enumerate(sb.boundary):
+                tb = tb if perm is None else relabel_ties(tb, perm)
+                for i, ta in enumerate(sa.boundary):
+                    out[i, j] = expected_mutual(ta, tb)
+            return out
+
+        return expected
+    ka, kb = sa.lists, sb.lists
 
     def score(perm=None):
         raw = neighbour_scores(_KNN_RAW[metric], ka, kb if perm is None else _relabel(kb, perm),
@@ -301,7 +386,12 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         stream_budget: deprecated name of ``memory_budget`` (a ``FutureWarning``).
         **metric_kwargs: the metric's own options (``kernel_metric``, ``rbf_sigma``,
             ``unbiased``, ``distance_agnostic``, ``exclude_self``, ``normalize_lcs``,
-            ``cca_dim``).
+            ``cca_dim``), and for the neighbour metrics ``ties``: ``"rule"`` (default, the
+            reference's lists: exact ties to the lower index) or, for ``mutual_knn``,
+            ``"expected"`` (the exact expectation over uniform random tie breaks,
+            ``prh_fast.metrics.neighbour_ties``). Either way ``result.ties`` gives each
+            layer's distinct rows and share of rows whose ``k``-th neighbour is tied, and a
+            warning is logged when ties decide the lists of 1% of a layer's rows or more.
 
     Returns:
         An :class:`AlignmentResult`: the ``[Lx, Ly]`` scores, the best pair, timings.
@@ -341,7 +431,19 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
     res = _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permutations,
                           seed, timings)
     timings["total"] = time.perf_counter() - t_all
+    _warn_ties(res.ties, metric)
     return res
+
+
+def _warn_ties(ties, metric, names=("X", "Y")) -> None:
+    """Log :func:`prh_fast.metrics._ties.tie_warning`'s line, if any, as a warning."""
+    if ties is None:
+        return
+    msg = tie_warning(ties.get("x"), ties.get("y"), ties["mode"], metric, names)
+    if msg:
+        from prh_fast._log import logger
+
+        logger.warning("prh_fast: %s", msg)
 
 
 def _metric_options(metric, n, topk, metric_kwargs, memory_budget=None):
@@ -354,9 +456,16 @@ def _metric_options(metric, n, topk, metric_kwargs, memory_budget=None):
         check_memory_budget(memory_budget, 1)
     if metric in _KNN_RAW:
         k = check_topk(topk, n)
-        opts = {"normalize_lcs": bool(kw.pop("normalize_lcs", False))}
+        opts = {"normalize_lcs": bool(kw.pop("normalize_lcs", False)),
+                "ties": check_ties(kw.pop("ties", "rule"))}
+        if opts["ties"] == "expected" and metric != "mutual_knn":
+            raise InputError(f"ties: 'expected' is defined for mutual_knn only; {metric} has no "
+                             f"closed form over random tie breaks (docs/metrics.md, \"Ties at "
+                             f"the list boundary\"); use ties='rule'")
         _no_extra(metric, kw)
         return k, opts
+    if "ties" in kw:
+        raise InputError(f"ties: only for the neighbour metrics {sorted(_KNN_RAW)}, not {metric}")
     if metric == "cknna":
         opts = {"unbiased": bool(kw.pop("unbiased", True)),
                 "distance_agnostic": bool(kw.pop("distance_agnostic", False)),
@@ -386,9 +495,10 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
     ``ann_report`` covers only the searches made here)."""
     n = xs[0].shape[0]
     ann: dict = {}
+    sides: dict = {}
     if metric in _KNN_RAW:
         scorer = _grid_knn(metric, xs, ys, k, backend, timings, x_cache=x_cache,
-                           y_cache=y_cache, ann=ann, **opts)
+                           y_cache=y_cache, ann=ann, sides=sides, **opts)
     elif metric == "cknna":
         scorer = _grid_cknna(xs, ys, k, backend, timings, x_cache=x_cache, y_cache=y_cache,
                              ann=ann, **opts)
@@ -412,10 +522,19 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
     if ann.get("x") and ann.get("y"):
         ann_report = ann_pair_report(metric, k, ann["x"], ann["y"], x_idx, y_idx,
                                      opts.get("normalize_lcs", False), log=True)
+    ties = None
+    if sides and sides["x"].ties is not None and sides["y"].ties is not None:
+        ties = {"mode": opts.get("ties", "rule"), "k": k,
+                "x": _labelled(sides["x"].ties, x_idx), "y": _labelled(sides["y"].ties, y_idx)}
     return AlignmentResult(metric=metric, scores=scores, best_score=best, best_pair=pair,
                            x_layers=x_idx, y_layers=y_idx,
                            topk=k if "knn" in metric else None, timings=timings, null=null,
-                           ann_report=ann_report)
+                           ann_report=ann_report, ties=ties)
+
+
+def _labelled(summaries, labels) -> list:
+    """Per-layer tie summaries with their layer labels (``-1``: the concatenated layers)."""
+    return [{"layer": lab, **t} for t, lab in zip(summaries, labels)]
 
 
 def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=None,

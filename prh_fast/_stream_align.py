@@ -123,9 +123,12 @@ class StreamPolicy:
         return self.device.type == "cpu" or self._large(m)
 
     def knn_side(self, m, metric: str, k: int, opts: dict):
-        """The model's neighbour data in the form ``prh_fast._align._knn_side`` (``[L, N, k]``)
-        or ``_cknna_side`` (``(lists, self_sims)``) returns it."""
+        """The model's neighbour data in the form ``prh_fast._align._knn_side`` (a
+        ``NeighbourSide``; distinct rows are not counted from a stream) or ``_cknna_side``
+        (``(lists, self_sims)``) returns it."""
+        from prh_fast._align import NeighbourSide
         from prh_fast.metrics._cknna import cknna_excludes_self, cknna_sim, cknna_values
+        from prh_fast.metrics._ties import list_ties
         from prh_fast.store._stream import _stream_knn
 
         p = self.prep(m)
@@ -133,19 +136,25 @@ class StreamPolicy:
         include_self = metric == "cknna" and not cknna_excludes_self(
             opts.get("unbiased", True), opts.get("exclude_self"))
 
-        def search(l):
+        def search(l, extra=0):
             # (idx, float64 scores): the in-memory path's lists and similarities
-            i, s, _ = _stream_knn(p.store, l, k, q=self.q, exact=self.exact,
+            i, s, _ = _stream_knn(p.store, l, k + extra, q=self.q, exact=self.exact,
                                   normalize=self.normalize, device=self.device,
                                   backend=self.backend, memory_budget=self.budget,
                                   progress=self.progress, include_self=include_self)
             return i, s
 
+        # k + 1 neighbours (the same first k: one total order) tell the exact ties at the k-th;
+        # cknna asks for as many, so the two metrics share the store's cached lists
+        extra = 1 if k + 1 <= p.n - 1 else 0
         if metric != "cknna":
-            return torch.stack([search(l)[0] for l in range(L)])
+            found = [search(l, extra) for l in range(L)]
+            return NeighbourSide(torch.stack([i[:, :k].contiguous() for i, _ in found]),
+                                 [list_ties(i, s, k, None) for i, s in found])
         lists = []
         for l in range(L):
-            i, s = search(l)
+            i, s = search(l, extra)
+            i, s = i[:, :k].contiguous(), s[:, :k].contiguous()
             lists.append((i, cknna_values(i, s, opts.get("unbiased", True),
                                           opts.get("distance_agnostic", False))))
         n = p.n

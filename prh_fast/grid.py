@@ -62,6 +62,7 @@ from prh_fast._threads import with_threads
 from prh_fast._validate import as_layers, count_samples, layer_feats, resolve_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.metrics._ties import tie_warning
 from prh_fast.prepare import prepare_features
 
 __all__ = ["align_models", "GridResult", "Alignment", "GridSpec", "output_stem"]
@@ -191,6 +192,7 @@ class _ModelCache:
                                    normalize=normalize, backend=backend, device=device,
                                    progress=progress)
         self.ann: dict = {}  # model key -> its layers' AnnReports (approximate searches)
+        self.ties: dict = {}  # model key -> its layers' tie diagnostics (exact searches)
 
     def layers(self, m: _Model) -> list:
         if m.key in self._layers:
@@ -228,11 +230,14 @@ class _ModelCache:
         stand-ins for its layers (``[N, 0]`` tensors: the scorers read only ``N``, the number
         of layers and the device from them). The features themselves are not kept."""
         kind = "cknna" if metric == "cknna" else "knn"
-        ckey = (m.key, kind, k, tuple(sorted(opts.items())) if kind == "cknna" else ())
-        if ckey not in self._sides and self.stream.streams_knn(m):
+        ties = opts.get("ties", "rule")
+        ckey = (m.key, kind, k, tuple(sorted(opts.items())) if kind == "cknna" else (ties,))
+        # the tie-aware score reads each layer's rows (neighbour_ties): in memory, not streamed
+        if ckey not in self._sides and ties != "expected" and self.stream.streams_knn(m):
             t0 = time.perf_counter()
             data = self.stream.knn_side(m, metric, k, opts)
             self.timings["neighbours"] += time.perf_counter() - t0
+            self._note_ties(m, data, metric)
             self.counts["streamed_models"] += 1
             self._sides[ckey] = (self.stream.stand_ins(m), data)
         if ckey not in self._sides:
@@ -242,7 +247,8 @@ class _ModelCache:
             if kind == "cknna":
                 data = _cknna_side(layers, k, self.backend, reports=reports, **opts)
             else:
-                data = _knn_side(layers, k, self.backend, reports)
+                data = _knn_side(layers, k, self.backend, reports, ties)
+                self._note_ties(m, data, metric)
             self.timings["neighbours"] += time.perf_counter() - t0
             if any(r is not None for r in reports):
                 self.ann[m.key] = reports
@@ -252,6 +258,18 @@ class _ModelCache:
             self._sides[ckey] = (stand, data)
             self._layers.pop(m.key, None)  # lists are all a neighbour metric needs
         return self._sides[ckey]
+
+    def _note_ties(self, m: _Model, data, metric: str) -> None:
+        """Keep the model's tie diagnostics (a ``NeighbourSide``'s) and warn, once per model,
+        when ties decide part of its lists."""
+        ties = getattr(data, "ties", None)
+        if ties is None:
+            return
+        self.ties[m.key] = ties
+        mode = "expected" if getattr(data, "boundary", None) is not None else "rule"
+        msg = tie_warning(ties, None, mode, metric, names=(f"model {m.name!r}", ""))
+        if msg:
+            logger.warning("prh_fast: %s", msg)
 
 
 class PairScore(NamedTuple):
@@ -722,9 +740,12 @@ class GridSpec:
                           self.null_permutations, self.seed)
 
     def result(self, xm, ym, plan: GridPlan, computed: dict, timings: dict, stream_mode: str,
-               ann: dict | None = None, **extra_options) -> "GridResult":
-        """The grid's :class:`GridResult` (``assemble``), with its ``options`` and, for an
-        approximate search, ``options["ann"]`` (``ann``: model key -> layer reports)."""
+               ann: dict | None = None, ties: dict | None = None,
+               **extra_options) -> "GridResult":
+        """The grid's :class:`GridResult` (``assemble``), with its ``options``; for an
+        approximate search ``options["ann"]`` (``ann``: model key -> layer reports); for the
+        neighbour metrics ``options["ties"]`` (``ties``: model name -> per-layer diagnostics,
+        ``prh_fast._align.NeighbourSide.ties``)."""
         res = assemble(self.metric, self.topk, xm, ym, computed, plan.mirror,
                        reference_order=self.reference_order,
                        null_permutations=self.null_permutations, timings=timings,
@@ -736,6 +757,10 @@ class GridSpec:
                                             stream=stream_mode, **extra_options))
         if ann:
             res.options["ann"] = _ann_grid(ann, xm, ym, self.metric, plan.k, plan.opts)
+        if ties:
+            res.options["ties"] = {"mode": plan.opts.get("ties", "rule"), "k": plan.k,
+                                   "models": {name: [{"layer": i, **t} for i, t in enumerate(v)]
+                                              for name, v in ties.items()}}
         return res
 
 
@@ -823,7 +848,9 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         computed = _score_all(spec, cache, plan, xm, ym)
         timings = _grid_timings(cache.timings, cache.counts, computed, plan, t_all,
                                 len(xm) * len(ym), len(plan.compute))
-        res = spec.result(xm, ym, plan, computed, timings, cache.stream.mode, ann=cache.ann)
+        res = spec.result(xm, ym, plan, computed, timings, cache.stream.mode, ann=cache.ann,
+                          ties={m.name: cache.ties[m.key] for m in xm + ym
+                                if m.key in cache.ties})
         if output_dir is not None:
             res.save(output_dir)
         return res

@@ -157,9 +157,9 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         cache = spec.cache(progress=False)
         mine_out, err = _score_my_pairs(g, spec, plan, cache, xm, ym, fp, parts_dir, rank, P)
         got = _gather(mine_out, fp)
-        results, ann = _merge(got, err, rank, xm, ym)
+        results, ann, ties = _merge(got, err, rank, xm, ym)
         res = spec.result(xm, ym, plan, results, _timings(got, results, plan, t_all, xm, ym, P),
-                          cache.stream.mode, ann=ann,
+                          cache.stream.mode, ann=ann, ties=ties,
                           distributed={"world_size": P, "split": "model_pair"})
         _write_output(spec, res, parts_dir, rank)
         return res
@@ -280,6 +280,7 @@ def _score_my_pairs(g, spec, plan, cache, xm, ym, fp, parts_dir, rank, P):
     out = {"err": None if err is None else (type(err).__name__, str(err)),
            "results": ({ab: tuple(ps) for ab, ps in results.items()} if err is None else {}),
            "ann": ann_mine if err is None else {},
+           "ties": {m.name: cache.ties[m.key] for m in xm + ym if m.key in cache.ties},
            "timings": dict(cache.timings), "counts": dict(cache.counts),
            "computed": len(mine) - resumed[0], "resumed": resumed[0]}
     return out, err
@@ -296,7 +297,8 @@ def _gather(mine_out: dict, fp: str) -> list:
 
 
 def _merge(got: list, err, rank: int, xm, ym):
-    """All ranks' pairs ``{(a, b): PairScore}`` and search reports (model key -> reports);
+    """All ranks' pairs ``{(a, b): PairScore}``, search reports (model key -> reports) and tie
+    diagnostics (model name -> per-layer dicts);
     the first rank's error is raised on every rank."""
     bad = [(r, o["err"]) for r, o in enumerate(got) if o["err"] is not None]
     if bad:
@@ -306,12 +308,13 @@ def _merge(got: list, err, rank: int, xm, ym):
         types = {"ValueError": ValueError, "TypeError": TypeError,
                  "FileNotFoundError": FileNotFoundError}
         raise types.get(kind, DistributedError)(f"(on rank {r}) {msg}")
-    results, ann = {}, {}
+    results, ann, ties = {}, {}, {}
     for o in got:
         results.update({ab: PairScore(*ps) for ab, ps in o["results"].items()})
         ann.update(o["ann"])
+        ties.update(o.get("ties", {}))
     ann = {m.key: ann[m.name] for m in xm + ym if m.name in ann}
-    return results, ann
+    return results, ann, ties
 
 
 def _timings(got: list, results: dict, plan, t_all: float, xm, ym, P: int) -> dict:

@@ -59,7 +59,8 @@ from prh_fast.knn._exact import margins, search_exponent
 from prh_fast.knn._merge import fixed_dots
 from prh_fast.prepare import row_norms
 
-__all__ = ["NeighbourTies", "neighbour_ties", "expected_mutual", "TIES_MODES", "check_ties"]
+__all__ = ["NeighbourTies", "neighbour_ties", "expected_mutual", "TIES_MODES", "check_ties",
+           "distinct_rows", "list_ties", "tie_warning", "relabel_ties", "TIE_WARN_FRACTION"]
 
 #: The values of a neighbour metric's ``ties`` option: ``"rule"`` (ties to the lower index, the
 #: reference-compatible default) and ``"expected"`` (the expectation over uniform tie breaks).
@@ -320,3 +321,121 @@ def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies) -> float:
         raise InputError(f"ties_A/ties_B: describe N = {ties_A.n}, k = {ties_A.k} and "
                          f"N = {ties_B.n}, k = {ties_B.k}; expected the same N and k")
     return float(_row_sums(ties_A, ties_B).sum() / (ties_A.n * ties_A.k))
+
+
+# --------------------------------------------------------------------------------------------
+# diagnostics from an ordinary search, and the tie-aware score under a relabelling
+
+#: A layer whose share of tied rows (k-th neighbour tied with the (k+1)-th) reaches this is
+#: reported with a warning: the lower-index rule, not the features, picks part of its lists.
+TIE_WARN_FRACTION = 0.01
+
+
+def distinct_rows(X) -> int:
+    """The number of distinct rows of ``X`` (``-0.0`` and ``0.0`` count as equal).
+
+    Example:
+        >>> import torch
+        >>> distinct_rows(torch.tensor([[1.0, 0.0], [1.0, -0.0], [0.0, 1.0]]))
+        2
+    """
+    X = as_features(X, "X")
+    if X.shape[0] == 0:
+        return 0
+    return int(torch.unique(X + 0.0, dim=0).shape[0])  # x + 0.0 turns -0.0 into 0.0
+
+
+def list_ties(idx: torch.Tensor, vals: torch.Tensor, k: int, distinct: int | None) -> dict:
+    """Tie diagnostics of one layer from an exact search of ``k + 1`` neighbours.
+
+    ``vals`` are the exact search's fixed-order float64 scores (``prh_fast.knn._search``), so
+    the ``k``-th neighbour is tied with the ``(k + 1)``-th exactly when their scores are equal.
+    With ``idx`` of only ``k = N - 1`` columns (every other row listed) nothing is tied.
+
+    Args:
+        idx: ``[N, k + 1]`` (or ``[N, N - 1]``) neighbour indices.
+        vals: their float64 scores, same shape.
+        k: the list length the metrics use.
+        distinct: the layer's :func:`distinct_rows` (``None``: not counted, e.g. a layer
+            streamed from a store).
+
+    Returns:
+        ``{"n", "k", "distinct_rows", "tied_rows", "tied_fraction"}``.
+
+    Example:
+        >>> import torch
+        >>> v = torch.tensor([[0.9, 0.5, 0.5], [0.9, 0.7, 0.5]], dtype=torch.float64)
+        >>> list_ties(torch.zeros(2, 3, dtype=torch.long), v, 2, 2)["tied_rows"]
+        1
+    """
+    n = int(idx.shape[0])
+    if idx.shape[1] > k:
+        tied = int((vals[:, k - 1] == vals[:, k]).sum())
+    else:
+        tied = 0
+    return {"n": n, "k": int(k), "distinct_rows": None if distinct is None else int(distinct),
+            "tied_rows": tied,
+            "tied_fraction": tied / n if n else 0.0}
+
+
+def tie_warning(x_ties, y_ties, mode: str, metric: str, names=("X", "Y")) -> str | None:
+    """A one-line warning when ties decide part of some layer's lists (``None`` otherwise).
+
+    ``x_ties`` / ``y_ties``: per-layer dicts of :func:`list_ties` or
+    :meth:`NeighbourTies.summary` (``None`` entries are skipped); ``mode``: the run's ``ties``.
+
+    Example:
+        >>> d = {"n": 100, "k": 10, "distinct_rows": 8, "tied_rows": 100, "tied_fraction": 1.0}
+        >>> tie_warning([d], [], "rule", "mutual_knn").split(":")[0]
+        'ties at the k-th neighbour decide the lists of 100% of the rows in X layer 0'
+    """
+    worst = None
+    for name, side in zip(names, (x_ties, y_ties)):
+        for layer, t in enumerate(side or []):
+            if t is not None and (worst is None or t["tied_fraction"] > worst[2]["tied_fraction"]):
+                worst = (name, layer, t)
+    if worst is None or worst[2]["tied_fraction"] < TIE_WARN_FRACTION:
+        return None
+    name, layer, t = worst
+    rows = (f"{t['n']} rows" if t.get("distinct_rows") is None
+            else f"{t['distinct_rows']} distinct rows of {t['n']}")
+    msg = (f"ties at the k-th neighbour decide the lists of {t['tied_fraction']:.0%} of the rows "
+           f"in {name} layer {layer}: {rows}, k = {t['k']}")
+    if mode == "expected":
+        return msg + "; scored as the expectation over uniform tie breaks (ties='expected')"
+    if metric == "mutual_knn":
+        return msg + ("; the lower-index rule picks the tied neighbours: ties='expected' gives "
+                      "the tie-aware score")
+    return msg + (f"; the lower-index rule picks the tied neighbours ({metric} has no "
+                  f"closed tie-aware form: compare mutual_knn with ties='expected')")
+
+
+def relabel_ties(t: NeighbourTies, perm: torch.Tensor) -> NeighbourTies:
+    """The boundary of the samples reordered by ``perm`` (row ``i`` becomes sample
+    ``perm[i]``, every key ``j`` becomes ``perm⁻¹[j]``), as :func:`neighbour_ties` would find it
+    for ``X[perm]``: a relabelling, no new scores.
+
+    Example:
+        >>> import torch
+        >>> X = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.0, 1.0]])
+        >>> p = torch.tensor([2, 0, 3, 1])
+        >>> r = relabel_ties(neighbour_ties(X, 1), p)
+        >>> r.n_tied.tolist() == neighbour_ties(X[p], 1).n_tied.tolist()
+        True
+    """
+    perm = perm.to(torch.int64).cpu()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    counts = t.indptr.diff()[perm]
+    indptr = torch.zeros_like(t.indptr)
+    indptr[1:] = counts.cumsum(0)
+    # gather each new row's members from the old row perm[i]
+    starts = t.indptr[:-1][perm]
+    rows = torch.repeat_interleave(torch.arange(t.n), counts)
+    pos = torch.arange(int(indptr[-1])) - indptr[:-1][rows] + starts[rows]
+    keys = inv[t.keys[pos]]
+    tied = t.tied[pos]
+    order = torch.argsort(rows * t.n + keys)  # keys ascending within each row
+    return NeighbourTies(n=t.n, k=t.k, kth=t.kth[perm], n_greater=t.n_greater[perm],
+                         n_tied=t.n_tied[perm], indptr=indptr, keys=keys[order],
+                         tied=tied[order], distinct_rows=t.distinct_rows)
