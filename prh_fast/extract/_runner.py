@@ -1,15 +1,28 @@
-"""The extraction loop: batches in sample order, a progress bar, durable batches, resume.
+"""The extraction loop: each distinct input once, a progress bar, durable batches, resume.
 
 ``extract_text`` and ``extract_images`` take a model (a name or path, or an already loaded
 encoder) and paired data (a source string or a loaded :class:`PairedDataset`), and write the
 reference's feature file ``<features_dir>/<data set>/<model>_pool-<pool>_prompt-<bool>.pt``.
 A finished file whose recorded settings match is reused; an unfinished one resumes.
+
+Distinct inputs. A caption that occurs several times (or an image id that does) is encoded
+once and its row copied to every sample that has it, so duplicates get bit-identical rows and
+a language model's per-sample loss terms are those of the one encoding (the totals weight
+each distinct caption by its multiplicity, as encoding every sample would). Distinct captions
+are encoded longest first (token count), so each batch pads little; a caption's features do
+not depend on its batch-mates beyond float32 rounding. The file holds rows in sample order
+as before.
+
+Loaded models. The last model loaded by name is kept in this process, so extracting several
+caption levels or subsets with the same model loads it once; loading another model releases
+it first, and :func:`release_cached_model` releases it explicitly.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import threading
 import time
 
 import torch
@@ -18,7 +31,7 @@ from prh_fast.errors import InputError
 from prh_fast.extract._writer import STORAGE_DTYPES, PtWriter
 
 __all__ = ["extract_text", "extract_images", "extract_sharded", "feature_path", "safe_name",
-           "TEXT_POOLINGS"]
+           "TEXT_POOLINGS", "release_cached_model"]
 
 TEXT_POOLINGS = ("avg", "last", "prompt")
 
@@ -117,11 +130,101 @@ def _existing_matches(path: str, fingerprint: dict) -> bool:
     return isinstance(rec, dict) and _canon(rec.get("job", {})) == _canon(fingerprint)
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
+def _progress(total: int, initial: int, desc: str, enabled: bool, unit: str = "sample"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="sample", disable=not enabled,
+    # With the total known, tqdm shows the rate (<unit>/s) and the time left.
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
                 dynamic_ncols=True, leave=False)
+
+
+def _distinct(keys) -> tuple:
+    """``(first, inverse)``: the position of each distinct key's first occurrence, in order of
+    appearance, and for every position the number of its key in ``first`` (int64 tensor)."""
+    number: dict = {}
+    first, inverse = [], []
+    for i, k in enumerate(keys):
+        j = number.get(k)
+        if j is None:
+            j = number[k] = len(first)
+            first.append(i)
+        inverse.append(j)
+    return first, torch.tensor(inverse, dtype=torch.int64)
+
+
+def _appended_index(order, inverse) -> torch.Tensor:
+    """For each sample, the appended row holding its input when distinct input ``order[r]`` is
+    appended as row ``r``."""
+    pos = torch.empty(len(order), dtype=torch.int64)
+    pos[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order), dtype=torch.int64)
+    return pos[inverse]
+
+
+def _token_lengths(enc, texts, pool) -> list:
+    """Tokens per text as the encoder will see it (UTF-8 bytes for encoders that do not say)."""
+    fn = getattr(enc, "token_lengths", None)
+    if callable(fn):
+        return [int(x) for x in fn(texts, pool=pool)]
+    return [len(t.encode("utf-8")) for t in texts]
+
+
+# ----------------------------------------------------------------------------- loaded models
+
+_MODEL_LOCK = threading.Lock()
+_MODEL_CACHE: dict = {}   # at most one entry: key -> loaded encoder
+
+
+def _files_stamp(name) -> tuple:
+    """Changes when a local model's files do (size and mtime of the entries of its folder)."""
+    path = os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
+    if not path or not os.path.exists(path):
+        return ()
+    try:
+        if os.path.isdir(path):
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+        st = os.stat(path)
+        return ((path, st.st_size, st.st_mtime_ns),)
+    except OSError:
+        return ("unreadable",)
+
+
+def _cached_model(load, name, **kwargs):
+    """``load(name, **kwargs)``, reusing the encoder of the previous call with the same loader,
+    name, options and files; a different request releases the kept encoder before loading."""
+    key = (id(load), str(name), _files_stamp(name),
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _MODEL_LOCK:
+        enc = _MODEL_CACHE.get(key)
+        if enc is None:
+            _MODEL_CACHE.clear()
+    if enc is not None:
+        return enc
+    enc = load(name, **kwargs)
+    with _MODEL_LOCK:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = enc
+    return enc
+
+
+def release_cached_model() -> bool:
+    """Release the model that ``extract_text`` / ``extract_images`` keep loaded between calls.
+
+    The last model loaded by name stays in memory so that the next extraction with it does not
+    load it again; call this to free that memory (for example before training on the GPU).
+
+    Returns:
+        Whether a model was kept.
+
+    Example:
+        >>> from prh_fast.extract._runner import release_cached_model
+        >>> release_cached_model() in (True, False)
+        True
+    """
+    with _MODEL_LOCK:
+        had = bool(_MODEL_CACHE)
+        _MODEL_CACHE.clear()
+    return had
 
 
 def _version() -> str:
@@ -153,16 +256,19 @@ class _Job:
         if rows is not None:
             self.fingerprint["rows"] = [self.lo, self.hi]
 
-    def run(self, encode, writer, progress: bool):
-        """``encode(range of sample indices)`` over this job's range, batch by batch."""
-        lo = self.lo
-        _run(lambda idx: encode(range(lo + idx.start, lo + idx.stop)), self.hi - self.lo,
-             self.batch_size, writer, f"{safe_name(self.name)} [{self.pool}]", progress)
+    def run(self, encode, writer, progress: bool, n_rows: int, unit: str):
+        """``encode(range of appended rows)`` over ``n_rows`` rows (this job's distinct
+        inputs), batch by batch; the bar counts distinct inputs of ``hi - lo`` samples."""
+        n = self.hi - self.lo
+        what = f"distinct {unit}s" if n_rows != n else f"{unit}s"
+        desc = f"{safe_name(self.name)} [{self.pool}] {n_rows} {what} of {n}"
+        _run(encode, n_rows, self.batch_size, writer, desc, progress, unit)
 
 
-def _run(encode, n: int, batch_size: int, writer, desc: str, progress: bool):
+def _run(encode, n: int, batch_size: int, writer, desc: str, progress: bool,
+         unit: str = "sample"):
     done = writer.rows_done
-    bar = _progress(n, done, desc, progress)
+    bar = _progress(n, done, desc, progress, unit)
     try:
         for start in range(done, n, batch_size):
             stop = min(n, start + batch_size)
@@ -242,17 +348,25 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
     with PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
                   overwrite=force) as writer:
         if enc is None:
-            from prh_fast.extract._text import load_text_model
+            from prh_fast.extract import _text
 
-            enc = load_text_model(name, device=device, dtype=dtype)
+            enc = _cached_model(_text.load_text_model, name, device=device, dtype=dtype)
         return _extract_text_into(writer, job, enc, captions, pool, storage_dtype, progress)
 
 
 def _extract_text_into(writer, job, enc, captions, pool, storage_dtype, progress) -> str:
     ds, lo, hi = job.ds, job.lo, job.hi
+    first, inverse = _distinct(captions[lo:hi])
+    distinct = [captions[lo + i] for i in first]
+    lengths = _token_lengths(enc, distinct, pool)
+    # Longest first (a stable sort: equal lengths keep their order of appearance).
+    order = sorted(range(len(distinct)), key=lambda j: -lengths[j])
+    texts = [distinct[j] for j in order]
+    writer.use_layout({"rows": len(texts), "order": "distinct captions, most tokens first",
+                       "inputs_sha1": _digest(texts)}, _appended_index(order, inverse))
 
     def encode(idx):
-        tb = enc.encode([captions[i] for i in idx], pool=pool)
+        tb = enc.encode(texts[idx.start:idx.stop], pool=pool)
         extras = {"n_bytes": tb.n_bytes.to(torch.int64)}
         if tb.nll_sum is not None:
             extras["nll_sum"] = tb.nll_sum.to(torch.float64)
@@ -260,9 +374,10 @@ def _extract_text_into(writer, job, enc, captions, pool, storage_dtype, progress
         return tb.feats, extras
 
     t0 = time.perf_counter()
-    job.run(encode, writer, progress)
-    ex = writer.extras()
+    job.run(encode, writer, progress, len(texts), "caption")
+    ex = writer.extras()   # per sample: each distinct caption's terms once per occurrence
     meta = _meta(enc, ds, hi - lo, pool, storage_dtype, job.fingerprint, time.perf_counter() - t0)
+    meta["n_distinct"] = len(texts)
     meta["sample_n_bytes"] = ex["n_bytes"]
     if "nll_sum" in ex:
         meta["sample_nll_sum"] = ex["nll_sum"]
@@ -342,17 +457,27 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
     with PtWriter(job.path, fingerprint=job.fingerprint, dtype=storage_dtype,
                   overwrite=force) as writer:
         if enc is None:
-            from prh_fast.extract._vision import load_vision_model
+            from prh_fast.extract import _vision
 
-            enc = load_vision_model(name, device=device, dtype=dtype, pool=pool)
+            enc = _cached_model(_vision.load_vision_model, name, device=device, dtype=dtype,
+                                pool=pool)
+        lo, hi = job.lo, job.hi
+        # The data set's image ids name its images (they fingerprint them too): an id that
+        # repeats is one image, encoded once. Without ids every sample is its own image.
+        ids = ds.meta.get("ids") if isinstance(getattr(ds, "meta", None), dict) else None
+        keys = list(ids)[lo:hi] if ids is not None else range(hi - lo)
+        first, inverse = _distinct(keys)
+        writer.use_layout({"rows": len(first), "order": "distinct images, as they appear",
+                           "inputs_sha1": _digest([keys[i] for i in first])}, inverse)
 
         def encode(idx):
-            return enc.encode(ds.images(list(idx))), None
+            return enc.encode(ds.images([lo + first[r] for r in idx])), None
 
         t0 = time.perf_counter()
-        job.run(encode, writer, progress)
-        meta = _meta(enc, ds, job.hi - job.lo, getattr(enc, "pool", pool), storage_dtype,
+        job.run(encode, writer, progress, len(first), "image")
+        meta = _meta(enc, ds, hi - lo, getattr(enc, "pool", pool), storage_dtype,
                      job.fingerprint, time.perf_counter() - t0)
+        meta["n_distinct"] = len(first)
         return writer.finish(meta)
 
 

@@ -523,6 +523,33 @@ class TextEncoder:
             mask[i, sl] = 1
         return input_ids, mask
 
+    def token_lengths(self, texts, pool: str = "avg") -> list:
+        """How many tokens :meth:`encode` would give each text (special tokens included).
+
+        Args:
+            texts: A non-empty list of str.
+            pool: As in :meth:`encode` (``"prompt"`` counts the prompt's tokens too).
+
+        Returns:
+            One int per text.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str.
+            ValueError: An empty list or a bad ``pool``.
+
+        Example:
+            >>> from prh_fast.extract import load_text_model
+            >>> enc = load_text_model("all-minilm-l6-v2")  # doctest: +SKIP
+            >>> enc.token_lengths(["a red circle"])  # doctest: +SKIP
+            [5]
+        """
+        texts = _check_texts(texts)
+        if pool not in POOLINGS:
+            raise InputError(f"pool: expected one of {list(POOLINGS)}, got {pool!r}")
+        if pool == "prompt":
+            texts = [PROMPT_TEMPLATE.format(caption=t) for t in texts]
+        return [len(x) for x in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
     @torch.inference_mode()
     def encode(self, texts, pool: str = "avg") -> TextBatch:
         """Pooled hidden states and loss terms of some texts.

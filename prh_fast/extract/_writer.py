@@ -54,6 +54,13 @@ class PtWriter(_lock.HoldsLock):
     ``extras`` passed to :meth:`append` are per-sample 1-D tensors (for example token losses)
     kept with the batch, so statistics over the whole data set survive an interruption too.
 
+    Rows may be appended in another order than the file's: :meth:`use_layout` declares how the
+    appended rows map to the file's rows (for example each distinct input once, longest first,
+    with ``index[i]`` the appended row that file row ``i`` repeats). :meth:`finish` and
+    :meth:`extras` then return rows in the file's order. The layout is recorded with the
+    unfinished parts; parts written under another layout (or none) are discarded rather than
+    resumed.
+
     One writer per output: the writer holds the output's lock (``.<name>.lock`` beside it)
     from opening until :meth:`finish` or :meth:`close`; a second writer of the same path
     fails at once with :class:`prh_fast.DestinationLocked` naming the first.
@@ -92,6 +99,10 @@ class PtWriter(_lock.HoldsLock):
         self.dtype = STORAGE_DTYPES[dtype]
         self.partial = self.path + ".partial"
         self.fingerprint = dict(fingerprint)
+        self._disk_layout = None   # the layout recorded with the parts found on disk
+        self._layout = None        # the layout declared by use_layout
+        self._index = None
+        self._settled = False      # parts checked against the declared (or no) layout
         self._held = _lock.acquire(self.path, folder=False)
         try:
             self._open(overwrite)
@@ -110,6 +121,8 @@ class PtWriter(_lock.HoldsLock):
             except (OSError, ValueError) as err:
                 raise InputError(f"{job}: unreadable job record ({err}); remove "
                                  f"{self.partial} or pass overwrite=True") from None
+            if isinstance(old, dict):
+                self._disk_layout = old.pop("layout", None)
             if _canon(old) != _canon(self.fingerprint):
                 changed = sorted(k for k in set(old) | set(self.fingerprint)
                                  if _canon({k: old.get(k)}) != _canon({k: self.fingerprint.get(k)}))
@@ -120,6 +133,52 @@ class PtWriter(_lock.HoldsLock):
             os.makedirs(self.partial, exist_ok=True)
             atomic_write(job, lambda fh: fh.write(_canon(self.fingerprint).encode()))
         self._parts = self._scan()
+
+    def use_layout(self, layout: dict, index) -> None:
+        """Declare that rows are appended in another order than the file's.
+
+        Call it once, before :attr:`rows_done` or :meth:`append`. Parts on disk written under
+        a different layout (or none) are removed, so a resume never mixes orders.
+
+        Args:
+            layout: JSON-able description of the appended order (it must change whenever the
+                order could, e.g. with a digest of the ordered inputs); ``layout["rows"]`` is
+                the number of rows that will be appended.
+            index: ``[N]`` integer tensor: file row ``i`` is appended row ``index[i]``.
+
+        Raises:
+            ValueError: A second call, a call after rows were read or written, or an index
+                that does not fit ``layout["rows"]``.
+        """
+        if self._settled:
+            raise InputError("use_layout: call it once, before rows_done or append")
+        if not isinstance(layout, dict) or not isinstance(layout.get("rows"), int):
+            raise InputError(f"layout: expected a dict with an integer 'rows', got {layout!r}")
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= layout["rows"]):
+            raise InputError(f"index: entries must lie in [0, {layout['rows']})")
+        self._layout, self._index = dict(layout), index
+        self._settle()
+
+    def _settle(self) -> None:
+        """Drop parts of another layout and record the current one with the job (once)."""
+        if self._settled:
+            return
+        self._settled = True
+        if _canon({"l": self._disk_layout}) == _canon({"l": self._layout}):
+            return
+        if self._parts:
+            log.warning("prh_fast.extract: %s holds rows written in another order; "
+                        "starting that extraction over", self.partial)
+            for _, _, full in self._parts:
+                os.remove(full)
+            self._parts = []
+        record = dict(self.fingerprint)
+        if self._layout is not None:
+            record["layout"] = self._layout
+        job = os.path.join(self.partial, "job.json")
+        atomic_write(job, lambda fh: fh.write(_canon(record).encode()))
+        self._disk_layout = self._layout
 
     # ------------------------------------------------------------------------------------------
     def _scan(self) -> list:
@@ -147,6 +206,7 @@ class PtWriter(_lock.HoldsLock):
     @property
     def rows_done(self) -> int:
         """Rows durably written: a resumed extraction continues from here."""
+        self._settle()
         return self._parts[-1][1] if self._parts else 0
 
     def append(self, layers, extras: dict | None = None) -> None:
@@ -161,6 +221,7 @@ class PtWriter(_lock.HoldsLock):
         """
         if self._held is None:
             raise InputError(f"{self.path}: this writer was closed; open a new one to resume")
+        self._settle()
         if not layers:
             raise InputError("layers: expected at least one [B, D] tensor")
         b = int(layers[0].shape[0])
@@ -187,12 +248,29 @@ class PtWriter(_lock.HoldsLock):
                 raise InputError(f"{full}: unreadable part of an unfinished extraction ({err}); "
                                  f"delete it to recompute rows {start}..{stop}") from None
 
+    def _check_complete(self) -> None:
+        if self._layout is not None and self.rows_done != self._layout["rows"]:
+            raise InputError(f"{self.path}: {self.rows_done} rows written, the layout has "
+                             f"{self._layout['rows']}")
+
     def extras(self) -> dict:
-        """Per-sample extras of every row written so far, concatenated."""
+        """Per-sample extras of every row written so far, concatenated (in the file's order
+        when a layout was declared, which needs every row written).
+
+        Returns:
+            ``{name: [rows] tensor}``.
+
+        Raises:
+            ValueError: A layout was declared and not every row is written yet.
+        """
+        self._settle()
         out: dict = {}
         for part in self._load_parts():
             for k, v in part["extras"].items():
                 out.setdefault(k, []).append(v)
+        if self._index is not None:
+            self._check_complete()
+            return {k: torch.cat(v)[self._index] for k, v in out.items()}
         return {k: torch.cat(v) for k, v in out.items()}
 
     def finish(self, meta: dict) -> str:
@@ -209,6 +287,7 @@ class PtWriter(_lock.HoldsLock):
         """
         from prh_fast.store import save_features
 
+        self._settle()
         if not self._parts:
             raise InputError(f"{self.path}: nothing was extracted (no rows written)")
         per_layer = None
@@ -221,6 +300,10 @@ class PtWriter(_lock.HoldsLock):
                 for acc, t in zip(per_layer, part["layers"]):
                     acc.append(t)
         layers = [torch.cat(ts) for ts in per_layer]
+        if self._index is not None:
+            self._check_complete()
+            # Duplicated file rows are copies of one appended row: bit-identical.
+            layers = [t[self._index] for t in layers]
         dims = {t.shape[1] for t in layers}
         feats = torch.stack(layers, dim=1) if len(dims) == 1 else layers
         save_features(self.path, feats, **meta)
