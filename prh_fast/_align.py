@@ -100,8 +100,11 @@ class AlignmentResult:
     y_layers: list
     topk: int | None = None
     timings: dict = field(default_factory=dict)
-    #: With ``null_permutations=P``: ``mean``, ``std``, ``z`` (``[Lx, Ly]`` tensors),
-    #: ``best_mean``, ``best_std``, ``best_z`` (the maximum over pairs under each shuffle).
+    #: With ``null_permutations=P`` (random pairings: Y's rows shuffled): per layer pair
+    #: ``mean``, ``std``, ``p``, ``z`` (``[Lx, Ly]`` tensors); for the best score, from the
+    #: maximum over pairs under each shuffle, ``best_mean``, ``best_std``, ``best_low`` /
+    #: ``best_high`` (the central 95% of the null), ``best_p`` (``(b + 1) / (P + 1)``) and
+    #: ``best_z``; ``permutations`` and ``seed``.
     null: dict | None = None
     #: With an approximate neighbour search: ``ann_pair_report``'s dict (recall of every
     #: layer, and per layer pair the metric from approximate vs exact lists on the sample).
@@ -374,10 +377,14 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
         concat: also score all layers concatenated, as index ``-1`` (the paper's variant).
         backend: neighbour-search backend (see ``prh_fast.knn``).
         null_permutations: ``P > 0`` also scores ``P`` random pairings of the samples (Y's rows
-            shuffled) and returns, per pair, the null mean, standard deviation and z-score,
-            plus the same for the best score (the maximum over pairs under each shuffle) —
-            a maximum over many layer pairs inflates raw scores. For kNN metrics a shuffle only
-            relabels the lists (O(N·k) per shuffle, no new search); kernel metrics rescore.
+            shuffled: the same samples, pairing broken) and returns, per pair, the null mean,
+            standard deviation and permutation p-value ``(b + 1) / (P + 1)`` (``b``: shuffles
+            scoring at least the observed value), plus the same for the best score against
+            the maximum over pairs under each shuffle (a maximum over many layer pairs
+            inflates raw scores), with the null's central 95% band. The smallest p-value is
+            ``1 / (P + 1)``: use hundreds of shuffles. For kNN metrics a shuffle only
+            relabels the lists (O(N·k), no new search); the kernel metrics keep each layer's
+            kernel (or SVCCA basis) and recompute only the cross terms.
         seed: seed of the shuffles.
         memory_budget: bytes of scratch memory for what is computed in blocks: CKA's kernel
             row blocks in memory (default 256 MiB) and, for store folders, the streamed
@@ -616,22 +623,54 @@ def _permuted(layers, perm):
     return layers if perm is None else [x[perm] for x in layers]
 
 
+#: The best-score null statistics a grid keeps per model pair (``AlignmentResult.null``'s
+#: ``best_*`` entries): the null mean and standard deviation, the central 95% band of the null's
+#: best score, the permutation p-value, and the z-score (kept for comparison; p is the test).
+NULL_FIELDS = ("best_mean", "best_std", "best_low", "best_high", "best_p", "best_z")
+
+
+def permutation_p(observed, draws) -> torch.Tensor | float:
+    """The permutation p-value ``(b + 1) / (P + 1)``, ``b`` the draws at least as large as
+    ``observed`` (``draws``: ``[P, ...]``, ``observed`` broadcast against one draw). It is never
+    0: with ``P`` shuffles the smallest p-value is ``1 / (P + 1)``.
+
+    Example:
+        >>> import torch
+        >>> permutation_p(0.9, torch.tensor([0.1, 0.95, 0.3, 0.2]))
+        0.4
+    """
+    P = draws.shape[0]
+    b = (draws >= torch.as_tensor(observed, dtype=draws.dtype)).sum(0)
+    p = (b.to(torch.float64) + 1.0) / (P + 1.0)
+    return float(p) if p.dim() == 0 else p
+
+
 def _null_stats(scorer, scores, best, n, P, seed, device):
+    """Scores of ``P`` random pairings (Y's rows shuffled; the same permutations for every
+    layer pair): per pair the null mean, std, p-value and z; and for the best score the
+    maximum over pairs under each shuffle, compared with the observed best (a max-statistic
+    test: its p-value accounts for choosing the best of ``Lx x Ly`` pairs)."""
     g = torch.Generator().manual_seed(int(seed))
-    draws = []
-    for _ in range(P):
-        perm = torch.randperm(n, generator=g).to(device)
-        draws.append(scorer(perm))
-    d = torch.stack(draws)  # [P, Lx, Ly]
+    perms = [torch.randperm(n, generator=g).to(device) for _ in range(P)]
+    many = getattr(scorer, "many", None)
+    if many is not None:  # scorers that score a group of permutations in one pass
+        draws = list(many(perms))
+    else:
+        draws = [scorer(perm) for perm in perms]
+    d = torch.stack(draws).to(torch.float64)  # [P, Lx, Ly]
     mean = d.mean(0)
     std = d.std(0, unbiased=True) if P > 1 else torch.zeros_like(mean)
     maxes = d.flatten(1).max(1).values
     bmean = float(maxes.mean())
     bstd = float(maxes.std(unbiased=True)) if P > 1 else 0.0
+    lo, hi = (float(v) for v in torch.quantile(maxes, torch.tensor([0.025, 0.975],
+                                                                   dtype=torch.float64)))
     with torch.no_grad():
-        z = (scores - mean) / std
+        z = (scores.to(torch.float64) - mean) / std
     return {"permutations": P, "seed": int(seed), "mean": mean, "std": std, "z": z,
-            "best_mean": bmean, "best_std": bstd,
+            "p": permutation_p(scores.to(torch.float64), d),
+            "best_mean": bmean, "best_std": bstd, "best_low": lo, "best_high": hi,
+            "best_p": permutation_p(best, maxes),
             "best_z": (best - bmean) / bstd if bstd > 0 else float("nan")}
 
 

@@ -144,7 +144,8 @@ def _align(args) -> int:
                        force_remake=args.force_remake, progress=not args.no_progress,
                        backend=backend, null_permutations=args.null_permutations,
                        trust=args.trust, stream=args.stream,
-                       memory_budget=_memory_budget(args))
+                       memory_budget=_memory_budget(args),
+                       **({"ties": args.ties} if args.ties != "rule" else {}))
     print(res.table())
     ann = res.options.get("ann")
     if ann:
@@ -154,13 +155,22 @@ def _align(args) -> int:
               f"{ann['recall_min']:.4f} on {ann['sample_size']} sampled rows; max "
               f"|mutual_knn(approx) - mutual_knn(exact)| over layer pairs = "
               + ("n/a" if err is None else f"{err:.4f}"))
+    _print_ties(res)
     if res.null is not None:
-        print("best-score z against shuffled pairings:")
+        P = args.null_permutations
+        print(f"best score against {P} shuffled pairings: permutation p-value "
+              f"(b + 1) / (P + 1), smallest possible {1 / (P + 1):.3g}")
         from prh_fast.grid import GridResult
 
-        z = GridResult(metric=res.metric, topk=res.topk, x_names=res.x_names,
-                       y_names=res.y_names, scores=res.null["best_z"], indices=res.indices)
-        print(z.table())
+        p = GridResult(metric=res.metric, topk=res.topk, x_names=res.x_names,
+                       y_names=res.y_names, scores=res.null["best_p"], indices=res.indices)
+        print(p.table())
+        print("null best score, mean [central 95%]:")
+        for a, x in enumerate(res.x_names):
+            for b, y in enumerate(res.y_names):
+                nl = {f: res.null[f][a, b] for f in ("best_mean", "best_low", "best_high")}
+                print(f"  {x} vs {y}: {nl['best_mean']:.4f} [{nl['best_low']:.4f}, "
+                      f"{nl['best_high']:.4f}]")
     paths = res.paths(out_dir)
     written = [paths["npy"], paths["json"], paths["csv"]]
     if args.heatmap:
@@ -184,6 +194,23 @@ def _align(args) -> int:
           f"{t.get('total', 0.0):.2f} s")
     print("wrote:\n  " + "\n  ".join(written))
     return 0
+
+
+def _print_ties(res) -> None:
+    """One line per model whose lists the tie rule decides in part (``options["ties"]``)."""
+    ties = res.options.get("ties")
+    if not ties:
+        return
+    for name, layers in ties["models"].items():
+        worst = max(layers, key=lambda t: t["tied_fraction"], default=None)
+        if worst is None or worst["tied_fraction"] <= 0:
+            continue
+        rows = ("" if worst.get("distinct_rows") is None
+                else f", {worst['distinct_rows']} distinct rows of {worst['n']}")
+        print(f"ties: {name}: layer {worst['layer']} has {worst['tied_fraction']:.1%} of rows "
+              f"with the k-th neighbour tied{rows}"
+              + (" (scored as the expectation over tie breaks)" if ties["mode"] == "expected"
+                 else ""))
 
 
 def _memory_budget(args):
@@ -304,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--heatmap", action="store_true",
                     help="also write PNG heatmaps (grid and every pair's layers)")
     pa.add_argument("--null-permutations", type=nonnegative_int, default=0, metavar="P",
-                    help="also score P shuffled pairings of the samples (z-scores)")
+                    help="also score P shuffled pairings of the samples: permutation p-values "
+                    "of the best scores (hundreds for a p-value below 0.01)")
+    pa.add_argument("--ties", choices=["rule", "expected"], default="rule",
+                    help="neighbour lists' exact ties at the k-th neighbour: 'rule' (the "
+                    "reference: to the lower index) or 'expected' (mutual_knn only: the "
+                    "expected score over random tie breaks)")
     pa.add_argument("--backend", "--knn-backend", default=None,
                     help="neighbour-search backend: auto, cpu, torch, faiss, triton, cuda, or "
                     "approximate faiss-ivf, faiss-ivfpq, faiss-hnsw")

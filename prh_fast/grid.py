@@ -46,6 +46,7 @@ import torch
 from prh_fast import _lock, store
 from prh_fast._align import (
     _KNN_RAW,
+    NULL_FIELDS,
     AlignmentResult,
     _align_prepared,
     _cknna_side,
@@ -278,7 +279,7 @@ class PairScore(NamedTuple):
     matrix: np.ndarray        # [Lx, Ly] float64, x-oriented: matrix[i, j] = (x layer i, y layer j)
     best: float               # the best score under the reference's tie rule (0 if none > 0)
     pair: tuple | None        # (x layer, y layer) of the best score, None when none is positive
-    null: dict | None         # best_mean / best_std / best_z under shuffled pairings, or None
+    null: dict | None         # NULL_FIELDS (best_mean, best_p, ...) under shuffled pairings
     seconds: float = 0.0      # scoring time (searches and loads are counted by the cache)
 
     def transposed(self, reference_order: bool) -> "PairScore":
@@ -326,7 +327,7 @@ def assemble(metric: str, topk, xm, ym, computed: dict, mirror: dict, *,
     mx_, my_ = len(xm), len(ym)
     scores = np.zeros((mx_, my_), dtype=np.float64)
     indices = np.full((mx_, my_, 2), -1, dtype=np.int64)
-    nulls = ({a: np.full((mx_, my_), np.nan) for a in ("best_mean", "best_std", "best_z")}
+    nulls = ({a: np.full((mx_, my_), np.nan) for a in NULL_FIELDS}
              if null_permutations else None)
     pair_scores: dict = {}
     scored = dict(computed)  # mirrored pairs join it: a mirror's source may be a mirror too
@@ -342,7 +343,7 @@ def assemble(metric: str, topk, xm, ym, computed: dict, mirror: dict, *,
                 indices[a, b] = ps.pair
             if nulls is not None and ps.null is not None:
                 for s in nulls:
-                    nulls[s][a, b] = ps.null[s]
+                    nulls[s][a, b] = ps.null.get(s, np.nan)
     return GridResult(metric=metric, topk=topk, x_names=[m.name for m in xm],
                       y_names=[m.name for m in ym], scores=scores, indices=indices,
                       pair_scores=pair_scores, timings=timings, options=options, null=nulls)
@@ -386,7 +387,7 @@ def _score_pair(cache, mx, my, metric, k, opts, reference_order, null_permutatio
     best, pair = _best(mat, reference_order)
     null = None
     if res.null is not None:
-        null = {a: res.null[a] for a in ("best_mean", "best_std", "best_z")}
+        null = {a: res.null[a] for a in NULL_FIELDS}
     return PairScore(mat, best, pair, null, timings.get("score", 0.0))
 
 
@@ -420,7 +421,10 @@ class GridResult:
         x_names, y_names, metric, topk: what was compared (``topk`` as given).
         timings: seconds (load, prepare, neighbours, score, total) and counts.
         options: q, exact, normalize, reference_order and whether the symmetric shortcut ran.
-        null: with ``null_permutations``: ``best_mean``, ``best_std``, ``best_z`` ``[Mx, My]``.
+        null: with ``null_permutations``: ``[Mx, My]`` arrays of the best score's null
+            statistics (``prh_fast._align.NULL_FIELDS``): ``best_mean``, ``best_std``,
+            ``best_low`` / ``best_high`` (central 95%), ``best_p`` (permutation p-value,
+            ``(b + 1) / (P + 1)``), ``best_z``.
 
     Example:
         >>> import tempfile, torch
@@ -606,13 +610,18 @@ def output_lock(output_dir, metric: str, topk):
         yield
 
 
+#: Options a saved grid may lack because they were added later: their value in such a grid.
+_SAVED_OPTION_DEFAULTS = {"ties": "rule"}
+
+
 def load_existing(output_dir, metric: str, topk, x_names: list, y_names: list, *,
-                  trust: bool = False):
+                  trust: bool = False, metric_kwargs: dict | None = None):
     """The saved grid in ``output_dir`` for these models, or None when there is none.
 
     Resumes from the ``.json`` (never runs code); a lone reference ``.npy`` is read only with
-    ``trust=True``. A grid of other models is an error. Files missing beside the one read
-    (an interrupted save) are written again."""
+    ``trust=True``. A grid of other models, or one saved with other values of the metric
+    options given in ``metric_kwargs``, is an error. Files missing beside the one read (an
+    interrupted save) are written again."""
     p = {e: os.path.join(os.fspath(output_dir), output_stem(metric, topk) + "." + e)
          for e in ("json", "npy", "csv")}
     if not (os.path.exists(p["json"]) or os.path.exists(p["npy"])):
@@ -625,6 +634,15 @@ def load_existing(output_dir, metric: str, topk, x_names: list, y_names: list, *
         raise InputError(f"{src}: exists but holds a grid of other models "
                          f"({len(res.x_names)} x {len(res.y_names)}); pass "
                          f"force_remake=True to overwrite it")
+    saved = res.options.get("metric_kwargs")
+    if saved is not None:
+        for a, v in (metric_kwargs or {}).items():
+            if isinstance(v, (bool, int, float, str)) and a in saved | _SAVED_OPTION_DEFAULTS:
+                was = saved.get(a, _SAVED_OPTION_DEFAULTS.get(a))
+                if was != v:
+                    raise InputError(f"{src}: exists but was computed with {a}={was!r}, not "
+                                     f"{a}={v!r}; pass force_remake=True to overwrite it, or "
+                                     f"another output folder")
     logger.warning("%s exists: loaded it instead of recomputing (force_remake=True "
                    "recomputes)", src)
     if not all(os.path.exists(v) for v in p.values()):
@@ -715,7 +733,8 @@ class GridSpec:
         if self.output_dir is None or self.force_remake:
             return None
         return load_existing(self.output_dir, self.metric, self.topk, [m.name for m in xm],
-                             [m.name for m in ym], trust=self.trust)
+                             [m.name for m in ym], trust=self.trust,
+                             metric_kwargs=self.metric_kwargs)
 
     def plan(self, xm, ym) -> GridPlan:
         """Check the models (same N) and the metric's options; list the pairs to score."""

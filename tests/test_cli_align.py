@@ -75,7 +75,7 @@ def test_align_explicit_files_and_options(feature_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert (out / "cka.npy").is_file()  # explicit files: straight into --output_dir
-    assert "1 mirrored" in text and "z against shuffled" in text
+    assert "1 mirrored" in text and "against 3 shuffled pairings: permutation p-value" in text
     d = np.load(out / "cka.npy", allow_pickle=True).item()
     np.testing.assert_allclose(np.diag(d["scores"]), 1.0, atol=1e-6)
 
