@@ -133,12 +133,23 @@ def cka_ratio(h_kl: float, h_kk: float, h_ll: float, eps: float = CKA_EPS) -> fl
     the product is negative (as the reference, whose ``torch.sqrt`` of a negative number is
     NaN). HSIC values from kernels scaled by ``2**-a`` (K) and ``2**-b`` (L) pass
     ``eps = cka_eps(a, b)``: the ratio is then the one of the unscaled kernels."""
+    return h_kl / cka_denominator(h_kk, h_ll, eps)
+
+
+def cka_denominator(h_kk: float, h_ll: float, eps: float = CKA_EPS) -> float:
+    """``sqrt(hsic_kk · hsic_ll) + eps``, the denominator of :func:`cka_ratio` (NaN when the
+    product is negative).
+
+    Example:
+        >>> cka_denominator(4.0, 9.0, 0.0)
+        6.0
+    """
     prod = h_kk * h_ll
     if prod == math.inf:  # sqrt(h_kk) sqrt(h_ll) is still finite when each factor is
         root = math.sqrt(h_kk) * math.sqrt(h_ll)
     else:
         root = math.sqrt(prod) if prod >= 0 else float("nan")
-    return h_kl / (root + eps)
+    return root + eps
 
 
 def cka_eps(a: int, b: int) -> float:

@@ -8,10 +8,11 @@ or permutation-equivariant, so it is computed once:
   ``L' = P L Pᵀ``, and centring commutes with it (``H P L Pᵀ H = P (H L H) Pᵀ``). In the HSIC
   sums of :func:`prh_fast.metrics._kernel.hsic_from_sums` the self terms ``HSIC(K, K)``,
   ``HSIC(L, L)`` and the totals ``1ᵀK1``, ``1ᵀL1`` do not change; only ``Σ_ij K_ij L_p(i)p(j)``
-  and ``1ᵀK L' 1 = r_K · r_L[perm]`` (``r`` the row sums) do. With every layer's kernel cached,
-  a permutation costs a gather of the kernels of the side with fewer layers and one product
-  ``[Lx, N²] x [N², Ly]``. Permuting the x side by the inverse permutation gives the same
-  sums (``Σ K_q(a)q(b) L_ab`` with ``q = perm⁻¹``), so the side with fewer layers is the one
+  and ``1ᵀK L' 1 = r_K · r_L[perm]`` (``r`` the row sums) do. With every layer's kernel cached
+  (as its packed upper triangle: kernels are symmetric), a permutation costs a gather of the
+  kernels of the side with fewer layers and one product ``[Lx, T] x [T, Ly]``,
+  ``T = N(N+1)/2``. Permuting the x side by the inverse permutation gives the same sums
+  (``Σ K_q(a)q(b) L_ab`` with ``q = perm⁻¹``), so the side with fewer layers is the one
   gathered; the result is always the one for permuting ``Y``.
 - **SVCCA.** Each layer's orthonormal basis of its top singular subspace (after
   standardisation) is permutation-equivariant, so the bases are formed once and a permutation
@@ -19,10 +20,12 @@ or permutation-equivariant, so it is computed once:
 
 Which CKA path runs (:class:`CkaPermutationScorer`, attribute ``path``):
 
-- ``"gram"``: the kernels of all layers are cached (``(Lx + Ly) · N²`` values, in the compute
-  dtype for linear kernels and in float64 for RBF kernels, as the streamed scorer forms them)
-  when they fit in ``budget`` together with one row of the gathered kernels; the gathered
-  kernels are then formed a row block at a time within the rest of the budget.
+- ``"gram"``: the kernels of all layers are cached (``(Lx + Ly) · N(N+1)/2`` values, in the
+  compute dtype for linear kernels and in float64 for RBF kernels, as the streamed scorer forms
+  them, plus ``~2 N²`` int32 indices) when they fit in ``budget`` together with 1024 packed
+  columns of the gathered kernels; the gathered kernels are formed a block of packed columns
+  at a time within the rest of the budget. While the cache is built, one layer's full ``N x
+  N`` kernel and its row-block temporaries are held as well.
 - ``"feature"`` (linear kernels only): the centred features and their self terms are cached;
   a permutation costs one ``[D_x, N] x [N, D_y]`` product per pair (cheapest for narrow
   layers, and what runs when the kernels do not fit).
@@ -43,6 +46,7 @@ from prh_fast.metrics._kernel import (
     _row_sq_norms,
     _sym_fro2,
     centred,
+    cka_denominator,
     cka_eps,
     cka_ratio,
     cka_scores,
@@ -237,14 +241,32 @@ class CkaPermutationScorer:
         del cx
         self._KY, self._ry, self._ty, syy = self._packed(
             [c for c, _ in cy], self._ey, doubled=not self._gather_y)
-        self._hx = [self._h(sxx[i], self._rx[i] @ self._rx[i], self._tx[i], self._tx[i])
-                    for i in range(len(xs))]
-        self._hy = [self._h(syy[j], self._ry[j] @ self._ry[j], self._ty[j], self._ty[j])
-                    for j in range(len(ys))]
+        hx = [self._h(sxx[i], self._rx[i] @ self._rx[i], self._tx[i], self._tx[i])
+              for i in range(len(xs))]
+        hy = [self._h(syy[j], self._ry[j] @ self._ry[j], self._ty[j], self._ty[j])
+              for j in range(len(ys))]
+        # the CKA denominators do not depend on the pairing: cka_ratio(h, hx, hy, eps) is
+        # h / cka_denominator(hx, hy, eps)
+        ip = self._args[3] == "ip"
+        self._denom = torch.tensor(
+            [[cka_denominator(hx[i], hy[j],
+                              cka_eps(2 * self._ex[i], 2 * self._ey[j]) if ip else CKA_EPS)
+              for j in range(len(ys))] for i in range(len(xs))], dtype=torch.float64)
 
     def _h(self, s, dot_rows, ta, tb):
         return hsic_from_sums(self.n, float(s), float(ta), float(tb), float(dot_rows),
                               unbiased=self._args[5])
+
+    def _combine(self, S, D):
+        """CKA from the cross sums ``S = Σ K∘L'`` and ``D = r_K · r_L'`` (``[..., Lx, Ly]``
+        float64): :func:`hsic_from_sums` and :func:`cka_ratio` elementwise."""
+        n = self.n
+        tk, tl = self._tx[:, None], self._ty[None, :]
+        if self._args[5]:
+            h = (S + tk * tl / ((n - 1) * (n - 2)) - 2.0 * D / (n - 2)) / (n * (n - 3))
+        else:
+            h = S - (D + D) / n + tk * tl / (n * n)
+        return h / self._denom
 
     def _cross(self, F, M, perms):
         """``S[b, i, j] = Σ_(a<=c) F[i]_ac M[j]_(p_b(a), p_b(c))`` over the packed entries,
@@ -267,26 +289,17 @@ class CkaPermutationScorer:
 
     def _score_gram(self, ps):
         n = self.n
-        lx, ly = self._KX.shape[0], self._KY.shape[0]
         ident = torch.arange(n, device=self.device)
         ps = [ident if p is None else p for p in ps]
         if self._gather_y:
             S = self._cross(self._KX, self._KY, ps)
         else:
             S = self._cross(self._KY, self._KX, [_inverse(p) for p in ps]).transpose(1, 2)
-        kernel = self._args[3]
-        out = []
-        for b, p in enumerate(ps):
-            D = self._rx @ self._ry[:, p.cpu()].T
-            o = torch.empty((lx, ly), dtype=torch.float64)
-            for i in range(lx):
-                for j in range(ly):
-                    eps = (cka_eps(2 * self._ex[i], 2 * self._ey[j]) if kernel == "ip"
-                           else CKA_EPS)
-                    o[i, j] = cka_ratio(self._h(S[b, i, j], D[i, j], self._tx[i], self._ty[j]),
-                                        self._hx[i], self._hy[j], eps)
-            out.append(o)
-        return out
+        # D[b] = rx · ry[:, p_b]ᵀ, one gather and one product for the group
+        at = torch.cat([p.cpu() for p in ps])
+        ry = self._ry.index_select(1, at).view(-1, len(ps), n).transpose(0, 1)  # [B, Ly, N]
+        D = (self._rx @ ry.reshape(-1, n).T).view(-1, len(ps), ry.shape[1]).transpose(0, 1)
+        return list(self._combine(S, D))
 
     # -- feature space (linear kernels) -----------------------------------------------------
 
