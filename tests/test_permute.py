@@ -12,7 +12,7 @@ from prh_fast.errors import InputError
 from prh_fast.metrics._kernel import cka_scores
 from prh_fast.metrics._permute import cka_permutation_scorer, svcca_permutation_scorer
 from prh_fast.metrics._svcca import svcca_scores
-from prh_fast.testing import latent, layer_features, paired_features
+from prh_fast.testing import latent, layer_features, paired_features, with_duplicates
 
 N = 97  # odd
 
@@ -167,3 +167,25 @@ def test_svcca_krylov_widths_and_oracle():
     p = torch.randperm(401, generator=torch.Generator().manual_seed(8))
     _close(score(p), svcca_scores([A, B], [B[p]], 6, torch.float64), torch.float64)
     assert abs(float(score()[0, 0]) - R.svcca(A, B, cca_dim=6)) <= 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("kernel", ["ip", "rbf"])
+def test_cka_duplicates_constant_layer_and_tiny_sigma(dtype, unbiased, kernel):
+    """Duplicated rows (RBF distances exactly 0 under a tiny width), a constant layer (zero
+    kernels after centring: the ratio of zeros, 0) and features far from unit scale."""
+    X, _ = with_duplicates(N, 9, n_unique=20, seed=3, dtype=dtype)
+    Y = (X[:, :5] * 1e3 + 7.0).to(dtype)
+    xs, ys = [X, X * 1e-4], [Y, torch.full((N, 3), 2.5, dtype=dtype)]
+    sigma = 1e-3 if kernel == "rbf" else 1.0
+    kw = dict(kernel_metric=kernel, sigma=sigma, unbiased=unbiased, budget=BIG)
+    score = cka_permutation_scorer(xs, ys, dtype, path="gram", **kw)
+    for p in _perms(N):
+        want = cka_scores(xs, ys if p is None else [y[p] for y in ys], dtype, **kw)[0]
+        got = score(p)
+        _close(got[:, 0], want[:, 0], dtype)
+        # the constant layer: HSIC 0 against every kernel; what is left is rounding over the
+        # CKA constant (RBF kernels of a constant layer are all ones: a cancellation of N²-sized
+        # sums), near 0 on both paths
+        assert float(got[:, 1].abs().max()) <= 1e-4 and float(want[:, 1].abs().max()) <= 1e-4
