@@ -343,3 +343,28 @@ def test_packaged_models_dedup(tmp_path_factory, alias, monkeypatch):
     if nll is not None:
         assert torch.equal(rec["sample_n_tokens"], ntok)
         torch.testing.assert_close(rec["sample_nll_sum"], nll, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("crop_pct,size", [(0.875, 224), (1.0, 37)])
+def test_batched_image_preprocessing_is_exact(crop_pct, size):
+    pytest.importorskip("timm")
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    from prh_fast.extract._vision import _batched_preprocess
+
+    tf = create_transform(input_size=(3, size, size), interpolation="bicubic",
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          crop_pct=crop_pct, is_training=False)
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in ((64, 64), (31, 77), (50, 20))]
+    run = _batched_preprocess(tf)
+    assert torch.equal(run(images), torch.stack([tf(im) for im in images]))
+    # A pipeline without a final Normalize runs image by image, unchanged.
+    from torchvision import transforms as T
+
+    plain = T.Compose([T.Resize((size, size)), T.ToTensor()])
+    assert torch.equal(_batched_preprocess(plain)(images), torch.stack([plain(im)
+                                                                        for im in images]))
