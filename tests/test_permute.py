@@ -155,9 +155,14 @@ def test_svcca_matches_recompute(dtype, swap):
         xs, ys = ys, xs
     r = 5
     score = svcca_permutation_scorer(xs, ys, r)
-    for p in _perms(N):
+    perms = _perms(N)
+    together = score.many(perms)
+    assert together.shape == (len(perms), len(xs), len(ys))
+    for p, t in zip(perms, together):
         want = svcca_scores(xs, ys if p is None else [y[p] for y in ys], r)
         _close(score(p), want, dtype)
+        _close(t, want, dtype)
+    assert score.many([]).shape == (0, len(xs), len(ys))
 
 
 def test_svcca_krylov_widths_and_oracle():
@@ -189,3 +194,20 @@ def test_cka_duplicates_constant_layer_and_tiny_sigma(dtype, unbiased, kernel):
         # CKA constant (RBF kernels of a constant layer are all ones: a cancellation of N²-sized
         # sums), near 0 on both paths
         assert float(got[:, 1].abs().max()) <= 1e-4 and float(want[:, 1].abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("n, unbiased", [(2, False), (3, False), (4, True), (5, True)])
+@pytest.mark.parametrize("path", ["gram", "feature", "recompute"])
+def test_cka_smallest_sample_counts(n, unbiased, path):
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(n, 3, generator=g, dtype=torch.float64)]
+    ys = [torch.randn(n, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+    score = cka_permutation_scorer(xs, ys, torch.float64, unbiased=unbiased, budget=BIG,
+                                   path=path)
+    for p in [None, torch.arange(n).flip(0), torch.roll(torch.arange(n), 1)]:
+        want = cka_scores(xs, ys if p is None else [y[p] for y in ys], torch.float64,
+                          unbiased=unbiased, budget=BIG)[0]
+        got = score(p)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        ok = ~torch.isnan(want)
+        assert torch.allclose(got[ok], want[ok], rtol=1e-9, atol=1e-9)

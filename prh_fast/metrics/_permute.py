@@ -422,7 +422,27 @@ class SvccaPermutationScorer:
         Raises:
             InputError: ``perm`` is not a permutation of ``range(N)``.
         """
-        p = _check_perm(perm, self.n, self.device)
+        return self.many([perm])[0]
+
+    def many(self, perms) -> torch.Tensor:
+        """The scores of several permutations, ``[P, Lx, Ly]`` float64: ``scorer(perm)`` for
+        each.
+
+        Args:
+            perms: a sequence of permutations of ``range(N)`` (``None``: the identity).
+
+        Returns:
+            The ``[P, Lx, Ly]`` float64 CPU tensor.
+
+        Raises:
+            InputError: a permutation is not one of ``range(N)``.
+        """
+        ps = [_check_perm(p, self.n, self.device) for p in perms]
+        if not ps:
+            return torch.empty((0, self.lx, self.ly), dtype=torch.float64)
+        return torch.stack([self._score(p) for p in ps])
+
+    def _score(self, p):
         ux, uy = self._ux, self._uy
         if p is not None:
             # Ux' (Uy[p]) = (Ux[p⁻¹])' Uy: gather the side with fewer columns
