@@ -192,7 +192,7 @@ def _files_stamp(name) -> tuple:
 def _cached_model(load, name, **kwargs):
     """``load(name, **kwargs)``, reusing the encoder of the previous call with the same loader,
     name, options and files; a different request releases the kept encoder before loading."""
-    key = (id(load), str(name), _files_stamp(name),
+    key = (load, str(name), _files_stamp(name),
            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     with _MODEL_LOCK:
         enc = _MODEL_CACHE.get(key)
@@ -301,7 +301,10 @@ def extract_text(model, data, *, pool: str = "avg", features_dir="./results/feat
     byte (total nats / ln 2 / UTF-8 bytes of the scored text) for causal LMs, and per sample
     (``sample_nll_sum``, ``sample_n_tokens``, ``sample_n_bytes``) so that files of sample
     ranges can be merged exactly. Writing is resumable and atomic; a finished file of the same
-    job is returned without work unless ``force``.
+    job is returned without work unless ``force``. Each distinct caption is encoded once (most
+    tokens first, so batches pad little) and its row and loss terms copied to every sample
+    that has it; the progress bar counts distinct captions. A model given by name stays
+    loaded for the next call with the same name (see :func:`release_cached_model`).
 
     Args:
         model: A name or path understood by :func:`load_text_model`, or a loaded encoder.
@@ -416,6 +419,10 @@ def extract_images(model, data, *, pool: str = "cls", features_dir="./results/fe
                    storage_dtype: str = "float32", split=None, force: bool = False,
                    progress: bool = True, rows=None) -> str:
     """Per-layer features of a vision model for the images of ``data``, written to a file.
+
+    Samples with the same image id (``data.meta["ids"]``) share one encoding; the progress bar
+    counts distinct images. A model given by name stays loaded for the next call with the
+    same name and options (see :func:`release_cached_model`).
 
     Args:
         model: A name or path understood by :func:`load_vision_model`, or a loaded encoder.
