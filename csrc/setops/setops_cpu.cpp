@@ -131,20 +131,27 @@ void neighbour_scores_cpu(SetMetric m, const int64_t* a, int64_t La, const int64
                           int64_t Lb, int64_t N, int k, double* out) {
   const Sorted sa = make_sorted(a, La * N, k, want_sorted_a(m, k));
   const Sorted sb = make_sorted(b, Lb * N, k, want_sorted_b(m, k));
-  for (int64_t p = 0; p < La; ++p) {
-    for (int64_t q = 0; q < Lb; ++q) {
-      const int64_t a_off = p * N * k, b_off = q * N * k;
-      int64_t total = 0;
-#pragma omp parallel reduction(+ : total)
-      {
-        std::vector<int> scratch(k + 1);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < N; ++i)
-          total += row_value(m, i, a + a_off, b + b_off, sa, a_off, sb, b_off, k, scratch.data());
-      }
-      out[p * Lb + q] = static_cast<double>(total) / static_cast<double>(N);
+  // One parallel region over every (pair, row): a region per pair would wake the thread pool
+  // La * Lb times, which costs more than a pair's rows when N * k is small (a grid of short
+  // lists, or the thousands of relabelled grids of a permutation null). Totals are integers:
+  // the sums do not depend on how rows are split.
+  const int64_t P = La * Lb;
+  std::vector<int64_t> totals(static_cast<size_t>(P), 0);
+#pragma omp parallel
+  {
+    std::vector<int> scratch(k + 1);
+    std::vector<int64_t> mine(static_cast<size_t>(P), 0);
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < P * N; ++t) {
+      const int64_t pq = t / N, i = t - pq * N;
+      const int64_t a_off = (pq / Lb) * N * k, b_off = (pq % Lb) * N * k;
+      mine[pq] += row_value(m, i, a + a_off, b + b_off, sa, a_off, sb, b_off, k, scratch.data());
     }
+#pragma omp critical
+    for (int64_t pq = 0; pq < P; ++pq) totals[pq] += mine[pq];
   }
+  for (int64_t pq = 0; pq < P; ++pq)
+    out[pq] = static_cast<double>(totals[pq]) / static_cast<double>(N);
 }
 
 void neighbour_rows_cpu(SetMetric m, const int64_t* a, const int64_t* b, int64_t N, int k,
