@@ -28,6 +28,9 @@ SortedLists maybe_sorted(const int64_t* lists, int64_t N, int k) {
 }
 }  // namespace
 
+// Below this many list entries in a chunk the rows are processed on one thread.
+constexpr int64_t kSerialEntries = int64_t(1) << 16;
+
 void cknna_terms_cpu(const int64_t* ia, const double* sa, int ka, const int64_t* ib,
                      const double* sb, int kb, int64_t N, double* out) {
   const SortedLists sA = maybe_sorted(ia, N, ka), sB = maybe_sorted(ib, N, kb);
@@ -47,7 +50,8 @@ void cknna_terms_cpu(const int64_t* ia, const double* sa, int ka, const int64_t*
   std::vector<int> count(chunk);
   for (int64_t c0 = 0; c0 < N; c0 += chunk) {
     const int64_t c1 = std::min(N, c0 + chunk);
-#pragma omp parallel for schedule(static)
+    // Small chunks run on one thread: waking the pool costs more than their rows.
+#pragma omp parallel for schedule(static) if ((c1 - c0) * (ka + kb) > kSerialEntries)
     for (int64_t i = c0; i < c1; ++i) {
       const int64_t r = i - c0;
       CknnaRowSums sums;
