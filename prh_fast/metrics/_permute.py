@@ -236,11 +236,15 @@ class CkaPermutationScorer:
         self._ex, self._ey = [e for _, e in cx], [e for _, e in cy]
         # gather the side with fewer layers; the other is stored with doubled off-diagonals
         self._gather_y = len(ys) <= len(xs)
-        self._KX, self._rx, self._tx, sxx = self._packed(
+        KX, self._rx, self._tx, sxx = self._packed(
             [c for c, _ in cx], self._ex, doubled=self._gather_y)
         del cx
-        self._KY, self._ry, self._ty, syy = self._packed(
+        KY, self._ry, self._ty, syy = self._packed(
             [c for c, _ in cy], self._ey, doubled=not self._gather_y)
+        del cy
+        # F [Lf, T]: the fixed side; M [Lm, T]: the gathered side
+        self._F, self._M = (KX, KY) if self._gather_y else (KY, KX)
+        del KX, KY
         hx = [self._h(sxx[i], self._rx[i] @ self._rx[i], self._tx[i], self._tx[i])
               for i in range(len(xs))]
         hy = [self._h(syy[j], self._ry[j] @ self._ry[j], self._ty[j], self._ty[j])
@@ -268,33 +272,37 @@ class CkaPermutationScorer:
             h = S - (D + D) / n + tk * tl / (n * n)
         return h / self._denom
 
-    def _cross(self, F, M, perms):
+    def _cross(self, perms):
         """``S[b, i, j] = Σ_(a<=c) F[i]_ac M[j]_(p_b(a), p_b(c))`` over the packed entries,
-        ``[B, len(F), len(M)]`` float64 (CPU), in blocks of packed columns within the spare
-        budget."""
+        ``[B, Lf, Lm]`` float64 (CPU), in blocks of packed columns within the spare budget."""
+        F, M = self._F, self._M
         n, tri, lf, lm, B = self.n, self._tri, F.shape[0], M.shape[0], len(perms)
         cols = max(1, min(tri, self._spare // (self._col * B)))
-        q = [p * n for p in perms]
-        S = torch.zeros((lf, B * lm), dtype=torch.float64, device=self.device)
+        P = torch.stack(perms)  # [B, N]
+        Q = P * n
+        S = torch.zeros((lf, lm * B), dtype=torch.float64, device=self.device)
         for t0 in range(0, tri, cols):
             t1 = min(tri, t0 + cols)
             I, J = self._I[t0:t1], self._J[t0:t1]
-            buf = torch.empty((B * lm, t1 - t0), dtype=M.dtype, device=self.device)
-            for b, p in enumerate(perms):
-                pos = self._table.index_select(
-                    0, q[b].index_select(0, I).add_(p.index_select(0, J)))
-                torch.index_select(M, 1, pos, out=buf[b * lm:(b + 1) * lm])
-            S += (F[:, t0:t1] @ buf.T).double()
-        return S.cpu().view(lf, B, lm).permute(1, 0, 2)
+            # packed positions of (p(a), p(c)) for every permutation, [B·c] (permutation-major)
+            pos = self._table.index_select(
+                0, Q.index_select(1, I).add_(P.index_select(1, J)).view(-1))
+            # the gathered kernels [Lm, B·c], read as [Lm·B, c] (row (l, b): layer l under
+            # permutation b); one contiguous gather per layer
+            g = torch.empty((lm, pos.numel()), dtype=M.dtype, device=self.device)
+            for i in range(lm):
+                torch.index_select(M[i], 0, pos, out=g[i])
+            S += (F[:, t0:t1] @ g.view(lm * B, t1 - t0).T).double()
+        return S.cpu().view(lf, lm, B).permute(2, 0, 1)
 
     def _score_gram(self, ps):
         n = self.n
         ident = torch.arange(n, device=self.device)
         ps = [ident if p is None else p for p in ps]
         if self._gather_y:
-            S = self._cross(self._KX, self._KY, ps)
+            S = self._cross(ps)
         else:
-            S = self._cross(self._KY, self._KX, [_inverse(p) for p in ps]).transpose(1, 2)
+            S = self._cross([_inverse(p) for p in ps]).transpose(1, 2)
         # D[b] = rx · ry[:, p_b]ᵀ, one gather and one product for the group
         at = torch.cat([p.cpu() for p in ps])
         ry = self._ry.index_select(1, at).view(-1, len(ps), n).transpose(0, 1)  # [B, Ly, N]
