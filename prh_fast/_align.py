@@ -326,25 +326,58 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
     return score
 
 
+class _ShuffleScorer:
+    """A kernel metric's grid scorer: ``scorer()`` the observed scores (the metric's own
+    scorer), ``scorer(perm)`` / ``scorer.many(perms)`` shuffled pairings from a permutation
+    scorer (``prh_fast.metrics._permute``) built on first use, which keeps each layer's kernel
+    (or SVCCA basis) and recomputes only the cross terms."""
+
+    def __init__(self, observed, make_null):
+        self._observed, self._make, self._null = observed, make_null, None
+
+    def _scorer(self, count: int):
+        if self._null is None:
+            self._null = self._make(count)
+        return self._null
+
+    def __call__(self, perm=None):
+        return self._observed() if perm is None else self._scorer(1)(perm)
+
+    def many(self, perms) -> list:
+        return list(self._scorer(len(perms)).many(perms))
+
+
 def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False,
-              memory_budget=None):
+              memory_budget=None) -> _ShuffleScorer:
     """CKA of every layer pair (``prh_fast.metrics._kernel.cka_scores``, the scorer of
     ``prh_fast.metrics.cka`` too), in Gram or feature space, whichever costs fewer flops."""
+    from prh_fast.metrics._permute import cka_permutation_scorer
+
     sigma, budget = check_cka_options(xs[0].shape[0], kernel_metric, rbf_sigma, unbiased,
                                       memory_budget, DEFAULT_MEMORY_BUDGET)
     dtype = torch.promote_types(xs[0].dtype, ys[0].dtype)
-    out, timings["space"] = cka_scores(xs, ys, dtype, kernel_metric=kernel_metric, sigma=sigma,
-                                       unbiased=bool(unbiased), budget=budget, space="auto")
-    return out
+
+    def observed():
+        out, timings["space"] = cka_scores(xs, ys, dtype, kernel_metric=kernel_metric,
+                                           sigma=sigma, unbiased=bool(unbiased), budget=budget,
+                                           space="auto")
+        return out
+
+    return _ShuffleScorer(observed, lambda count: cka_permutation_scorer(
+        xs, ys, dtype, kernel_metric=kernel_metric, sigma=sigma, unbiased=bool(unbiased),
+        budget=budget, permutations=count))
 
 
-def _grid_svcca(xs, ys, timings, cca_dim=10):
+def _grid_svcca(xs, ys, timings, cca_dim=10) -> _ShuffleScorer:
     """SVCCA of every layer pair (``prh_fast.metrics._svcca.svcca_scores``, the scorer of
     ``prh_fast.metrics.svcca`` too)."""
+    from prh_fast.metrics._permute import svcca_permutation_scorer
+
     n = xs[0].shape[0]
     r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
         [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
-    return svcca_scores(xs, ys, r)
+    return _ShuffleScorer(lambda: svcca_scores(xs, ys, r),
+                          lambda count: svcca_permutation_scorer(xs, ys, r))
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,11 +543,9 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
         scorer = _grid_cknna(xs, ys, k, backend, timings, x_cache=x_cache, y_cache=y_cache,
                              ann=ann, **opts)
     elif metric in ("cka", "unbiased_cka"):
-        scorer = lambda perm=None: _grid_cka(  # noqa: E731
-            xs, _permuted(ys, perm), timings, **opts)
+        scorer = _grid_cka(xs, ys, timings, **opts)
     else:  # svcca
-        scorer = lambda perm=None: _grid_svcca(  # noqa: E731
-            xs, _permuted(ys, perm), timings, **opts)
+        scorer = _grid_svcca(xs, ys, timings, **opts)
     t0 = time.perf_counter()
     scores = scorer()
     timings["score"] = time.perf_counter() - t0
@@ -619,10 +650,6 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
     return rep
 
 
-def _permuted(layers, perm):
-    return layers if perm is None else [x[perm] for x in layers]
-
-
 #: The best-score null statistics a grid keeps per model pair (``AlignmentResult.null``'s
 #: ``best_*`` entries): the null mean and standard deviation, the central 95% band of the null's
 #: best score, the permutation p-value, and the z-score (kept for comparison; p is the test).
@@ -654,7 +681,7 @@ def _null_stats(scorer, scores, best, n, P, seed, device):
     perms = [torch.randperm(n, generator=g).to(device) for _ in range(P)]
     many = getattr(scorer, "many", None)
     if many is not None:  # scorers that score a group of permutations in one pass
-        draws = list(many(perms))
+        draws = [d for g0 in range(0, P, 32) for d in many(perms[g0:g0 + 32])]
     else:
         draws = [scorer(perm) for perm in perms]
     d = torch.stack(draws).to(torch.float64)  # [P, Lx, Ly]
