@@ -368,3 +368,34 @@ def test_batched_image_preprocessing_is_exact(crop_pct, size):
     plain = T.Compose([T.Resize((size, size)), T.ToTensor()])
     assert torch.equal(_batched_preprocess(plain)(images), torch.stack([plain(im)
                                                                         for im in images]))
+
+
+def test_cnn_on_cpu_chunked_channels_last_matches_plain():
+    timm = pytest.importorskip("timm")
+    import numpy as np
+    from PIL import Image
+
+    from prh_fast.extract._vision import _CPU_CNN_CHUNK, _timm_encoder
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3,
+                              pretrained_cfg_overlay={"input_size": (3, 40, 40),
+                                                      "crop_pct": 1.0})
+    enc = _timm_encoder(model, name="tiny", source="memory", pool="avg",
+                        device=torch.device("cpu"), dtype=torch.float32)
+    assert enc._cnn["channels_last"]
+    g = np.random.default_rng(1)
+    images = [Image.fromarray(g.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+              for _ in range(2 * _CPU_CNN_CHUNK + 3)]
+    many = enc.encode(images)                       # in chunks, channels-last
+    alone = [enc.encode([im]) for im in images]
+    for layer, f in enumerate(many):
+        assert f.shape[0] == len(images)
+        torch.testing.assert_close(f, torch.cat([a[layer] for a in alone]), rtol=1e-5,
+                                   atol=1e-6)
+    # The plain layout (contiguous NCHW, the whole batch at once) gives the same features.
+    enc.model.to(memory_format=torch.contiguous_format)
+    enc._cnn["channels_last"] = False
+    plain = enc.encode(images)
+    for f, p in zip(many, plain):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)

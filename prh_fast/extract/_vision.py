@@ -81,6 +81,9 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float64": torch.float64}
+# Images per forward pass of a CNN on the CPU (see ImageEncoder.encode).
+_CPU_CNN_CHUNK = 16
+
 # Hugging Face vision towers whose prefix token(s) are not a class token.
 _HF_NO_CLASS_TOKEN = {"siglip_vision_model", "siglip2_vision_model"}
 # Parts of a Hugging Face vision model that the hidden states do not pass through.
@@ -309,7 +312,14 @@ class ImageEncoder:
             if not isinstance(im, Image.Image):
                 raise TypeError(f"images: item {i} is a {type(im).__name__}, not a PIL image")
         images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        return self._layers(self._pixels(images))
+        x = self._pixels(images)
+        step = _CPU_CNN_CHUNK if self._cnn.get("channels_last") else x.shape[0]
+        if x.shape[0] <= step:
+            return self._layers(x)
+        # A CNN on the CPU runs faster on a few images at a time (its large activation maps
+        # then stay in cache); each image's features do not depend on its batch-mates.
+        parts = [self._layers(x[i:i + step]) for i in range(0, x.shape[0], step)]
+        return [torch.cat(layer) for layer in zip(*parts)]
 
 
 # ----------------------------------------------------------------------------- timm
