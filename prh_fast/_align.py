@@ -43,7 +43,7 @@ from prh_fast._validate import (
 )
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
-from prh_fast.knn._backends import ANN_BACKENDS, resolve
+from prh_fast.knn._backends import ANN_BACKENDS, resolve, resolve_setops_backend
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
@@ -165,7 +165,8 @@ def _relabel(lists: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     ``knn(Y')[i] = perm⁻¹[knn(Y)[perm[i]]]`` — O(N·k), no new search."""
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv[lists[..., perm, :]]
+    rows = lists.index_select(lists.dim() - 2, perm)
+    return inv.take(rows)
 
 
 @dataclass
@@ -310,9 +311,11 @@ def _grid_cknna(xs, ys, topk, backend, timings, unbiased=True, distance_agnostic
     lb, self_b = y_cache or _cknna_side(ys, topk, backend, unbiased, distance_agnostic,
                                         ann.setdefault("y", []), exclude_self)
     timings["knn"] = time.perf_counter() - t0
+    # the set-op implementation, resolved once: a grid (and its null) calls sim per layer pair
+    setops = resolve_setops_backend(backend, la[0][0].device, la[0][0].shape[-1])
 
     def sim(p, q):
-        return cknna_sim(n, p, q, unbiased, backend)
+        return cknna_sim(n, p, q, unbiased, setops)
 
     def score(perm=None):
         out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
@@ -476,14 +479,15 @@ def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normaliz
 
 
 def _warn_ties(ties, metric, names=("X", "Y")) -> None:
-    """Log :func:`prh_fast.metrics._ties.tie_warning`'s line, if any, as a warning."""
+    """Log :func:`prh_fast.metrics._ties.tie_warning`'s line, if any, as a warning on this
+    module's logger (``prh_fast._align``: a caller that reports ties itself may quiet it)."""
     if ties is None:
         return
     msg = tie_warning(ties.get("x"), ties.get("y"), ties["mode"], metric, names)
     if msg:
-        from prh_fast._log import logger
+        import logging
 
-        logger.warning("prh_fast: %s", msg)
+        logging.getLogger(__name__).warning("prh_fast: %s", msg)
 
 
 def _metric_options(metric, n, topk, metric_kwargs, memory_budget=None):

@@ -183,7 +183,8 @@ def _cmd_demo(args) -> int:
     from prh_fast.demo import run_demo
 
     run_demo(args.out, n=args.n, batch_size=args.batch_size, topk=args.topk,
-             null_permutations=args.null_permutations, device=args.device,
+             null_permutations=args.null_permutations,
+             kernel_null_permutations=args.kernel_null_permutations, device=args.device,
              force=args.force, progress=not args.no_progress, metrics=args.metrics)
     return 0
 
@@ -242,8 +243,12 @@ def add_parsers(sub) -> None:
     pd.add_argument("--n", type=positive_int, default=1024, help="image-caption pairs")
     pd.add_argument("--batch-size", type=positive_int, default=64)
     pd.add_argument("--topk", type=positive_int, default=10)
-    pd.add_argument("--null-permutations", type=nonnegative_int, default=5,
-                    help="shuffled pairings scored as control")
+    pd.add_argument("--null-permutations", type=nonnegative_int, default=200, metavar="P",
+                    help="shuffled pairings scored as control of the list metrics (mutual, "
+                    "cycle, lcs, edit-distance kNN): permutation p-values down to 1/(P+1)")
+    pd.add_argument("--kernel-null-permutations", type=nonnegative_int, default=50,
+                    metavar="P", help="the same for cknna, cka, unbiased_cka and svcca, "
+                    "whose shuffles rescore every layer pair")
     pd.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)
     pd.add_argument("--device", default="cpu")
     pd.add_argument("--force", action="store_true", help="re-extract cached features")

@@ -25,7 +25,13 @@ import torch
 from prh_fast._io import atomic_write
 from prh_fast.errors import InputError
 
-__all__ = ["run_demo", "golden_numbers", "check_metric_settings", "DEMO_MODELS"]
+__all__ = ["run_demo", "golden_numbers", "check_metric_settings", "DEMO_MODELS",
+           "LIST_METRICS"]
+
+#: The metrics whose shuffled-pairing null only relabels the neighbour lists (cheap: the demo
+#: runs ``null_permutations`` of them); the others (``kernel_null_permutations``) rescore the
+#: cross terms of every layer pair per shuffle.
+LIST_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn")
 
 #: (key, loader name, kind, pooling, display name)
 DEMO_MODELS = (
@@ -90,9 +96,10 @@ def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> No
 
 
 def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
-             metrics=None, topk: int = 10, null_permutations: int = 5, levels=None,
-             device="cpu", force: bool = False, verbose: bool = True,
-             progress: bool = True, seed: int = 0) -> dict:
+             metrics=None, topk: int = 10, null_permutations: int = 200,
+             kernel_null_permutations: int = 50, levels=None, device="cpu",
+             force: bool = False, verbose: bool = True, progress: bool = True,
+             seed: int = 0) -> dict:
     """Run the demo and write its report under ``out_dir``; returns the report dictionary.
 
     Args:
@@ -102,7 +109,11 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
         batch_size: extraction batch size.
         metrics: the metrics to run (default: all of ``SUPPORTED_METRICS``).
         topk: neighbours of the "knn" metrics.
-        null_permutations: shuffled pairings scored as the control.
+        null_permutations: shuffled pairings scored as the control of the list metrics
+            (:data:`LIST_METRICS`, whose shuffles only relabel the lists): the permutation
+            p-value of the best score is ``(b + 1) / (P + 1)``, at least ``1 / (P + 1)``.
+        kernel_null_permutations: the same for cknna, cka, unbiased_cka and svcca, whose
+            shuffles rescore every layer pair's cross terms.
         levels: the easy-VQA caption detail levels to compare (default: all); the last one is
             the main level, used for the model-pair alignment.
         device: where the models run.
@@ -127,7 +138,7 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
         n 1, topk: needs at least 2 samples for topk >= 1, got N = 1
     """
     metrics, levels = _check_demo_args(metrics, levels, batch_size, null_permutations, n,
-                                       topk)
+                                       topk, kernel_null_permutations)
     main_level = levels[-1]
     say = _Say(verbose)
     out_dir = os.fspath(out_dir)
@@ -141,14 +152,18 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
                          batch_size, device, force, progress, say)
     models = _describe_models(files, main_level)
     feats = _FeatureCache(files, models)
-    results, layer_maps = _align_model_pairs(models, metrics, feats, main_level, topk,
-                                             null_permutations, seed, say)
+    nulls = {m: null_permutations if m in LIST_METRICS else kernel_null_permutations
+             for m in metrics}
+    results, layer_maps = _align_model_pairs(models, metrics, feats, main_level, topk, nulls,
+                                             seed, say)
     density = _caption_detail(models, metrics, feats, levels, topk, say)
+    distinct = {lv: len(set(data[lv].captions(range(len(data[lv]))))) for lv in levels}
     figures = _figures(out_dir, models, layer_maps, density, levels, topk)
     report = {
         "data": {"source": "easy-vqa", "split": "train", "n": len(main), "levels": levels,
-                 "main_level": main_level, "examples": examples},
+                 "main_level": main_level, "examples": examples, "distinct_captions": distinct},
         "models": models, "topk": topk, "null_permutations": null_permutations,
+        "kernel_null_permutations": kernel_null_permutations,
         "alignment": results, "caption_detail": density, "figures": figures,
         "seconds": round(time.perf_counter() - t_start, 1),
         "features": {f"{k}/{lv}" if lv else k: p for (k, lv), p in files.items()},
@@ -157,7 +172,8 @@ def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
     return report
 
 
-def _check_demo_args(metrics, levels, batch_size, null_permutations, n, topk):
+def _check_demo_args(metrics, levels, batch_size, null_permutations, n, topk,
+                     kernel_null_permutations=0):
     """``(metrics, levels)`` as lists, every argument checked (errors name it)."""
     from prh_fast._validate import check_positive_int
     from prh_fast.extract._data import EASY_VQA_LEVELS
@@ -175,6 +191,7 @@ def _check_demo_args(metrics, levels, batch_size, null_permutations, n, topk):
         raise InputError("levels: expected at least one caption level")
     check_positive_int(batch_size, "batch_size", minimum=1)
     check_positive_int(null_permutations, "null_permutations", minimum=0)
+    check_positive_int(kernel_null_permutations, "kernel_null_permutations", minimum=0)
     check_metric_settings(metrics, n, topk)
     return metrics, levels
 
@@ -227,47 +244,96 @@ def _describe_models(files, main_level) -> dict:
 
 
 class _FeatureCache:
-    """A model's clipped (q = 0.95) layers at a caption level, loaded once."""
+    """A model's layers at a caption level, clipped (q = 0.95) and L2-normalised as ``align``
+    prepares them, loaded once; and their neighbour data, searched once and shared by every
+    metric and model pair that reads them (:meth:`align`)."""
 
     def __init__(self, files, models):
-        self.files, self.models, self._cache = files, models, {}
+        self.files, self.models, self._cache, self._sides = files, models, {}, {}
+
+    def _level(self, key, level):
+        return None if self.models[key]["kind"] == "vision" else level
 
     def __call__(self, key, level):
+        from prh_fast._align import _prepare_side
         from prh_fast.prepare import prepare_features
         from prh_fast.store import load_features
 
-        lv = None if self.models[key]["kind"] == "vision" else level
+        lv = self._level(key, level)
         if (key, lv) not in self._cache:
             rec = load_features(self.files[(key, lv)])
-            self._cache[(key, lv)] = prepare_features(_layers(rec), q=0.95)
+            self._cache[(key, lv)] = _prepare_side(prepare_features(_layers(rec), q=0.95),
+                                                   normalize=True, concat=False)
         return self._cache[(key, lv)]
 
+    def _side(self, key, level, metric, k, opts):
+        from prh_fast._align import _cknna_side, _knn_side
 
-def _align_model_pairs(models, metrics, feats, main_level, topk, null_permutations, seed,
-                       say):
+        kind = ("cknna", tuple(sorted(opts.items()))) if metric == "cknna" else \
+            ("knn", opts.get("ties", "rule"))
+        ck = (key, self._level(key, level), kind, k)
+        if ck not in self._sides:
+            layers = self(key, level)
+            self._sides[ck] = (_cknna_side(layers, k, None, **opts) if metric == "cknna"
+                               else _knn_side(layers, k, None, ties=opts.get("ties", "rule")))
+        return self._sides[ck]
+
+    def align(self, a, b, level, metric, topk, null_permutations=0, seed=0, **kwargs):
+        """``prh_fast.align`` of models ``a`` and ``b`` at ``level``, from the cached layers
+        and neighbour data (the same result: ``align`` scores its own searches the same way)."""
+        from prh_fast._align import _KNN_RAW, _align_prepared, _metric_options
+
+        xs, ys = self(a, level), self(b, level)
+        k, opts = _metric_options(metric, xs[0].shape[0], topk, kwargs)
+        xc = yc = None
+        if metric in _KNN_RAW or metric == "cknna":
+            xc, yc = (self._side(m, level, metric, k, opts) for m in (a, b))
+        return _align_prepared(metric, xs, ys, list(range(len(xs))), list(range(len(ys))), k,
+                               opts, None, null_permutations, seed, {}, x_cache=xc, y_cache=yc)
+
+
+def _tie_share(ties) -> dict | None:
+    """``{"tied_fraction", "distinct_rows"}`` of an alignment's tie diagnostics: the largest
+    share of tied rows and the fewest distinct rows over both sides' layers."""
+    if not ties:
+        return None
+    layers = list(ties["x"]) + list(ties["y"])
+    return {"tied_fraction": max(t["tied_fraction"] for t in layers),
+            "distinct_rows": min(t["distinct_rows"] for t in layers
+                                 if t.get("distinct_rows") is not None)}
+
+
+def _align_model_pairs(models, metrics, feats, main_level, topk, nulls, seed, say):
     """Every model pair with every metric at the main caption level, with the shuffled
-    control: ``(rows, layer_maps)`` (``mutual_knn``'s results, for the layer figures)."""
-    from prh_fast._align import align
+    control (``nulls``: metric -> permutations): ``(rows, layer_maps)`` (``mutual_knn``'s
+    results, for the layer figures)."""
 
     keys = [m[0] for m in DEMO_MODELS]
     pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
     pairs.sort(key=lambda p: (models[p[0]]["kind"] == models[p[1]]["kind"], p))
     results = []
+    counts = sorted(set(nulls.values()))
     say(f"aligning {len(pairs)} model pairs x {len(metrics)} metrics, every layer pair, with "
-        f"{null_permutations} shuffled pairings as control")
+        f"{' / '.join(map(str, counts))} shuffled pairings as control")
     layer_maps = {}
     for a, b in pairs:
         for metric in metrics:
             t0 = time.perf_counter()
-            r = align(feats(a, main_level), feats(b, main_level), metric=metric, topk=topk,
-                      null_permutations=null_permutations, seed=seed)
+            r = feats.align(a, b, main_level, metric, topk, nulls[metric], seed)
             row = {"x": a, "y": b, "metric": metric, "best": r.best_score,
                    "best_layers": list(r.best_pair) if r.best_pair is not None else None,
+                   "null_permutations": nulls[metric],
                    "seconds": round(time.perf_counter() - t0, 3)}
             if r.null is not None:
-                row["shuffled_best_mean"] = float(r.null["best_mean"])
-                row["shuffled_best_std"] = float(r.null["best_std"])
-                row["z"] = float(r.null["best_z"])
+                row.update({"p": float(r.null["best_p"]),
+                            "shuffled_best_mean": float(r.null["best_mean"]),
+                            "shuffled_best_std": float(r.null["best_std"]),
+                            "shuffled_best_low": float(r.null["best_low"]),
+                            "shuffled_best_high": float(r.null["best_high"]),
+                            "z": float(r.null["best_z"])})
+            ties = _tie_share(r.ties)
+            if ties is not None:
+                row["ties"] = ties
             results.append(row)
             if metric == "mutual_knn":
                 layer_maps[(a, b)] = r
@@ -276,8 +342,10 @@ def _align_model_pairs(models, metrics, feats, main_level, topk, null_permutatio
 
 
 def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
-    """Language-vision alignment at every caption level (the caption-density experiment)."""
-    from prh_fast._align import align
+    """Language-vision alignment at every caption level (the caption-density experiment).
+    ``mutual_knn`` is scored twice: with the reference's tie rule (``best``) and as the
+    expectation over random tie breaks (``best_expected``), since repeated captions make
+    many rows exact ties."""
 
     density = []
     keys = [m[0] for m in DEMO_MODELS]
@@ -285,15 +353,24 @@ def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
     text = [k for k in keys if models[k]["kind"] == "text"]
     dens_metrics = [m for m in ("mutual_knn", "cka") if m in metrics] or metrics[:1]
     say(f"caption detail: {len(levels)} levels x {len(text)} language models, "
-        f"{', '.join(dens_metrics)}")
+        f"{', '.join(dens_metrics)} (mutual_knn with and without ties broken at random)")
     for lv in levels:
         for t in text:
             for v in vision:
                 for metric in dens_metrics:
-                    r = align(feats(t, lv), feats(v, lv), metric=metric, topk=topk)
-                    density.append({"level": lv, "x": t, "y": v, "metric": metric,
-                                    "best": r.best_score,
-                                    "best_layers": list(r.best_pair) if r.best_pair else None})
+                    r = feats.align(t, v, lv, metric, topk)
+                    row = {"level": lv, "x": t, "y": v, "metric": metric,
+                           "best": r.best_score,
+                           "best_layers": list(r.best_pair) if r.best_pair else None}
+                    ties = _tie_share(r.ties)
+                    if ties is not None:
+                        row["ties"] = ties
+                    if metric == "mutual_knn":
+                        e = feats.align(t, v, lv, metric, topk, ties="expected")
+                        row["best_expected"] = e.best_score
+                        row["best_layers_expected"] = (list(e.best_pair) if e.best_pair
+                                                       else None)
+                    density.append(row)
     return density
 
 
@@ -334,20 +411,59 @@ def _plot_density(out_dir, models, density, levels, topk) -> str:
         series = {}
         for d in density:
             if d["metric"] == metric:
-                series.setdefault((d["x"], d["y"]), {})[d["level"]] = d["best"]
+                s = series.setdefault((d["x"], d["y"]), {"rule": {}, "expected": {}})
+                s["rule"][d["level"]] = d["best"]
+                if "best_expected" in d:
+                    s["expected"][d["level"]] = d["best_expected"]
         for (x, y), vals in series.items():
-            ax.plot(range(len(levels)), [vals.get(lv, np.nan) for lv in levels], marker="o",
-                    label=f"{models[x]['name']} vs {models[y]['name']}")
+            label = f"{models[x]['name']} vs {models[y]['name']}"
+            xs = range(len(levels))
+            if vals["expected"]:  # the tie-aware value is the curve; the tie rule's is faint
+                line, = ax.plot(xs, [vals["expected"].get(lv, np.nan) for lv in levels],
+                                marker="o", label=label)
+                ax.plot(xs, [vals["rule"].get(lv, np.nan) for lv in levels], marker=".",
+                        linestyle=":", color=line.get_color(), alpha=0.6,
+                        label=f"{label}, ties to lower index")
+            else:
+                ax.plot(xs, [vals["rule"].get(lv, np.nan) for lv in levels], marker="o",
+                        label=label)
         ax.set_xticks(range(len(levels)))
         ax.set_xticklabels(levels, rotation=20)
         ax.set_xlabel("caption detail")
-        ax.set_ylabel(f"{metric} (k={topk})" if "knn" in metric else metric)
+        ylabel = f"{metric} (k={topk})" if "knn" in metric else metric
+        if metric == "mutual_knn":
+            ylabel += ", ties at random"
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8)
-    fig.suptitle("Richer captions, closer to the image model (best layer pair)", fontsize=10)
+        ax.legend(fontsize=6)
+    fig.suptitle("Language vs image model as captions get richer (best layer pair)",
+                 fontsize=10)
     fig.tight_layout()
     return _save(fig, os.path.join(out_dir, "caption_detail.png"))
+
+
+def _null_text(rep) -> str:
+    p, pk = rep["null_permutations"], rep.get("kernel_null_permutations",
+                                              rep["null_permutations"])
+    counts = (f"{p} shuffles" if p == pk else
+              f"{p} shuffles for {', '.join(LIST_METRICS)} (a shuffle only relabels the "
+              f"lists), {pk} for the other metrics (a shuffle rescores every layer pair)")
+    return ("Shuffled control: the same samples with their pairing broken (the second "
+            f"model's rows shuffled), {counts}; each shuffle's best layer pair is compared "
+            "with the observed best. `p` = (b + 1) / (P + 1), b the shuffles whose best "
+            "scored at least the observed best (so p is never below 1 / (P + 1)); `shuffled` "
+            "is the null's mean best score with its central 95% band.")
+
+
+def _ties_cell(r) -> str:
+    t = r.get("ties")
+    if not t:
+        return "-"
+    return f"{t['tied_fraction']:.0%} ({t['distinct_rows']})"
+
+
+def _fmt_p(p) -> str:
+    return "n/a" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
 def _markdown(rep) -> str:
@@ -355,9 +471,8 @@ def _markdown(rep) -> str:
     lines = ["# prh-fast demo", "",
              f"{rep['data']['n']} easy-VQA training pairs; captions at level "
              f"'{rep['data']['main_level']}' unless stated; features clipped at q = 0.95 and "
-             f"L2-normalised per layer; best layer pair per metric; k = {rep['topk']}. "
-             f"Shuffled control: the best score when the pairing of samples is shuffled "
-             f"({rep['null_permutations']} shuffles, mean ± std); z = (best - mean) / std.", "",
+             f"L2-normalised per layer; best layer pair per metric; k = {rep['topk']}.", "",
+             _null_text(rep), "",
              "## Models", "",
              "| model | kind | parameters | layers | widths | loss (nats/token) | bits/byte |",
              "|---|---|---:|---:|---|---:|---:|"]
@@ -373,31 +488,66 @@ def _markdown(rep) -> str:
               f"embedding output and i the output of block i; for the CNN, the stages in order. "
               f"`lcs_knn` is the reference's raw value, the mean length of the longest common "
               f"subsequence of the two ordered lists (0 to k = {k}); the fraction of k is "
-              f"given beside it.", "",
-              "| pair | metric | best | layers | shuffled | z |", "|---|---|---:|---|---:|---:|"]
+              f"given beside it. `ties`: for the neighbour metrics, the largest share of rows "
+              f"(over both models' layers) whose k-th neighbour is exactly tied with the "
+              f"(k+1)-th, so that the lower-index rule picks part of the list, and in brackets "
+              f"the fewest distinct feature rows of any layer.", "",
+              "| pair | metric | best | layers | shuffled: mean [95%] | p (shuffles) | ties |",
+              "|---|---|---:|---|---|---:|---:|"]
     for r in rep["alignment"]:
-        sh = (f"{_fmt(r.get('shuffled_best_mean'))} ± {_fmt(r.get('shuffled_best_std'))}"
-              if "shuffled_best_mean" in r else "n/a")
+        sh = (f"{_fmt(r.get('shuffled_best_mean'))} [{_fmt(r.get('shuffled_best_low'))}, "
+              f"{_fmt(r.get('shuffled_best_high'))}]" if "shuffled_best_low" in r else "n/a")
+        p = (f"{_fmt_p(r['p'])} ({r['null_permutations']})" if r.get("p") is not None
+             else "n/a")
         lay = tuple(r["best_layers"]) if r["best_layers"] else "-"
         best = _fmt(r["best"])
         if r["metric"] == "lcs_knn" and r["best"] is not None:
             best += f" ({_fmt(r['best'] / k)} of k)"
         lines.append(f"| {models[r['x']]['name']} vs {models[r['y']]['name']} | {r['metric']} "
-                     f"| {best} | {lay} | {sh} | {_fmt(r.get('z'), 1)} |")
-    lines += ["", "## Caption detail", "", "Examples:", ""]
-    for lv, caps in rep["data"]["examples"].items():
-        lines.append(f"- **{lv}**: " + "; ".join(f"“{c}”" for c in caps))
-    lines += ["", "| language model | metric | " + " | ".join(rep["data"]["levels"]) + " |",
-              "|---|---|" + "---:|" * len(rep["data"]["levels"])]
-    rows = {}
-    for d in rep["caption_detail"]:
-        rows.setdefault((d["x"], d["y"], d["metric"]), {})[d["level"]] = d["best"]
-    for (x, y, metric), vals in rows.items():
-        lines.append(f"| {models[x]['name']} vs {models[y]['name']} | {metric} | "
-                     + " | ".join(_fmt(vals.get(lv)) for lv in rep["data"]["levels"]) + " |")
+                     f"| {best} | {lay} | {sh} | {p} | {_ties_cell(r)} |")
+    lines += _caption_markdown(rep)
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in rep["figures"]]
     lines += ["", f"Total time: {rep['seconds']} s.", ""]
     return "\n".join(lines)
+
+
+def _caption_markdown(rep) -> list:
+    levels = rep["data"]["levels"]
+    distinct = rep["data"].get("distinct_captions", {})
+    models = rep["models"]
+    lines = ["", "## Caption detail", "", "Examples:", ""]
+    for lv, caps in rep["data"]["examples"].items():
+        lines.append(f"- **{lv}**: " + "; ".join(f"“{c}”" for c in caps))
+    if distinct:
+        lines += ["", f"Distinct captions among the {rep['data']['n']} pairs: "
+                  + ", ".join(f"{lv} {distinct[lv]}" for lv in levels if lv in distinct)
+                  + ". A caption repeated m times gives m identical feature rows, whose "
+                  "neighbour lists are exact ties: with the reference's rule (ties to the lower "
+                  "index) the tie break, not the model, picks those lists. `mutual_knn, ties "
+                  "at random` is the exact expected score when every tie at a list's boundary "
+                  "is broken uniformly at random (`ties=\"expected\"`); the plot shows it."]
+    lines += ["", "| language model | metric | " + " | ".join(levels) + " |",
+              "|---|---|" + "---:|" * len(levels)]
+    rows, tie_rows = {}, {}
+    for d in rep["caption_detail"]:
+        rows.setdefault((d["x"], d["y"], d["metric"]), {})[d["level"]] = d["best"]
+        if "best_expected" in d:
+            rows.setdefault((d["x"], d["y"], d["metric"] + ", ties at random"),
+                            {})[d["level"]] = d["best_expected"]
+        if d.get("ties"):
+            tie_rows.setdefault((d["x"], d["y"]), {})[d["level"]] = d["ties"]
+    order = sorted(rows, key=lambda key: (key[0], key[1],
+                                          key[2] != "mutual_knn, ties at random", key[2]))
+    for x, y, metric in order:
+        vals = rows[(x, y, metric)]
+        label = metric + (" (tie rule)" if metric == "mutual_knn" else "")
+        lines.append(f"| {models[x]['name']} vs {models[y]['name']} | {label} | "
+                     + " | ".join(_fmt(vals.get(lv)) for lv in levels) + " |")
+    for (x, y), per in tie_rows.items():
+        lines.append(f"| {models[x]['name']} vs {models[y]['name']} | tied rows (distinct) | "
+                     + " | ".join(f"{per[lv]['tied_fraction']:.0%} ({per[lv]['distinct_rows']})"
+                                  if lv in per else "n/a" for lv in levels) + " |")
+    return lines
 
 
 def _short_summary(rep) -> str:
@@ -408,14 +558,16 @@ def _short_summary(rep) -> str:
             continue
         out.append(f"  {models[r['x']]['name']:>14} vs {models[r['y']]['name']:<18} "
                    f"{_fmt(r['best'])}  (shuffled {_fmt(r.get('shuffled_best_mean'))}, "
-                   f"z {_fmt(r.get('z'), 1)})")
+                   f"p {_fmt_p(r.get('p'))} from {r.get('null_permutations', 0)} shuffles)")
     levels = rep["data"]["levels"]
     rows = {}
     for d in rep["caption_detail"]:
         if d["metric"] == "mutual_knn":
-            rows.setdefault((d["x"], d["y"]), {})[d["level"]] = d["best"]
+            rows.setdefault((d["x"], d["y"]), {})[d["level"]] = d.get("best_expected",
+                                                                        d["best"])
     if rows:
-        out.append("caption detail (" + " -> ".join(levels) + "):")
+        out.append("caption detail, mutual_knn with ties at random (" + " -> ".join(levels)
+                   + "):")
         for (x, y), vals in rows.items():
             out.append(f"  {models[x]['name']:>14} vs {models[y]['name']:<18} "
                        + " -> ".join(_fmt(vals.get(lv)) for lv in levels))

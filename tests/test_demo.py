@@ -13,6 +13,7 @@ import json
 import os
 
 import pytest
+import torch
 
 pytestmark = [pytest.mark.models, pytest.mark.slow]
 
@@ -37,8 +38,8 @@ N = 96
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    rep = run_demo(out, n=N, batch_size=32, null_permutations=3, verbose=False,
-                   progress=False)
+    rep = run_demo(out, n=N, batch_size=32, null_permutations=3, kernel_null_permutations=3,
+                   verbose=False, progress=False)
     return out, rep
 
 
@@ -91,8 +92,8 @@ def test_second_run_reuses_features(demo):
     feats = out / "features"
     before = {p: p.stat().st_mtime_ns for p in feats.rglob("*.pt")}
     assert len(before) == 2 * len(rep["data"]["levels"]) + 1
-    rep2 = run_demo(out, n=N, batch_size=32, null_permutations=3, verbose=False,
-                    progress=False, metrics=["mutual_knn"], levels=["detailed"])
+    rep2 = run_demo(out, n=N, batch_size=32, null_permutations=3, kernel_null_permutations=3,
+                    verbose=False, progress=False, metrics=["mutual_knn"], levels=["detailed"])
     assert {p: p.stat().st_mtime_ns for p in feats.rglob("*.pt")} == before
     (r1,) = [r for r in rep["alignment"] if (r["x"], r["y"]) == ("minilm", "effnet")
              and r["metric"] == "mutual_knn"]
@@ -141,3 +142,27 @@ def test_summary_explains_layer_indices_and_raw_lcs():
     assert "`layers (i, j)`" in md and "0 is the embedding output" in md
     assert "| lcs_knn | 2.500 (0.250 of k) |" in md
     assert "| mutual_knn | 0.250 |" in md
+
+
+@pytest.mark.parametrize("metric", ["mutual_knn", "lcs_knn", "cknna", "cka"])
+def test_cached_searches_give_align_results(metric):
+    """The demo searches each model's layers once and shares the lists; every score equals
+    ``prh_fast.align`` on the same prepared layers."""
+    import prh_fast
+    from prh_fast.demo import _FeatureCache
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(120, 12, generator=g)
+    xs = [base @ torch.randn(12, 16, generator=g) for _ in range(3)]
+    ys = [base[:, :6] + 0.3 * torch.randn(120, 6, generator=g) for _ in range(2)]
+    fc = _FeatureCache({}, {"a": {"kind": "text"}, "b": {"kind": "vision"}})
+    from prh_fast._align import _prepare_side
+
+    fc._cache[("a", "lv")] = _prepare_side(xs, True, False)
+    fc._cache[("b", None)] = _prepare_side(ys, True, False)
+    for _ in range(2):  # the second call reads the cached lists
+        got = fc.align("a", "b", "lv", metric, 7, null_permutations=5, seed=2)
+        want = prh_fast.align(fc("a", "lv"), fc("b", "lv"), metric, topk=7, normalize=False,
+                              null_permutations=5, seed=2)
+        assert torch.equal(got.scores, want.scores)
+        assert got.best_pair == want.best_pair
+        assert got.null["best_p"] == want.null["best_p"]
