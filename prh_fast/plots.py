@@ -12,7 +12,7 @@ import numpy as np
 
 from prh_fast._io import atomic_write
 
-__all__ = ["plot_grid", "plot_layers"]
+__all__ = ["plot_grid", "plot_layers", "colour_range"]
 
 #: Annotate each cell with its value up to this many rows / columns.
 MAX_ANNOTATED = 20
@@ -35,16 +35,44 @@ def _save(fig, path) -> str:
                                                    bbox_inches="tight"))
 
 
-def _heatmap(ax, fig, mat, label):
-    finite = mat[np.isfinite(mat)]
-    vmin = float(finite.min()) if finite.size else 0.0
-    vmax = float(finite.max()) if finite.size else 1.0
-    if vmax <= vmin:
-        vmax = vmin + 1e-9
+#: The range of metrics bounded by construction (``lcs_knn``: 0 to ``topk``).
+_NATURAL_RANGE = {"mutual_knn": (0.0, 1.0), "cycle_knn": (0.0, 1.0), "cka": (0.0, 1.0),
+                  "unbiased_cka": (0.0, 1.0), "cknna": (0.0, 1.0), "svcca": (0.0, 1.0)}
+
+
+def colour_range(mat, metric=None, topk=None) -> tuple:
+    """``(vmin, vmax)`` of a heatmap's colour scale: the finite values' range; when they are
+    all (nearly) one value -- a one-model-by-one-model grid, a constant matrix -- the metric's
+    natural range if it holds them, else a band of 10% (at least 0.05) around the value, so
+    the scale never collapses to a point.
+
+    Example:
+        >>> colour_range([[0.3]], "mutual_knn"), colour_range([[3.0]], "lcs_knn", topk=10)
+        ((0.0, 1.0), (0.0, 10.0))
+        >>> colour_range([[2.5]])
+        (2.25, 2.75)
+    """
+    m = np.asarray(mat, dtype=np.float64)
+    finite = m[np.isfinite(m)]
+    if not finite.size:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi - lo > 1e-9 * max(1.0, abs(hi)):
+        return lo, hi
+    natural = (0.0, float(topk)) if metric == "lcs_knn" and topk else _NATURAL_RANGE.get(metric)
+    if natural is not None and natural[0] <= lo and hi <= natural[1]:
+        return natural
+    pad = max(0.1 * abs(lo), 0.05)
+    return lo - pad, hi + pad
+
+
+def _heatmap(ax, fig, mat, label, metric=None, topk=None):
+    vmin, vmax = colour_range(mat, metric, topk)
     im = ax.imshow(np.ma.masked_invalid(mat), cmap="viridis", vmin=vmin, vmax=vmax,
                    aspect="auto", interpolation="nearest")
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     cb.set_label(label)
+    cb.ax.ticklabel_format(useOffset=False)  # plain tick values, no "+2.5" offset label
     return im, vmin, vmax
 
 
@@ -91,11 +119,11 @@ def plot_grid(grid_result, path) -> str:
     mx, my = mat.shape
     xn, yn = list(grid_result.x_names), list(grid_result.y_names)
     longest = max(len(s) for s in xn + yn)
-    w = min(40.0, 2.5 + 0.65 * my + 0.07 * longest)
-    h = min(40.0, 1.8 + 0.5 * mx + 0.07 * longest)
+    w = min(40.0, max(4.5, 2.5 + 0.65 * my + 0.07 * longest))
+    h = min(40.0, max(3.4, 1.8 + 0.5 * mx + 0.07 * longest))
     fig, ax = _figure(w, h)
     label = _metric_label(grid_result.metric, grid_result.topk)
-    _, vmin, vmax = _heatmap(ax, fig, mat, label)
+    _, vmin, vmax = _heatmap(ax, fig, mat, label, grid_result.metric, grid_result.topk)
     ax.set_xticks(range(my))
     ax.set_xticklabels(yn, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_yticks(range(mx))
@@ -144,11 +172,11 @@ def plot_layers(scores, path, x_name: str, y_name: str, metric: str, best_pair=N
         scores = scores.detach().cpu().numpy()
     mat = np.asarray(scores, dtype=np.float64)
     lx, ly = mat.shape
-    w = min(30.0, 3.0 + 0.32 * ly)
-    h = min(30.0, 2.2 + 0.28 * lx)
+    w = min(30.0, max(4.5, 3.0 + 0.32 * ly))
+    h = min(30.0, max(3.4, 2.2 + 0.28 * lx))
     fig, ax = _figure(max(w, 4.5), max(h, 3.5))
     label = _metric_label(metric, topk)
-    _, vmin, vmax = _heatmap(ax, fig, mat, label)
+    _, vmin, vmax = _heatmap(ax, fig, mat, label, metric, topk)
     ax.set_xlabel(f"{y_name} layer")
     ax.set_ylabel(f"{x_name} layer")
     step_x = max(1, int(np.ceil(ly / 24)))

@@ -445,3 +445,23 @@ def test_align_memory_budget_alias_and_paths(models, tmp_path):
     with pytest.warns(FutureWarning, match="memory_budget"):
         align(str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), "mutual_knn", topk=5,
               stream_budget=1 << 20)
+
+
+def test_one_by_one_heatmap_has_a_sensible_colour_scale(tmp_path):
+    """A grid of one model pair (or a constant matrix) keeps a readable colour scale: the
+    metric's own range when it holds the value, else a band around it; no offset label."""
+    import types
+
+    pytest.importorskip("matplotlib")
+    from prh_fast.plots import colour_range, plot_grid
+
+    assert colour_range([[0.42]], "mutual_knn") == (0.0, 1.0)
+    assert colour_range([[7.5]], "lcs_knn", topk=10) == (0.0, 10.0)
+    lo, hi = colour_range([[2.5]], "edit_distance_knn")
+    assert lo < 2.5 < hi and hi - lo >= 0.1
+    assert colour_range([[0.1, 0.9]], "cka") == (0.1, 0.9)  # a real range is kept
+    assert colour_range([[float("nan")]]) == (0.0, 1.0)
+    grid = types.SimpleNamespace(scores=[[2.5]], x_names=["a"], y_names=["b"],
+                                 metric="edit_distance_knn", topk=10)
+    path = plot_grid(grid, str(tmp_path / "one.png"))
+    assert (tmp_path / "one.png").stat().st_size > 1000 and path.endswith("one.png")
