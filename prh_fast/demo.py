@@ -583,7 +583,11 @@ def golden_numbers(work_dir, *, n_norms: int = 8, n_align: int = 128, seed: int 
     ``n_norms`` pairs of the seeded easy-VQA subset used by the demo (caption level
     "detailed"); and, on ``n_align`` pairs, the best layer-pair ``cka`` and ``mutual_knn``
     (k = 10) of SmolLM2 vs MiniLM and of SmolLM2 vs EfficientNet after the demo's
-    preparation. Features are extracted into ``work_dir``. ``tests/golden/demo.json`` holds
+    preparation; the permutation p-value and null mean of SmolLM2 vs EfficientNet's
+    ``mutual_knn`` (99 seeded shuffles); and at the repetitive "colour" caption level, the
+    distinct captions, SmolLM2's fewest distinct rows and largest tied share, and
+    ``mutual_knn`` against EfficientNet with the tie rule and tie-aware. Features are
+    extracted into ``work_dir``. ``tests/golden/demo.json`` holds
     the values this returned when the pipeline was last checked by hand
     (``python tests/golden/make_demo_golden.py``); ``tests/test_demo.py`` compares.
     """
@@ -610,4 +614,24 @@ def golden_numbers(work_dir, *, n_norms: int = 8, n_align: int = 128, seed: int 
             r = align(fa, fb, metric=metric, topk=10)
             out["align"][f"{a}/{b}/{metric}"] = {"best": float(r.best_score),
                                                  "layers": list(r.best_pair)}
+    # the shuffled control's p-value and null mean (seeded shuffles: deterministic)
+    fa, fb = prepare_features(layers["smollm2"], q=0.95), prepare_features(layers["effnet"],
+                                                                           q=0.95)
+    r = align(fa, fb, metric="mutual_knn", topk=10, null_permutations=99, seed=seed)
+    out["null"] = {"smollm2/effnet/mutual_knn": {
+        "permutations": 99, "best_p": float(r.null["best_p"]),
+        "best_mean": float(r.null["best_mean"])}}
+    # ties: the "colour" captions repeat (a few distinct texts), so the tie rule decides lists
+    colour = load_pairs("easy-vqa", split="train", n=n_align, caption_level="colour",
+                        seed=seed)
+    path = extract_text("smollm2-135m", colour, pool="avg", features_dir=feat_dir,
+                        batch_size=32, progress=progress)
+    fc = prepare_features(_layers(load_features(path)), q=0.95)
+    rule = align(fc, fb, metric="mutual_knn", topk=10)
+    expected = align(fc, fb, metric="mutual_knn", topk=10, ties="expected")
+    out["ties"] = {"smollm2/effnet/mutual_knn/colour": {
+        "distinct_captions": len(set(colour.captions(range(len(colour))))),
+        "distinct_rows_min": min(t["distinct_rows"] for t in rule.ties["x"]),
+        "tied_fraction_max": max(t["tied_fraction"] for t in rule.ties["x"]),
+        "rule": float(rule.best_score), "expected": float(expected.best_score)}}
     return out

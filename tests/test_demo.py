@@ -124,6 +124,18 @@ def test_golden_numbers(tmp_path):
         g = got["align"][name]
         tol = 0.01 if name.endswith("mutual_knn") else 1e-4
         assert g["best"] == pytest.approx(w["best"], abs=tol), name
+    for name, w in want["null"].items():  # seeded shuffles of near-identical lists
+        g = got["null"][name]
+        assert g["permutations"] == w["permutations"]
+        assert g["best_p"] == pytest.approx(w["best_p"], abs=0.02), name
+        assert g["best_mean"] == pytest.approx(w["best_mean"], abs=0.01), name
+    for name, w in want["ties"].items():
+        g = got["ties"][name]
+        assert g["distinct_captions"] == w["distinct_captions"], name
+        assert g["distinct_rows_min"] == w["distinct_rows_min"], name
+        assert g["tied_fraction_max"] == pytest.approx(w["tied_fraction_max"], abs=0.02)
+        assert g["rule"] == pytest.approx(w["rule"], abs=0.01), name
+        assert g["expected"] == pytest.approx(w["expected"], abs=0.01), name
 
 
 def test_summary_explains_layer_indices_and_raw_lcs():
