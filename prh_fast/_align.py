@@ -48,7 +48,7 @@ from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores, row_values_torch
-from prh_fast.metrics._svcca import svcca_scores
+from prh_fast.metrics._svcca import layer_bases, svcca_scores
 from prh_fast.metrics._ties import (
     check_ties,
     distinct_rows,
@@ -379,8 +379,15 @@ def _grid_svcca(xs, ys, timings, cca_dim=10) -> _ShuffleScorer:
     n = xs[0].shape[0]
     r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
         [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
-    return _ShuffleScorer(lambda: svcca_scores(xs, ys, r),
-                          lambda count: svcca_permutation_scorer(xs, ys, r))
+    bases = []  # each layer's basis, formed once for the observed scores and the null
+
+    def shared():
+        if not bases:
+            bases.append(layer_bases(xs, ys, r))
+        return bases[0]
+
+    return _ShuffleScorer(lambda: svcca_scores(xs, ys, r, bases=shared()),
+                          lambda count: svcca_permutation_scorer(xs, ys, r, bases=shared()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from prh_fast.metrics._kernel import (
     hsic_from_sums,
     rbf_gamma,
 )
-from prh_fast.metrics._svcca import layer_basis
+from prh_fast.metrics._svcca import layer_bases
 
 #: A gathered kernel value costs about this many multiply-adds of the product (the gather is
 #: bound by memory traffic, the product by arithmetic).
@@ -407,16 +407,13 @@ class SvccaPermutationScorer:
         1.0
     """
 
-    def __init__(self, xs, ys, cca_dim, dtype=None, x_names=None, y_names=None):
-        x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
-        y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
+    def __init__(self, xs, ys, cca_dim, dtype=None, x_names=None, y_names=None, bases=None):
         self.n, self.r = xs[0].shape[0], cca_dim
         self.device = xs[0].device
         self.lx, self.ly = len(xs), len(ys)
-        self._ux = torch.cat([layer_basis(x, cca_dim, dtype, nm) for x, nm in zip(xs, x_names)],
-                             dim=1)
-        self._uy = torch.cat([layer_basis(y, cca_dim, dtype, nm) for y, nm in zip(ys, y_names)],
-                             dim=1)
+        ux, uy = bases if bases is not None else layer_bases(xs, ys, cca_dim, dtype, x_names,
+                                                             y_names)
+        self._ux, self._uy = torch.cat(ux, dim=1), torch.cat(uy, dim=1)
 
     def __call__(self, perm=None) -> torch.Tensor:
         """The ``[Lx, Ly]`` float64 SVCCA scores with ``y``'s rows in the order ``perm``.
@@ -464,7 +461,8 @@ class SvccaPermutationScorer:
 
 
 def svcca_permutation_scorer(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = None,
-                             *, x_names=None, y_names=None) -> SvccaPermutationScorer:
+                             *, x_names=None, y_names=None,
+                             bases=None) -> SvccaPermutationScorer:
     """A scorer of SVCCA for shuffled pairings: ``score(perm)`` is ``[Lx, Ly]`` float64 and
     equals ``svcca_scores(xs, [y[perm] for y in ys], cca_dim, dtype)`` up to rounding.
 
@@ -478,6 +476,8 @@ def svcca_permutation_scorer(xs: list, ys: list, cca_dim: int, dtype: torch.dtyp
         cca_dim: ``r``, at most ``min(N - 1, D)`` of every layer (checked by the caller).
         dtype: as in :func:`~prh_fast.metrics._svcca.svcca_scores`.
         x_names, y_names: how errors name each layer.
+        bases: ``(ux, uy)``, the layers' bases when the caller already formed them
+            (``prh_fast.metrics._svcca.layer_bases``), shared with its observed scores.
 
     Returns:
         A :class:`SvccaPermutationScorer` (callable; ``None`` scores the given pairing).
@@ -495,4 +495,4 @@ def svcca_permutation_scorer(xs: list, ys: list, cca_dim: int, dtype: torch.dtyp
         >>> bool(torch.allclose(score(perm), svcca_scores([x], [y[perm]], 3), atol=1e-10))
         True
     """
-    return SvccaPermutationScorer(xs, ys, cca_dim, dtype, x_names, y_names)
+    return SvccaPermutationScorer(xs, ys, cca_dim, dtype, x_names, y_names, bases)

@@ -285,8 +285,25 @@ def layer_basis(x: torch.Tensor, cca_dim: int, dtype: torch.dtype | None = None,
     return _times(Y, W) - m @ W  # [N, r] orthonormal, centred columns
 
 
+def layer_bases(xs: list, ys: list, cca_dim: int, dtype=None, x_names=None, y_names=None):
+    """``(ux, uy)``: :func:`layer_basis` of every layer of both sides (errors name a layer as
+    ``x_names[i]`` / ``y_names[j]``, default ``"x layer i"`` / ``"y layer j"``).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> ux, uy = layer_bases([x], [x, x], 2)
+        >>> len(ux), len(uy), tuple(ux[0].shape)
+        (1, 2, (20, 2))
+    """
+    x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
+    y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
+    return ([layer_basis(x, cca_dim, dtype, name) for x, name in zip(xs, x_names)],
+            [layer_basis(y, cca_dim, dtype, name) for y, name in zip(ys, y_names)])
+
+
 def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = None, *,
-                 x_names=None, y_names=None) -> torch.Tensor:
+                 x_names=None, y_names=None, bases=None) -> torch.Tensor:
     """SVCCA of every layer pair, ``[Lx, Ly]`` float64: the one SVCCA scorer.
 
     Each layer's top ``cca_dim`` left singular vectors are formed once as the ``[N, r]``
@@ -301,6 +318,8 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
             each layer's own dtype.
         x_names, y_names: how errors name each layer (default ``"x layer i"``,
             ``"y layer j"``).
+        bases: ``(ux, uy)``, the layers' :func:`layer_basis` lists when the caller already
+            formed them (the permutation null shares them); ``None``: formed here.
 
     Returns:
         The ``[Lx, Ly]`` float64 tensor of scores.
@@ -315,10 +334,8 @@ def svcca_scores(xs: list, ys: list, cca_dim: int, dtype: torch.dtype | None = N
         >>> round(float(svcca_scores([x], [2 * x], 3)[0, 0]), 3)
         1.0
     """
-    x_names = x_names or [f"x layer {i}" for i in range(len(xs))]
-    y_names = y_names or [f"y layer {j}" for j in range(len(ys))]
-    ux = [layer_basis(x, cca_dim, dtype, name) for x, name in zip(xs, x_names)]
-    uy = [layer_basis(y, cca_dim, dtype, name) for y, name in zip(ys, y_names)]
+    ux, uy = bases if bases is not None else layer_bases(xs, ys, cca_dim, dtype, x_names,
+                                                         y_names)
     out = torch.empty((len(xs), len(ys)), dtype=torch.float64)
     for i, a in enumerate(ux):
         for j, b in enumerate(uy):
