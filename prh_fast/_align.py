@@ -261,16 +261,22 @@ def _grid_knn(metric, xs, ys, topk, backend, timings, x_cache=None, y_cache=None
     timings["knn"] = time.perf_counter() - t0
     if sides is not None:
         sides.update(x=sa, y=sb)
-    if ties == "expected":  # mutual_knn only (_metric_options)
-        def expected(perm=None):
-            out = torch.empty((len(sa.boundary), len(sb.boundary)), dtype=torch.float64)
-            for j, tb in enumerate(sb.boundary):
+    if metric == "mutual_knn" and sa.boundary is not None and sb.boundary is not None:
+        # both sides' boundaries (ties="expected", or cached ones): either value from them;
+        # the rule's lists are fixed before any shuffle, as the searched lists are relabelled
+        ba, bb = sa.boundary, sb.boundary
+        if ties == "rule":
+            ba, bb = [t.rule_lists() for t in ba], [t.rule_lists() for t in bb]
+
+        def from_boundary(perm=None):
+            out = torch.empty((len(ba), len(bb)), dtype=torch.float64)
+            for j, tb in enumerate(bb):
                 tb = tb if perm is None else relabel_ties(tb, perm)
-                for i, ta in enumerate(sa.boundary):
+                for i, ta in enumerate(ba):
                     out[i, j] = expected_mutual(ta, tb)
             return out
 
-        return expected
+        return from_boundary
     ka, kb = sa.lists, sb.lists
 
     def score(perm=None):

@@ -278,16 +278,20 @@ class _FeatureCache:
                                else _knn_side(layers, k, None, ties=opts.get("ties", "rule")))
         return self._sides[ck]
 
-    def align(self, a, b, level, metric, topk, null_permutations=0, seed=0, **kwargs):
+    def align(self, a, b, level, metric, topk, null_permutations=0, seed=0, boundary=False,
+              **kwargs):
         """``prh_fast.align`` of models ``a`` and ``b`` at ``level``, from the cached layers
-        and neighbour data (the same result: ``align`` scores its own searches the same way)."""
+        and neighbour data (the same result: ``align`` scores its own searches the same way).
+        ``boundary``: ``mutual_knn`` from each layer's tie boundary (``neighbour_ties``), which
+        gives the tie rule's value and the tie-aware one from a single search."""
         from prh_fast._align import _KNN_RAW, _align_prepared, _metric_options
 
         xs, ys = self(a, level), self(b, level)
         k, opts = _metric_options(metric, xs[0].shape[0], topk, kwargs)
         xc = yc = None
         if metric in _KNN_RAW or metric == "cknna":
-            xc, yc = (self._side(m, level, metric, k, opts) for m in (a, b))
+            side = dict(opts, ties="expected") if boundary else opts
+            xc, yc = (self._side(m, level, metric, k, side) for m in (a, b))
         return _align_prepared(metric, xs, ys, list(range(len(xs))), list(range(len(ys))), k,
                                opts, None, null_permutations, seed, {}, x_cache=xc, y_cache=yc)
 
@@ -358,7 +362,7 @@ def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
         for t in text:
             for v in vision:
                 for metric in dens_metrics:
-                    r = feats.align(t, v, lv, metric, topk)
+                    r = feats.align(t, v, lv, metric, topk, boundary=metric == "mutual_knn")
                     row = {"level": lv, "x": t, "y": v, "metric": metric,
                            "best": r.best_score,
                            "best_layers": list(r.best_pair) if r.best_pair else None}
@@ -366,7 +370,8 @@ def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
                     if ties is not None:
                         row["ties"] = ties
                     if metric == "mutual_knn":
-                        e = feats.align(t, v, lv, metric, topk, ties="expected")
+                        e = feats.align(t, v, lv, metric, topk, boundary=True,
+                                        ties="expected")
                         row["best_expected"] = e.best_score
                         row["best_layers_expected"] = (list(e.best_pair) if e.best_pair
                                                        else None)

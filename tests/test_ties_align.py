@@ -196,3 +196,28 @@ def test_cli_ties_and_p_values(tmp_path, capsys):
     assert rc == 0
     assert "ties: x: layer 0 has" in out and "expectation over tie breaks" in out
     assert "permutation p-value" in out and "smallest possible 0.0323" in out
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_rule_mutual_from_the_boundary_equals_the_search(k):
+    """``expected_mutual(..., mode="rule")`` and a grid scored from cached boundaries give
+    exactly the lists' mutual_knn (ties to the lower index), nulls included."""
+    from prh_fast._align import _align_prepared, _knn_side, _metric_options
+    from prh_fast.metrics import mutual_knn
+    from prh_fast.metrics._ties import expected_mutual
+
+    xs, ys = _binary_layers(seed=5)
+    for x in xs:
+        for y in ys:
+            got = expected_mutual(neighbour_ties(x, k), neighbour_ties(y, k), mode="rule")
+            assert got == pytest.approx(mutual_knn(x, y, k), abs=1e-12)
+    kk, opts = _metric_options("mutual_knn", xs[0].shape[0], k, {})
+    bx = _knn_side(xs, kk, None, ties="expected")
+    by = _knn_side(ys, kk, None, ties="expected")
+    idx = list(range(len(xs))), list(range(len(ys)))
+    got = _align_prepared("mutual_knn", xs, ys, *idx, kk, opts, None, 7, 1, {},
+                          x_cache=bx, y_cache=by)
+    want = prh_fast.align(xs, ys, "mutual_knn", topk=k, normalize=False, null_permutations=7,
+                          seed=1)
+    assert torch.allclose(got.scores, want.scores, atol=1e-12, rtol=0)
+    assert torch.allclose(got.null["mean"], want.null["mean"], atol=1e-12, rtol=0)

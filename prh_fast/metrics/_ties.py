@@ -130,11 +130,39 @@ class NeighbourTies:
         """``[N]`` float64, ``r_i / |T_i|``: each tied member's chance of entering the list."""
         return (self.k - self.n_greater).to(torch.float64) / self.n_tied.to(torch.float64)
 
-    def probabilities(self) -> torch.Tensor:
-        """``[nnz]`` float64, ``p(i, j)`` of each stored member (aligned with ``keys``)."""
+    def probabilities(self, mode: str = "expected") -> torch.Tensor:
+        """``[nnz]`` float64, ``p(i, j)`` of each stored member (aligned with ``keys``).
+
+        ``mode="rule"``: the lower-index rule's lists instead, ``1`` for ``G_i`` and for the
+        ``r_i`` lowest indices of ``T_i``, ``0`` for the rest of ``T_i`` (the exact search's
+        list as a set)."""
         rows = torch.repeat_interleave(torch.arange(self.n), self.indptr.diff())
+        if mode == "rule":
+            # rank of each tied member among its row's tied members (keys are ascending)
+            t = self.tied.to(torch.int64)
+            c = t.cumsum(0)
+            before = torch.zeros(self.n, dtype=torch.int64)
+            before[1:] = c[self.indptr[1:-1] - 1] if self.n > 1 else before[1:]
+            rank = c - before[rows]
+            keep = ~self.tied | (rank <= (self.k - self.n_greater)[rows])
+            return keep.to(torch.float64)
         w = self.tie_weight()[rows]
         return torch.where(self.tied, w, torch.ones_like(w))
+
+    def rule_lists(self) -> "NeighbourTies":
+        """The lower-index rule's lists as a boundary without ties: each row keeps ``G_i`` and
+        the ``r_i`` lowest indices of ``T_i``, all with probability 1. Relabelled by a
+        permutation (:func:`relabel_ties`) it stays the same lists, as relabelling the
+        searched lists does."""
+        keep = self.probabilities("rule").bool()
+        rows = torch.repeat_interleave(torch.arange(self.n), self.indptr.diff())
+        counts = torch.bincount(rows[keep], minlength=self.n)
+        indptr = torch.zeros_like(self.indptr)
+        indptr[1:] = counts.cumsum(0)
+        return NeighbourTies(n=self.n, k=self.k, kth=self.kth, n_greater=counts,
+                             n_tied=torch.zeros_like(counts), indptr=indptr,
+                             keys=self.keys[keep], tied=torch.zeros(int(keep.sum()), dtype=bool),
+                             distinct_rows=self.distinct_rows)
 
     def summary(self) -> dict:
         """Plain numbers for reports: ``n``, ``k``, ``distinct_rows``, ``tied_fraction``,
@@ -270,13 +298,14 @@ def _kth_per_row(f: torch.Tensor, rows: torch.Tensor, r: int, k: int) -> torch.T
     return P.topk(k, dim=1).values[:, k - 1]
 
 
-def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22) -> np.ndarray:
+def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22,
+              mode: str = "expected") -> np.ndarray:
     """``sum_j p_A(i, j) p_B(i, j)`` for every row ``i``, over rows in chunks of about
     ``chunk`` stored members."""
     n = a.n
     out = np.zeros(n, dtype=np.float64)
     ia, ib = a.indptr.numpy(), b.indptr.numpy()
-    pa, pb = a.probabilities().numpy(), b.probabilities().numpy()
+    pa, pb = a.probabilities(mode).numpy(), b.probabilities(mode).numpy()
     ka, kb = a.keys.numpy(), b.keys.numpy()
     r0 = 0
     while r0 < n:
@@ -298,12 +327,16 @@ def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22) -> np.nd
     return out
 
 
-def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies) -> float:
+def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies, *,
+                    mode: str = "expected") -> float:
     """``mutual_knn``'s expectation under independent uniform tie breaks in A and B:
     ``mean_i sum_j p_A(i, j) p_B(i, j) / k``.
 
     Args:
         ties_A, ties_B: :func:`neighbour_ties` of the two layers (same ``N`` and ``k``).
+        mode: ``"rule"`` gives the lower-index rule's ``mutual_knn`` instead (the same value
+            as from the searched lists: see :meth:`NeighbourTies.probabilities`), so one
+            boundary serves both values.
 
     Returns:
         The expected score in ``[0, 1]``.
@@ -320,7 +353,8 @@ def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies) -> float:
     if ties_A.n != ties_B.n or ties_A.k != ties_B.k:
         raise InputError(f"ties_A/ties_B: describe N = {ties_A.n}, k = {ties_A.k} and "
                          f"N = {ties_B.n}, k = {ties_B.k}; expected the same N and k")
-    return float(_row_sums(ties_A, ties_B).sum() / (ties_A.n * ties_A.k))
+    return float(_row_sums(ties_A, ties_B, mode=check_ties(mode)).sum()
+                 / (ties_A.n * ties_A.k))
 
 
 # --------------------------------------------------------------------------------------------
