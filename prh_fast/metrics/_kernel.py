@@ -316,8 +316,9 @@ def _cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
         Y = torch.stack([_kernel_block(y, s, r0, r1, kernel, g, unbiased)
                          for y, s, g in zip(ys, sqy, gy)]).reshape(ly, -1)
         S += (X @ Y.T).double().cpu()
-        sxx += (X.double() ** 2).sum(1).cpu()
-        syy += (Y.double() ** 2).sum(1).cpu()
+        # ||K block||² accumulated in float64 without a float64 copy of the block
+        sxx += torch.linalg.vector_norm(X, dim=1, dtype=torch.float64).square_().cpu()
+        syy += torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square_().cpu()
         rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
         ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
         del X, Y
