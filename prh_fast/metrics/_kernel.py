@@ -309,6 +309,10 @@ def _cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
     syy = torch.zeros(ly, dtype=torch.float64)
     rx = torch.empty((lx, n), dtype=torch.float64)
     ry = torch.empty((ly, n), dtype=torch.float64)
+    if kernel == "ip":  # column sums and squared row norms for the kernels' row sums
+        colx = [(x, x.sum(0, dtype=torch.float64)) for x in xs]
+        coly = [(y, y.sum(0, dtype=torch.float64)) for y in ys]
+        sqx64, sqy64 = [_row_sq_norms(x) for x in xs], [_row_sq_norms(y) for y in ys]
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         X = torch.stack([_kernel_block(x, s, r0, r1, kernel, g, unbiased)
@@ -319,8 +323,15 @@ def _cka_gram(xs, ys, ex, ey, kernel, sigma, unbiased, budget):
         # ||K block||² accumulated in float64 without a float64 copy of the block
         sxx += torch.linalg.vector_norm(X, dim=1, dtype=torch.float64).square_().cpu()
         syy += torch.linalg.vector_norm(Y, dim=1, dtype=torch.float64).square_().cpu()
-        rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
-        ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
+        if kernel == "ip":  # K's row sums from the features: x_r · (xᵀ1), in float64
+            for rr, zs, zq in ((rx, colx, sqx64), (ry, coly, sqy64)):
+                for i, (z, c) in enumerate(zs):
+                    rr[i, r0:r1] = (z[r0:r1].double() @ c).cpu()
+                    if unbiased:  # the zeroed diagonal
+                        rr[i, r0:r1] -= zq[i][r0:r1].cpu()
+        else:
+            rx[:, r0:r1] = X.view(lx, r1 - r0, n).double().sum(2).cpu()
+            ry[:, r0:r1] = Y.view(ly, r1 - r0, n).double().sum(2).cpu()
         del X, Y
     tx, ty = rx.sum(1), ry.sum(1)
 
