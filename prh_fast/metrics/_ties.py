@@ -298,33 +298,26 @@ def _kth_per_row(f: torch.Tensor, rows: torch.Tensor, r: int, k: int) -> torch.T
     return P.topk(k, dim=1).values[:, k - 1]
 
 
-def _row_sums(a: NeighbourTies, b: NeighbourTies, chunk: int = 1 << 22,
-              mode: str = "expected") -> np.ndarray:
-    """``sum_j p_A(i, j) p_B(i, j)`` for every row ``i``, over rows in chunks of about
-    ``chunk`` stored members."""
-    n = a.n
-    out = np.zeros(n, dtype=np.float64)
-    ia, ib = a.indptr.numpy(), b.indptr.numpy()
-    pa, pb = a.probabilities(mode).numpy(), b.probabilities(mode).numpy()
-    ka, kb = a.keys.numpy(), b.keys.numpy()
-    r0 = 0
-    while r0 < n:
-        # rows r0..r1-1 hold at most ~chunk members on either side (at least one row)
-        lim = min(ia[r0] + chunk, ia[n]), min(ib[r0] + chunk, ib[n])
-        r1 = max(r0 + 1, min(int(np.searchsorted(ia, lim[0], side="right")) - 1,
-                             int(np.searchsorted(ib, lim[1], side="right")) - 1))
-        r1 = min(r1, n)
-        sa, sb = slice(ia[r0], ia[r1]), slice(ib[r0], ib[r1])
-        row_a = np.repeat(np.arange(r0, r1), np.diff(ia[r0:r1 + 1]))
-        row_b = np.repeat(np.arange(r0, r1), np.diff(ib[r0:r1 + 1]))
-        ca = (row_a - r0) * n + ka[sa]  # sorted: rows ascending, keys ascending within a row
-        cb = (row_b - r0) * n + kb[sb]
-        _, xa, xb = np.intersect1d(ca, cb, assume_unique=True, return_indices=True)
-        if xa.size:
-            out[r0:r1] += np.bincount(row_a[xa] - r0, weights=pa[sa][xa] * pb[sb][xb],
-                                      minlength=r1 - r0)
-        r0 = r1
-    return out
+def _flat(t: NeighbourTies, mode: str):
+    """``(codes, p)``: each stored member as the sorted code ``i * N + j`` and its probability
+    under ``mode``, numpy arrays kept on ``t`` (a grid scores every layer against many)."""
+    memo = t.__dict__.setdefault("_flat_memo", {})
+    if mode not in memo:
+        rows = np.repeat(np.arange(t.n, dtype=np.int64), np.diff(t.indptr.numpy()))
+        memo[mode] = (rows * t.n + t.keys.numpy(), t.probabilities(mode).numpy())
+    return memo[mode]
+
+
+def _row_sums(a: NeighbourTies, b: NeighbourTies, mode: str = "expected") -> float:
+    """``sum_i sum_j p_A(i, j) p_B(i, j)``: the members both boundaries store, matched by a
+    binary search of B's codes among A's (both sorted: rows ascending, keys ascending)."""
+    ca, pa = _flat(a, mode)
+    cb, pb = _flat(b, mode)
+    if not ca.size or not cb.size:
+        return 0.0
+    pos = np.minimum(np.searchsorted(ca, cb), ca.size - 1)
+    hit = ca[pos] == cb
+    return float(pa[pos[hit]] @ pb[hit])
 
 
 def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies, *,
@@ -353,8 +346,7 @@ def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies, *,
     if ties_A.n != ties_B.n or ties_A.k != ties_B.k:
         raise InputError(f"ties_A/ties_B: describe N = {ties_A.n}, k = {ties_A.k} and "
                          f"N = {ties_B.n}, k = {ties_B.k}; expected the same N and k")
-    return float(_row_sums(ties_A, ties_B, mode=check_ties(mode)).sum()
-                 / (ties_A.n * ties_A.k))
+    return _row_sums(ties_A, ties_B, mode=check_ties(mode)) / (ties_A.n * ties_A.k)
 
 
 # --------------------------------------------------------------------------------------------
