@@ -21,3 +21,9 @@ SUPPORTED_METRICS = [
     "svcca",
     "edit_distance_knn",
 ]
+
+#: The demo's shuffled pairings: of the neighbour-list metrics (a shuffle relabels the lists;
+#: p-values down to 1/101) and of the others (a shuffle rescores every layer pair; down to
+#: 1/21): what fits a run of about a minute on two CPU cores once the features are cached.
+DEMO_NULL_PERMUTATIONS = 100
+DEMO_KERNEL_NULL_PERMUTATIONS = 20

@@ -205,7 +205,11 @@ def add_parsers(sub) -> None:
         (256, 10, './prh-fast-demo')
     """
     from prh_fast._cli_common import nonnegative_int, positive_int
-    from prh_fast._names import SUPPORTED_METRICS
+    from prh_fast._names import (
+        DEMO_KERNEL_NULL_PERMUTATIONS,
+        DEMO_NULL_PERMUTATIONS,
+        SUPPORTED_METRICS,
+    )
 
     pe = sub.add_parser("extract", help="per-layer features of language or vision models "
                         "(the reference's extract_features.py, offline first)")
@@ -243,10 +247,12 @@ def add_parsers(sub) -> None:
     pd.add_argument("--n", type=positive_int, default=1024, help="image-caption pairs")
     pd.add_argument("--batch-size", type=positive_int, default=64)
     pd.add_argument("--topk", type=positive_int, default=10)
-    pd.add_argument("--null-permutations", type=nonnegative_int, default=200, metavar="P",
+    pd.add_argument("--null-permutations", type=nonnegative_int,
+                    default=DEMO_NULL_PERMUTATIONS, metavar="P",
                     help="shuffled pairings scored as control of the list metrics (mutual, "
                     "cycle, lcs, edit-distance kNN): permutation p-values down to 1/(P+1)")
-    pd.add_argument("--kernel-null-permutations", type=nonnegative_int, default=50,
+    pd.add_argument("--kernel-null-permutations", type=nonnegative_int,
+                    default=DEMO_KERNEL_NULL_PERMUTATIONS,
                     metavar="P", help="the same for cknna, cka, unbiased_cka and svcca, "
                     "whose shuffles rescore every layer pair")
     pd.add_argument("--metrics", nargs="+", choices=SUPPORTED_METRICS, default=None)

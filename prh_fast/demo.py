@@ -23,15 +23,20 @@ import numpy as np
 import torch
 
 from prh_fast._io import atomic_write
+from prh_fast._names import DEMO_KERNEL_NULL_PERMUTATIONS, DEMO_NULL_PERMUTATIONS
 from prh_fast.errors import InputError
 
 __all__ = ["run_demo", "golden_numbers", "check_metric_settings", "DEMO_MODELS",
-           "LIST_METRICS"]
+           "LIST_METRICS", "NULL_PERMUTATIONS", "KERNEL_NULL_PERMUTATIONS"]
 
 #: The metrics whose shuffled-pairing null only relabels the neighbour lists (cheap: the demo
 #: runs ``null_permutations`` of them); the others (``kernel_null_permutations``) rescore the
 #: cross terms of every layer pair per shuffle.
 LIST_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn")
+
+#: The demo's default shuffles (``prh_fast._names``, shared with the command line).
+NULL_PERMUTATIONS, KERNEL_NULL_PERMUTATIONS = (DEMO_NULL_PERMUTATIONS,
+                                               DEMO_KERNEL_NULL_PERMUTATIONS)
 
 #: (key, loader name, kind, pooling, display name)
 DEMO_MODELS = (
@@ -96,8 +101,9 @@ def check_metric_settings(metrics, n: int, topk: int, names=("n", "topk")) -> No
 
 
 def run_demo(out_dir="./prh-fast-demo", *, n: int = 1024, batch_size: int = 64,
-             metrics=None, topk: int = 10, null_permutations: int = 200,
-             kernel_null_permutations: int = 50, levels=None, device="cpu",
+             metrics=None, topk: int = 10, null_permutations: int = NULL_PERMUTATIONS,
+             kernel_null_permutations: int = KERNEL_NULL_PERMUTATIONS, levels=None,
+             device="cpu",
              force: bool = False, verbose: bool = True, progress: bool = True,
              seed: int = 0) -> dict:
     """Run the demo and write its report under ``out_dir``; returns the report dictionary.
@@ -355,7 +361,7 @@ def _caption_detail(models, metrics, feats, levels, topk, say) -> list:
     keys = [m[0] for m in DEMO_MODELS]
     vision = [k for k in keys if models[k]["kind"] == "vision"]
     text = [k for k in keys if models[k]["kind"] == "text"]
-    dens_metrics = [m for m in ("mutual_knn", "cka") if m in metrics] or metrics[:1]
+    dens_metrics = [m for m in ("mutual_knn",) if m in metrics] or metrics[:1]
     say(f"caption detail: {len(levels)} levels x {len(text)} language models, "
         f"{', '.join(dens_metrics)} (mutual_knn with and without ties broken at random)")
     for lv in levels:
