@@ -84,7 +84,25 @@ def _inverse(p: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-class CkaPermutationScorer:
+class _PermutationScorer:
+    """What both scorers share: ``scorer(perm)`` is ``scorer.many([perm])[0]``."""
+
+    def __call__(self, perm=None) -> torch.Tensor:
+        """The ``[Lx, Ly]`` float64 scores with ``y``'s rows in the order ``perm``.
+
+        Args:
+            perm: a permutation of ``range(N)`` (tensor or sequence), or ``None`` (identity).
+
+        Returns:
+            The ``[Lx, Ly]`` float64 CPU tensor.
+
+        Raises:
+            InputError: ``perm`` is not a permutation of ``range(N)``.
+        """
+        return self.many([perm])[0]
+
+
+class CkaPermutationScorer(_PermutationScorer):
     """CKA of every layer pair for any pairing of the samples: ``scorer(perm)`` equals
     ``cka_scores(xs, [y[perm] for y in ys], ...)[0]`` up to rounding (see the module
     docstring for the paths). Built by :func:`cka_permutation_scorer`.
@@ -136,20 +154,6 @@ class CkaPermutationScorer:
             self._setup_gram()
         elif self.path == "feature":
             self._setup_features()
-
-    def __call__(self, perm=None) -> torch.Tensor:
-        """The ``[Lx, Ly]`` float64 CKA scores with ``y``'s rows in the order ``perm``.
-
-        Args:
-            perm: a permutation of ``range(N)`` (tensor or sequence), or ``None`` (identity).
-
-        Returns:
-            The ``[Lx, Ly]`` float64 CPU tensor.
-
-        Raises:
-            InputError: ``perm`` is not a permutation of ``range(N)``.
-        """
-        return self.many([perm])[0]
 
     def many(self, perms) -> torch.Tensor:
         """The scores of several permutations, ``[P, Lx, Ly]`` float64: ``scorer(perm)`` for each
@@ -394,7 +398,7 @@ def cka_permutation_scorer(xs: list, ys: list, dtype: torch.dtype, *, kernel_met
                                 permutations, path)
 
 
-class SvccaPermutationScorer:
+class SvccaPermutationScorer(_PermutationScorer):
     """SVCCA of every layer pair for any pairing of the samples: ``scorer(perm)`` equals
     ``svcca_scores(xs, [y[perm] for y in ys], cca_dim, dtype)`` up to rounding. Built by
     :func:`svcca_permutation_scorer`.
@@ -414,20 +418,6 @@ class SvccaPermutationScorer:
         ux, uy = bases if bases is not None else layer_bases(xs, ys, cca_dim, dtype, x_names,
                                                              y_names)
         self._ux, self._uy = torch.cat(ux, dim=1), torch.cat(uy, dim=1)
-
-    def __call__(self, perm=None) -> torch.Tensor:
-        """The ``[Lx, Ly]`` float64 SVCCA scores with ``y``'s rows in the order ``perm``.
-
-        Args:
-            perm: a permutation of ``range(N)`` (tensor or sequence), or ``None`` (identity).
-
-        Returns:
-            The ``[Lx, Ly]`` float64 CPU tensor.
-
-        Raises:
-            InputError: ``perm`` is not a permutation of ``range(N)``.
-        """
-        return self.many([perm])[0]
 
     def many(self, perms) -> torch.Tensor:
         """The scores of several permutations, ``[P, Lx, Ly]`` float64: ``scorer(perm)`` for
