@@ -415,7 +415,7 @@ def _plot_density(out_dir, models, density, levels, topk) -> str:
     from prh_fast.plots import _figure, _save
 
     metrics = sorted({d["metric"] for d in density}, key=lambda m: m != "mutual_knn")
-    fig, axes = _figure(4.2 * len(metrics), 3.4)
+    fig, axes = _figure(5.2 * len(metrics), 3.8)
     fig.clf()
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
@@ -446,7 +446,7 @@ def _plot_density(out_dir, models, density, levels, topk) -> str:
             ylabel += ", ties at random"
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="lower right")  # the curves rise left to right
     fig.suptitle("Language vs image model as captions get richer (best layer pair)",
                  fontsize=10)
     fig.tight_layout()
