@@ -221,3 +221,18 @@ def test_rule_mutual_from_the_boundary_equals_the_search(k):
                           seed=1)
     assert torch.allclose(got.scores, want.scores, atol=1e-12, rtol=0)
     assert torch.allclose(got.null["mean"], want.null["mean"], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_distinct_rows_is_exact(dtype):
+    """Hash-then-compare counts exactly: duplicates, -0.0 equal to 0.0, tiny chunks."""
+    from prh_fast.metrics._ties import distinct_rows
+
+    for seed in range(8):
+        g = np.random.default_rng(seed)
+        n, d = int(g.integers(1, 200)), int(g.integers(1, 7))
+        X = torch.tensor(g.integers(-2, 3, size=(n, d)).astype(np.float64))
+        X[torch.tensor(g.random((n, d)) < 0.2) & (X == 0)] = -0.0
+        want = torch.unique(X + 0.0, dim=0).shape[0]
+        assert distinct_rows(X.to(dtype)) == want
+        assert distinct_rows(X.to(dtype), chunk_values=7) == want
