@@ -357,13 +357,14 @@ def expected_mutual(ties_A: NeighbourTies, ties_B: NeighbourTies, *,
 TIE_WARN_FRACTION = 0.01
 
 
-def distinct_rows(X, *, chunk_values: int = 1 << 22) -> int:
+def distinct_rows(X) -> int:
     """The number of distinct rows of ``X`` (``-0.0`` and ``0.0`` count as equal).
 
-    Rows are hashed (their bit patterns against fixed random 64-bit weights, ``chunk_values``
-    values at a time): rows with different hashes differ, so only rows whose hash repeats are
-    compared exactly (``torch.unique``) -- the count is exact, and costs about one pass over
-    ``X`` when the rows are distinct.
+    Each row is hashed by its fixed-order float64 inner product with a fixed random vector
+    (:func:`prh_fast.knn._merge.fixed_dots`: the value depends only on the row, so equal rows
+    hash equally); rows with different hashes differ, so only rows whose hash repeats are
+    compared exactly (``torch.unique``). The count is exact and costs one pass over ``X`` when
+    the rows are distinct.
 
     Example:
         >>> import torch
@@ -374,21 +375,16 @@ def distinct_rows(X, *, chunk_values: int = 1 << 22) -> int:
     n, d = X.shape
     if n == 0:
         return 0
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[X.element_size()]
+    Xc = X.to(compute_dtype(X)).contiguous()
     g = torch.Generator().manual_seed(0x5EED)
-    w = (torch.randint(-(1 << 62), 1 << 62, (d,), generator=g, dtype=torch.int64) | 1
-         ).to(X.device)
-    h = torch.empty(n, dtype=torch.int64, device=X.device)
-    step = max(1, chunk_values // max(1, d))
-    for r0 in range(0, n, step):
-        bits = (X[r0:r0 + step] + 0.0).contiguous().view(ints).to(torch.int64)  # -0.0 -> 0.0
-        h[r0:r0 + step] = (bits * w).sum(1)  # wraps modulo 2**64
+    w = (torch.rand((1, d), generator=g, dtype=torch.float64) + 0.5).to(Xc.dtype).to(X.device)
+    rows = torch.arange(n, device=X.device)
+    h = fixed_dots(Xc, w, rows, torch.zeros_like(rows))
     _, inv, counts = torch.unique(h, return_inverse=True, return_counts=True)
     repeated = counts[inv] > 1
     if not bool(repeated.any()):
         return n
-    rest = X[repeated] + 0.0
-    return int((~repeated).sum()) + int(torch.unique(rest, dim=0).shape[0])
+    return int((~repeated).sum()) + int(torch.unique(X[repeated] + 0.0, dim=0).shape[0])
 
 
 def list_ties(idx: torch.Tensor, vals: torch.Tensor, k: int, distinct: int | None) -> dict:
