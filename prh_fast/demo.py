@@ -322,9 +322,12 @@ def _align_model_pairs(models, metrics, feats, main_level, topk, nulls, seed, sa
     pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
     pairs.sort(key=lambda p: (models[p[0]]["kind"] == models[p[1]]["kind"], p))
     results = []
-    counts = sorted(set(nulls.values()))
-    say(f"aligning {len(pairs)} model pairs x {len(metrics)} metrics, every layer pair, with "
-        f"{' / '.join(map(str, counts))} shuffled pairings as control")
+    lists = sorted({nulls[m] for m in metrics if m in LIST_METRICS})
+    others = sorted({nulls[m] for m in metrics if m not in LIST_METRICS})
+    control = ", ".join(f"{'/'.join(map(str, c))} for {what}" for c, what in
+                        ((lists, "the list metrics"), (others, "the others")) if c)
+    say(f"aligning {len(pairs)} model pairs x {len(metrics)} metrics, every layer pair; "
+        f"shuffled pairings as control: {control}")
     layer_maps = {}
     for a, b in pairs:
         for metric in metrics:
