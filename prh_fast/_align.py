@@ -128,6 +128,49 @@ class AlignmentResult:
                          for a, v in self.null.items()}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlignmentResult":
+        """The result :meth:`to_dict` described (e.g. after ``json.dumps`` / ``json.loads``):
+        plain data only, no pickle.
+
+        Args:
+            d: a dict as :meth:`to_dict` returns it.
+
+        Returns:
+            An :class:`AlignmentResult` equal to the one that was saved (scores and null
+            matrices as float64 tensors).
+
+        Raises:
+            InputError: ``d`` lacks a field or holds a score matrix of the wrong shape.
+
+        Example:
+            >>> import json, torch
+            >>> import prh_fast
+            >>> X = torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(0))
+            >>> res = prh_fast.align(X, X, "mutual_knn", topk=3, null_permutations=4)
+            >>> back = AlignmentResult.from_dict(json.loads(json.dumps(res.to_dict())))
+            >>> torch.equal(back.scores, res.scores), back.best_pair == res.best_pair
+            (True, True)
+        """
+        try:
+            scores = torch.tensor(d["scores"], dtype=torch.float64)
+            x_layers, y_layers = list(d["x_layers"]), list(d["y_layers"])
+            metric = d["metric"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"d: not an AlignmentResult dict ({err!r})") from None
+        if tuple(scores.shape) != (len(x_layers), len(y_layers)):
+            raise InputError(f"d: scores of shape {tuple(scores.shape)} for "
+                             f"{len(x_layers)} x {len(y_layers)} layers")
+        null = d.get("null")
+        if null is not None:
+            null = {a: (torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v)
+                    for a, v in null.items()}
+        pair = d.get("best_pair")
+        return cls(metric=metric, scores=scores, best_score=d.get("best_score", 0.0),
+                   best_pair=None if pair is None else tuple(pair), x_layers=x_layers,
+                   y_layers=y_layers, topk=d.get("topk"), timings=dict(d.get("timings", {})),
+                   null=null, ann_report=d.get("ann_report"), ties=d.get("ties"))
+
 
 def best_pair(scores: torch.Tensor, x_layers=None, y_layers=None):
     """The reference's rule: scan ``i`` then ``j``, keep strictly greater scores, start at 0.

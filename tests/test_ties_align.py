@@ -235,3 +235,19 @@ def test_distinct_rows_is_exact(dtype):
         X[torch.tensor(g.random((n, d)) < 0.2) & (X == 0)] = -0.0
         want = torch.unique(X + 0.0, dim=0).shape[0]
         assert distinct_rows(X.to(dtype)) == want
+
+
+def test_alignment_result_json_round_trip():
+    """to_dict -> JSON -> from_dict gives the same result (scores, pair, null, ties)."""
+    from prh_fast._align import AlignmentResult
+
+    xs, ys = _binary_layers()
+    res = prh_fast.align(xs, ys, "mutual_knn", topk=4, normalize=False, null_permutations=9)
+    back = AlignmentResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert torch.equal(back.scores, res.scores) and back.best_pair == res.best_pair
+    assert back.best_score == res.best_score and back.ties == res.ties
+    assert torch.equal(back.null["p"], res.null["p"]) and back.null["best_p"] == res.null["best_p"]
+    with pytest.raises(InputError, match="d: scores of shape"):
+        AlignmentResult.from_dict({**res.to_dict(), "x_layers": [0]})
+    with pytest.raises(InputError, match="d: not an AlignmentResult"):
+        AlignmentResult.from_dict({"metric": "cka"})
