@@ -1,0 +1,180 @@
+"""prh_fast.probe.Probe: the reference side prepared once gives the same results as align."""
+import threading
+
+import pytest
+import torch
+from _data import paired_features
+
+import prh_fast
+import prh_fast.probe as probe_mod
+from prh_fast.errors import InputError
+from prh_fast.metrics import SUPPORTED_METRICS
+from prh_fast.prepare import prepare_features
+from prh_fast.probe import Probe
+
+
+def models(n=120, seed=0, dtype=torch.float32):
+    """X: ``[N, 3, 24]`` tensor; Y: list of layers of widths 16, 40, 30 (views of one latent,
+    so the neighbourhoods are shared in part)."""
+    xs, ys = [], []
+    for s, (da, db) in enumerate([(24, 16), (24, 40), (24, 30)]):
+        A, B = paired_features(n, da, db, seed=seed + s, noise=0.3 + 0.2 * s, dtype=dtype)
+        xs.append(A)
+        ys.append(B)
+    return torch.stack(xs, dim=1), ys
+
+
+def same(a, b):
+    """``a`` (from the probe) and ``b`` (from align) are the same result."""
+    assert a.metric == b.metric
+    assert a.scores.dtype == b.scores.dtype
+    assert torch.equal(a.scores, b.scores), (a.metric, a.scores, b.scores)
+    assert a.best_score == b.best_score and a.best_pair == b.best_pair
+    assert a.x_layers == b.x_layers and a.y_layers == b.y_layers
+    assert a.topk == b.topk
+    assert a.ties == b.ties
+    assert a.ann_report == b.ann_report
+
+
+def clip(feats, q):
+    return feats if q is None else prepare_features(feats, q=q)
+
+
+@pytest.mark.parametrize("q", [None, 0.95])
+@pytest.mark.parametrize("reference_as", ["tensor", "list"])
+def test_every_metric_equals_align(q, reference_as):
+    X, ys = models()
+    Y = torch.stack([y[:, :16] for y in ys], dim=1) if reference_as == "tensor" else ys
+    probe = Probe(Y, metrics=SUPPORTED_METRICS, topk=7, q=q)
+    out = probe.score(X)
+    assert list(out) == list(SUPPORTED_METRICS)
+    for m in SUPPORTED_METRICS:
+        same(out[m], prh_fast.align(clip(X, q), clip(Y, q), m, topk=7))
+
+
+def test_second_score_on_new_features_reuses_the_reference(monkeypatch):
+    X, ys = models()
+    X2, _ = models(seed=5)
+    probe = Probe(ys, metrics=("mutual_knn", "cycle_knn", "cknna", "cka"), topk=5)
+    calls = []
+    knn_side, cknna_side = probe_mod._knn_side, probe_mod._cknna_side
+    monkeypatch.setattr(probe_mod, "_knn_side",
+                        lambda xs, *a, **k: calls.append(len(xs)) or knn_side(xs, *a, **k))
+    monkeypatch.setattr(probe_mod, "_cknna_side",
+                        lambda xs, *a, **k: calls.append(len(xs)) or cknna_side(xs, *a, **k))
+    for feats in (X, X2, X[:, 1:]):
+        out = probe.score(feats)
+        for m in probe.metrics:
+            same(out[m], prh_fast.align(feats, ys, m, topk=5))
+    # one search per score for the two knn metrics (shared) and one for cknna: new side only
+    assert calls == [3, 3, 3, 3, 2, 2]
+
+
+def test_concat_and_list_features_with_per_layer_clipping():
+    X, ys = models(n=90)
+    xl = [X[:, 0], X[:, 1, :10]]
+    probe = Probe(ys, metrics=("mutual_knn", "svcca", "unbiased_cka"), topk=4, q=0.9,
+                  concat=True, cca_dim=5)
+    out = probe.score(xl)
+    for m in probe.metrics:
+        kw = {"cca_dim": 5} if m == "svcca" else {}
+        same(out[m], prh_fast.align(prepare_features(xl, q=0.9), prepare_features(ys, q=0.9),
+                                    m, topk=4, concat=True, **kw))
+    assert out["mutual_knn"].x_layers == [-1, 0, 1]
+
+
+def test_metric_options_shared_and_per_metric():
+    X, ys = models(n=80)
+    probe = Probe(ys, metrics={"mutual_knn": {"ties": "expected"}, "lcs_knn": None,
+                               "cknna": {"unbiased": False}, "cka": {}, "svcca": {}},
+                  topk=6, normalize_lcs=True, kernel_metric="rbf", rbf_sigma=0.8, cca_dim=3)
+    out = probe.score(X)
+    expected = {"mutual_knn": {"ties": "expected"}, "lcs_knn": {"normalize_lcs": True},
+                "cknna": {"unbiased": False},
+                "cka": {"kernel_metric": "rbf", "rbf_sigma": 0.8}, "svcca": {"cca_dim": 3}}
+    for m, kw in expected.items():
+        same(out[m], prh_fast.align(X, ys, m, topk=6, **kw))
+    assert out["mutual_knn"].ties["mode"] == "expected"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    X, ys = models(n=70, dtype=torch.float64)
+    X, ys = X.to(dtype), [y.to(dtype) for y in ys]
+    probe = Probe(ys, metrics=("mutual_knn", "cknna", "cka", "svcca"), topk=5,
+                  normalize=dtype == torch.float64)
+    out = probe.score(X)
+    for m in probe.metrics:
+        same(out[m], prh_fast.align(X, ys, m, topk=5, normalize=dtype == torch.float64))
+
+
+def test_null_permutations_equal_align():
+    X, ys = models(n=60)
+    probe = Probe(ys, metrics=("mutual_knn", "cka"), topk=5)
+    out = probe.score(X, null_permutations=7, seed=3)
+    for m in probe.metrics:
+        ref = prh_fast.align(X, ys, m, topk=5, null_permutations=7, seed=3)
+        same(out[m], ref)
+        for key, v in ref.null.items():
+            w = out[m].null[key]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w or v != v
+
+
+def test_threads_give_sequential_results():
+    X, ys = models(n=100)
+    feats = [X, models(n=100, seed=3)[0], X[:, :2]]
+    probe = Probe(ys, metrics=("mutual_knn", "cknna", "cka", "svcca"), topk=5)
+    expected = [probe.score(f) for f in feats]
+    got: dict = {}
+
+    def work(i):
+        got[i] = probe.score(feats[i % len(feats)])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        for m in probe.metrics:
+            same(got[i][m], expected[i % len(feats)][m])
+
+
+def test_errors_name_the_argument():
+    X, ys = models(n=50)
+    with pytest.raises(InputError, match="metrics: unknown metric 'nope'"):
+        Probe(ys, metrics=("mutual_knn", "nope"))
+    with pytest.raises(InputError, match="metrics: expected at least one"):
+        Probe(ys, metrics=())
+    with pytest.raises(InputError, match="cca_dim: not an option of any requested metric"):
+        Probe(ys, metrics=("mutual_knn", "cka"), cca_dim=3)
+    with pytest.raises(InputError, match="ties: 'expected' is defined for mutual_knn only"):
+        Probe(ys, metrics=("mutual_knn", "cycle_knn"), ties="expected")
+    with pytest.raises(InputError, match="unbiased: unbiased_cka is always unbiased"):
+        Probe(ys, metrics=("unbiased_cka",), unbiased=False)
+    with pytest.raises(InputError, match=r"metrics\['cka'\]: cka takes no option 'ties'"):
+        Probe(ys, metrics={"cka": {"ties": "rule"}})
+    with pytest.raises(InputError, match="topk"):
+        Probe(ys, metrics=("mutual_knn",), topk=50)
+    with pytest.raises(InputError, match="q"):
+        Probe(ys, q=1.5)
+    with pytest.raises(InputError, match="reference_feats"):
+        Probe(torch.zeros(5, 3))
+    probe = Probe(ys, metrics=("mutual_knn",), topk=5)
+    with pytest.raises(InputError, match="feats: has N = 49 samples, the probe's reference "
+                                         "has N = 50"):
+        probe.score(X[:49])
+    with pytest.raises(InputError, match="feats"):
+        probe.score("not features")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_align():
+    X, ys = models(n=300)
+    X, ys = X.cuda(), [y.cuda() for y in ys]
+    probe = Probe(ys, metrics=SUPPORTED_METRICS, topk=10, q=0.95)
+    out = probe.score(X)
+    for m in SUPPORTED_METRICS:
+        same(out[m], prh_fast.align(clip(X, 0.95), clip(ys, 0.95), m, topk=10))
+    with pytest.raises(InputError, match="feats: on cpu"):
+        probe.score(X.cpu())
