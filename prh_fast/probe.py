@@ -14,11 +14,16 @@ written atomically under the folder's lock.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from prh_fast._align import (
     _KNN_RAW,
+    NeighbourSide,
     _align_prepared,
     _cknna_side,
     _knn_side,
@@ -219,6 +224,153 @@ class Probe:
             out[m] = res
         return out
 
+    def save(self, folder) -> str:
+        """Keep the prepared reference in ``folder`` (created if needed) for :meth:`load`.
+
+        Writes ``probe.safetensors`` (the prepared layers and the exact neighbour lists) and
+        ``probe.json`` (options, tie diagnostics, CKNNA self-similarities), each atomically,
+        under the folder's lock; no pickle. Neighbour data that is not plain lists (tie
+        boundaries of ``ties="expected"``, approximate searches with their recall reports) is
+        searched again by :meth:`load` from the saved layers.
+
+        Args:
+            folder: the folder to write.
+
+        Returns:
+            The folder, as a string.
+
+        Raises:
+            DestinationLocked: another writer holds the folder.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from prh_fast.probe import Probe
+            >>> ref = torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(0))
+            >>> folder = Probe(ref, metrics=["mutual_knn"], topk=3).save(tempfile.mkdtemp())
+            >>> sorted(f for f in os.listdir(folder) if not f.startswith("."))
+            ['probe.json', 'probe.safetensors']
+        """
+        from safetensors.torch import save
+
+        from prh_fast._io import atomic_write
+        from prh_fast._lock import exclusive_lock
+
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        tensors = {f"layer.{j}": y.detach().cpu().contiguous() for j, y in enumerate(self._ys)}
+        sides = []
+        for s, (key, side) in enumerate(self._y_sides.items()):
+            entry: dict = {"key": list(key), "stored": False}
+            if any(r is not None for r in self._y_reports.get(key, [])):
+                pass  # approximate search: load searches again (its recall reports)
+            elif key[0] == "knn" and side.boundary is None:
+                tensors[f"side.{s}.lists"] = side.lists.cpu().contiguous()
+                entry.update(stored=True, ties=side.ties)
+            elif key[0] == "cknna":
+                lists, self_sims = side
+                for j, (idx, vals) in enumerate(lists):
+                    tensors[f"side.{s}.idx.{j}"] = idx.cpu().contiguous()
+                    tensors[f"side.{s}.vals.{j}"] = vals.cpu().contiguous()
+                entry.update(stored=True, self_sims=[float(v) for v in self_sims])
+            sides.append(entry)
+        meta = {"format": _FORMAT, "n": self.n, "shapes": self.shapes,
+                "layers": len(self._ys), "topk": self.topk,
+                "metrics": [[m, o] for m, o in self._metrics.items()],
+                "normalize": self.normalize, "q": self.q, "concat": self.concat,
+                "backend": self.backend, "memory_budget": self.memory_budget,
+                "sides": sides}
+        blob = save(tensors)
+        text = json.dumps(meta, indent=1, sort_keys=True).encode()
+        with exclusive_lock(folder, folder=True):
+            atomic_write(os.path.join(folder, _TENSORS), lambda f: f.write(blob))
+            atomic_write(os.path.join(folder, _JSON), lambda f: f.write(text))
+        return folder
+
+    @classmethod
+    def load(cls, folder, reference_feats=None, *, device=None, **expected) -> Probe:
+        """A probe saved by :meth:`save`, checked against what the caller expects.
+
+        Args:
+            folder: the folder :meth:`save` wrote.
+            reference_feats: optional: the reference features the probe must have been
+                prepared from (they are prepared again with the saved options and compared
+                with the saved layers).
+            device: where to put the loaded tensors (default CPU).
+            **expected: any of ``metrics``, ``topk``, ``normalize``, ``q``, ``concat``,
+                ``backend``, ``memory_budget`` and metric options, as given to
+                :class:`Probe`: each must equal the saved value.
+
+        Returns:
+            The :class:`Probe`, scoring as the saved one did.
+
+        Raises:
+            InputError: naming ``folder`` (missing or unreadable files, another format), the
+                option that differs from the saved one, or ``reference_feats`` when they do
+                not match the saved reference.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from prh_fast.probe import Probe
+            >>> ref = torch.randn(30, 2, 8, generator=torch.Generator().manual_seed(0))
+            >>> folder = Probe(ref, metrics=["cka"]).save(tempfile.mkdtemp())
+            >>> Probe.load(folder, ref, metrics=["cka"]).metrics
+            ['cka']
+        """
+        from safetensors.torch import load
+
+        folder = os.fspath(folder)
+        try:
+            with open(os.path.join(folder, _JSON), "rb") as f:
+                meta = json.loads(f.read().decode())
+            with open(os.path.join(folder, _TENSORS), "rb") as f:
+                tensors = load(f.read())
+        except (OSError, ValueError) as err:
+            raise InputError(f"folder: {folder!r} holds no readable saved probe ({err})") \
+                from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise InputError(f"folder: {folder!r}: unknown probe format "
+                             f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+        meta["metrics"] = {m: o for m, o in meta["metrics"]}
+        _check_expected(meta, expected)
+        probe = cls.__new__(cls)
+        probe.n, probe.shapes = int(meta["n"]), list(meta["shapes"])
+        probe.topk, probe.normalize = meta["topk"], bool(meta["normalize"])
+        probe.q, probe.concat = meta["q"], bool(meta["concat"])
+        probe.backend, probe.memory_budget = meta["backend"], meta["memory_budget"]
+        probe._metrics = meta["metrics"]
+        probe.device = torch.device("cpu" if device is None else device)
+        probe._plan = {m: _metric_options(m, probe.n, probe.topk, o, probe.memory_budget)
+                       for m, o in probe._metrics.items()}
+        probe.y_labels = (([-1] if probe.concat else [])
+                          + list(range(len(probe.shapes))))
+        probe._ys = [tensors[f"layer.{j}"].to(probe.device) for j in range(meta["layers"])]
+        probe._y_sides, probe._y_reports = {}, {}
+        for s, entry in enumerate(meta["sides"]):
+            key = tuple(entry["key"])
+            if not entry["stored"]:
+                reps: list = []
+                probe._y_sides[key] = _search_side(key, probe._ys, probe.backend, reps)
+                probe._y_reports[key] = reps
+                continue
+            probe._y_reports[key] = [None] * len(probe._ys)
+            if key[0] == "knn":
+                probe._y_sides[key] = NeighbourSide(
+                    tensors[f"side.{s}.lists"].to(probe.device), entry["ties"])
+            else:
+                lists = [(tensors[f"side.{s}.idx.{j}"].to(probe.device),
+                          tensors[f"side.{s}.vals.{j}"].to(probe.device))
+                         for j in range(len(probe._ys))]
+                probe._y_sides[key] = (lists, list(entry["self_sims"]))
+        if reference_feats is not None:
+            layers = _prepare_side(probe._layers(reference_feats, "reference_feats"),
+                                   probe.normalize, probe.concat)
+            if len(layers) != len(probe._ys) or not all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                    for a, b in zip(layers, probe._ys)):
+                raise InputError(f"reference_feats: do not match the reference saved in "
+                                 f"{folder!r} (its prepared layers differ)")
+        return probe
+
     def __repr__(self) -> str:
         return (f"Probe(n={self.n}, layers={self.shapes}, metrics={self.metrics}, "
                 f"topk={self.topk}, normalize={self.normalize}, q={self.q}, "
@@ -257,3 +409,24 @@ def _check_metrics(metrics, shared: dict) -> dict:
     if unused:
         raise InputError(f"{unused[0]}: not an option of any requested metric {list(out)}")
     return out
+
+
+def _check_expected(meta: dict, expected: dict) -> None:
+    """Each option the caller expects equals the saved one (an error names the first that
+    differs)."""
+    named = ("topk", "normalize", "q", "concat", "backend", "memory_budget")
+    shared = {a: v for a, v in expected.items() if a not in named and a != "metrics"}
+    for a in named:
+        if a in expected:
+            want = expected[a]
+            if a == "q" and want is not None:
+                want = _check_q(want)
+            if want != meta[a]:
+                raise InputError(f"{a}: the saved probe has {a}={meta[a]!r}, expected "
+                                 f"{want!r}")
+    if "metrics" in expected or shared:
+        metrics = expected.get("metrics", list(meta["metrics"]))
+        want = _check_metrics(metrics, shared)
+        if want != meta["metrics"]:
+            raise InputError(f"metrics: the saved probe has metrics and options "
+                             f"{meta['metrics']}, expected {want}")

@@ -178,3 +178,43 @@ def test_cuda_equals_align():
         same(out[m], prh_fast.align(clip(X, 0.95), clip(ys, 0.95), m, topk=10))
     with pytest.raises(InputError, match="feats: on cpu"):
         probe.score(X.cpu())
+
+
+def test_save_load_round_trip(tmp_path):
+    X, ys = models(n=90)
+    metrics = {"mutual_knn": {"ties": "expected"}, "cycle_knn": {}, "cknna": {},
+               "cka": {}, "svcca": {"cca_dim": 4}}
+    probe = Probe(ys, metrics=metrics, topk=5, q=0.95)
+    folder = probe.save(tmp_path / "probe")
+    assert sorted(p.name for p in (tmp_path / "probe").iterdir()
+                  if not p.name.startswith(".")) == ["probe.json", "probe.safetensors"]
+    loaded = Probe.load(folder, ys, metrics=metrics, topk=5, q=0.95)
+    a, b = probe.score(X), loaded.score(X)
+    for m in metrics:
+        same(b[m], a[m])
+    assert loaded.metrics == probe.metrics and loaded.n == 90
+    # nothing in the folder is a pickle
+    assert not any(p.read_bytes()[:2] == b"\x80\x04" for p in (tmp_path / "probe").iterdir()
+                   if p.is_file())
+
+
+def test_load_rejects_what_does_not_match(tmp_path):
+    X, ys = models(n=60)
+    folder = Probe(ys, metrics=("mutual_knn", "cka"), topk=5).save(tmp_path / "p")
+    with pytest.raises(InputError, match="topk: the saved probe has topk=5, expected 6"):
+        Probe.load(folder, topk=6)
+    with pytest.raises(InputError, match="q: the saved probe has q=None"):
+        Probe.load(folder, q=0.9)
+    with pytest.raises(InputError, match="metrics: the saved probe has metrics"):
+        Probe.load(folder, metrics=("mutual_knn",))
+    with pytest.raises(InputError, match="metrics: the saved probe has metrics"):
+        Probe.load(folder, kernel_metric="rbf")
+    with pytest.raises(InputError, match="reference_feats: do not match"):
+        Probe.load(folder, [y + 0.01 for y in ys])
+    with pytest.raises(InputError, match="reference_feats: has N = 59"):
+        Probe.load(folder, [y[:59] for y in ys])
+    with pytest.raises(InputError, match="folder: .* holds no readable saved probe"):
+        Probe.load(tmp_path / "missing")
+    (tmp_path / "p" / "probe.json").write_text('{"format": 99}')
+    with pytest.raises(InputError, match="unknown probe format 99"):
+        Probe.load(folder)
