@@ -33,7 +33,7 @@ from prh_fast._align import (
     ann_pair_report,
 )
 from prh_fast._threads import with_threads
-from prh_fast._validate import as_layers, resolve_memory_budget
+from prh_fast._validate import as_layers, check_positive_int, resolve_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import _check_q, prepare_features
@@ -131,12 +131,51 @@ class Probe:
         self._ys = _prepare_side(layers, self.normalize, self.concat)
         self._y_sides: dict = {}
         self._y_reports: dict = {}
+        self._y_bases: dict = {}
+        self._cache_bases()
         for m, (k, opts) in self._plan.items():
             key = _side_key(m, k, opts)
             if key is not None and key not in self._y_sides:
                 reps: list = []
                 self._y_sides[key] = _search_side(key, self._ys, backend, reps)
                 self._y_reports[key] = reps
+
+    def _cache_bases(self) -> None:
+        """SVCCA: each reference layer's subspace basis (``layer_basis``), formed once."""
+        from prh_fast.metrics._svcca import layer_basis
+
+        if "svcca" not in self._plan:
+            return
+        r = _svcca_dim(self._plan["svcca"][1], self.n, self._ys)
+        self._y_bases[r] = [layer_basis(y, r, None, f"y layer {j}")
+                            for j, y in enumerate(self._ys)]
+
+    def _score_svcca(self, xs, x_labels, opts, null_permutations, seed, timings):
+        """``_align_prepared`` for SVCCA with the reference's cached bases (the same scorer,
+        ``svcca_scores``, on the same bases as ``align`` forms)."""
+        from prh_fast._align import AlignmentResult, _null_stats, _ShuffleScorer, best_pair
+        from prh_fast.metrics._permute import svcca_permutation_scorer
+        from prh_fast.metrics._svcca import layer_basis, svcca_scores
+
+        ys = self._ys
+        r = _svcca_dim(opts, self.n, list(xs) + list(ys))
+        t0 = time.perf_counter()
+        bases = ([layer_basis(x, r, None, f"x layer {i}") for i, x in enumerate(xs)],
+                 self._y_bases[r])
+        scorer = _ShuffleScorer(lambda: svcca_scores(xs, ys, r, bases=bases),
+                                lambda count: svcca_permutation_scorer(xs, ys, r, bases=bases))
+        scores = scorer()
+        timings["score"] = time.perf_counter() - t0
+        best, pair = best_pair(scores, x_labels, self.y_labels)
+        null = None
+        P = check_positive_int(null_permutations, "null_permutations", minimum=0)
+        if P:
+            t0 = time.perf_counter()
+            null = _null_stats(scorer, scores, best, self.n, P, seed, xs[0].device)
+            timings["null"] = time.perf_counter() - t0
+        return AlignmentResult(metric="svcca", scores=scores, best_score=best, best_pair=pair,
+                               x_layers=x_labels, y_layers=self.y_labels, topk=None,
+                               timings=timings, null=null)
 
     @property
     def metrics(self) -> list:
@@ -210,9 +249,12 @@ class Probe:
                     x_reports[key] = reps
                 xc, yc = x_sides[key], self._y_sides[key]
                 t_search = time.perf_counter() - t0
-            res = _align_prepared(m, xs, self._ys, x_labels, self.y_labels, k, opts,
-                                  self.backend, null_permutations, seed, timings,
-                                  x_cache=xc, y_cache=yc)
+            if m == "svcca":
+                res = self._score_svcca(xs, x_labels, opts, null_permutations, seed, timings)
+            else:
+                res = _align_prepared(m, xs, self._ys, x_labels, self.y_labels, k, opts,
+                                      self.backend, null_permutations, seed, timings,
+                                      x_cache=xc, y_cache=yc)
             if key is not None:
                 timings["knn"] = t_search
                 res.ann_report = ann_pair_report(
@@ -344,7 +386,8 @@ class Probe:
         probe.y_labels = (([-1] if probe.concat else [])
                           + list(range(len(probe.shapes))))
         probe._ys = [tensors[f"layer.{j}"].to(probe.device) for j in range(meta["layers"])]
-        probe._y_sides, probe._y_reports = {}, {}
+        probe._y_sides, probe._y_reports, probe._y_bases = {}, {}, {}
+        probe._cache_bases()
         for s, entry in enumerate(meta["sides"]):
             key = tuple(entry["key"])
             if not entry["stored"]:
@@ -375,6 +418,13 @@ class Probe:
         return (f"Probe(n={self.n}, layers={self.shapes}, metrics={self.metrics}, "
                 f"topk={self.topk}, normalize={self.normalize}, q={self.q}, "
                 f"device={self.device})")
+
+
+def _svcca_dim(opts: dict, n: int, layers: list) -> int:
+    """SVCCA's ``r`` (``cca_dim``, default 10), checked as ``align`` checks it against ``N``
+    and every layer's width."""
+    return check_positive_int(opts.get("cca_dim", 10), "cca_dim", minimum=1, maximum=max(
+        1, min([n - 1] + [x.shape[1] for x in layers])))
 
 
 def _check_metrics(metrics, shared: dict) -> dict:

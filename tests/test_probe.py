@@ -110,7 +110,7 @@ def test_dtypes(dtype):
 
 def test_null_permutations_equal_align():
     X, ys = models(n=60)
-    probe = Probe(ys, metrics=("mutual_knn", "cka"), topk=5)
+    probe = Probe(ys, metrics=("mutual_knn", "cka", "cknna", "svcca"), topk=5)
     out = probe.score(X, null_permutations=7, seed=3)
     for m in probe.metrics:
         ref = prh_fast.align(X, ys, m, topk=5, null_permutations=7, seed=3)
@@ -160,6 +160,10 @@ def test_errors_name_the_argument():
         Probe(ys, q=1.5)
     with pytest.raises(InputError, match="reference_feats"):
         Probe(torch.zeros(5, 3))
+    with pytest.raises(InputError, match="cca_dim"):
+        Probe(ys, metrics=("svcca",), cca_dim=17)
+    with pytest.raises(InputError, match="cca_dim"):
+        Probe(ys, metrics=("svcca",), cca_dim=12).score(X[:, :, :8])
     probe = Probe(ys, metrics=("mutual_knn",), topk=5)
     with pytest.raises(InputError, match="feats: has N = 49 samples, the probe's reference "
                                          "has N = 50"):
