@@ -138,6 +138,18 @@ class _Moments(_Base):
             self.say += a @ y
             self.sbx += b @ x
 
+    def _reduce_states(self, incoming_state: dict) -> None:
+        # torchmetrics' forward (and merge_state) adds other states to these; states never
+        # allocated (no batch yet, dimensions not declared) hold nothing to add
+        if any(incoming_state[k].shape != getattr(self, k).shape for k in self._defaults):
+            if float(incoming_state["n"]) == 0:
+                return
+            if float(self.n) == 0:
+                for k in self._defaults:
+                    setattr(self, k, incoming_state[k].to(self.n.device).clone())
+                return
+        super()._reduce_states(incoming_state)
+
     def _stats(self, minimum: int, what: str):
         n = int(round(float(self.n)))
         if n < minimum:
