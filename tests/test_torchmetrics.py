@@ -356,14 +356,18 @@ def _worker(folder: str) -> None:
     a, b = a[start:start + sum(sizes)], b[start:start + sum(sizes)]
     out = {}
     for name, (cls, kw, _) in sorted(CASES.items()):
-        for tag, extra in (("", {}), ("_synced_steps", {"dist_sync_on_step": True})):
-            if tag and name not in MOMENT:
-                continue
-            m = cls(**kw, **extra)
-            for x, y in _batches(a, b, sizes):
-                m.update(x, y)
-            out[name + tag] = float(m.compute())
-            m.reset()
+        m = cls(**kw)
+        for x, y in _batches(a, b, sizes):
+            m.update(x, y)
+        out[name] = float(m.compute())
+        m.reset()
+        # forward with dist_sync_on_step: every step is a collective, so both ranks take the
+        # same number of steps; a step's value is the metric on that step's rows of all ranks
+        m = cls(dist_sync_on_step=True, **kw)
+        half = a.shape[0] // 2
+        steps = [float(m(x, y)) for x, y in _batches(a, b, (half, a.shape[0] - half))]
+        out[name + "_steps"] = steps
+        out[name + "_synced_steps"] = float(m.compute())
     # moment states with declared dimensions on a rank that saw no batch
     m = CKA(dim_x=24, dim_y=17)
     if rank == 0:
@@ -391,13 +395,17 @@ def test_two_gloo_ranks(tmp_path):
             got = json.load(f)
         for name, (_, _, fn) in CASES.items():
             want = fn(a, b)
-            for key in (name, name + "_synced_steps"):
-                if key not in got:
-                    continue
+            # the first synced step: the first half of each rank's rows
+            h0, h1 = n0 // 2, (n - n0) // 2
+            rows = torch.cat([torch.arange(h0), torch.arange(n0, n0 + h1)])
+            want_step = fn(a[rows], b[rows])
+            for key, value, w in ((name, got[name], want),
+                                  (name + "_synced_steps", got[name + "_synced_steps"], want),
+                                  (name + "_step0", got[name + "_steps"][0], want_step)):
                 if name in MOMENT:
-                    assert got[key] == pytest.approx(want, rel=1e-9, abs=1e-12), (r, key)
+                    assert value == pytest.approx(w, rel=1e-9, abs=1e-12), (r, key)
                 else:
-                    assert got[key] == want, (r, key)
+                    assert value == w, (r, key)
         assert got["cka_one_rank"] == pytest.approx(M.cka(a[:n0], b[:n0]), rel=1e-9)
 
 
