@@ -76,7 +76,8 @@ class Probe:
 
     Args:
         reference_feats: the reference model's ``[N, L, D]`` tensor (or array) or list of
-            ``[N, D_l]`` layers, on CPU or CUDA.
+            ``[N, D_l]`` layers, on CPU or CUDA; or the path of a feature file or store folder
+            (read into memory with ``prh_fast.store.load_features``).
         metrics: names from ``SUPPORTED_METRICS``, or a mapping ``{metric: {option: value}}``
             giving one metric its own options (they override the shared ``**metric_options``).
         topk: neighbours of the metrics whose name contains "knn" (cknna included).
@@ -119,6 +120,7 @@ class Probe:
         self.backend = backend
         self.q = None if q is None else _check_q(q)
         self.memory_budget = resolve_memory_budget(memory_budget, None)
+        reference_feats = _load(reference_feats, "reference_feats", None)
         first = as_layers(reference_feats, "reference_feats")
         self.n, self.device = int(first[0].shape[0]), first[0].device
         layers = self._layers(reference_feats, "reference_feats", check=False)
@@ -185,6 +187,7 @@ class Probe:
     def _layers(self, feats, name: str, *, check: bool = True) -> list:
         """``feats`` as checked layers, clipped as ``prepare_features(feats, q)`` clips that
         structure (one threshold over an ``[N, L, D]`` tensor, one per layer of a list)."""
+        feats = _load(feats, name, self.device if check else None)
         layers = as_layers(feats, name)
         if check and layers[0].shape[0] != self.n:
             raise InputError(f"{name}: has N = {layers[0].shape[0]} samples, the probe's "
@@ -208,7 +211,7 @@ class Probe:
         Args:
             feats: the model's ``[N, L, D]`` tensor (or array) or list of ``[N, D_l]``
                 layers, the same ``N`` samples in the same order as the reference, on its
-                device.
+                device; or the path of a feature file or store folder.
             null_permutations, seed: random pairings, as in ``prh_fast.align``.
 
         Returns:
@@ -418,6 +421,20 @@ class Probe:
         return (f"Probe(n={self.n}, layers={self.shapes}, metrics={self.metrics}, "
                 f"topk={self.topk}, normalize={self.normalize}, q={self.q}, "
                 f"device={self.device})")
+
+
+def _load(feats, name: str, device):
+    """``feats`` itself, or for a path (a feature file or a store folder) its features, read
+    into memory with ``prh_fast.store.load_features`` (on ``device``, default CPU)."""
+    if not isinstance(feats, (str, os.PathLike)):
+        return feats
+    from prh_fast.store import load_features
+
+    try:
+        return load_features(os.fspath(feats), map_location=device or "cpu")["feats"]
+    except (OSError, ValueError) as err:
+        raise InputError(f"{name}: cannot read features from {os.fspath(feats)!r}: {err}") \
+            from None
 
 
 def _svcca_dim(opts: dict, n: int, layers: list) -> int:

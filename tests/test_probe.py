@@ -254,3 +254,22 @@ def test_numpy_features_with_clipping():
     for m in probe.metrics:
         same(out[m], prh_fast.align(prepare_features(X.numpy(), q=0.9),
                                     prepare_features(Y.numpy(), q=0.9), m, topk=5))
+
+
+def test_paths_as_reference_and_features(tmp_path):
+    from prh_fast.store import pt_to_store
+
+    X, ys = models(n=80)
+    Y = torch.stack([y[:, :16] for y in ys], dim=1)
+    xp, yp = str(tmp_path / "x.pt"), str(tmp_path / "y.pt")
+    prh_fast.save_features(xp, X)
+    prh_fast.save_features(yp, Y)
+    folder = str(tmp_path / "y_store")
+    pt_to_store(yp, folder)
+    for reference in (yp, folder):
+        probe = Probe(reference, metrics=("mutual_knn", "cka", "svcca"), topk=5)
+        out = probe.score(xp)
+        for m in probe.metrics:
+            same(out[m], prh_fast.align(X, Y, m, topk=5))
+    with pytest.raises(InputError, match="feats: cannot read features"):
+        probe.score(str(tmp_path / "missing.pt"))
