@@ -112,6 +112,7 @@ class Probe:
         True
     """
 
+    @with_threads
     def __init__(self, reference_feats, metrics: Sequence[str] | Mapping = ("mutual_knn",),
                  topk: int = 10, normalize: bool = True, q: float | None = None, *,
                  concat: bool = False, backend: str | None = None,
@@ -332,6 +333,7 @@ class Probe:
         return folder
 
     @classmethod
+    @with_threads
     def load(cls, folder, reference_feats=None, *, device=None, **expected) -> Probe:
         """A probe saved by :meth:`save`, checked against what the caller expects.
 
