@@ -273,3 +273,21 @@ def test_paths_as_reference_and_features(tmp_path):
             same(out[m], prh_fast.align(X, Y, m, topk=5))
     with pytest.raises(InputError, match="feats: cannot read features"):
         probe.score(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("metric", ["mutual_knn", "cycle_knn", "cka", "unbiased_cka", "cknna",
+                                    "svcca"])
+def test_against_the_float64_oracle(metric):
+    import torch.nn.functional as F
+
+    from prh_fast import reference
+
+    X, ys = models(n=72, dtype=torch.float64)
+    probe = Probe(ys, metrics=(metric,), topk=6)
+    got = probe.score(X)[metric].scores
+    kw = {"topk": 6} if "knn" in metric else {}
+    for i in range(X.shape[1]):
+        for j, y in enumerate(ys):
+            want = reference.measure(metric, F.normalize(X[:, i], dim=-1),
+                                     F.normalize(y, dim=-1), **kw)
+            assert abs(float(got[i, j]) - float(want)) < 1e-9, (metric, i, j)
