@@ -14,6 +14,7 @@ written atomically under the folder's lock.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -274,10 +275,10 @@ class Probe:
         """Keep the prepared reference in ``folder`` (created if needed) for :meth:`load`.
 
         Writes ``probe.safetensors`` (the prepared layers and the exact neighbour lists) and
-        ``probe.json`` (options, tie diagnostics, CKNNA self-similarities), each atomically,
-        under the folder's lock; no pickle. Neighbour data that is not plain lists (tie
-        boundaries of ``ties="expected"``, approximate searches with their recall reports) is
-        searched again by :meth:`load` from the saved layers.
+        ``probe.json`` (options, tie diagnostics, CKNNA self-similarities, the tensors file's
+        SHA-256), each atomically, under the folder's lock; no pickle. Neighbour data that is
+        not plain lists (tie boundaries of ``ties="expected"``, approximate searches with
+        their recall reports) is searched again by :meth:`load` from the saved layers.
 
         Args:
             folder: the folder to write.
@@ -326,6 +327,7 @@ class Probe:
                 "backend": self.backend, "memory_budget": self.memory_budget,
                 "sides": sides}
         blob = save(tensors)
+        meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
         text = json.dumps(meta, indent=1, sort_keys=True).encode()
         with exclusive_lock(folder, folder=True):
             atomic_write(os.path.join(folder, _TENSORS), lambda f: f.write(blob))
@@ -370,13 +372,17 @@ class Probe:
             with open(os.path.join(folder, _JSON), "rb") as f:
                 meta = json.loads(f.read().decode())
             with open(os.path.join(folder, _TENSORS), "rb") as f:
-                tensors = load(f.read())
+                blob = f.read()
+            tensors = load(blob)
         except (OSError, ValueError) as err:
             raise InputError(f"folder: {folder!r} holds no readable saved probe ({err})") \
                 from None
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise InputError(f"folder: {folder!r}: unknown probe format "
                              f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+            raise InputError(f"folder: {folder!r}: {_TENSORS} does not belong to {_JSON} "
+                             f"(rewritten while it was read, or damaged): load it again")
         meta["metrics"] = {m: o for m, o in meta["metrics"]}
         _check_expected(meta, expected)
         probe = cls.__new__(cls)

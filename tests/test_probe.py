@@ -227,6 +227,12 @@ def test_load_rejects_what_does_not_match(tmp_path):
         Probe.load(folder, [y[:59] for y in ys])
     with pytest.raises(InputError, match="folder: .* holds no readable saved probe"):
         Probe.load(tmp_path / "missing")
+    other = Probe([y + 1.0 for y in ys], metrics=("mutual_knn", "cka"), topk=5)
+    other.save(tmp_path / "q")
+    (tmp_path / "p" / "probe.safetensors").write_bytes(
+        (tmp_path / "q" / "probe.safetensors").read_bytes())
+    with pytest.raises(InputError, match="probe.safetensors does not belong to probe.json"):
+        Probe.load(folder)
     (tmp_path / "p" / "probe.json").write_text('{"format": 99}')
     with pytest.raises(InputError, match="unknown probe format 99"):
         Probe.load(folder)
