@@ -106,6 +106,38 @@ def test_declared_dims_and_lazy_dims_agree():
         assert lazy == declared == half
 
 
+@pytest.mark.parametrize("name", MOMENT)
+def test_center_keeps_far_from_origin_features_exact(name):
+    """Features with column means 1000 times their spread: sums about a common centre (here
+    the mean of one batch, as every rank could use) equal the metric to 1e-9; without it
+    the value stays close (the documented loss of about ρ² or ρ⁴ float64 roundings)."""
+    cls, kw, fn = CASES[name]
+    a, b = _data(n=600)
+    a = a + 1000 * a.std(0).mean()
+    b = b - 1000 * b.std(0).mean()
+    want = fn(a, b)
+    centred = _feed(cls(center_x=a[:50].mean(0), center_y=b[:50].mean(0).numpy(), **kw), a, b,
+                    (200, 199, 201))
+    plain = _feed(cls(**kw), a, b, (200, 199, 201))
+    assert centred == pytest.approx(want, rel=1e-9)
+    assert plain == pytest.approx(want, rel=1e-4)
+
+
+def test_center_is_invariant_and_checked():
+    a, b = _data()
+    for name in MOMENT:
+        cls, kw, fn = CASES[name]
+        got = _feed(cls(center_x=torch.full((24,), 0.3), center_y=-b[0], **kw), a, b)
+        assert got == pytest.approx(fn(a, b), rel=1e-9, abs=1e-12), name
+    with pytest.raises(InputError, match="center_x: expected 5 values"):
+        CKA(dim_x=5, center_x=torch.zeros(4))
+    with pytest.raises(InputError, match="center_y: .*NaN"):
+        CKA(center_y=torch.tensor([0.0, float("nan")]))
+    m = CKA(center_x=torch.zeros(24))
+    with pytest.raises(InputError, match="x: expected 24 features"):
+        m.update(a[:5, :3], b[:5])
+
+
 def test_cknna_options_forwarded():
     a, b = _data()
     for kw in ({"topk": 6, "unbiased": False}, {"topk": 6, "distance_agnostic": True},
