@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prh_fast.grid import Alignment, GridResult, align_models
     from prh_fast.metrics import SUPPORTED_METRICS, AlignmentMetrics, measure
     from prh_fast.prepare import prepare_features
+    from prh_fast.probe import Probe
     from prh_fast.store import load_features, save_features
 
 #: Public name -> (module, attribute); attribute None: the name is the module itself.
@@ -58,6 +59,7 @@ _LAZY = {
     "align_models": ("prh_fast.grid", "align_models"),
     "Alignment": ("prh_fast.grid", "Alignment"),
     "GridResult": ("prh_fast.grid", "GridResult"),
+    "Probe": ("prh_fast.probe", "Probe"),
     "prepare_features": ("prh_fast.prepare", "prepare_features"),
     "load_features": ("prh_fast.store", "load_features"),
     "save_features": ("prh_fast.store", "save_features"),
@@ -90,6 +92,7 @@ def __dir__():
 
 __all__ = [
     "__version__",
+    "Probe",
     "metrics",
     "knn",
     "info",
