@@ -32,6 +32,28 @@ The dimensions ``dim_x`` / ``dim_y`` of the moment metrics may be given up front
 are then allocated at construction); when left ``None`` they are taken from the first batch.
 On several ranks, either give them or have every rank update at least once before
 ``compute()``: torchmetrics sums states of equal shapes only.
+
+``metric(x, y)`` (torchmetrics' ``forward``) adds the batch and also returns the metric of that
+batch alone, so the batch must be large enough for the metric on its own (more than ``topk``
+rows for the neighbour metrics, 4 for unbiased HSIC, more than ``cca_dim`` for SVCCA); with
+smaller batches call ``update(x, y)`` and log the metric object (Lightning then calls
+``compute()`` and ``reset()`` at the end of the epoch).
+
+Example:
+    >>> import torch
+    >>> from prh_fast.torchmetrics import CKA, MutualKNN
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(96, 16, generator=g)
+    >>> y = x @ torch.randn(16, 12, generator=g)
+    >>> metrics = {"cka": CKA(), "mutual_knn": MutualKNN(topk=5)}
+    >>> for a in range(0, 96, 32):
+    ...     for m in metrics.values():
+    ...         step_value = m(x[a:a + 32], y[a:a + 32])
+    >>> from prh_fast.metrics import cka, mutual_knn
+    >>> abs(float(metrics["cka"].compute()) - cka(x, y)) < 1e-6
+    True
+    >>> float(metrics["mutual_knn"].compute()) == mutual_knn(x, y, topk=5)
+    True
 """
 from __future__ import annotations
 
