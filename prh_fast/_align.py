@@ -420,19 +420,28 @@ def _grid_cka(xs, ys, timings, kernel_metric="ip", rbf_sigma=1.0, unbiased=False
         budget=budget, permutations=count))
 
 
-def _grid_svcca(xs, ys, timings, cca_dim=10) -> _ShuffleScorer:
+def svcca_rank(cca_dim, n: int, layers: list) -> int:
+    """SVCCA's ``r`` (``cca_dim``) checked against ``N`` and every layer's width (an
+    ``InputError`` naming ``cca_dim``)."""
+    return check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
+        [n - 1] + [x.shape[1] for x in layers])))
+
+
+def _grid_svcca(xs, ys, timings, cca_dim=10, y_bases=None) -> _ShuffleScorer:
     """SVCCA of every layer pair (``prh_fast.metrics._svcca.svcca_scores``, the scorer of
-    ``prh_fast.metrics.svcca`` too)."""
+    ``prh_fast.metrics.svcca`` too). ``y_bases``: Y's layer bases formed earlier (a
+    ``Probe``'s reference)."""
     from prh_fast.metrics._permute import svcca_permutation_scorer
 
-    n = xs[0].shape[0]
-    r = check_positive_int(cca_dim, "cca_dim", minimum=1, maximum=max(1, min(
-        [n - 1] + [x.shape[1] for x in xs] + [y.shape[1] for y in ys])))
+    r = svcca_rank(cca_dim, xs[0].shape[0], list(xs) + list(ys))
     bases = []  # each layer's basis, formed once for the observed scores and the null
 
     def shared():
         if not bases:
-            bases.append(layer_bases(xs, ys, r))
+            if y_bases is None:
+                bases.append(layer_bases(xs, ys, r))
+            else:
+                bases.append((layer_bases(xs, [], r)[0], y_bases))
         return bases[0]
 
     return _ShuffleScorer(lambda: svcca_scores(xs, ys, r, bases=shared()),
@@ -604,8 +613,8 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
                              ann=ann, **opts)
     elif metric in ("cka", "unbiased_cka"):
         scorer = _grid_cka(xs, ys, timings, **opts)
-    else:  # svcca
-        scorer = _grid_svcca(xs, ys, timings, **opts)
+    else:  # svcca; y_cache: Y's layer bases, when the caller keeps them
+        scorer = _grid_svcca(xs, ys, timings, y_bases=y_cache, **opts)
     t0 = time.perf_counter()
     scores = scorer()
     timings["score"] = time.perf_counter() - t0

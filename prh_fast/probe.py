@@ -32,9 +32,10 @@ from prh_fast._align import (
     _prepare_side,
     _warn_ties,
     ann_pair_report,
+    svcca_rank,
 )
 from prh_fast._threads import with_threads
-from prh_fast._validate import as_layers, check_positive_int, resolve_memory_budget
+from prh_fast._validate import as_layers, resolve_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import _check_q, prepare_features
@@ -146,40 +147,12 @@ class Probe:
 
     def _cache_bases(self) -> None:
         """SVCCA: each reference layer's subspace basis (``layer_basis``), formed once."""
-        from prh_fast.metrics._svcca import layer_basis
+        from prh_fast.metrics._svcca import layer_bases
 
         if "svcca" not in self._plan:
             return
-        r = _svcca_dim(self._plan["svcca"][1], self.n, self._ys)
-        self._y_bases[r] = [layer_basis(y, r, None, f"y layer {j}")
-                            for j, y in enumerate(self._ys)]
-
-    def _score_svcca(self, xs, x_labels, opts, null_permutations, seed, timings):
-        """``_align_prepared`` for SVCCA with the reference's cached bases (the same scorer,
-        ``svcca_scores``, on the same bases as ``align`` forms)."""
-        from prh_fast._align import AlignmentResult, _null_stats, _ShuffleScorer, best_pair
-        from prh_fast.metrics._permute import svcca_permutation_scorer
-        from prh_fast.metrics._svcca import layer_basis, svcca_scores
-
-        ys = self._ys
-        r = _svcca_dim(opts, self.n, list(xs) + list(ys))
-        t0 = time.perf_counter()
-        bases = ([layer_basis(x, r, None, f"x layer {i}") for i, x in enumerate(xs)],
-                 self._y_bases[r])
-        scorer = _ShuffleScorer(lambda: svcca_scores(xs, ys, r, bases=bases),
-                                lambda count: svcca_permutation_scorer(xs, ys, r, bases=bases))
-        scores = scorer()
-        timings["score"] = time.perf_counter() - t0
-        best, pair = best_pair(scores, x_labels, self.y_labels)
-        null = None
-        P = check_positive_int(null_permutations, "null_permutations", minimum=0)
-        if P:
-            t0 = time.perf_counter()
-            null = _null_stats(scorer, scores, best, self.n, P, seed, xs[0].device)
-            timings["null"] = time.perf_counter() - t0
-        return AlignmentResult(metric="svcca", scores=scores, best_score=best, best_pair=pair,
-                               x_layers=x_labels, y_layers=self.y_labels, topk=None,
-                               timings=timings, null=null)
+        r = svcca_rank(self._plan["svcca"][1].get("cca_dim", 10), self.n, self._ys)
+        self._y_bases[r] = layer_bases([], self._ys, r)[1]
 
     @property
     def metrics(self) -> list:
@@ -254,12 +227,11 @@ class Probe:
                     x_reports[key] = reps
                 xc, yc = x_sides[key], self._y_sides[key]
                 t_search = time.perf_counter() - t0
-            if m == "svcca":
-                res = self._score_svcca(xs, x_labels, opts, null_permutations, seed, timings)
-            else:
-                res = _align_prepared(m, xs, self._ys, x_labels, self.y_labels, k, opts,
-                                      self.backend, null_permutations, seed, timings,
-                                      x_cache=xc, y_cache=yc)
+            if m == "svcca":  # the reference's bases, formed once
+                yc = self._y_bases[svcca_rank(opts.get("cca_dim", 10), self.n, self._ys)]
+            res = _align_prepared(m, xs, self._ys, x_labels, self.y_labels, k, opts,
+                                  self.backend, null_permutations, seed, timings,
+                                  x_cache=xc, y_cache=yc)
             if key is not None:
                 timings["knn"] = t_search
                 res.ann_report = ann_pair_report(
@@ -443,13 +415,6 @@ def _load(feats, name: str, device):
     except (OSError, ValueError) as err:
         raise InputError(f"{name}: cannot read features from {os.fspath(feats)!r}: {err}") \
             from None
-
-
-def _svcca_dim(opts: dict, n: int, layers: list) -> int:
-    """SVCCA's ``r`` (``cca_dim``, default 10), checked as ``align`` checks it against ``N``
-    and every layer's width."""
-    return check_positive_int(opts.get("cca_dim", 10), "cca_dim", minimum=1, maximum=max(
-        1, min([n - 1] + [x.shape[1] for x in layers])))
 
 
 def _check_metrics(metrics, shared: dict) -> dict:
