@@ -266,24 +266,27 @@ def _knn_side(xs, topk, backend, reports=None, ties="rule") -> NeighbourSide:
                          [t for _, _, t in found] if exact else None)
 
 
+def _resolved_search(xs, topk, backend) -> str | None:
+    """The search ``backend`` resolves to for these layers, ``None`` when it does not resolve
+    (the search itself then reports the bad backend, with its own message)."""
+    if not xs:
+        return None
+    try:
+        return resolve(backend, xs[0].device, k=topk, dtype=xs[0].dtype).search
+    except Exception:
+        return None
+
+
 def _exact_search(xs, topk, backend) -> bool:
     """Whether ``backend`` searches these layers exactly (not an approximate FAISS index)."""
-    try:
-        return resolve(backend, xs[0].device, k=topk, dtype=xs[0].dtype).search \
-            not in ANN_BACKENDS
-    except Exception:  # the search itself reports a bad backend, with its own message
-        return True
+    return _resolved_search(xs, topk, backend) not in ANN_BACKENDS
 
 
 def _side_by_side(xs, topk, backend) -> bool:
     """Whether one side's layers may be searched side by side (``map_layers``): the exact CPU
     search on CPU tensors (the other backends bring their own threading)."""
-    if not xs or any(x.device.type != "cpu" for x in xs):
-        return False
-    try:
-        return resolve(backend, xs[0].device, k=topk, dtype=xs[0].dtype).search == "cpu"
-    except Exception:  # the search itself reports a bad backend, with its own message
-        return False
+    return (bool(xs) and all(x.device.type == "cpu" for x in xs)
+            and _resolved_search(xs, topk, backend) == "cpu")
 
 
 #: A neighbour metric's value from ``neighbour_scores``' raw row mean (the metrics' own rule).

@@ -51,6 +51,7 @@ from prh_fast._align import (
     _align_prepared,
     _cknna_side,
     _knn_side,
+    _labelled,
     _metric_options,
     _prepare_side,
     ann_pair_report,
@@ -778,7 +779,7 @@ class GridSpec:
             res.options["ann"] = _ann_grid(ann, xm, ym, self.metric, plan.k, plan.opts)
         if ties:
             res.options["ties"] = {"mode": plan.opts.get("ties", "rule"), "k": plan.k,
-                                   "models": {name: [{"layer": i, **t} for i, t in enumerate(v)]
+                                   "models": {name: _labelled(v, range(len(v)))
                                               for name, v in ties.items()}}
         return res
 

@@ -139,11 +139,9 @@ class NeighbourTies:
         rows = torch.repeat_interleave(torch.arange(self.n), self.indptr.diff())
         if mode == "rule":
             # rank of each tied member among its row's tied members (keys are ascending)
-            t = self.tied.to(torch.int64)
-            c = t.cumsum(0)
-            before = torch.zeros(self.n, dtype=torch.int64)
-            before[1:] = c[self.indptr[1:-1] - 1] if self.n > 1 else before[1:]
-            rank = c - before[rows]
+            c = torch.cat([torch.zeros(1, dtype=torch.int64),
+                           self.tied.to(torch.int64).cumsum(0)])
+            rank = c[1:] - c[self.indptr[:-1]][rows]  # c[indptr[i]]: tied members before row i
             keep = ~self.tied | (rank <= (self.k - self.n_greater)[rows])
             return keep.to(torch.float64)
         w = self.tie_weight()[rows]
