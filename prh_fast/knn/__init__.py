@@ -159,7 +159,9 @@ def _search(X, k, *, backend=None, memory_budget=None, keys=None, exact=True, pr
     if not isinstance(include_self, bool):
         raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_MEMORY_BUDGET)
-    choice = resolve(backend, X.device, k=k, dtype=X.dtype, cross=keys is not None)
+    choice = resolve(backend, X.device, k=k, dtype=X.dtype, cross=keys is not None,
+                     n=X.shape[0], dim=X.shape[1],
+                     n_keys=None if keys is None else keys.shape[0])
     name = choice.search
     cd = compute_dtype(X) if keys is None else torch.promote_types(compute_dtype(X),
                                                                     compute_dtype(keys))

@@ -49,6 +49,7 @@ import torch
 from prh_fast import _config, _native
 from prh_fast._log import _log_once
 from prh_fast.errors import BackendUnavailableError, InputError
+from prh_fast.knn._estimate import warn_if_slow
 from prh_fast.knn._faiss_ann import ANN_BACKENDS, AnnParams
 
 logger = logging.getLogger(__name__)
@@ -358,7 +359,9 @@ def _auto(request: Request, order, table, what: str):
 
 
 def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=None,
-            cross: bool = False, stream: bool = False, distributed: bool = False) -> Choice:
+            cross: bool = False, stream: bool = False, distributed: bool = False,
+            n: int | None = None, dim: int | None = None,
+            n_keys: int | None = None) -> Choice:
     """The one dispatch point: the backend that runs a search or a neighbour-set step.
 
     Args:
@@ -374,6 +377,12 @@ def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=Non
             streaming form is replaced by ``auto`` there, with one log line: the configuration
             applies to a whole run, and the streamed layers still get exact lists.
         distributed: the search is sharded across ranks.
+        n: query rows of the search, when known (with ``dim``: an exact search on CPU
+            tensors estimated to take long logs one warning suggesting an approximate
+            backend with a recall target, :func:`prh_fast.knn._estimate.warn_if_slow`; the
+            choice is unchanged).
+        dim: feature dimension of the search, when known.
+        n_keys: key rows of a cross search (``None``: a self search).
 
     Returns:
         A :class:`Choice`.
@@ -408,6 +417,8 @@ def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=Non
         if reasons:
             _fail(name, reasons)
     if op == "knn":
+        if n is not None and dim is not None and not distributed:
+            warn_if_slow(BACKENDS[name].search, device, n, dim, n_keys=n_keys)
         return Choice(name=name, search=BACKENDS[name].search, setops=BACKENDS[name].setops,
                       params=params, requested=requested)
     fixed = None if name == "auto" else BACKENDS[name].setops
