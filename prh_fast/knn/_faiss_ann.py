@@ -42,7 +42,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +53,8 @@ from prh_fast.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "knn_ann"]
+__all__ = ["ANN_BACKENDS", "AnnParams", "AnnReport", "DEFAULT_TARGET_RECALL", "QUERY_PARAMS",
+           "knn_ann", "mean_ci", "sample_rows", "set_query_params", "tune_query"]
 
 ANN_BACKENDS = ("faiss-ivf", "faiss-ivfpq", "faiss-hnsw")
 _SHORT = {"ivf": "faiss-ivf", "ivfflat": "faiss-ivf", "faiss-ivfflat": "faiss-ivf",
@@ -70,11 +73,22 @@ _APPLIES = {
     "ef_search": ("faiss-hnsw",),
     "seed": ANN_BACKENDS,
     "recall_sample": ANN_BACKENDS,
+    "target_recall": ANN_BACKENDS,
 }
+#: The query-time parameters of each backend: the ones ``target_recall`` tunes.
+QUERY_PARAMS = {"faiss-ivf": ("nprobe",), "faiss-ivfpq": ("nprobe", "refine"),
+                "faiss-hnsw": ("ef_search",)}
+#: The recall@k a search must reach when no query-time parameter and no target are given.
+DEFAULT_TARGET_RECALL = 0.95
+#: The largest HNSW ``efSearch`` the tuning tries (also capped by the number of points).
+EF_SEARCH_CAP = 4096
+#: The largest IVF-PQ ``refine`` the tuning tries.
+REFINE_CAP = 64
+_Z95 = 1.959963984540054
 #: FAISS's names for the same knobs (spec strings, the CLI, ``AnnParams.from_options``).
 _ALIASES = {"nbits": "pq_nbits", "M": "hnsw_m", "efConstruction": "ef_construction",
             "efSearch": "ef_search", "ef_construct": "ef_construction",
-            "train": "train_size", "sample": "recall_sample"}
+            "train": "train_size", "sample": "recall_sample", "target": "target_recall"}
 
 _PQ_DEFAULT_REFINE = 4
 
@@ -114,6 +128,12 @@ class AnnParams:
         ef_search: HNSW search beam (FAISS uses at least ``k+1``). Default ``max(64, 2(k+1))``.
         seed: training sample, k-means, HNSW levels and the recall sample. Default 0.
         recall_sample: query rows of the recall report, ``1..N``. Default ``min(N, 1000)``.
+        target_recall: the recall@k the search must reach, ``0 < t <= 1``: the query-time
+            parameters (``QUERY_PARAMS``: IVF ``nprobe``, IVF-PQ ``nprobe`` and ``refine``,
+            HNSW ``ef_search``) are tuned on the recall sample (``tune_query``) to the smallest
+            setting whose sample recall reaches it. When neither a target nor any query-time
+            parameter is given, ``DEFAULT_TARGET_RECALL`` (0.95) applies; query-time
+            parameters given without a target are used as given; both together are an error.
 
     Example:
         >>> p = AnnParams.parse("faiss-ivf:nprobe=16,nlist=1024")
@@ -133,11 +153,20 @@ class AnnParams:
     ef_search: int | None = None
     seed: int = 0
     recall_sample: int | None = None
+    target_recall: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _canonical_name(self.backend))
+        t = self.target_recall
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)):
+                raise InputError(f"target_recall: expected a number in (0, 1], got {t!r}")
+            t = float(t)
+            if not 0.0 < t <= 1.0:
+                raise InputError(f"target_recall: expected a number in (0, 1], got {t}")
+            object.__setattr__(self, "target_recall", t)
         for f in fields(self):
-            if f.name == "backend":
+            if f.name in ("backend", "target_recall"):
                 continue
             v = getattr(self, f.name)
             if v is None:
@@ -156,10 +185,43 @@ class AnnParams:
             raise InputError(f"pq_nbits: expected 1..16, got {self.pq_nbits}")
         if self.seed >= 2**31:
             raise InputError(f"seed: expected an integer below 2**31, got {self.seed}")
+        given = self.query_given()
+        if t is not None and given:
+            raise InputError(f"target_recall: tunes {' / '.join(QUERY_PARAMS[self.backend])}; "
+                             f"give either target_recall or {', '.join(given)}, not both")
+
+    def query_given(self) -> list[str]:
+        """The query-time parameters (``QUERY_PARAMS``) set on this object.
+
+        Returns:
+            Their names, in ``QUERY_PARAMS`` order (empty when none is set).
+
+        Example:
+            >>> AnnParams("faiss-ivf", nprobe=4).query_given()
+            ['nprobe']
+        """
+        return [a for a in QUERY_PARAMS[self.backend] if getattr(self, a) is not None]
+
+    def target(self) -> float | None:
+        """The recall@k this search is tuned to: ``target_recall`` when given, else
+        ``DEFAULT_TARGET_RECALL`` when no query-time parameter is given, else ``None`` (the
+        query-time parameters are used as given).
+
+        Returns:
+            The target, or ``None`` for no tuning.
+
+        Example:
+            >>> AnnParams("faiss-hnsw").target(), AnnParams("faiss-hnsw", ef_search=32).target()
+            (0.95, None)
+        """
+        if self.target_recall is not None:
+            return self.target_recall
+        return None if self.query_given() else DEFAULT_TARGET_RECALL
 
     # ---------------------------------------------------------------------------- parsing
     @classmethod
-    def from_options(cls, backend: str, options=None) -> "AnnParams":
+    def from_options(cls, backend: str, options: dict | list | tuple | None = None
+                     ) -> "AnnParams":
         """From a backend name and options: a dict, or ``"key=value"`` strings (the CLI's
         ``--knn-option``). FAISS's names are accepted as aliases (``m`` is ``pq_m`` for IVF-PQ
         and ``hnsw_m`` for HNSW)."""
@@ -186,7 +248,13 @@ class AnnParams:
                                  f"{sorted(known)} (or FAISS's names {sorted(_ALIASES)}, 'm')")
             if field_name in kw:
                 raise InputError(f"knn option {key!r}: given twice (as {field_name})")
-            if isinstance(val, str):
+            if isinstance(val, str) and field_name == "target_recall":
+                try:
+                    val = float(val)
+                except ValueError:
+                    raise InputError(f"target_recall: expected a number in (0, 1], got "
+                                     f"{val!r}") from None
+            elif isinstance(val, str):
                 try:
                     val = int(val)
                 except ValueError:
@@ -217,10 +285,15 @@ class AnnParams:
     # ---------------------------------------------------------------------------- defaults
     def resolved(self, n_keys: int, d: int, k: int, n_queries: int | None = None) -> "AnnParams":
         """A copy with every applicable field set, checked against the search's shape:
-        ``n_keys`` points of ``d`` dims, ``k`` neighbours, ``n_queries`` query rows (N)."""
+        ``n_keys`` points of ``d`` dims, ``k`` neighbours, ``n_queries`` query rows (N).
+
+        When a target applies (``target()``), ``target_recall`` is set to it and the
+        query-time parameters stay ``None`` (``tune_query`` chooses them); otherwise the
+        query-time parameters get their defaults and ``target_recall`` stays ``None``."""
         nq = n_keys if n_queries is None else n_queries
         b = self.backend
-        out = {}
+        target = self.target()
+        out = {"target_recall": target}
 
         def check(name, v, lo, hi, why=""):
             if not lo <= v <= hi:
@@ -235,8 +308,9 @@ class AnnParams:
                 guess = 2 ** round(math.log2(max(1.0, 4.0 * math.sqrt(n_keys))))
                 nlist = max(1, min(guess, n_keys // 39))
             out["nlist"] = check("nlist", nlist, 1, n_keys, f" (points N = {n_keys})")
-            nprobe = self.nprobe or max(1, min(nlist, round(math.sqrt(nlist))))
-            out["nprobe"] = check("nprobe", nprobe, 1, nlist, f" (nlist = {nlist})")
+            if target is None:
+                nprobe = self.nprobe or max(1, min(nlist, round(math.sqrt(nlist))))
+                out["nprobe"] = check("nprobe", nprobe, 1, nlist, f" (nlist = {nlist})")
         if b == "faiss-ivfpq":
             pq_m = self.pq_m
             if pq_m is None:
@@ -266,12 +340,13 @@ class AnnParams:
                 raise InputError(f"train_size: needs at least {what} = {need} points to train "
                                  f"the quantiser, got {train}")
             out["train_size"] = train
-        if b == "faiss-ivfpq":
+        if b == "faiss-ivfpq" and target is None:
             out["refine"] = self.refine or _PQ_DEFAULT_REFINE
         if b == "faiss-hnsw":
             out["hnsw_m"] = self.hnsw_m or 32
             out["ef_construction"] = self.ef_construction or 40
-            out["ef_search"] = self.ef_search or max(64, 2 * (k + 1))
+            if target is None:
+                out["ef_search"] = self.ef_search or max(64, 2 * (k + 1))
         return replace(self, **out)
 
 
@@ -281,22 +356,30 @@ class AnnReport:
     """What one approximate search lost, measured on a sample of its query rows.
 
     Attributes:
-        backend, params: the search (``params``: every applicable field, resolved).
+        backend, params: the search (``params``: every applicable field, resolved; after
+            tuning, the chosen query-time parameters, so ``params`` reproduces the search).
         n, n_keys, d, k: query rows, indexed points, width, neighbours.
-        sample: ``[S]`` int64 query rows of the sample (sorted; fixed by ``(N, seed)``).
+        sample: ``[S]`` int64 query rows of the sample (sorted; fixed by ``(N, seed)``, nested:
+            a larger sample holds the rows of a smaller one).
         approx, exact: ``[S, k]`` the approximate and the exact lists of those rows.
         recall: mean over the sample of ``|approx_i ∩ exact_i| / k`` (recall@k).
         rows_equal: share of sample rows whose approximate set equals the exact set.
         rows_completed: rows that had fewer than ``k`` results and were searched exactly.
         device: ``"cpu"`` or ``"gpu"`` (where the index ran).
-        timings: seconds: ``train``, ``add``, ``search``, ``report`` (the exact sample search).
+        timings: seconds: ``train``, ``add``, ``search``, ``report`` (the exact sample search),
+            ``tune`` (the tuning's sample searches), ``grow`` (exact searches of added rows).
+        target_recall: the recall@k the query-time parameters were tuned to (``None``: used
+            as given).
+        recall_ci: ``(low, high)``, the 95% confidence interval of the recall over all query
+            rows, from the sample (``mean_ci`` of the per-row recalls).
+        tuning: ``tune_query``'s record (``None`` without a target).
 
     Example:
         >>> import torch
         >>> from prh_fast.knn import knn
         >>> X = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
         >>> _, rep = knn(X, 5, backend="faiss-ivf", return_report=True)  # doctest: +SKIP
-        >>> 0.0 <= rep.recall <= 1.0  # doctest: +SKIP
+        >>> rep.recall >= rep.target_recall  # doctest: +SKIP
         True
     """
 
@@ -314,6 +397,62 @@ class AnnReport:
     rows_completed: int
     device: str
     timings: dict = field(default_factory=dict)
+    target_recall: float | None = None
+    recall_ci: tuple[float, float] | None = None
+    tuning: dict | None = None
+    #: ``rows [R] -> (approx [R, k], exact [R, k])`` for rows outside the sample, or None.
+    _grow: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = field(
+        default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.recall_ci is None and self.sample.numel():
+            self._measure()
+
+    def _measure(self) -> None:
+        per_row = recall_at_k(self.approx, self.exact)
+        m, _, lo, hi = mean_ci(per_row, self.n)
+        self.recall = m
+        self.rows_equal = float((per_row == 1.0).double().mean())
+        self.recall_ci = (max(0.0, lo), min(1.0, hi))
+
+    @property
+    def can_grow(self) -> bool:
+        """Whether the sample can still be enlarged (``grow``)."""
+        return self._grow is not None and self.sample.numel() < self.n
+
+    def grow(self, size: int) -> None:
+        """Enlarge the sample to ``size`` rows (the nested sample of the same ``(N, seed)``):
+        the added rows' approximate lists and exact lists are added, and ``recall``,
+        ``rows_equal`` and ``recall_ci`` are measured again on the larger sample.
+
+        Args:
+            size: the new sample size, at most ``n``; not above the current size: no-op.
+
+        Raises:
+            InputError: the report cannot grow (``release`` was called, or it was built
+                without its search) or ``size`` exceeds ``n``.
+        """
+        s = self.sample.numel()
+        if size <= s:
+            return
+        if size > self.n:
+            raise InputError(f"sample size: expected at most N = {self.n}, got {size}")
+        if self._grow is None:
+            raise InputError("ann report: cannot grow its sample (its search is released)")
+        t0 = time.perf_counter()
+        rows = sample_rows(self.n, size, int(self.params.get("seed", 0)))
+        new = rows[~torch.isin(rows, self.sample)]
+        ap, ex = self._grow(new)
+        order = torch.cat([self.sample, new]).argsort()
+        self.sample = torch.cat([self.sample, new])[order]
+        self.approx = torch.cat([self.approx, ap.cpu()])[order]
+        self.exact = torch.cat([self.exact, ex.cpu()])[order]
+        self._measure()
+        self.timings["grow"] = self.timings.get("grow", 0.0) + time.perf_counter() - t0
+
+    def release(self) -> None:
+        """Drop what ``grow`` needs (the search's features and lists); the sample stays."""
+        self._grow = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no lists)."""
@@ -321,33 +460,235 @@ class AnnReport:
                 "n_keys": self.n_keys, "d": self.d, "k": self.k,
                 "sample_size": int(self.sample.numel()), "recall": self.recall,
                 "rows_equal": self.rows_equal, "rows_completed": self.rows_completed,
-                "device": self.device, "timings": dict(self.timings)}
+                "device": self.device, "timings": dict(self.timings),
+                "target_recall": self.target_recall,
+                "recall_ci": None if self.recall_ci is None else list(self.recall_ci),
+                "tuning": None if self.tuning is None else dict(self.tuning)}
 
     def summary(self) -> str:
+        """One line: the parameters, the recall with its interval, the tuning and the times."""
         p = ", ".join(f"{a}={v}" for a, v in self.params.items()
-                      if a not in ("backend", "recall_sample"))
+                      if a not in ("backend", "recall_sample", "target_recall"))
         t = self.timings
+        ci = "" if self.recall_ci is None else (
+            f" (95% CI {self.recall_ci[0]:.4f}..{self.recall_ci[1]:.4f})")
+        tuned = ""
+        if self.tuning is not None:
+            tuned = (f"; tuned to target {self.target_recall:g} in "
+                     f"{len(self.tuning['trials'])} trials, {t.get('tune', 0):.2f} s")
         return (f"prh_fast: approximate kNN {self.backend} ({p}) on N = {self.n}: "
-                f"recall@{self.k} = {self.recall:.4f} on {self.sample.numel()} sampled rows "
-                f"(exact sets {self.rows_equal:.1%}; {self.rows_completed} rows completed "
-                f"exactly); build {t.get('train', 0) + t.get('add', 0):.2f} s, search "
+                f"recall@{self.k} = {self.recall:.4f}{ci} on {self.sample.numel()} sampled "
+                f"rows (exact sets {self.rows_equal:.1%}; {self.rows_completed} rows completed "
+                f"exactly){tuned}; build {t.get('train', 0) + t.get('add', 0):.2f} s, search "
                 f"{t.get('search', 0):.2f} s, report {t.get('report', 0):.2f} s")
 
 
 def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Per row ``|set(approx_i) ∩ set(exact_i)| / k`` (float64 ``[S]``); lists hold distinct
-    indices."""
+    indices.
+
+    Example:
+        >>> recall_at_k(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]])).tolist()
+        [1.0, 0.5]
+    """
     hit = (approx.unsqueeze(2) == exact.unsqueeze(1)).any(dim=2)
     return hit.sum(dim=1).double() / exact.shape[1]
 
 
+def mean_ci(values: torch.Tensor, population: int | None = None,
+            z: float = _Z95) -> tuple[float, float, float, float]:
+    """The mean of per-row values over a sample of rows, its standard error and its 95%
+    confidence interval (normal approximation): ``se = sd / sqrt(S)`` with the sample standard
+    deviation ``sd`` (``S - 1`` in the denominator), times the finite-population factor
+    ``sqrt((P - S) / (P - 1))`` when the sample was drawn without replacement from
+    ``population`` rows (so a sample of every row has ``se = 0``). The interval is
+    ``mean ± z·se``; it has zero width when every sampled row has the same value.
+
+    Args:
+        values: ``[S]`` per-row values (any float dtype; computed in float64).
+        population: the number of rows the sample was drawn from, or None (infinite).
+        z: the normal quantile (default: 95% two-sided).
+
+    Returns:
+        ``(mean, se, low, high)`` as floats.
+
+    Example:
+        >>> mean_ci(torch.tensor([0.0, 1.0, 1.0, 0.0]))[:2]
+        (0.5, 0.2886751345948129)
+    """
+    v = values.detach().double().flatten().cpu()
+    s = v.numel()
+    if s == 0:
+        raise InputError("values: expected at least one row")
+    m = float(v.mean())
+    se = float(v.std(unbiased=True)) / math.sqrt(s) if s > 1 else 0.0
+    if population is not None and population > 1:
+        se *= math.sqrt(max(0.0, (population - s) / (population - 1)))
+    return m, se, m - z * se, m + z * se
+
+
 def sample_rows(n: int, size: int, seed: int) -> torch.Tensor:
     """The report's query rows: ``size`` distinct rows of ``range(n)``, sorted, from
-    ``(n, seed)`` alone (so every layer of a model is sampled at the same rows)."""
+    ``(n, seed)`` alone (so every layer of a model is sampled at the same rows). Samples are
+    nested: the first ``size`` entries of one seeded permutation of ``range(n)``, so the rows
+    for a larger ``size`` hold those of a smaller one.
+
+    Args:
+        n: the number of rows.
+        size: the sample size (``size >= n``: every row).
+        seed: the seed.
+
+    Returns:
+        ``[min(size, n)]`` int64 sorted rows.
+
+    Example:
+        >>> small, big = sample_rows(100, 5, 0), sample_rows(100, 20, 0)
+        >>> bool(torch.isin(small, big).all())
+        True
+    """
     if size >= n:
         return torch.arange(n, dtype=torch.int64)
     rng = np.random.default_rng([seed, 0x5A3])
-    return torch.from_numpy(np.sort(rng.choice(n, size, replace=False)).astype(np.int64))
+    return torch.from_numpy(np.sort(rng.permutation(n)[:size]).astype(np.int64))
+
+
+# -------------------------------------------------------------------------------- tuning
+def set_query_params(index: Any, p: AnnParams) -> None:
+    """Set ``p``'s query-time parameters on a built index: ``nprobe`` (IVF, IVF-PQ) or
+    ``efSearch`` (HNSW); ``None`` fields are left as they are. (IVF-PQ's ``refine`` is applied
+    by ``search_index``, not stored in the index.)
+
+    Args:
+        index: a FAISS index built by ``build_index`` for ``p.backend`` (CPU or GPU).
+        p: the parameters.
+
+    Example:
+        >>> import faiss  # doctest: +SKIP
+        >>> index = faiss.IndexHNSWFlat(8, 16)  # doctest: +SKIP
+        >>> set_query_params(index, AnnParams("faiss-hnsw", ef_search=40))  # doctest: +SKIP
+        >>> index.hnsw.efSearch  # doctest: +SKIP
+        40
+    """
+    if p.backend == "faiss-hnsw":
+        if p.ef_search is not None:
+            index.hnsw.efSearch = int(p.ef_search)
+    elif p.nprobe is not None:
+        index.nprobe = int(p.nprobe)
+
+
+def _first_reaching(f: Callable[[int], float], lo: int, hi: int, target: float) -> int | None:
+    """The smallest ``v`` in ``lo..hi`` with ``f(v) >= target``, by doubling from ``lo`` then
+    bisection (``f`` taken as non-decreasing); None when ``f(hi)`` is below the target."""
+    v, below = lo, lo - 1
+    while f(v) < target:
+        if v >= hi:
+            return None
+        below, v = v, min(hi, 2 * v)
+    while v - below > 1:  # f(below) < target <= f(v) (below = lo - 1: not evaluated)
+        mid = (below + v) // 2
+        if f(mid) >= target:
+            v = mid
+        else:
+            below = mid
+    return v
+
+
+def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
+               exact: torch.Tensor, k: int, n_keys: int | None = None
+               ) -> tuple[AnnParams, dict | None]:
+    """Choose the query-time parameters that reach ``p.target_recall`` on the recall sample.
+
+    The integer knob (IVF / IVF-PQ ``nprobe`` in ``1..nlist``; HNSW ``ef_search`` from
+    ``max(k + 1, 16)`` up to ``max(k + 1, min(EF_SEARCH_CAP, n_keys))``) is doubled until the
+    sample recall@k reaches the target, then bisected down to the smallest setting that
+    reaches it. IVF-PQ starts at ``refine = 4``; when ``nprobe = nlist`` does not reach the
+    target, ``refine`` is doubled (up to ``REFINE_CAP``) and ``nprobe`` tuned again. The
+    target counts as reached when the sample's mean recall is at least the target (the
+    recorded 95% interval says how far the recall over all rows may be from it).
+
+    Args:
+        p: resolved parameters (``AnnParams.resolved``); with ``p.target_recall`` None
+            nothing is tuned.
+        search_sample: ``q -> [S, k]`` int64 approximate lists of the sample rows searched
+            with ``q``'s query-time parameters (the callee sets them on its index).
+        exact: ``[S, k]`` the exact lists of the same rows.
+        k: neighbours.
+        n_keys: indexed points (caps HNSW's ``ef_search``), or None.
+
+    Returns:
+        ``(params, tuning)``: ``params`` with the chosen query-time fields set and
+        ``target_recall`` None (so it reproduces the search as given), and a JSON-ready
+        dict: ``target``, ``trials`` (``[params, recall]`` in the order tried), ``chosen``,
+        ``recall``, ``recall_ci`` (95%), ``sample_size``, ``seconds``. ``(p, None)`` when
+        no target applies.
+
+    Raises:
+        InputError: naming ``target_recall``, the best recall found and its parameters, when
+            the target is not reached within the index's limits.
+
+    Example:
+        >>> p = AnnParams("faiss-ivf", nlist=8).resolved(1000, 8, 5)
+        >>> exact = torch.arange(10).view(2, 5)
+        >>> fake = lambda q: exact if q.nprobe >= 3 else exact.flip(1) * 0 + 99
+        >>> q, tuning = tune_query(p, fake, exact, 5)
+        >>> q.nprobe, tuning["recall"]
+        (3, 1.0)
+    """
+    target = p.target_recall
+    if target is None:
+        return p, None
+    t0 = time.perf_counter()
+    s = int(exact.shape[0])
+    trials: list = []
+    recalls: dict = {}
+
+    def measure(**q: int) -> float:
+        key = tuple(sorted(q.items()))
+        if key not in recalls:
+            lists = search_sample(replace(p, target_recall=None, **q))
+            recalls[key] = recall_at_k(lists.cpu(), exact.cpu())
+            trials.append([dict(q), float(recalls[key].mean())])
+        return float(recalls[key].mean())
+
+    chosen = None
+    if p.backend == "faiss-hnsw":
+        lo = max(k + 1, 16)
+        hi = max(lo, min(EF_SEARCH_CAP, n_keys if n_keys is not None else EF_SEARCH_CAP))
+        v = _first_reaching(lambda e: measure(ef_search=e), lo, hi, target)
+        if v is not None:
+            chosen = {"ef_search": v}
+        limit = f"ef_search up to {hi}"
+    elif p.backend == "faiss-ivf":
+        v = _first_reaching(lambda n: measure(nprobe=n), 1, p.nlist, target)
+        if v is not None:
+            chosen = {"nprobe": v}
+        limit = f"nprobe up to nlist = {p.nlist}"
+    else:
+        refine = _PQ_DEFAULT_REFINE
+        while chosen is None:
+            v = _first_reaching(lambda n, r=refine: measure(nprobe=n, refine=r), 1, p.nlist,
+                                target)
+            if v is not None:
+                chosen = {"nprobe": v, "refine": refine}
+            elif refine >= REFINE_CAP:
+                break
+            else:
+                refine = min(REFINE_CAP, 2 * refine)
+        limit = f"nprobe up to nlist = {p.nlist}, refine up to {REFINE_CAP}"
+    seconds = time.perf_counter() - t0
+    if chosen is None:
+        best_q, best = max(trials, key=lambda tr: tr[1])
+        q = ", ".join(f"{a}={v}" for a, v in best_q.items())
+        raise InputError(
+            f"target_recall: {target:g} not reached by {p.backend} within its limits ({limit}); "
+            f"best recall@{k} on {s} sampled rows = {best:.4f} at {q}. Lower target_recall, or "
+            "build a finer index (more nlist / hnsw_m / ef_construction, IVF-PQ: more pq_m)")
+    per_row = recalls[tuple(sorted(chosen.items()))]
+    m, _, lo_ci, hi_ci = mean_ci(per_row)
+    tuning = {"target": target, "trials": trials, "chosen": dict(chosen), "recall": m,
+              "recall_ci": [max(0.0, lo_ci), min(1.0, hi_ci)], "sample_size": s,
+              "seconds": seconds}
+    return replace(p, target_recall=None, **chosen), tuning
 
 
 # -------------------------------------------------------------------------------- the search
@@ -421,10 +762,7 @@ def build_index(faiss, p: AnnParams, x_keys: np.ndarray, gpu_device, timings):
     t1 = time.perf_counter()
     index.add(x_keys)
     timings["add"] = time.perf_counter() - t1
-    if p.backend == "faiss-hnsw":
-        index.hnsw.efSearch = p.ef_search
-    else:
-        index.nprobe = p.nprobe
+    set_query_params(index, p)
     return index, res
 
 
@@ -443,10 +781,14 @@ def _rescore(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> 
     return out
 
 
-def search_index(index, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, k: int,
-                 self_search: bool, budget: int):
+def search_index(index: Any, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, k: int,
+                 self_search: bool, budget: int, ids: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Search the float32 CPU query rows ``x_cpu`` in a built index of ``k_cpu``:
-    ``(idx [N, k] int64, vals [N, k] float32, rows completed exactly)``."""
+    ``(idx [N, k] int64, vals [N, k] float32, rows completed exactly)``. ``ids``: the query
+    rows' own indices among the keys (a self search of some rows; default ``0..N-1``).
+    ``p.refine`` (IVF-PQ) widens the candidate list; the index's query-time parameters are
+    used as they are set."""
     from prh_fast.knn._torch import _canonical
 
     n, m = x_cpu.shape[0], k_cpu.shape[0]
@@ -469,7 +811,8 @@ def search_index(index, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, 
             D = torch.from_numpy(D)
         bad = I < 0
         if self_search:
-            bad |= I == torch.arange(r0, r1).view(-1, 1)
+            own = torch.arange(r0, r1) if ids is None else ids[r0:r1]
+            bad |= I == own.view(-1, 1)
         D = D.masked_fill(bad, float("-inf"))
         I = I.masked_fill(bad, -1)
         D, I = _canonical(D, I)  # score desc, index asc; missing (-inf) last
@@ -481,12 +824,14 @@ def search_index(index, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, 
     if not incomplete:
         return out_i, out_v, 0
     rows_c = torch.cat(incomplete)
-    ii, vv = exact_rows(x_cpu[rows_c], rows_c if self_search else None, k_cpu, k, budget)
+    own = rows_c if ids is None else ids[rows_c]
+    ii, vv = exact_rows(x_cpu[rows_c], own if self_search else None, k_cpu, k, budget)
     out_i[rows_c], out_v[rows_c] = ii, vv
     return out_i, out_v, int(rows_c.numel())
 
 
-def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
+def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int,
+            keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, AnnReport]:
     """Approximate lists ``(idx [N, k] int64, vals [N, k], report)`` on ``X``'s device.
 
     ``X``: ``[N, D]`` prepared features; ``keys``: ``[M, D]`` for a cross search (nothing
@@ -516,26 +861,42 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int, keys=None):
     xk = k_cpu.numpy()
     timings: dict = {}
     index, _res = build_index(faiss, p, xk, dev if gpu else None, timings)
+
+    # The recall sample's exact lists (on the features' device: the exact search is the
+    # expensive part of the report) come first: the tuning measures its trials against them.
+    t0 = time.perf_counter()
+    sample = sample_rows(n, p.recall_sample, p.seed)
+
+    def exact_of(rows: torch.Tensor) -> torch.Tensor:
+        r_dev = rows.to(dev)
+        return exact_rows(Xf[r_dev], r_dev if self_search else None, Kf, k, budget)[0].cpu()
+
+    ex_i = exact_of(sample)
+    timings["report"] = time.perf_counter() - t0
+    target = p.target_recall
+
+    def search_sample(q: AnnParams) -> torch.Tensor:
+        set_query_params(index, q)
+        return search_index(index, q, x_cpu[sample], k_cpu, k, self_search, budget,
+                            ids=sample)[0]
+
+    t0 = time.perf_counter()
+    p, tuning = tune_query(p, search_sample, ex_i, k, n_keys=m)
+    timings["tune"] = time.perf_counter() - t0
+    set_query_params(index, p)
     t0 = time.perf_counter()
     out_i, out_v, n_completed = search_index(index, p, x_cpu, k_cpu, k, self_search, budget)
     timings["search"] = time.perf_counter() - t0
-    del index, _res
+    index = _res = None  # the index is not kept (only the lists are)
 
-    # The recall report: exact lists of a seeded sample of query rows (on the features'
-    # device: the exact search is the expensive part of the report).
-    t0 = time.perf_counter()
-    sample = sample_rows(n, p.recall_sample, p.seed)
-    s_dev = sample.to(dev)
-    ex_i, _ = exact_rows(Xf[s_dev], s_dev if self_search else None, Kf, k, budget)
-    ex_i = ex_i.cpu()
+    def grow(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return out_i[rows], exact_of(rows)
+
     ap_i = out_i[sample]
-    per_row = recall_at_k(ap_i, ex_i)
-    timings["report"] = time.perf_counter() - t0
     report = AnnReport(backend=p.backend, params=p.to_dict(), n=n, n_keys=m, d=d, k=k,
-                       sample=sample, approx=ap_i, exact=ex_i, recall=float(per_row.mean()),
-                       rows_equal=float((per_row == 1.0).double().mean()),
+                       sample=sample, approx=ap_i, exact=ex_i, recall=0.0, rows_equal=0.0,
                        rows_completed=n_completed, device="gpu" if gpu else "cpu",
-                       timings=timings)
+                       timings=timings, target_recall=target, tuning=tuning, _grow=grow)
     logger.warning(report.summary())
     vals = out_v.to(dev)
     if X.dtype != torch.float32:
