@@ -196,8 +196,8 @@ def warn_if_slow(search: str, device: torch.device | str, n: int | None, dim: in
 
     Nothing happens for an approximate or non-CPU search, an unknown size, or a search whose
     products would take less than ``threshold`` even at the slow rate
-    :data:`FLOOR_FLOPS_PER_THREAD` per thread (then the GEMM rate is not measured). Each ``(n, n_keys, dim, search)`` is warned
-    about once per process.
+    :data:`FLOOR_FLOPS_PER_THREAD` per thread (then the GEMM rate is not measured). Each
+    ``(n, n_keys, dim, search)`` is warned about once per process.
 
     Args:
         search: the search that will run (``"cpu"``, ``"torch"``, ``"faiss"``, ...).
