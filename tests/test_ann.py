@@ -229,15 +229,26 @@ def test_grid_records_the_report(pair):
 
 # ---------------------------------------------------------------------------- parameters
 def test_defaults_follow_n():
+    # no query-time parameter given: the default target applies and they stay unset (tuned)
     p = AnnParams("faiss-ivf").resolved(1_000_000, 128, 10)
-    assert (p.nlist, p.nprobe, p.train_size, p.recall_sample) == (4096, 64, 262144, 1000)
+    assert (p.nlist, p.nprobe, p.train_size, p.recall_sample) == (4096, None, 262144, 1000)
+    assert p.target_recall == 0.95
     small = AnnParams("faiss-ivf").resolved(500, 16, 10)
     assert small.nlist == 500 // 39 and small.train_size == 500 and small.recall_sample == 500
     pq = AnnParams("faiss-ivfpq").resolved(1_000_000, 128, 10)
-    assert (pq.pq_m, pq.pq_nbits, pq.refine) == (32, 8, 4)
+    assert (pq.pq_m, pq.pq_nbits, pq.refine, pq.nprobe) == (32, 8, None, None)
     assert AnnParams("faiss-ivfpq").resolved(2000, 96, 10).pq_nbits < 8
     h = AnnParams("faiss-hnsw").resolved(1000, 8, 50)
-    assert (h.hnsw_m, h.ef_construction, h.ef_search) == (32, 40, 102)
+    assert (h.hnsw_m, h.ef_construction, h.ef_search) == (32, 40, None)
+    # one query-time parameter given: no target, the others take their defaults
+    p = AnnParams("faiss-ivf", nlist=4096, nprobe=64).resolved(1_000_000, 128, 10)
+    assert (p.nprobe, p.target_recall) == (64, None)
+    pq = AnnParams("faiss-ivfpq", nprobe=8).resolved(1_000_000, 128, 10)
+    assert (pq.nprobe, pq.refine, pq.target_recall) == (8, 4, None)
+    pq = AnnParams("faiss-ivfpq", refine=2).resolved(1_000_000, 128, 10)
+    assert (pq.nprobe, pq.refine, pq.target_recall) == (64, 2, None)
+    h = AnnParams("faiss-hnsw", ef_search=30).resolved(1000, 8, 50)
+    assert (h.ef_search, h.target_recall) == (30, None)
 
 
 @pytest.mark.parametrize("kwargs, n, d, match", [
@@ -290,7 +301,8 @@ def test_spec_strings_and_aliases():
     with pytest.raises(ValueError, match="given twice"):
         AnnParams.parse("faiss-hnsw:M=4,hnsw_m=5")
     assert set(AnnParams("faiss-hnsw").to_dict()) == {
-        "backend", "hnsw_m", "ef_construction", "ef_search", "seed", "recall_sample"}
+        "backend", "hnsw_m", "ef_construction", "ef_search", "seed", "recall_sample",
+        "target_recall"}
 
 
 @needs_faiss

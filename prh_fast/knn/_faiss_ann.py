@@ -400,16 +400,20 @@ class AnnReport:
     target_recall: float | None = None
     recall_ci: tuple[float, float] | None = None
     tuning: dict | None = None
-    #: ``rows [R] -> (approx [R, k], exact [R, k])`` for rows outside the sample, or None.
-    _grow: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = field(
-        default=None, repr=False, compare=False)
+    #: ``[S, k]`` float64 scores of ``approx``'s entries and ``[S]`` the exact ``k``-th score
+    #: of each sample row (ties count as found: ``recall_at_k``), or None.
+    approx_scores: torch.Tensor | None = field(default=None, repr=False)
+    kth: torch.Tensor | None = field(default=None, repr=False)
+    #: ``rows [R] -> (approx, exact, approx_scores, kth)`` of rows outside the sample, or None.
+    _grow: Callable[[torch.Tensor], tuple] | None = field(default=None, repr=False,
+                                                          compare=False)
 
     def __post_init__(self) -> None:
         if self.recall_ci is None and self.sample.numel():
             self._measure()
 
     def _measure(self) -> None:
-        per_row = recall_at_k(self.approx, self.exact)
+        per_row = recall_at_k(self.approx, self.exact, self.approx_scores, self.kth)
         m, _, lo, hi = mean_ci(per_row, self.n)
         self.recall = m
         self.rows_equal = float((per_row == 1.0).double().mean())
@@ -442,11 +446,14 @@ class AnnReport:
         t0 = time.perf_counter()
         rows = sample_rows(self.n, size, int(self.params.get("seed", 0)))
         new = rows[~torch.isin(rows, self.sample)]
-        ap, ex = self._grow(new)
+        ap, ex, sc, kth = self._grow(new)
         order = torch.cat([self.sample, new]).argsort()
         self.sample = torch.cat([self.sample, new])[order]
         self.approx = torch.cat([self.approx, ap.cpu()])[order]
         self.exact = torch.cat([self.exact, ex.cpu()])[order]
+        if self.approx_scores is not None and sc is not None:
+            self.approx_scores = torch.cat([self.approx_scores, sc.cpu()])[order]
+            self.kth = torch.cat([self.kth, kth.cpu()])[order]
         self._measure()
         self.timings["grow"] = self.timings.get("grow", 0.0) + time.perf_counter() - t0
 
@@ -483,15 +490,30 @@ class AnnReport:
                 f"{t.get('search', 0):.2f} s, report {t.get('report', 0):.2f} s")
 
 
-def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+def recall_at_k(approx: torch.Tensor, exact: torch.Tensor, scores: torch.Tensor | None = None,
+                kth: torch.Tensor | None = None) -> torch.Tensor:
     """Per row ``|set(approx_i) ∩ set(exact_i)| / k`` (float64 ``[S]``); lists hold distinct
-    indices.
+    indices. With ``scores`` (``[S, k]``, the approximate neighbours' exact scores) and ``kth``
+    (``[S]``, the exact ``k``-th score), a neighbour also counts as found when its score is at
+    least the ``k``-th exact score: a tie with the list's last member broken the other way
+    (duplicated rows) is not a miss.
+
+    Args:
+        approx: ``[S, k]`` approximate lists (``-1``: no neighbour, never found).
+        exact: ``[S, k]`` exact lists.
+        scores: ``[S, k]`` float64 scores of ``approx``'s entries, or None.
+        kth: ``[S]`` float64 scores of ``exact``'s last column, or None.
+
+    Returns:
+        ``[S]`` float64 recall of each row.
 
     Example:
         >>> recall_at_k(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]])).tolist()
         [1.0, 0.5]
     """
     hit = (approx.unsqueeze(2) == exact.unsqueeze(1)).any(dim=2)
+    if scores is not None and kth is not None:
+        hit |= (scores >= kth.view(-1, 1)) & (approx >= 0)
     return hit.sum(dim=1).double() / exact.shape[1]
 
 
@@ -594,8 +616,9 @@ def _first_reaching(f: Callable[[int], float], lo: int, hi: int, target: float) 
 
 
 def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
-               exact: torch.Tensor, k: int, n_keys: int | None = None
-               ) -> tuple[AnnParams, dict | None]:
+               exact: torch.Tensor, k: int, n_keys: int | None = None,
+               scores: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               kth: torch.Tensor | None = None) -> tuple[AnnParams, dict | None]:
     """Choose the query-time parameters that reach ``p.target_recall`` on the recall sample.
 
     The integer knob (IVF / IVF-PQ ``nprobe`` in ``1..nlist``; HNSW ``ef_search`` from
@@ -614,6 +637,9 @@ def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
         exact: ``[S, k]`` the exact lists of the same rows.
         k: neighbours.
         n_keys: indexed points (caps HNSW's ``ef_search``), or None.
+        scores, kth: ``lists [S, k] -> [S, k]`` float64 scores of the sample rows' listed
+            neighbours, and ``[S]`` the exact lists' ``k``-th scores: ties with the ``k``-th
+            neighbour count as found (``recall_at_k``). None: set recall only.
 
     Returns:
         ``(params, tuning)``: ``params`` with the chosen query-time fields set and
@@ -646,7 +672,10 @@ def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
         key = tuple(sorted(q.items()))
         if key not in recalls:
             lists = search_sample(replace(p, target_recall=None, **q))
-            recalls[key] = recall_at_k(lists.cpu(), exact.cpu())
+            lists = lists.cpu()
+            sc = None if scores is None or kth is None else scores(lists).cpu()
+            recalls[key] = recall_at_k(lists, exact.cpu(), sc,
+                                       None if sc is None else kth.cpu())
             trials.append([dict(q), float(recalls[key].mean())])
         return float(recalls[key].mean())
 
@@ -766,6 +795,20 @@ def build_index(faiss, p: AnnParams, x_keys: np.ndarray, gpu_device, timings):
     return index, res
 
 
+def _dots64(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> torch.Tensor:
+    """Float64 inner products ``[b, c]`` of each query row with its listed keys ``I``
+    (``-1``: none -> ``-inf``), in row blocks within the memory budget (any device)."""
+    b, c = I.shape
+    rows = max(1, budget // max(1, c * K.shape[1] * 8 * 2))
+    out = torch.empty((b, c), dtype=torch.float64, device=Q.device)
+    for r0 in range(0, b, rows):
+        r1 = min(b, r0 + rows)
+        ii = I[r0:r1]
+        s = torch.einsum("bd,bcd->bc", Q[r0:r1].double(), K[ii.clamp_min(0)].double())
+        out[r0:r1] = s.masked_fill(ii < 0, float("-inf"))
+    return out
+
+
 def _rescore(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> torch.Tensor:
     """Exact float32 inner products of each query row with its candidates ``I`` (``-1``:
     none -> ``-inf``), in row blocks that keep the gathered ``[rows, c, D]`` within budget."""
@@ -871,7 +914,11 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int,
         r_dev = rows.to(dev)
         return exact_rows(Xf[r_dev], r_dev if self_search else None, Kf, k, budget)[0].cpu()
 
+    def scores_of(rows: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+        return _dots64(Xf[rows.to(dev)], Kf, lists.to(dev), budget).cpu()
+
     ex_i = exact_of(sample)
+    kth = scores_of(sample, ex_i[:, -1:]).view(-1)
     timings["report"] = time.perf_counter() - t0
     target = p.target_recall
 
@@ -881,7 +928,8 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int,
                             ids=sample)[0]
 
     t0 = time.perf_counter()
-    p, tuning = tune_query(p, search_sample, ex_i, k, n_keys=m)
+    p, tuning = tune_query(p, search_sample, ex_i, k, n_keys=m,
+                           scores=lambda lists: scores_of(sample, lists), kth=kth)
     timings["tune"] = time.perf_counter() - t0
     set_query_params(index, p)
     t0 = time.perf_counter()
@@ -889,14 +937,17 @@ def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int,
     timings["search"] = time.perf_counter() - t0
     index = _res = None  # the index is not kept (only the lists are)
 
-    def grow(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return out_i[rows], exact_of(rows)
+    def grow(rows: torch.Tensor) -> tuple:
+        ex = exact_of(rows)
+        return (out_i[rows], ex, scores_of(rows, out_i[rows]),
+                scores_of(rows, ex[:, -1:]).view(-1))
 
     ap_i = out_i[sample]
     report = AnnReport(backend=p.backend, params=p.to_dict(), n=n, n_keys=m, d=d, k=k,
                        sample=sample, approx=ap_i, exact=ex_i, recall=0.0, rows_equal=0.0,
                        rows_completed=n_completed, device="gpu" if gpu else "cpu",
-                       timings=timings, target_recall=target, tuning=tuning, _grow=grow)
+                       timings=timings, target_recall=target, tuning=tuning,
+                       approx_scores=scores_of(sample, ap_i), kth=kth, _grow=grow)
     logger.warning(report.summary())
     vals = out_v.to(dev)
     if X.dtype != torch.float32:
