@@ -6,14 +6,22 @@ matrices. ``import prh_fast`` never touches CUDA, and it does not import torch e
 settings, the errors and the version are loaded at once, every other public name (and the
 ``knn`` / ``metrics`` subpackages) on first use, so ``prh-fast --help`` and argument errors
 answer without the cost of importing torch.
+
+Importing the package has no side effects: it writes nothing into ``os.environ``, configures
+no logging (``prh_fast`` logs through ``logging.getLogger("prh_fast")`` and its children, with
+the application's configuration), changes no thread count, and does not load the native
+module (the first computation does). To make idle OpenMP threads sleep on a shared machine,
+call :func:`prefer_passive_wait` before ``import torch`` (the ``prh-fast`` command does), or set
+``OMP_WAIT_POLICY=passive``.
 """
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prh_fast import _threads, errors
+from prh_fast import errors
 from prh_fast._config import config_context, get_config, set_config
+from prh_fast._threads import prefer_passive_wait
 from prh_fast._version import __version__
 from prh_fast.errors import (
     BackendUnavailableError,
@@ -24,14 +32,18 @@ from prh_fast.errors import (
     StoreError,
 )
 
-# Before the native module loads the OpenMP runtime: idle threads sleep instead of spinning
-# (prh_fast._threads explains why; a user's own OMP_WAIT_POLICY stands).
-_threads.prefer_passive_wait()
-
-from prh_fast import _native  # noqa: E402, F401  (emits the one warning if _C is missing)
-
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and readers
-    from prh_fast import knn, metrics
+    from prh_fast import (  # noqa: F401  (subpackages reachable as attributes)
+        distributed,
+        extract,
+        grid,
+        knn,
+        metrics,
+        prepare,
+        reference,
+        store,
+        testing,
+    )
     from prh_fast._align import AlignmentResult, align, compute_score
     from prh_fast._info import info
     from prh_fast.grid import Alignment, GridResult, align_models
@@ -41,7 +53,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from prh_fast.store import load_features, save_features
 
 #: Public name -> (module, attribute); attribute None: the name is the module itself.
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
     "knn": ("prh_fast.knn", None),
     "metrics": ("prh_fast.metrics", None),
     # submodules reachable as attributes of the package (store, grid and prepare always were)
@@ -69,7 +81,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """Load a public name on first use (PEP 562) and keep it as a module attribute."""
     try:
         module, attr = _LAZY[name]
@@ -86,7 +98,7 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
@@ -99,6 +111,7 @@ __all__ = [
     "get_config",
     "set_config",
     "config_context",
+    "prefer_passive_wait",
     "align",
     "AlignmentResult",
     "compute_score",

@@ -27,13 +27,22 @@ hundreds of small parallel regions, so :func:`map_layers` runs whole searches si
 thread each, instead (same results, no barrier per tile; the 8 x 8 grid above took 0.284 s
 instead of 0.358 s on the idle machine, measured in one process).
 
-The runtime reads its wait policy once, when it is loaded. ``import prh_fast`` therefore sets
-``OMP_WAIT_POLICY=PASSIVE`` (threads sleep as soon as they are idle) *before* it loads the
-native module, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` themselves (their
-choice stands) or an OpenMP runtime is already in the process (torch imported first): then it
-is too late to change, and :func:`wait_policy` says so (``prh-fast info`` shows it); the first
-computation on a busy machine (1-minute load above the cores) then logs one warning that says
-how to avoid it. The CLI always imports prh_fast first.
+The runtime reads its wait policy once, when it is loaded, so the policy has to be in the
+environment before that. ``import prh_fast`` changes nothing (no environment write, and it
+loads neither torch nor the native module, hence no OpenMP runtime). The ``prh-fast`` command
+calls :func:`prefer_passive_wait` first thing, before anything loads the runtime. A library
+user opts in the same way -- ``import prh_fast; prh_fast.prefer_passive_wait()`` before
+``import torch`` -- or sets ``OMP_WAIT_POLICY=passive`` in the environment of the process.
+:func:`prefer_passive_wait` leaves a user's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
+alone, and does nothing once an OpenMP runtime is in the process (too late to change).
+:func:`wait_policy` says which policy holds and who decided (``prh-fast info`` shows it); when
+idle threads spin, the first computation on a busy machine (1-minute load above the cores) logs
+one warning that says how to avoid it.
+
+**Module state.** The wait-policy decision (``_STATE``) is written once, under a lock, by
+:func:`prefer_passive_wait`; the torch thread-count switch of :func:`map_layers` is shared under
+``_switch_lock``; ``_spin_checked`` is a once-per-process flag (two threads racing on it at
+worst both run the check, and :func:`prh_fast._log._log_once` still warns once).
 """
 from __future__ import annotations
 
@@ -44,17 +53,25 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from prh_fast._config import config_context, get_config
 
-__all__ = ["wait_policy", "limit_threads", "with_threads", "effective_threads", "map_layers"]
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+__all__ = ["wait_policy", "prefer_passive_wait", "limit_threads", "with_threads",
+           "effective_threads", "map_layers"]
 
 log = logging.getLogger(__name__)
 
 _RUNTIMES = ("libgomp", "libiomp", "libomp.so")
 
-#: ``(policy, why)`` decided at ``import prh_fast``; see :func:`wait_policy`.
-_STATE: tuple = ("unknown", "prh_fast has not been imported")
+#: ``(policy, why)`` decided by :func:`prefer_passive_wait` (once per process); None until then.
+_STATE: tuple[str, str] | None = None
+_state_lock = threading.Lock()
 
 
 def _runtime_loaded() -> str | None:
@@ -70,53 +87,77 @@ def _runtime_loaded() -> str | None:
     return "torch" if "torch" in sys.modules else None
 
 
-def prefer_passive_wait() -> tuple:
+def _users_policy() -> tuple[str, str] | None:
+    """The policy the environment gives (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``), if any."""
+    user = os.environ.get("OMP_WAIT_POLICY")
+    if user:
+        return user.strip().lower(), "OMP_WAIT_POLICY set by the user"
+    if os.environ.get("GOMP_SPINCOUNT"):
+        return ("default (spin, then sleep)",
+                f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']} set by the user")
+    return None
+
+
+def prefer_passive_wait() -> tuple[str, str]:
     """Ask the OpenMP runtime to put idle threads to sleep at once (module docstring).
 
     Sets ``OMP_WAIT_POLICY=PASSIVE`` in this process's environment when the user set neither
-    ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` and no OpenMP runtime is loaded yet. Called by
-    ``import prh_fast`` before the native module loads.
+    ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT`` and no OpenMP runtime is loaded yet (so call it
+    before ``import torch``). The ``prh-fast`` command calls it before anything else;
+    ``import prh_fast`` does not (importing the package changes nothing in the process).
+    The first call decides; later calls return the same answer.
 
     Returns:
         ``(policy, why)`` as :func:`wait_policy`.
 
     Example:
-        >>> prefer_passive_wait()[0] in ("passive", "active", "default (spin, then sleep)")
+        >>> import prh_fast
+        >>> prh_fast.prefer_passive_wait()[0] in (
+        ...     "passive", "active", "default (spin, then sleep)")
         True
     """
     global _STATE
-    user = os.environ.get("OMP_WAIT_POLICY")
-    if user:
-        _STATE = (user.strip().lower(), "OMP_WAIT_POLICY set by the user")
-    elif os.environ.get("GOMP_SPINCOUNT"):
-        _STATE = ("default (spin, then sleep)",
-                  f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']} set by the user")
-    else:
-        loaded = _runtime_loaded()
-        if loaded is None:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-            _STATE = ("passive", "set by prh_fast before the OpenMP runtime loaded")
-        else:
-            _STATE = ("default (spin, then sleep)",
-                      f"the OpenMP runtime was loaded before prh_fast ({loaded}); import "
-                      f"prh_fast before torch, or set OMP_WAIT_POLICY=passive, to make idle "
-                      f"threads sleep")
-    return _STATE
+    with _state_lock:
+        if _STATE is not None:
+            return _STATE
+        decided = _users_policy()
+        if decided is None:
+            loaded = _runtime_loaded()
+            if loaded is None:
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+                decided = ("passive", "set by prh_fast before the OpenMP runtime loaded")
+            else:
+                decided = ("default (spin, then sleep)",
+                           f"the OpenMP runtime was loaded before prefer_passive_wait() "
+                           f"({loaded}); call prh_fast.prefer_passive_wait() before importing "
+                           f"torch, or set OMP_WAIT_POLICY=passive, to make idle threads sleep")
+        _STATE = decided
+        return _STATE
 
 
-def wait_policy() -> tuple:
+def wait_policy() -> tuple[str, str]:
     """``(policy, why)``: how this process's OpenMP threads wait between parallel regions.
 
     ``policy`` is ``"passive"`` (they sleep at once), ``"active"`` (they spin), or
-    ``"default (spin, then sleep)"``; ``why`` says who decided.
+    ``"default (spin, then sleep)"``; ``why`` says who decided. Reading it changes nothing.
+
+    Returns:
+        The decision of :func:`prefer_passive_wait` if it was called, else what the
+        environment gives (the runtime's default when it gives nothing).
 
     Example:
-        >>> import prh_fast
         >>> from prh_fast._threads import wait_policy
         >>> isinstance(wait_policy()[1], str)
         True
     """
-    return _STATE
+    state = _STATE
+    if state is not None:
+        return state
+    return _users_policy() or (
+        "default (spin, then sleep)",
+        "OMP_WAIT_POLICY is not set; call prh_fast.prefer_passive_wait() before importing "
+        "torch, or set OMP_WAIT_POLICY=passive, to make idle threads sleep (the prh-fast "
+        "command does)")
 
 
 def effective_threads() -> int:
@@ -139,11 +180,14 @@ _spin_checked = False
 
 
 def _warn_if_spinning_on_a_busy_machine() -> None:
-    """Once per process: when idle threads spin (the runtime loaded before prh_fast) and the
-    machine is busy (1-minute load above its cores), say what that costs and how to avoid it.
-    On an idle machine spinning costs nothing, so nothing is said."""
+    """Once per process: when idle threads spin (no passive policy was asked for before the
+    runtime loaded) and the machine is busy (1-minute load above its cores), say what that
+    costs and how to avoid it. On an idle machine spinning costs nothing, so nothing is said."""
     global _spin_checked
-    if _spin_checked or not _STATE[0].startswith("default"):
+    if _spin_checked:
+        return
+    policy, why = wait_policy()
+    if not policy.startswith("default"):
         return
     try:
         load = os.getloadavg()[0]
@@ -156,7 +200,7 @@ def _warn_if_spinning_on_a_busy_machine() -> None:
 
         _spin_checked = True
         _log_once(f"prh_fast: this machine is busy (load {load:.1f} on {cpus} cores) and idle "
-                  f"OpenMP threads spin in this process ({_STATE[1]}); spinning threads can "
+                  f"OpenMP threads spin in this process ({why}); spinning threads can "
                   f"make the CPU kernels several times slower here", log)
 
 
@@ -168,7 +212,7 @@ def _native_set(n: int) -> None:
 
 
 @contextlib.contextmanager
-def limit_threads():
+def limit_threads() -> Iterator[int]:
     """Run the block with :func:`effective_threads` threads in torch and in the native kernels;
     torch's count is restored afterwards. Nested blocks cost two integer reads.
 
@@ -198,7 +242,7 @@ def limit_threads():
             _native_set(have)
 
 
-def with_threads(fn):
+def with_threads(fn: Callable[P, R]) -> Callable[P, R]:
     """Decorator: run ``fn`` inside :func:`limit_threads` (public entry points use it).
 
     Example:
@@ -209,7 +253,7 @@ def with_threads(fn):
         1
     """
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with limit_threads():
             return fn(*args, **kwargs)
 
@@ -223,7 +267,8 @@ def with_threads(fn):
 LAYER_PARALLEL_MAX_N = 8192
 
 
-def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
+def map_layers(fn: Callable[[T], R], items: Sequence[T], n: int, *,
+               parallel: bool = True) -> list[R]:
     """``[fn(x) for x in items]``, with independent items run side by side when that pays.
 
     With ``T = effective_threads() >= 2``, at least two items, ``n <= LAYER_PARALLEL_MAX_N`` and
@@ -273,10 +318,10 @@ def map_layers(fn, items: list, n: int, *, parallel: bool = True) -> list:
 # the first one found.
 _switch_lock = threading.Lock()
 _switch_depth = 0
-_switch_saved = None
+_switch_saved = 0
 
 
-def _single_threaded_enter(torch) -> None:
+def _single_threaded_enter(torch: Any) -> None:
     global _switch_depth, _switch_saved
     with _switch_lock:
         if _switch_depth == 0:
@@ -285,7 +330,7 @@ def _single_threaded_enter(torch) -> None:
         _switch_depth += 1
 
 
-def _single_threaded_leave(torch) -> None:
+def _single_threaded_leave(torch: Any) -> None:
     global _switch_depth
     with _switch_lock:
         _switch_depth -= 1
@@ -294,7 +339,7 @@ def _single_threaded_leave(torch) -> None:
             _native_set(_switch_saved)
 
 
-def _with_one_thread(fn, x):
+def _with_one_thread(fn: Callable[[T], R], x: T) -> R:
     """``fn(x)`` in a worker: one native thread, and public entry points keep one too."""
     _native_set(1)
     with config_context(num_threads=1):

@@ -408,9 +408,16 @@ def commands(parser=None):
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run ``prh-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
-    Usage errors exit through argparse (``SystemExit(2)``) with its one-line message."""
+    Usage errors exit through argparse (``SystemExit(2)``) with its one-line message.
+
+    Before anything loads torch or the native module (hence the OpenMP runtime), the command
+    asks for sleeping idle threads (:func:`prh_fast._threads.prefer_passive_wait`; a user's own
+    ``OMP_WAIT_POLICY`` stands)."""
+    from prh_fast._threads import prefer_passive_wait
+
+    prefer_passive_wait()
     args = build_parser().parse_args(argv)
     return _run(args)
 

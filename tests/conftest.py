@@ -10,9 +10,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# As a user's script would: prh_fast before torch, so the OpenMP runtime loads with idle
-# threads sleeping (prh_fast._threads) and the suite shares this machine's cores politely.
-import prh_fast  # noqa: E402, F401
+# As a user's script would: ask for sleeping idle OpenMP threads before torch loads the runtime
+# (prh_fast._threads), so the suite shares this machine's cores politely.
+import prh_fast  # noqa: E402
+
+prh_fast.prefer_passive_wait()
 
 # Triton's CPU interpreter must be switched on before anything imports triton (transformers,
 # timm and torch._dynamo may import it while other test modules are collected), so that

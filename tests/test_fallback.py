@@ -1,4 +1,4 @@
-"""`import prh_fast` without the native module: one warning, same numbers from torch kernels."""
+"""prh_fast without the native module: one warning, same numbers from torch kernels."""
 import json
 import subprocess
 import sys
@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import prh_fast
-    import torch
-    from prh_fast import metrics
+        import torch
+        from prh_fast import metrics  # the first module that needs the native one loads it
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200, 6, generator=g, dtype=torch.float64)
     A = torch.tanh(z @ torch.randn(6, 20, generator=g, dtype=torch.float64))

@@ -1,7 +1,8 @@
-"""CPU threads (``prh_fast._threads``): the wait policy set at import, one thread count for torch
+"""CPU threads (``prh_fast._threads``): the wait policy the CLI asks for, one thread count for torch
 and the native kernels, and results that do not depend on either."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,20 +27,48 @@ def _run(code: str, **env) -> str:
     return out.stdout.strip()
 
 
-def test_import_prh_fast_first_makes_idle_threads_sleep():
+def test_import_alone_leaves_the_policy_to_the_runtime():
     out = _run("import os, prh_fast\n"
                "from prh_fast._threads import wait_policy\n"
+               "p, why = wait_policy()\n"
+               "print('OMP_WAIT_POLICY' in os.environ, p, '|', why)")
+    unset, rest = out.split(" ", 1)
+    assert unset == "False"
+    assert rest.startswith("default (spin, then sleep) |")
+    assert "prefer_passive_wait()" in rest
+
+
+def test_prefer_passive_wait_before_torch_makes_idle_threads_sleep():
+    out = _run("import os, prh_fast\n"
+               "first = prh_fast.prefer_passive_wait()\n"
+               "import torch\n"
+               "from prh_fast._threads import wait_policy\n"
+               "assert prh_fast.prefer_passive_wait() == first == wait_policy()\n"
                "print(os.environ['OMP_WAIT_POLICY'], wait_policy()[0])")
     assert out == "PASSIVE passive"
+
+
+def test_the_command_asks_for_sleeping_threads():
+    for cmd in (["-m", "prh_fast", "info", "--json"], ["-m", "prh_fast.cli", "info", "--json"]):
+        res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=_ROOT,
+                             env={k: v for k, v in os.environ.items()
+                                  if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+                             check=True)
+        policy = json.loads(res.stdout)["omp_wait_policy"]
+        assert policy["policy"] == "passive", cmd
+        assert policy["why"] == "set by prh_fast before the OpenMP runtime loaded"
 
 
 def test_users_policy_stands():
     out = _run("import os, prh_fast\n"
                "from prh_fast._threads import wait_policy\n"
+               "print(wait_policy()[1], '|', prh_fast.prefer_passive_wait()[1])\n"
                "print(os.environ['OMP_WAIT_POLICY'], '|', wait_policy()[1])",
                OMP_WAIT_POLICY="active")
-    assert out == "active | OMP_WAIT_POLICY set by the user"
+    assert out.splitlines() == ["OMP_WAIT_POLICY set by the user | OMP_WAIT_POLICY set by the "
+                                "user", "active | OMP_WAIT_POLICY set by the user"]
     out = _run("import os, prh_fast\n"
+               "prh_fast.prefer_passive_wait()\n"
                "print('OMP_WAIT_POLICY' in os.environ)", GOMP_SPINCOUNT="1000")
     assert out == "False"
 
@@ -47,17 +76,18 @@ def test_users_policy_stands():
 def test_too_late_after_torch_is_said():
     out = _run("import os, torch, prh_fast\n"
                "from prh_fast._threads import wait_policy\n"
+               "prh_fast.prefer_passive_wait()\n"
                "p, why = wait_policy()\n"
                "print('OMP_WAIT_POLICY' in os.environ, p, '|', why)")
     unset, rest = out.split(" ", 1)
     assert unset == "False"
     assert rest.startswith("default (spin, then sleep) |")
-    assert "import prh_fast before torch" in rest
+    assert "call prh_fast.prefer_passive_wait() before importing torch" in rest
 
 
 def test_wait_policy_in_this_process_is_known():
     policy, why = wait_policy()
-    # conftest imports prh_fast before torch: passive, unless the caller set a policy
+    # conftest calls prefer_passive_wait() before torch: passive, unless the caller set one
     assert policy == "passive" or why.endswith("set by the user")
 
 
