@@ -28,7 +28,6 @@ def _log_once(msg: str, log: logging.Logger | None = None) -> None:
 
     Example:
         >>> import logging
-import threading
         >>> from prh_fast._log import _log_once
         >>> _log_once("prh_fast: an example notice", logging.getLogger("prh_fast.example"))
     """
