@@ -632,6 +632,9 @@ def _align_prepared(metric, xs, ys, x_idx, y_idx, k, opts, backend, null_permuta
     if ann.get("x") and ann.get("y"):
         ann_report = ann_pair_report(metric, k, ann["x"], ann["y"], x_idx, y_idx,
                                      opts.get("normalize_lcs", False), log=True)
+    for r in ann.get("x", []) + ann.get("y", []):
+        if r is not None:
+            r.release()  # the reports' searches (features, lists) are not kept
     ties = None
     if sides and sides["x"].ties is not None and sides["y"].ties is not None:
         ties = {"mode": opts.get("ties", "rule"), "k": k,
@@ -647,10 +650,42 @@ def _labelled(summaries, labels) -> list:
     return [{"layer": lab, **t} for t, lab in zip(summaries, labels)]
 
 
-def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=None,
-                    normalize_lcs=False, log=False):
+#: The half-width of the 95% interval at which a metric's error counts as resolved.
+DEFAULT_ERROR_TOLERANCE = 0.005
+#: The largest recall sample ``ann_pair_report`` grows to (also at most N).
+MAX_ERROR_SAMPLE = 32_000
+
+
+def _common_sample(reps: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every report's ``(approx, exact)`` lists on one common set of sample rows: the largest
+    sample when the others can grow to it (samples are nested), else the rows all share."""
+    size = max(int(r.sample.numel()) for r in reps)
+    for r in reps:
+        if r.sample.numel() < size and r.can_grow:
+            r.grow(size)
+    s0 = reps[0].sample
+    if all(torch.equal(r.sample, s0) for r in reps):
+        return [(r.approx, r.exact) for r in reps]
+    common = s0
+    for r in reps[1:]:
+        common = common[torch.isin(common, r.sample)]
+    if common.numel() == 0:
+        raise InputError("ann report: the layers' recall samples share no row (same N, k and "
+                         "seed are needed to compare them)")
+    out = []
+    for r in reps:
+        keep = torch.isin(r.sample, common)
+        out.append((r.approx[keep], r.exact[keep]))
+    return out
+
+
+def ann_pair_report(metric: str, k: int, x_reports: list, y_reports: list,
+                    x_layers: list | None = None, y_layers: list | None = None,
+                    normalize_lcs: bool = False, log: bool = False,
+                    error_tolerance: float = DEFAULT_ERROR_TOLERANCE,
+                    max_sample: int | None = None) -> dict | None:
     """What approximate neighbour lists did to a grid of layer pairs (``None`` when every
-    search was exact).
+    search was exact), with the sampling uncertainty of each metric error.
 
     ``x_reports`` / ``y_reports``: the ``AnnReport`` of each layer's search. All share the
     sample rows (they depend on ``N`` and the seed only), so for every layer pair the metric
@@ -660,11 +695,47 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
     which the sample's exact lists do not cover, and ``cknna`` needs every row's
     similarities, so for those the report gives ``mutual_knn``'s error as the proxy.
 
-    Returns a JSON-ready dict: ``backend``, ``params``, ``k``, ``sample_size``, per layer
-    (``x_layers`` / ``y_layers``) the ``AnnReport`` summary with its ``layer`` label,
-    ``recall_min``, and ``metrics``: ``{name: {"approx", "exact", "error" ([Lx][Ly], error
-    = |approx - exact|), "error_max"}}``.
+    The uncertainty: each sample row ``i`` gives a paired difference ``d_i = v_i(approx) -
+    v_i(exact)`` of the metric's row value (the metric is the mean of ``v_i`` over all
+    ``N`` rows), so the error over all rows is estimated by ``mean(d)`` with the standard
+    error ``sd(d) / sqrt(S)`` times the finite-population factor ``sqrt((N - S) / (N - 1))``
+    (``prh_fast.knn._faiss_ann.mean_ci``: zero when the sample is every row) and the 95%
+    interval ``mean(d) ± 1.96·se``. A pair's error is **resolved** when that interval's
+    half-width is at most ``error_tolerance`` (the error is known to ``± error_tolerance``)
+    or the interval excludes 0 (a bias is detected). While some pair's error is not resolved
+    the sample is doubled (every layer's report grows to the same nested rows, which costs
+    the exact search of the added rows) up to ``min(N, max_sample)`` rows.
+
+    Args:
+        metric: the pipeline's metric.
+        k: neighbours.
+        x_reports, y_reports: each layer's ``AnnReport`` (or ``None`` for exact searches).
+        x_layers, y_layers: the layers' labels (default ``0..L-1``).
+        normalize_lcs: ``lcs_knn``'s option.
+        log: log one line with the largest error and its resolution.
+        error_tolerance: the half-width that resolves an error (default 0.005).
+        max_sample: the largest sample rows (default ``MAX_ERROR_SAMPLE`` = 32,000).
+
+    Returns:
+        A JSON-ready dict: ``backend``, ``params``, ``k``, ``sample_size`` (the rows used,
+        after any growth), ``sample_initial``, ``sample_max``, ``error_tolerance``, per layer
+        (``x_layers`` / ``y_layers``) the ``AnnReport`` summary with its ``layer`` label,
+        ``recall_min``, ``resolved`` (every error of every metric), and ``metrics``:
+        ``{name: {"approx", "exact", "error" ([Lx][Ly], error = |approx - exact|),
+        "error_max", "error_se" ([Lx][Ly]), "error_ci" ([Lx][Ly] ``[low, high]`` of the signed
+        ``approx - exact``), "error_bound" ([Lx][Ly], the 95% upper bound of the error:
+        ``max(|low|, |high|)``), "error_bound_max", "resolved" ([Lx][Ly] bool),
+        "resolved_all"}}``.
+
+    Raises:
+        InputError: some layers have no report, or the reports' samples share no row.
+
+    Example:
+        >>> ann_pair_report("mutual_knn", 10, [None], [None]) is None
+        True
     """
+    from prh_fast.knn._faiss_ann import _Z95, mean_ci
+
     reps = list(x_reports) + list(y_reports)
     if not reps or all(r is None for r in reps):
         return None
@@ -673,52 +744,88 @@ def ann_pair_report(metric, k, x_reports, y_reports, x_layers=None, y_layers=Non
                          "search with the same parameters")
     r0 = reps[0]
     for r in reps[1:]:
-        if r.k != r0.k or r.n != r0.n or not torch.equal(r.sample, r0.sample):
+        if r.k != r0.k or r.n != r0.n or r.params.get("seed") != r0.params.get("seed"):
             raise InputError("ann report: the layers' recall samples differ (same N, k and "
                              "seed are needed to compare them)")
+    if isinstance(error_tolerance, bool) or not isinstance(error_tolerance, (int, float)) \
+            or not error_tolerance > 0:
+        raise InputError(f"error_tolerance: expected a number > 0, got {error_tolerance!r}")
+    cap = min(r0.n, MAX_ERROR_SAMPLE if max_sample is None
+              else check_positive_int(max_sample, "max_sample"))
     x_layers = list(range(len(x_reports))) if x_layers is None else list(x_layers)
     y_layers = list(range(len(y_reports))) if y_layers is None else list(y_layers)
     names = ["mutual_knn"] + ([metric] if metric in ("lcs_knn", "edit_distance_knn") else [])
-    ax = torch.stack([r.approx for r in x_reports])
-    ex = torch.stack([r.exact for r in x_reports])
-    ay = torch.stack([r.approx for r in y_reports])
-    ey = torch.stack([r.exact for r in y_reports])
+    nx = len(x_reports)
+    initial = max(int(r.sample.numel()) for r in reps)
 
-    def raw(kind, a, b):
-        # Row-local values on the sample rows (the lists hold indices of all N rows, which
-        # the native kernels would reject as out of range for S rows).
-        out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.float64)
-        for p in range(a.shape[0]):
-            for q in range(b.shape[0]):
-                out[p, q] = row_values_torch(kind, a[p], b[q]).double().mean()
-        return out
+    def measure():
+        lists = _common_sample(reps)
+        ax = [a for a, _ in lists[:nx]]
+        ex = [e for _, e in lists[:nx]]
+        ay = [a for a, _ in lists[nx:]]
+        ey = [e for _, e in lists[nx:]]
+        out = {}
+        for name in names:
+            kind = _KNN_RAW[name]
+            shape = (len(ax), len(ay))
+            approx = torch.empty(shape, dtype=torch.float64)
+            exact = torch.empty(shape, dtype=torch.float64)
+            se = torch.empty(shape, dtype=torch.float64)
+            for p in range(shape[0]):
+                for q in range(shape[1]):
+                    # row values on the sample rows (the lists hold indices of all N rows,
+                    # which the native kernels would reject as out of range for S rows)
+                    va = _from_raw(name, row_values_torch(kind, ax[p], ay[q]).double(),
+                                   r0.k, normalize_lcs)
+                    ve = _from_raw(name, row_values_torch(kind, ex[p], ey[q]).double(),
+                                   r0.k, normalize_lcs)
+                    approx[p, q], exact[p, q] = va.mean(), ve.mean()
+                    se[p, q] = mean_ci(va - ve, r0.n)[1]
+            diff = approx - exact
+            half = _Z95 * se
+            low, high = diff - half, diff + half
+            resolved = (half <= error_tolerance) | (low > 0) | (high < 0)
+            err = diff.abs()
+            bound = torch.maximum(low.abs(), high.abs())
+            out[name] = {"approx": approx.tolist(), "exact": exact.tolist(),
+                         "error": err.tolist(), "error_max": float(err.max()),
+                         "error_se": se.tolist(),
+                         "error_ci": torch.stack([low, high], dim=-1).tolist(),
+                         "error_bound": bound.tolist(), "error_bound_max": float(bound.max()),
+                         "resolved": resolved.tolist(), "resolved_all": bool(resolved.all())}
+        return out, int(lists[0][0].shape[0])
 
-    out_metrics = {}
-    for name in names:
-        kind = _KNN_RAW[name]
-        approx = _from_raw(name, raw(kind, ax, ay), r0.k, normalize_lcs)
-        exact = _from_raw(name, raw(kind, ex, ey), r0.k, normalize_lcs)
-        err = (approx - exact).abs()
-        out_metrics[name] = {"approx": approx.tolist(), "exact": exact.tolist(),
-                             "error": err.tolist(), "error_max": float(err.max())}
+    out_metrics, size = measure()
+    while (not all(m["resolved_all"] for m in out_metrics.values()) and size < cap
+           and all(r.can_grow for r in reps)):
+        grown = min(cap, 2 * size)
+        for r in reps:
+            r.grow(grown)
+        out_metrics, size = measure()
 
     def layer(r, label):
         return {"layer": label, **{a: v for a, v in r.to_dict().items()
                                    if a not in ("backend", "params")}}
 
-    rep = {"backend": r0.backend, "params": r0.params, "k": r0.k,
-           "sample_size": int(r0.sample.numel()),
+    resolved = all(m["resolved_all"] for m in out_metrics.values())
+    rep = {"backend": r0.backend, "params": r0.params, "k": r0.k, "sample_size": size,
+           "sample_initial": initial, "sample_max": cap, "error_tolerance": error_tolerance,
            "x_layers": [layer(r, i) for r, i in zip(x_reports, x_layers)],
            "y_layers": [layer(r, j) for r, j in zip(y_reports, y_layers)],
-           "recall_min": min(r.recall for r in reps), "metrics": out_metrics}
+           "recall_min": min(r.recall for r in reps), "resolved": resolved,
+           "metrics": out_metrics}
     if log:
         from prh_fast._log import logger
 
         m = out_metrics["mutual_knn"]
+        n_un = sum(not v for row in m["resolved"] for v in row)
         logger.warning("prh_fast: %s approximate lists, %d x %d layer pairs, on %d sampled "
                        "rows: recall@%d >= %.4f, max |mutual_knn(approx) - mutual_knn(exact)| "
-                       "= %.4f", r0.backend, len(x_reports), len(y_reports),
-                       rep["sample_size"], r0.k, rep["recall_min"], m["error_max"])
+                       "= %.4f (95%% bound %.4f; %s)", r0.backend, len(x_reports),
+                       len(y_reports), size, r0.k, rep["recall_min"], m["error_max"],
+                       m["error_bound_max"],
+                       "every error resolved" if n_un == 0 else
+                       f"{n_un} pair(s) not resolved to ±{error_tolerance:g}")
     return rep
 
 

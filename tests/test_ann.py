@@ -403,7 +403,9 @@ def test_cli_align_with_an_approximate_backend(feature_files, tmp_path, capsys):
 
     d = json.loads((out / "mutual_knn_k10.json").read_text())
     assert d["options"]["ann"]["params"]["nprobe"] == 2
-    assert d["options"]["ann"]["sample_size"] == 100
+    # 100 rows at first; the sample grows (to at most N = 600) while a metric error is not
+    # resolved
+    assert 100 <= d["options"]["ann"]["sample_size"] <= 600
 
 
 @pytest.mark.parametrize("extra, match", [
