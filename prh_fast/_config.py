@@ -44,7 +44,9 @@ a bad ``PRH_FAST_DIST_TIMEOUT`` does not break a neighbour search.
 
 :func:`config_context` overrides live in a :mod:`contextvars` variable: they hold for the
 block in the thread (or asyncio task) that entered it; new threads start from the
-:func:`set_config` / environment values.
+:func:`set_config` / environment values. Module state: the parsed environment and the
+:func:`set_config` settings are replaced whole under one lock (readers never see a dict being
+changed), so any thread may read or set the configuration at any time.
 """
 from __future__ import annotations
 
@@ -304,7 +306,9 @@ class Config:
 _lock = threading.Lock()
 _env_snapshot = None  # (raw values of the variables, parsed values, origins)
 _warned_deprecated: set = set()
-_global: dict = {}  # set_config()
+# set_config()'s settings: replaced as a whole under _lock, never changed in place, so that
+# get_config() in another thread reads one consistent dict without taking the lock
+_global: dict[str, object] = {}
 _context: contextvars.ContextVar = contextvars.ContextVar("prh_fast_config", default=None)
 _WATCHED = tuple(ENV_VARS.values()) + tuple(DEPRECATED_ENV)
 
@@ -376,6 +380,7 @@ def get_config() -> Config:
     values = dict(env)
     origins = dict(origins)
     for layer, source in ((_global, "set_config"), (_context.get() or {}, "config_context")):
+        # each layer is read once: set_config replaces its dict, config_context its own copy
         for name, v in layer.items():
             values[name] = v
             origins[name] = source
@@ -412,8 +417,9 @@ def set_config(*, backend=None, stream=None, memory_budget=None, dist_timeout=No
                         dist_timeout=dist_timeout, dist_backend=dist_backend,
                         cache_dir=cache_dir, traceback=traceback, num_threads=num_threads,
                         cpu_screen=cpu_screen), "set_config")
+    global _global
     with _lock:
-        _global.update(new)
+        _global = {**_global, **new}
 
 
 def reset_config() -> None:
@@ -422,8 +428,9 @@ def reset_config() -> None:
     Example:
         >>> reset_config()
     """
+    global _global
     with _lock:
-        _global.clear()
+        _global = {}
 
 
 @contextlib.contextmanager

@@ -425,6 +425,8 @@ def _check_level(level) -> str:
     return key
 
 
+# Per-process caches of pure functions of a file's content (keyed by path, mtime and size);
+# threads may race to fill an entry: both compute the same value, setdefault keeps the first.
 _ATTR_CACHE: dict = {}      # (png path, mtime_ns, size) -> attributes from pixels
 _QA_CACHE: dict = {}        # (questions.json path, mtime_ns, size) -> answers by image id
 
@@ -436,20 +438,22 @@ def _file_key(path: str) -> tuple:
 
 def _split_answers(root: str, split: str) -> dict:
     key = _file_key(os.path.join(root, split, "questions.json"))
-    if key not in _QA_CACHE:
+    found = _QA_CACHE.get(key)
+    if found is None:
         with open(key[0]) as f:
-            _QA_CACHE[key] = _answers_by_image(json.load(f))
-    return _QA_CACHE[key]
+            found = _QA_CACHE.setdefault(key, _answers_by_image(json.load(f)))
+    return found
 
 
 def _image_attributes(path: str) -> dict:
     key = _file_key(path)
-    if key not in _ATTR_CACHE:
+    found = _ATTR_CACHE.get(key)
+    if found is None:
         from PIL import Image
 
         with Image.open(path) as im:
-            _ATTR_CACHE[key] = easy_vqa_attributes(im)
-    return _ATTR_CACHE[key]
+            found = _ATTR_CACHE.setdefault(key, easy_vqa_attributes(im))
+    return found
 
 
 def _load_easy_vqa(split, n, caption_level, seed) -> PairedDataset:
