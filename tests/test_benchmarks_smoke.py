@@ -174,3 +174,42 @@ def test_drop_self():
     idx = torch.tensor([[0, 2, 1], [0, 1, 2], [3, 1, 0], [1, 0, 2]])
     # a row's own index goes wherever it sits; without it the last entry goes
     assert drop_self(idx, 2).tolist() == [[2, 1], [0, 2], [3, 1], [1, 0]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="faiss not installed")
+def test_bench_ann_small(tmp_path):
+    from benchmarks.bench_ann import features
+    from prh_fast.metrics import cknna, mutual_knn
+
+    n, d, k = 3000, 16, 10
+    out = _run("bench_ann", ["--n", str(n), "--d", str(d), "--exact-sub", "1500",
+                             "--groups", "4", "--name", "ann_t"], tmp_path)
+    assert "targets:" in out
+    data = json.loads((tmp_path / "ann_t.json").read_text())
+    rows = {(r["method"], r.get("exact")): r for r in data["rows"]}
+    full = rows[("exact cpu", "measured")]
+    sub = rows[("exact cpu", "extrapolated")]
+    assert full["params"] == "all rows" and sub["subset_rows"] == 1500
+    A, B = features(n, d)
+    ann = [r for r in data["rows"] if r["method"] != "exact cpu"]
+    assert [r["method"] for r in ann] == ["faiss-ivf", "faiss-ivfpq", "faiss-hnsw"]
+    for r in ann:
+        # the exact lists of all rows give the library's metrics (float32 vs float64 scores)
+        assert r["mutual_exact_all"] == pytest.approx(mutual_knn(A, B, topk=k), abs=1e-12)
+        assert r["cknna_exact_all"] == pytest.approx(cknna(A, B, topk=k), rel=1e-4)
+        assert r["dcknna_all"] == pytest.approx(abs(r["cknna_approx_all"]
+                                                    - r["cknna_exact_all"]), abs=1e-15)
+        # no parameter given: the default target applies and is reached on the sample
+        assert r["target_recall"] == 0.95 and r["recall"] >= 0.95
+        assert r["recall_ci_low"] <= r["recall"] <= 1.0
+        lo, hi = r["dmutual_ci"]
+        assert lo <= r["dmutual_signed"] <= hi and r["dmutual"] == abs(r["dmutual_signed"])
+        assert r["dmutual_resolved"] == (-0.005 <= lo and hi <= 0.005)
+        assert r["exact"] == "measured" and r["speedup"] == pytest.approx(
+            full["total_s"] / r["total_s"])
+        assert set(r["checks"]) == {"recall>=0.95", "|dmutual|<=0.005 resolved",
+                                    "time<=exact/10"}
+        assert r["targets"].count("met") == 3
+        assert math.isfinite(r["dcknna_est"]) and r["sample"] >= 1000
+        assert r["load1"] is None or r["load1"] >= 0
