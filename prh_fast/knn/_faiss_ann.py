@@ -372,7 +372,8 @@ class AnnReport:
             as given).
         recall_ci: ``(low, high)``, the 95% confidence interval of the recall over all query
             rows, from the sample (``mean_ci`` of the per-row recalls).
-        tuning: ``tune_query``'s record (``None`` without a target).
+        tuning: ``tune_query``'s record without its ``seconds`` (``timings["tune"]``), or
+            ``None`` without a target.
 
     Example:
         >>> import torch
@@ -409,6 +410,10 @@ class AnnReport:
                                                           compare=False)
 
     def __post_init__(self) -> None:
+        if self.tuning is not None and "seconds" in self.tuning:
+            # the tuning's time is a timing (``timings["tune"]``), kept out of its record
+            self.timings.setdefault("tune", float(self.tuning["seconds"]))
+            self.tuning = {a: v for a, v in self.tuning.items() if a != "seconds"}
         if self.recall_ci is None and self.sample.numel():
             self._measure()
 
@@ -535,8 +540,9 @@ def mean_ci(values: torch.Tensor, population: int | None = None,
         ``(mean, se, low, high)`` as floats.
 
     Example:
-        >>> mean_ci(torch.tensor([0.0, 1.0, 1.0, 0.0]))[:2]
-        (0.5, 0.2886751345948129)
+        >>> m, se, low, high = mean_ci(torch.tensor([0.0, 1.0, 1.0, 0.0]))
+        >>> m, round(se, 4), round(high - low, 4)
+        (0.5, 0.2887, 1.1316)
     """
     v = values.detach().double().flatten().cpu()
     s = v.numel()
