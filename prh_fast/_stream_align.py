@@ -6,7 +6,10 @@ When a model of the grid is a store folder (see :func:`stream_mode` for when):
 
 - neighbour metrics (``*_knn``, CKNNA) read each layer's lists from
   :func:`prh_fast.store._stream.stream_knn`: searched once, streamed, cached in the store, and
-  identical to the lists of the in-memory path;
+  identical to the lists of the in-memory path; with an approximate backend (``faiss-ivf``,
+  ``faiss-ivfpq``, ``faiss-hnsw``) the lists of the in-memory approximate search, the index
+  built from streamed rows and cached in the store (``prh_fast.store._ann``), and each layer's
+  ``AnnReport`` kept in :attr:`StreamPolicy.reports` for the grid's ``ann_report``;
 - linear CKA, unbiased CKA and SVCCA come from the one-pass float64 accumulators of
   :func:`prh_fast.store._moments.kernel_scores` (1e-9 relative to the in-memory metrics on
   float64 features, the float64 value of the stored features otherwise).
@@ -54,14 +57,26 @@ def stream_mode(stream=None) -> str:
 
 def _knn_backend_streams(backend) -> bool:
     """Whether the backend (``None``: the configured one) has a streaming search, as the
-    backend registry declares it (``auto``, ``cpu``, ``torch``)."""
+    backend registry declares it (``auto``, ``cpu``, ``torch`` and the approximate FAISS
+    searches, also as an ``AnnParams`` or a spec string ``"faiss-ivf:nprobe=16"``)."""
     from prh_fast.knn._backends import BACKENDS
+    from prh_fast.knn._faiss_ann import AnnParams
 
     name = backend if backend is not None else _config.get_config().backend
+    if isinstance(name, AnnParams):
+        name = name.backend
     if not isinstance(name, str):
         return False
-    name = name.strip().lower()
+    name = name.partition(":")[0].strip().lower()
     return name == "auto" or (name in BACKENDS and BACKENDS[name].streams)
+
+
+def _approximate(backend, device: torch.device) -> bool:
+    """Whether the streamed search of ``backend`` is an approximate FAISS search."""
+    from prh_fast.knn._backends import resolve
+    from prh_fast.knn._faiss_ann import ANN_BACKENDS
+
+    return resolve(backend, device, stream=True).search in ANN_BACKENDS
 
 
 class StreamPolicy:
@@ -84,6 +99,8 @@ class StreamPolicy:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.progress = bool(progress)
         self._preps: dict = {}
+        #: model key -> its layers' ``AnnReport`` (streamed approximate searches)
+        self.reports: dict = {}
 
     @staticmethod
     def is_store(m) -> bool:
@@ -129,34 +146,42 @@ class StreamPolicy:
         from prh_fast._align import NeighbourSide
         from prh_fast.metrics._cknna import cknna_excludes_self, cknna_sim, cknna_values
         from prh_fast.metrics._ties import list_ties
-        from prh_fast.store._stream import _stream_knn
+        from prh_fast.store._stream import _stream_knn_report
 
         p = self.prep(m)
         L = p.store.num_layers
         include_self = metric == "cknna" and not cknna_excludes_self(
             opts.get("unbiased", True), opts.get("exclude_self"))
+        approx = _approximate(self.backend, self.device)
+        reports = []
 
         def search(l, extra=0):
             # (idx, float64 scores): the in-memory path's lists and similarities
-            i, s, _ = _stream_knn(p.store, l, k + extra, q=self.q, exact=self.exact,
-                                  normalize=self.normalize, device=self.device,
-                                  backend=self.backend, memory_budget=self.budget,
-                                  progress=self.progress, include_self=include_self)
+            i, s, _, rep = _stream_knn_report(
+                p.store, l, k + extra, q=self.q, exact=self.exact, normalize=self.normalize,
+                device=self.device, backend=self.backend, memory_budget=self.budget,
+                progress=self.progress, include_self=include_self)
+            reports.append(rep)
             return i, s
 
-        # k + 1 neighbours (the same first k: one total order) tell the exact ties at the k-th;
-        # cknna asks for as many, so the two metrics share the store's cached lists
-        extra = 1 if k + 1 <= p.n - 1 else 0
+        # exact lists: k + 1 neighbours (the same first k: one total order) tell the exact ties
+        # at the k-th; cknna asks for as many, so the two metrics share the store's cached
+        # lists. Approximate lists: k, as the in-memory search (same report, no exact ties).
+        extra = 1 if k + 1 <= p.n - 1 and not approx else 0
         if metric != "cknna":
             found = [search(l, extra) for l in range(L)]
+            if approx:
+                self.reports[m.key] = reports
             return NeighbourSide(torch.stack([i[:, :k].contiguous() for i, _ in found]),
-                                 [list_ties(i, s, k, None) for i, s in found])
+                                 None if approx else [list_ties(i, s, k, None) for i, s in found])
         lists = []
         for l in range(L):
             i, s = search(l, extra)
             i, s = i[:, :k].contiguous(), s[:, :k].contiguous()
             lists.append((i, cknna_values(i, s, opts.get("unbiased", True),
                                           opts.get("distance_agnostic", False))))
+        if approx:
+            self.reports[m.key] = reports
         n = p.n
         return lists, [cknna_sim(n, x, x, opts.get("unbiased", True), self.backend)
                        for x in lists]

@@ -239,6 +239,8 @@ class _ModelCache:
             t0 = time.perf_counter()
             data = self.stream.knn_side(m, metric, k, opts)
             self.timings["neighbours"] += time.perf_counter() - t0
+            if self.stream.reports.get(m.key):  # an approximate search streamed from a store
+                self.ann[m.key] = self.stream.reports[m.key]
             self._note_ties(m, data, metric)
             self.counts["streamed_models"] += 1
             self._sides[ckey] = (self.stream.stand_ins(m), data)
@@ -863,17 +865,23 @@ def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normal
         res = spec.existing(xm, ym)
         if res is not None:
             return res
-        plan = spec.plan(xm, ym)
-        cache = spec.cache()
-        computed = _score_all(spec, cache, plan, xm, ym)
-        timings = _grid_timings(cache.timings, cache.counts, computed, plan, t_all,
-                                len(xm) * len(ym), len(plan.compute))
-        res = spec.result(xm, ym, plan, computed, timings, cache.stream.mode, ann=cache.ann,
-                          ties={m.name: cache.ties[m.key] for m in xm + ym
-                                if m.key in cache.ties})
+        res, _ = _compute_grid(spec, xm, ym, t_all)
         if output_dir is not None:
             res.save(output_dir)
         return res
+
+
+def _compute_grid(spec: GridSpec, xm, ym, t_all: float):
+    """``(GridResult, the model cache)`` of a grid computed from scratch (the cache holds the
+    models' search reports, ``cache.ann``)."""
+    plan = spec.plan(xm, ym)
+    cache = spec.cache()
+    computed = _score_all(spec, cache, plan, xm, ym)
+    timings = _grid_timings(cache.timings, cache.counts, computed, plan, t_all,
+                            len(xm) * len(ym), len(plan.compute))
+    res = spec.result(xm, ym, plan, computed, timings, cache.stream.mode, ann=cache.ann,
+                      ties={m.name: cache.ties[m.key] for m in xm + ym if m.key in cache.ties})
+    return res, cache
 
 
 def _score_all(spec: GridSpec, cache, plan: GridPlan, xm, ym, pairs=None,
@@ -1088,18 +1096,26 @@ def align_paths(x_feats, y_feats, metric, topk, normalize, *, concat=False, back
                          "memory; prh_fast.align_models gives the best-score null from files "
                          "and stores")
     t0 = time.perf_counter()
-    r = align_models({"x": x_feats}, {"y": y_feats}, metric, topk=topk, normalize=normalize,
-                     backend=backend, reference_order=False, progress=False, seed=seed,
-                     stream=stream, memory_budget=memory_budget, **metric_kwargs)
+    spec = GridSpec.from_args(metric, topk=topk, normalize=normalize, progress=False,
+                              backend=backend, reference_order=False, seed=seed, stream=stream,
+                              memory_budget=memory_budget, **metric_kwargs)
+    xm, ym = _as_models({"x": x_feats}, "x_models"), _as_models({"y": y_feats}, "y_models")
+    r, cache = _compute_grid(spec, xm, ym, t0)
     mat = torch.from_numpy(r.pair_scores[("x", "y")])
     best, pair = best_pair(mat)
     timings = dict(r.timings)
     timings["total"] = time.perf_counter() - t0
+    k = r.options.get("k")
+    ann_report = None
+    if xm[0].key in cache.ann and ym[0].key in cache.ann:  # approximate lists, as in memory
+        ann_report = ann_pair_report(metric, k, cache.ann[xm[0].key], cache.ann[ym[0].key],
+                                     normalize_lcs=bool(metric_kwargs.get("normalize_lcs")),
+                                     log=True)
     return AlignmentResult(metric=metric, scores=mat, best_score=best, best_pair=pair,
                            x_layers=list(range(mat.shape[0])),
                            y_layers=list(range(mat.shape[1])),
-                           topk=r.options.get("k") if "knn" in metric else None,
-                           timings=timings)
+                           topk=k if "knn" in metric else None,
+                           timings=timings, ann_report=ann_report)
 
 
 # ``prh_fast.align`` on store folders or feature files runs this (``prh_fast._align`` sits below

@@ -267,7 +267,9 @@ class Backend:
         return out
 
 
-_ANN = {n: Backend(n, n, ("cpu", "cuda"), exact=False, distributed=False) for n in ANN_BACKENDS}
+# streams: prh_fast.store._ann (the index trained and filled from rows read from the store)
+_ANN = {n: Backend(n, n, ("cpu", "cuda"), exact=False, distributed=False, streams=True)
+        for n in ANN_BACKENDS}
 BACKENDS = {
     "cpu": Backend("cpu", "cpu", ("cpu",), cross=False, streams=True, setops="cpu"),
     "torch": Backend("torch", "torch", ("cpu", "cuda"), streams=True, setops="torch"),

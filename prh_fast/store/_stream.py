@@ -66,6 +66,7 @@ import torch
 
 from prh_fast._validate import check_memory_budget
 from prh_fast.errors import InputError
+from prh_fast.knn._faiss_ann import AnnParams
 from prh_fast.prepare import normalize_rows
 from prh_fast.store._sharded import FeatureStore, open_store
 
@@ -379,6 +380,7 @@ class StreamPrep:
         self._progress = bool(progress)
         self._cache = bool(cache)
         self._t = None
+        self._mapped = None  # the store opened with memory maps, for take()
 
     @property
     def n(self) -> int:
@@ -410,12 +412,80 @@ class StreamPrep:
         return self._t
 
     def rows(self, l: int, a: int, b: int) -> torch.Tensor:
+        """Prepared rows ``a:b`` of layer ``l`` (``[b - a, D_l]``, compute dtype, ``device``).
+
+        Args:
+            l: the layer.
+            a, b: the first and the end row.
+
+        Returns:
+            The rows, bit-equal to the same rows of the in-memory preparation.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from prh_fast.store import StoreWriter
+            >>> w = StoreWriter(tempfile.mkdtemp() + "/feats", dtype="float32")
+            >>> w.append([torch.tensor([[3.0, 4.0], [0.0, 2.0]])])
+            >>> StreamPrep(w.finish(), cache=False).rows(0, 1, 2)
+            tensor([[0., 1.]])
+        """
+        return self._prepare(l, self.store.layer(l, slice(a, b)), f"rows {a}..{b}")
+
+    def take(self, l: int, ids: torch.Tensor) -> torch.Tensor:
+        """Prepared rows ``ids`` (any order, repeats allowed) of layer ``l``: only the pages
+        holding them are read (memory-mapped shards), and each row is prepared exactly as
+        :meth:`rows` prepares it (every step is row-wise), so the values are bit-equal.
+
+        Args:
+            l: the layer.
+            ids: ``[r]`` int64 row indices in ``[0, N)``.
+
+        Returns:
+            ``[r, D_l]`` prepared rows (compute dtype, on ``device``).
+
+        Example:
+            >>> import tempfile, torch
+            >>> from prh_fast.store import StoreWriter
+            >>> w = StoreWriter(tempfile.mkdtemp() + "/feats", dtype="float32")
+            >>> w.append([torch.tensor([[3.0, 4.0], [0.0, 2.0]])])
+            >>> StreamPrep(w.finish(), cache=False).take(0, torch.tensor([1, 0, 1]))
+            tensor([[0.0000, 1.0000],
+                    [0.6000, 0.8000],
+                    [0.0000, 1.0000]])
+        """
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+        d = self.store.dims[l]
+        if ids.numel() == 0:
+            return torch.empty((0, d), dtype=self.dtype, device=self.device)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.n:
+            raise InputError(f"ids: row indices must lie in [0, {self.n}) for "
+                             f"{self.store.path}")
+        uniq, inv = np.unique(ids.numpy(), return_inverse=True)
+        if self._mapped is None:
+            st = self.store
+            self._mapped = st if st._mmap else FeatureStore(st.path, mmap=True)
+        mm = self._mapped
+        raw = torch.empty((uniq.size, d), dtype=mm.dtype)
+        bounds = np.searchsorted(uniq, mm._starts + [mm.n])
+        for i in range(len(mm.shards)):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                s0 = mm._starts[i]
+                view = mm.layer(l, slice(s0, s0 + int(mm.shards[i]["rows"])))
+                raw[lo:hi] = view[torch.from_numpy(uniq[lo:hi] - s0)]
+        x = self._prepare(l, raw, f"{uniq.size} selected rows")
+        if uniq.size == ids.numel():  # distinct ids (sorted, or not): no copy when sorted
+            if bool((np.diff(ids.numpy()) > 0).all()):
+                return x
+        return x[torch.from_numpy(inv.reshape(-1)).to(self.device)]
+
+    def _prepare(self, l: int, raw: torch.Tensor, where: str) -> torch.Tensor:
         t = self.thresholds()[l]
-        x = self.store.layer(l, slice(a, b)).to(self.device)
+        x = raw.to(self.device)
         x = x if x.dtype == torch.float64 else x.float()
         if not bool(torch.isfinite(x).all()):
             raise InputError(f"{self.store.path}: layer {l} contains NaN or Inf value(s) "
-                             f"(rows {a}..{b})")
+                             f"({where})")
         if t is not None:
             x = torch.clamp(x, -t, t)
         if self.normalize:
@@ -426,14 +496,15 @@ class StreamPrep:
 # ------------------------------------------------------------------------------------------------
 # neighbours
 # ------------------------------------------------------------------------------------------------
-def _resolve_backend(backend, device: torch.device) -> str:
-    """``cpu`` (native) or ``torch``: the streamed search the backend registry picks
-    (``prh_fast.knn._backends.resolve(..., stream=True)``). A backend passed here that has no
-    streaming form raises; a configured one (``PRH_FAST_BACKEND``, ``config_context``) falls
-    back to ``auto`` with a log line."""
+def _resolve_backend(backend, device: torch.device):
+    """The streamed search the backend registry picks
+    (``prh_fast.knn._backends.resolve(..., stream=True)``): a ``Choice`` whose ``search`` is
+    ``cpu`` (native), ``torch`` or an approximate FAISS search (with its ``params``). A backend
+    passed here that has no streaming form raises; a configured one (``PRH_FAST_BACKEND``,
+    ``config_context``) falls back to ``auto`` with a log line."""
     from prh_fast.knn._backends import resolve
 
-    return resolve(backend, device, stream=True).search
+    return resolve(backend, device, stream=True)
 
 
 def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype,
@@ -644,16 +715,22 @@ def _self_scores(prep: StreamPrep, l: int, block: int) -> torch.Tensor:
                       for a in range(0, prep.n, block)])
 
 
-def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
-               normalize: bool = True, device=None, backend=None,
-               memory_budget: int | None = None, return_scores: bool = False,
-               progress: bool = False, cache: bool = True, include_self: bool = False):
-    """Exact neighbour lists ``[N, k]`` (int64, on ``device``) of one layer of a store.
+def stream_knn(store, layer: int, k: int, *, q: float | None = None, exact: bool = False,
+               normalize: bool = True, device: str | torch.device | None = None,
+               backend: str | AnnParams | None = None, memory_budget: int | None = None,
+               return_scores: bool = False, progress: bool = False, cache: bool = True,
+               include_self: bool = False, return_report: bool = False
+               ) -> torch.Tensor | tuple:
+    """Neighbour lists ``[N, k]`` (int64, on ``device``) of one layer of a store.
 
-    Equal to ``prh_fast.knn.knn(X, k)`` of the layer prepared in memory (``X`` = the layer of
-    ``prepare_features(feats, q, exact)``, rows L2-normalised when ``normalize``): self
-    excluded, by decreasing fixed-order inner product, ties to the lower index (see the module
-    docstring and ``prh_fast.knn._exact``).
+    Equal to ``prh_fast.knn.knn(X, k, backend=backend)`` of the layer prepared in memory
+    (``X`` = the layer of ``prepare_features(feats, q, exact)``, rows L2-normalised when
+    ``normalize``). The exact backends: self excluded, by decreasing fixed-order inner product,
+    ties to the lower index (see the module docstring and ``prh_fast.knn._exact``). The
+    approximate backends (``"faiss-ivf"``, ``"faiss-ivfpq"``, ``"faiss-hnsw"``, a spec string
+    or an ``AnnParams``): the in-memory approximate search with the same parameters and seed
+    (training rows, add order, recall sample, tuning to ``target_recall``), its index built
+    from rows streamed under ``memory_budget`` and cached in the store (``prh_fast.store._ann``).
 
     Args:
         store: a store folder or :class:`FeatureStore`.
@@ -661,15 +738,25 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
         k: neighbours, ``1 <= k <= N - 1``.
         q, exact: outlier clipping as ``prepare_features`` (``None``: none).
         normalize: L2-normalise rows first (the alignment pipeline's default).
-        device: where the products run (default CPU); CUDA uses the torch backend.
-        backend: ``"auto"`` (native ``cpu`` on CPU, ``torch`` on CUDA), ``"cpu"`` or ``"torch"``.
+        device: where the products run (default CPU); CUDA uses the torch backend. The
+            approximate searches run on the CPU (lists come back on ``device``).
+        backend: ``"auto"`` (native ``cpu`` on CPU, ``torch`` on CUDA), ``"cpu"``,
+            ``"torch"``, or an approximate search (see above).
         memory_budget: bytes of scratch (tiles, query panel, key blocks in flight); the
-            ``[N, k]`` result is not counted. Default ``DEFAULT_STREAM_BUDGET``.
+            ``[N, k]`` result is not counted. An approximate search counts its index too
+            (IVF-Flat and HNSW hold the float32 vectors: an ``InputError`` suggests
+            ``faiss-ivfpq`` when they do not fit). Default ``DEFAULT_STREAM_BUDGET``.
         return_scores: also return the ``[N, k]`` inner products (compute dtype; ValueError
             when they overflow it).
         progress: a tqdm bar over tiles with rate and ETA.
         cache: read / write the lists in the store's cache (``cache/``, atomic writes).
         include_self: the row's own entry competes too (``knn(..., include_self=True)``).
+        return_report: also return the approximate search's ``AnnReport`` (``None`` for an
+            exact backend) as the last element.
+
+    Returns:
+        ``idx``; with ``return_scores`` / ``return_report`` a tuple ``(idx[, scores][,
+        report])``.
 
     Raises:
         ValueError naming the argument: bad ``layer`` / ``k`` / ``q`` / ``backend``, a
@@ -683,24 +770,33 @@ def stream_knn(store, layer: int, k: int, *, q=None, exact: bool = False,
         >>> stream_knn(w.finish(), 0, 1, cache=False).tolist()
         [[1], [0], [3], [2]]
     """
-    idx, vals, cd = _stream_knn(store, layer, k, q=q, exact=exact, normalize=normalize,
-                                device=device, backend=backend, memory_budget=memory_budget,
-                                progress=progress, cache=cache, include_self=include_self)
-    if not return_scores:
-        return idx
-    out = vals.to(cd)
-    if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
-        raise InputError(f"store: layer {layer}: the neighbours' inner products exceed the {cd} "
-                         f"range; normalise the rows or leave return_scores=False")
-    return idx, out
+    idx, vals, cd, report = _stream_knn_report(
+        store, layer, k, q=q, exact=exact, normalize=normalize, device=device, backend=backend,
+        memory_budget=memory_budget, progress=progress, cache=cache, include_self=include_self)
+    res = (idx,)
+    if return_scores:
+        out = vals.to(cd)
+        if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):
+            raise InputError(f"store: layer {layer}: the neighbours' inner products exceed the "
+                             f"{cd} range; normalise the rows or leave return_scores=False")
+        res = res + (out,)
+    if return_report:
+        res = res + (report,)
+    return res if len(res) > 1 else res[0]
 
 
-def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=None,
-                backend=None, memory_budget=None, progress=False, cache=True,
-                include_self=False):
+def _stream_knn(store, layer, k, **kw):
     """``stream_knn``'s work: ``(idx, float64 scores, compute dtype)``."""
+    return _stream_knn_report(store, layer, k, **kw)[:3]
+
+
+def _stream_knn_report(store, layer, k, *, q=None, exact=False, normalize=True, device=None,
+                       backend=None, memory_budget=None, progress=False, cache=True,
+                       include_self=False):
+    """``stream_knn``'s work: ``(idx, float64 scores, compute dtype, AnnReport or None)``."""
     from prh_fast._validate import check_topk
     from prh_fast.knn._exact import merge_self
+    from prh_fast.knn._faiss_ann import ANN_BACKENDS
 
     st = as_store(store)
     l = _check_layer(st, layer)
@@ -709,9 +805,13 @@ def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=
         raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    name = _resolve_backend(backend, dev)
+    choice = _resolve_backend(backend, dev)
+    name = choice.search
     prep = StreamPrep(st, q=q, exact=exact, normalize=normalize, device=dev,
                       memory_budget=budget, progress=progress, cache=cache)
+    if name in ANN_BACKENDS:
+        return _stream_ann_lists(prep, l, k, choice.params, budget, dev, progress, cache,
+                                 include_self)
     d = st.dims[l]
     plan = knn_plan(st.n, d, k, backend=name, compute_dtype=prep.dtype,
                     store_itemsize=st.dtype.itemsize, memory_budget=budget)
@@ -741,7 +841,26 @@ def _stream_knn(store, layer, k, *, q=None, exact=False, normalize=True, device=
     if include_self:
         selfs = _self_scores(prep, l, plan.get("tile") or plan.get("cols")).to(dev)
         idx, vals = merge_self(idx, vals, selfs, k)
-    return idx, vals, prep.dtype
+    return idx, vals, prep.dtype, None
+
+
+def _stream_ann_lists(prep: StreamPrep, l: int, k: int, params, budget: int,
+                      dev: torch.device, progress: bool, cache: bool, include_self: bool):
+    """The approximate search of one layer (``prh_fast.store._ann``) on the CPU: ``(idx,
+    float64 scores, compute dtype, AnnReport)`` on ``dev``."""
+    from prh_fast.knn._exact import check_scores_finite, merge_self
+    from prh_fast.store._ann import stream_ann
+
+    cpu = StreamPrep(prep.store, q=prep.q, exact=prep.exact, normalize=prep.normalize,
+                     device="cpu", memory_budget=budget, progress=progress, cache=cache)
+    cpu.thresholds()  # before the bars: its own passes have their own bars
+    idx, vals, report = stream_ann(cpu, l, k, params, budget, cache=cache, progress=progress,
+                                   note=_note, scaled_cls=_Scaled, max_norm=_max_norm)
+    check_scores_finite(vals, "store")
+    if include_self:
+        block = max(1, min(prep.n, 4096))
+        idx, vals = merge_self(idx, vals, _self_scores(cpu, l, block), k)
+    return idx.to(dev), vals.to(dev), prep.dtype, report
 
 
 def prepared_bytes(store, normalize: bool = True) -> int:
