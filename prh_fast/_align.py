@@ -701,10 +701,13 @@ def ann_pair_report(metric: str, k: int, x_reports: list, y_reports: list,
     error ``sd(d) / sqrt(S)`` times the finite-population factor ``sqrt((N - S) / (N - 1))``
     (``prh_fast.knn._faiss_ann.mean_ci``: zero when the sample is every row) and the 95%
     interval ``mean(d) ± 1.96·se``. A pair's error is **resolved** when that interval's
-    half-width is at most ``error_tolerance`` (the error is known to ``± error_tolerance``)
-    or the interval excludes 0 (a bias is detected). While some pair's error is not resolved
-    the sample is doubled (every layer's report grows to the same nested rows, which costs
-    the exact search of the added rows) up to ``min(N, max_sample)`` rows.
+    half-width is at most ``error_tolerance`` (the error is known to ``± error_tolerance``),
+    or when the whole interval lies beyond ``± error_tolerance`` (the error certainly exceeds
+    the tolerance; more rows would only say by how much). It is **biased** when the
+    interval excludes 0 (the approximate lists shift the metric; otherwise the difference is
+    within sampling noise). While some pair's error is not resolved the sample is doubled
+    (every layer's report grows to the same nested rows, which costs the exact search of the
+    added rows) up to ``min(N, max_sample)`` rows.
 
     Args:
         metric: the pipeline's metric.
@@ -725,7 +728,7 @@ def ann_pair_report(metric: str, k: int, x_reports: list, y_reports: list,
         "error_max", "error_se" ([Lx][Ly]), "error_ci" ([Lx][Ly] ``[low, high]`` of the signed
         ``approx - exact``), "error_bound" ([Lx][Ly], the 95% upper bound of the error:
         ``max(|low|, |high|)``), "error_bound_max", "resolved" ([Lx][Ly] bool),
-        "resolved_all"}}``.
+        "resolved_all", "biased" ([Lx][Ly] bool)}}``.
 
     Raises:
         InputError: some layers have no report, or the reports' samples share no row.
@@ -784,7 +787,8 @@ def ann_pair_report(metric: str, k: int, x_reports: list, y_reports: list,
             diff = approx - exact
             half = _Z95 * se
             low, high = diff - half, diff + half
-            resolved = (half <= error_tolerance) | (low > 0) | (high < 0)
+            resolved = ((half <= error_tolerance) | (low > error_tolerance)
+                        | (high < -error_tolerance))
             err = diff.abs()
             bound = torch.maximum(low.abs(), high.abs())
             out[name] = {"approx": approx.tolist(), "exact": exact.tolist(),
@@ -792,7 +796,8 @@ def ann_pair_report(metric: str, k: int, x_reports: list, y_reports: list,
                          "error_se": se.tolist(),
                          "error_ci": torch.stack([low, high], dim=-1).tolist(),
                          "error_bound": bound.tolist(), "error_bound_max": float(bound.max()),
-                         "resolved": resolved.tolist(), "resolved_all": bool(resolved.all())}
+                         "resolved": resolved.tolist(), "resolved_all": bool(resolved.all()),
+                         "biased": ((low > 0) | (high < 0)).tolist()}
         return out, int(lists[0][0].shape[0])
 
     out_metrics, size = measure()

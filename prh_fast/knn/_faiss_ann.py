@@ -630,8 +630,9 @@ def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
     The integer knob (IVF / IVF-PQ ``nprobe`` in ``1..nlist``; HNSW ``ef_search`` from
     ``max(k + 1, 16)`` up to ``max(k + 1, min(EF_SEARCH_CAP, n_keys))``) is doubled until the
     sample recall@k reaches the target, then bisected down to the smallest setting that
-    reaches it. IVF-PQ starts at ``refine = 4``; when ``nprobe = nlist`` does not reach the
-    target, ``refine`` is doubled (up to ``REFINE_CAP``) and ``nprobe`` tuned again. The
+    reaches it. IVF-PQ starts at ``refine = 4`` and first tries ``nprobe = nlist``; when
+    that does not reach the target, ``refine`` is doubled (up to ``REFINE_CAP``), else
+    ``nprobe`` is tuned at that ``refine``. The
     target counts as reached when the sample's mean recall is at least the target (the
     recorded 95% interval says how far the recall over all rows may be from it).
 
@@ -701,8 +702,11 @@ def tune_query(p: AnnParams, search_sample: Callable[[AnnParams], torch.Tensor],
     else:
         refine = _PQ_DEFAULT_REFINE
         while chosen is None:
-            v = _first_reaching(lambda n, r=refine: measure(nprobe=n, refine=r), 1, p.nlist,
-                                target)
+            # nprobe = nlist first: a refine that cannot reach the target costs one trial
+            v = None
+            if measure(nprobe=p.nlist, refine=refine) >= target:
+                v = _first_reaching(lambda n, r=refine: measure(nprobe=n, refine=r), 1,
+                                    p.nlist, target)
             if v is not None:
                 chosen = {"nprobe": v, "refine": refine}
             elif refine >= REFINE_CAP:
