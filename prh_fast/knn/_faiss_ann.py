@@ -5,23 +5,39 @@ search the prepared features by inner product, like the exact backends (cosine s
 L2-normalised rows), exclude each row itself, and return ``[N, k]`` int64 lists ordered by
 score (descending), ties by the lower index among the candidates the index returned.
 
-Choosing and passing parameters (``AnnParams``; every field ``None`` means "derived from N"):
+Choosing and passing parameters (``AnnParams``; every field ``None`` means "derived from N",
+or for the query-time parameters "tuned to the target"):
 
 - as the backend itself: ``knn(X, 10, backend=AnnParams("faiss-ivf", nprobe=16))``;
 - as a spec string, anywhere a backend name is accepted (``backend=``, the configured backend:
   ``PRH_FAST_BACKEND`` or ``prh_fast.config_context(backend=...)``, ``prh-fast align
-  --backend``): ``"faiss-ivf:nprobe=16,nlist=1024"``; FAISS's own names
-  (``m``, ``nbits``, ``M``, ``efConstruction``, ``efSearch``) work as aliases there;
-- on the command line: ``--backend faiss-ivf --knn-option nprobe=16``.
+  --backend``): ``"faiss-ivf:nprobe=16,nlist=1024"``, ``"faiss-hnsw:target_recall=0.98"``;
+  FAISS's own names (``m``, ``nbits``, ``M``, ``efConstruction``, ``efSearch``) and
+  ``target`` work as aliases there;
+- on the command line: ``--backend faiss-ivf --knn-option nprobe=16`` (or
+  ``--knn-option target_recall=0.98``).
+
+Query-time parameters and a requested recall: the build parameters (``nlist``, PQ codes,
+HNSW graph) are derived from N unless given; the query-time ones (``QUERY_PARAMS``: IVF
+``nprobe``, IVF-PQ ``nprobe`` and ``refine``, HNSW ``ef_search``) are tuned to
+``target_recall`` (``tune_query``: doubling, then bisection, to the smallest setting whose
+recall@k on the recall sample reaches the target) unless given explicitly. Without a target
+and without query-time parameters the default target (``DEFAULT_TARGET_RECALL``, 0.95)
+applies; a target that the index cannot reach is an ``InputError`` naming the best recall.
 
 Every approximate search measures what it lost (``AnnReport``): on a seeded sample of query
 rows (``recall_sample``, default ``min(N, 1000)``) it runs an exact float32 search of those
-rows against all keys (torch tiles, ties by the lower index) and reports recall@k, the share of
-the exact neighbours the index found. The rows of the sample depend only on ``(N, seed)``, so
-every layer of a model pair is sampled at the same rows, and ``prh_fast.align`` turns the
-per-layer reports into the error of the metric itself (``|mutual_knn(approx) -
-mutual_knn(exact)|`` on the sample rows, per layer pair). Each report is logged (one line) and
-returned (``knn(..., return_report=True)``, ``AlignmentResult.ann_report``).
+rows against all keys (torch tiles, ties by the lower index) — before the full search, as the
+tuning measures its trials against it — and reports recall@k, the share of the exact
+neighbours the index found (a neighbour tied with the ``k``-th exact score counts as found),
+with a 95% interval. The rows of the sample depend only on ``(N, seed)`` and are nested (a
+larger sample holds a smaller one's rows), so every layer of a model pair is sampled at the
+same rows and a sample can grow (``AnnReport.grow``). ``prh_fast.align`` turns the per-layer
+reports into the error of the metric itself (``|mutual_knn(approx) - mutual_knn(exact)|`` on
+the sample rows, per layer pair, with its standard error and 95% interval; the sample grows
+while an error is not resolved). Each report is logged (one line) and returned
+(``knn(..., return_report=True)``, ``AlignmentResult.ann_report``). A returned report holds
+the search's features and lists until ``AnnReport.release`` (``align`` releases its own).
 
 Rows for which the index returned fewer than ``k`` results (an IVF probe that reached too few
 points) are completed by an exact search of those rows; the report counts them.
@@ -112,8 +128,9 @@ class AnnParams:
             or ``"faiss-hnsw"``.
         nlist: IVF cells. Default: the power of two nearest ``4·sqrt(N)``, at most ``N // 39``
             (FAISS's k-means wants 39+ training points per centroid), at least 1.
-        nprobe: cells visited per query, ``1..nlist``. Default ``round(sqrt(nlist))`` (64 at
-            nlist = 4096). ``nprobe = nlist`` makes IVF-Flat an exact search.
+        nprobe: cells visited per query, ``1..nlist``. Default: tuned to the target; when
+            another query-time parameter is given, ``round(sqrt(nlist))`` (64 at nlist =
+            4096). ``nprobe = nlist`` makes IVF-Flat an exact search.
         train_size: rows drawn (seeded, without replacement) to train the quantisers, up to N.
             Default ``min(N, 64·nlist)`` (IVF-PQ: at least ``64·2**pq_nbits``).
         pq_m: PQ sub-quantisers, a divisor of D. Default: the largest divisor of D that is at
@@ -122,10 +139,11 @@ class AnnParams:
             sample is too small for 256 centroids).
         refine: IVF-PQ returns ``refine·(k+1)`` candidates per query, which are re-scored with
             exact float32 inner products and the best ``k`` kept (the returned scores are
-            exact). Default 4; 1 re-scores without widening.
+            exact). Default 4 (the tuning may raise it); 1 re-scores without widening.
         hnsw_m: HNSW graph degree ``M``. Default 32.
         ef_construction: HNSW build beam. Default 40 (FAISS's).
-        ef_search: HNSW search beam (FAISS uses at least ``k+1``). Default ``max(64, 2(k+1))``.
+        ef_search: HNSW search beam (FAISS uses at least ``k+1``). Default: tuned to the
+            target.
         seed: training sample, k-means, HNSW levels and the recall sample. Default 0.
         recall_sample: query rows of the recall report, ``1..N``. Default ``min(N, 1000)``.
         target_recall: the recall@k the search must reach, ``0 < t <= 1``: the query-time
