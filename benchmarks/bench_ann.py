@@ -23,17 +23,19 @@ Metric errors (the same sample rows in both layers):
 - |Δ mutual_knn|: per sample row ``i`` the paired difference ``|A_i ∩ B_i|/k`` from the
   approximate minus from the exact lists; its mean, standard error (finite-population factor)
   and 95% CI (``prh_fast.knn._faiss_ann.mean_ci``). It is *resolved* when the whole CI lies
-  inside ``±--tolerance`` (0.005): then |Δ| <= tolerance is established by the sample. While it
-  is not, and the CI still contains 0, the sample is doubled (``AnnReport.grow``, nested rows)
-  up to ``--max-sample``.
-- |Δ cknna|: cknna is not row-local (column sums, transposed entries), so it needs every row's
-  lists. Where the exact search of all rows is run (``N <= --exact-full-max-n``), cknna from the
-  exact lists of all rows against cknna from the approximate lists: *measured*. Always also
-  *estimated from the sample*: the sample is split into ``--groups`` interleaved groups; for
-  each, the approximate lists of its rows (both layers) are replaced by their exact lists and
-  cknna recomputed; ``(N / group size) x`` the change estimates the whole error (first order:
-  each row's share is small), and the groups' spread gives its standard error. Where both
-  exist, the table shows both, which checks the estimate.
+  inside ``±--tolerance`` (0.005): then |Δ| <= tolerance is established by the sample. While the
+  CI reaches past ``±tolerance`` without lying wholly beyond it (undecided), the sample is
+  doubled (``AnnReport.grow``, nested rows) up to ``--max-sample``.
+- |Δ cknna|: where the exact search of all rows is run (``N <= --exact-full-max-n``), cknna
+  from the exact lists of all rows against cknna from the approximate lists: *measured*. Always
+  also *estimated from a sample* of ``--cknna-sample`` rows: each of the five sums of CKNNA's
+  three HSIC terms (``Σ P_ij Q_ji``, ``1ᵀP1``, ``1ᵀQ1``, ``1ᵀPQ1``, ``1ᵀQP1``) is a sum over rows
+  ``i`` of a share that reads the lists of ``i`` and of the rows ``j`` in its mask ``M_i``;
+  the shares of the sample rows, scaled by ``N / S``, estimate the sums, from the exact lists
+  (of the sample rows and of their exact neighbours: the only exact search this needs) and
+  from the approximate lists of the same rows; the difference of the two cknna values is the
+  estimate, and a delete-a-group jackknife over ``--groups`` groups of rows its standard
+  error. Where both exist, the table shows both, which checks the estimate.
 
 Exact reference: prh_fast's ``cpu`` backend (the fastest exact CPU search here, symmetric tiles).
 When ``N <= --exact-full-max-n`` both layers are searched in full and timed (*measured*); the
@@ -58,18 +60,19 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._harness import finish, loadavg
+from benchmarks._harness import environment, finish, loadavg, write_json
 from prh_fast.knn import AnnParams, knn
 from prh_fast.knn._estimate import estimate_seconds, gemm_rate
-from prh_fast.knn._faiss_ann import ANN_BACKENDS, mean_ci, recall_at_k
+from prh_fast.knn._faiss_ann import ANN_BACKENDS, exact_rows, mean_ci, recall_at_k, sample_rows
 from prh_fast.metrics._cknna import cknna_sim, cknna_values
-from prh_fast.metrics._kernel import cka_ratio
+from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
 from prh_fast.metrics._neighbours import neighbour_scores
 
 #: Issue targets.
 TARGET_RECALL = 0.95
 TARGET_ERROR = 0.005
 TARGET_SPEEDUP = 10.0
+BUDGET = 256 * 2**20
 
 
 def features(n: int, d: int, seed: int = 0, chunk: int = 1 << 17
@@ -122,11 +125,6 @@ def cknna_of(n: int, a: tuple, b: tuple) -> float:
                      cknna_sim(n, pb, pb, True))
 
 
-def dots(X: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """float32 inner products of ``X[rows]`` with the rows ``idx [R, k]`` lists."""
-    return torch.einsum("rd,rkd->rk", X[rows], X[idx])
-
-
 def mutual_error(ra, rb, n: int) -> dict:
     """The paired per-row difference of mutual_knn (approximate minus exact) on the shared
     sample rows of two layers' reports: mean, se, 95% CI, resolved."""
@@ -136,31 +134,81 @@ def mutual_error(ra, rb, n: int) -> dict:
             "rows": int(d_rows.numel()), "rows_differing": int((d_rows != 0).sum())}
 
 
-def cknna_sample_estimate(X: dict, lists: dict, reps: dict, n: int, groups: int,
-                          c_approx: float) -> dict:
-    """First-order estimate of cknna(exact) - cknna(approx) from the sample (module
-    docstring): per interleaved group of sample rows, swap in their exact lists in both layers,
-    recompute cknna, scale the change by N / group size."""
-    sample = reps["A"].sample
-    g = max(1, min(groups, sample.numel()))
-    est = []
-    for j in range(g):
-        pos = torch.arange(j, sample.numel(), g)
-        rows = sample[pos]
-        sides = {}
-        for name in "AB":
-            idx, vals = lists[name]
-            ex = reps[name].exact[pos]
-            i2, v2 = idx.clone(), vals.clone()
-            i2[rows] = ex
-            v2[rows] = dots(X[name], rows, ex).to(v2.dtype)
-            sides[name] = (i2, v2)
-        c = cknna_of(n, sides["A"], sides["B"])
-        est.append((c - c_approx) * n / rows.numel())
-    e = np.asarray(est, dtype=np.float64)
-    m = float(e.mean())
-    se = float(e.std(ddof=1) / math.sqrt(e.size)) if e.size > 1 else float("nan")
-    return {"delta": m, "abs": abs(m), "se": se, "groups": int(e.size)}
+def _mutual_rows(LA, VA, LB, VB, rows):
+    """For ``rows``: layer a's lists, which of their entries are in layer b's list too (the
+    CKNNA mask ``M``), and the masked row sums of ``P = M∘K`` and ``Q = M∘L``."""
+    a, b = LA[rows], LB[rows]
+    in_a = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1)
+    in_b = (b.unsqueeze(-1) == a.unsqueeze(-2)).any(-1)
+    row_p = (VA[rows].double() * in_a).sum(-1)
+    row_q = (VB[rows].double() * in_b).sum(-1)
+    return a, in_a, row_p, row_q
+
+
+def cknna_row_terms(S: torch.Tensor, LA, VA, LB, VB, Xb: torch.Tensor) -> torch.Tensor:
+    """``[S, 5]``: each row's share of the five sums of ``sim(P, Q)``
+    (``Σ P_ij Q_ji, 1ᵀP1, 1ᵀQ1, 1ᵀPQ1, 1ᵀQP1``, ``prh_fast.metrics._cknna.cknna_terms``); the
+    shares of all rows add up to the sums. Row ``i``'s share reads the lists of ``i`` and of
+    the rows ``j`` in its mask ``M_i`` (``LA/LB [N, k]`` lists, ``VA/VB`` their values, ``Xb``
+    layer b's features for ``L_ij``)."""
+    a, in_a, t2, t3 = _mutual_rows(LA, VA, LB, VB, S)
+    J = a.clamp_min(0)
+    K = VA[S].double()
+    L = torch.einsum("sd,skd->sk", Xb[S], Xb[J]).double()
+    _, _, row_p_j, row_q_j = _mutual_rows(LA, VA, LB, VB, J)
+    me = S.view(-1, 1, 1)
+    i_in_mj = (LA[J] == me).any(-1) & (LB[J] == me).any(-1)
+    m = in_a.double()
+    return torch.stack([(m * K * L * i_in_mj).sum(1), t2, t3, (m * K * row_q_j).sum(1),
+                        (m * L * row_p_j).sum(1)], 1)
+
+
+def _cknna_from_sums(n: int, T: torch.Tensor) -> float:
+    """cknna from ``[3, 5]`` sums of ``sim(A, B)``, ``sim(A, A)``, ``sim(B, B)``."""
+    h = [hsic_from_sums(n, float(t[0]), float(t[1]), float(t[2]), float(t[3]), unbiased=True,
+                        dot_rows_t=float(t[4])) for t in T]
+    return cka_ratio(*h)
+
+
+def cknna_terms_of(lists: dict, X: dict, S: torch.Tensor) -> torch.Tensor:
+    """``[3, S, 5]`` row shares of the three sims of cknna(A, B) for the rows ``S``."""
+    (LA, VA), (LB, VB) = lists["A"], lists["B"]
+    return torch.stack([cknna_row_terms(S, la, va, lb, vb, xb) for la, va, lb, vb, xb in
+                        ((LA, VA, LB, VB, X["B"]), (LA, VA, LA, VA, X["A"]),
+                         (LB, VB, LB, VB, X["B"]))])
+
+
+def cknna_sample_estimate(n: int, te: torch.Tensor, ta: torch.Tensor, groups: int = 20
+                          ) -> dict:
+    """cknna(exact) - cknna(approx) from the row shares ``te`` / ``ta`` ``[3, S, 5]`` of the
+    same sample rows: each sum scaled by ``N / S`` (an unbiased estimate of the whole sum), the
+    difference of the two ratios, and its standard error by the delete-a-group jackknife."""
+    s = te.shape[1]
+
+    def delta(keep):
+        f = n / int(keep.sum())
+        return (_cknna_from_sums(n, te[:, keep].sum(1) * f)
+                - _cknna_from_sums(n, ta[:, keep].sum(1) * f))
+
+    d = delta(torch.ones(s, dtype=torch.bool))
+    g = max(2, min(groups, s))
+    grp = torch.arange(s) % g
+    jk = np.array([delta(grp != j) for j in range(g)])
+    se = math.sqrt((g - 1) / g * float(((jk - jk.mean()) ** 2).sum()))
+    return {"delta": d, "abs": abs(d), "se": se, "rows": s, "groups": g}
+
+
+def exact_lists_of(X: dict, rows: torch.Tensor, k: int, into: dict | None = None) -> dict:
+    """Exact lists and values of ``rows`` in both layers, written into ``[N, k]`` tensors
+    (``-1`` / NaN where not computed)."""
+    n = X["A"].shape[0]
+    out = into or {nm: (torch.full((n, k), -1, dtype=torch.int64),
+                        torch.full((n, k), float("nan"))) for nm in "AB"}
+    for nm in "AB":
+        idx, vals = exact_rows(X[nm][rows], rows, X[nm], k, BUDGET)
+        out[nm][0][rows] = idx
+        out[nm][1][rows] = vals.float()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest sample the mutual_knn error may grow to")
     p.add_argument("--tolerance", type=float, default=TARGET_ERROR,
                    help="|Δ mutual_knn| resolved: the 95%% CI inside ±tolerance")
-    p.add_argument("--groups", type=int, default=8, help="groups of the cknna estimate")
+    p.add_argument("--groups", type=int, default=20,
+                   help="jackknife groups of the cknna estimate's standard error")
+    p.add_argument("--cknna-sample", type=int, default=1000,
+                   help="rows of the cknna estimate (their exact neighbours' lists are needed)")
     p.add_argument("--exact-full-max-n", type=int, default=200_000,
                    help="largest N whose exact search of all rows is run (measured)")
     p.add_argument("--exact-sub", type=int, default=50_000,
@@ -248,6 +299,21 @@ def main(argv: list[str] | None = None) -> int:
         m_exact = mutual_full(exact_lists["A"][0], exact_lists["B"][0])
         c_exact = cknna_of(n, exact_lists["A"], exact_lists["B"])
         print(f"exact: mutual_knn {m_exact:.4f}, cknna {c_exact:.4f} (all rows)", flush=True)
+    # cknna's sample: the exact lists of its rows and of their exact neighbours (both layers)
+    t0 = time.perf_counter()
+    ck_rows = sample_rows(n, min(n, args.cknna_sample), args.seed + 1)
+    if full:
+        ck_lists = {nm: (exact_lists[nm][0], exact_lists[nm][1].float()) for nm in "AB"}
+    else:
+        ck_lists = exact_lists_of(X, ck_rows, k)
+        nbrs = torch.cat([ck_lists[nm][0][ck_rows].flatten() for nm in "AB"]).unique()
+        nbrs = nbrs[~torch.isin(nbrs, ck_rows)]
+        ck_lists = exact_lists_of(X, nbrs, k, ck_lists)
+        print(f"exact lists of the {ck_rows.numel()} cknna sample rows and their "
+              f"{nbrs.numel()} neighbours: {time.perf_counter() - t0:.1f} s", flush=True)
+    ck_exact_terms = cknna_terms_of(ck_lists, X, ck_rows)
+    args.cknna_sample_seconds = time.perf_counter() - t0
+    del ck_lists
 
     # ---- the approximate backends, through the public API
     for backend in args.backends:
@@ -266,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {backend} layer {nm}: {rep.summary()}; wall {wall[nm]:.1f} s", flush=True)
         err = mutual_error(reps["A"], reps["B"], n)
         t_grow = time.perf_counter()
-        while (err["halfwidth"] > 0 and not (-args.tolerance <= err["ci"][0]
-                                             and err["ci"][1] <= args.tolerance)
-               and err["ci"][0] <= 0 <= err["ci"][1] and err["rows"] < min(n, args.max_sample)):
+        tol = args.tolerance
+        # grow while the CI reaches past ±tol but does not lie wholly beyond it (undecided)
+        while (not (-tol <= err["ci"][0] and err["ci"][1] <= tol)
+               and not (err["ci"][0] > tol or err["ci"][1] < -tol)
+               and err["rows"] < min(n, args.max_sample)):
             size = min(n, args.max_sample, 2 * err["rows"])
             for nm in "AB":
                 reps[nm].grow(size)
@@ -280,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         resolved = -args.tolerance <= err["ci"][0] and err["ci"][1] <= args.tolerance
         m_approx = mutual_full(lists["A"][0], lists["B"][0])
         c_approx = cknna_of(n, lists["A"], lists["B"])
-        ck = cknna_sample_estimate(X, lists, reps, n, args.groups, c_approx)
+        ck = cknna_sample_estimate(n, ck_exact_terms, cknna_terms_of(lists, X, ck_rows),
+                                   args.groups)
         tm = [r.timings for r in reps.values()]
 
         def mean_t(key, tm=tm):
@@ -321,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                "dcknna_all_signed": None if c_exact is None else c_exact - c_approx,
                "dcknna_est": ck["abs"], "dcknna_est_signed": ck["delta"],
                "dcknna_est_se": ck["se"], "dcknna_est_groups": ck["groups"],
+               "dcknna_est_rows": ck["rows"],
                "checks": checks,
                "targets": ", ".join(("met" if ok else "NOT met") for ok in checks.values()),
                "timings_A": dict(ra.timings), "timings_B": dict(rb.timings),
@@ -338,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in (ra, rb):
             r.release()
         del lists, reps
+        # the rows so far, in case a long run is stopped (the final write replaces it)
+        write_json(name, {"benchmark": "faiss_ann", "partial": True, "env": environment(),
+                          "args": {a: v for a, v in vars(args).items()}, "rows": rows},
+                   args.out)
     for r in rows:
         r.update(N=n, D=d, k=k)
     args.gemm_gflops = rate / 1e9
