@@ -360,7 +360,8 @@ def _auto(request: Request, order, table, what: str):
                      f"{device_type(request.device)}")
 
 
-def resolve(backend, device, *, op: str = "knn", k: int | None = None, dtype=None,
+def resolve(backend: str | AnnParams | None, device: torch.device | str, *, op: str = "knn",
+            k: int | None = None, dtype: torch.dtype | None = None,
             cross: bool = False, stream: bool = False, distributed: bool = False,
             n: int | None = None, dim: int | None = None,
             n_keys: int | None = None) -> Choice:
