@@ -56,6 +56,8 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prh_fast.errors import InputError
 
@@ -268,11 +270,22 @@ class Config:
 
     __slots__ = ("_values", "_origins")
 
-    def __init__(self, values: dict, origins: dict):
+    if TYPE_CHECKING:  # the settings' types, for type checkers (read through __getattr__)
+        backend: Any
+        stream: str
+        memory_budget: int | None
+        dist_timeout: float | None
+        dist_backend: str
+        cache_dir: str | None
+        traceback: bool
+        num_threads: int | None
+        cpu_screen: str
+
+    def __init__(self, values: dict[str, Any], origins: dict[str, str]) -> None:
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "_origins", dict(origins))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         values = object.__getattribute__(self, "_values")
         if name not in values:
             raise AttributeError(f"prh_fast config has no setting {name!r}")
@@ -281,7 +294,7 @@ class Config:
             raise v.error
         return v
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("the config is read-only; use set_config() or config_context()")
 
     def origin(self, name: str) -> str:
@@ -291,7 +304,7 @@ class Config:
             raise AttributeError(f"prh_fast config has no setting {name!r}")
         return self._origins[name]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Every setting as a plain dict (raises for an invalid environment value)."""
         return {name: getattr(self, name) for name in DEFAULTS}
 
@@ -387,9 +400,11 @@ def get_config() -> Config:
     return Config(values, origins)
 
 
-def set_config(*, backend=None, stream=None, memory_budget=None, dist_timeout=None,
-               dist_backend=None, cache_dir=None, traceback=None, num_threads=None,
-               cpu_screen=None) -> None:
+def set_config(*, backend: object = None, stream: str | bool | None = None,
+               memory_budget: int | None = None, dist_timeout: float | None = None,
+               dist_backend: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+               traceback: bool | None = None, num_threads: int | None = None,
+               cpu_screen: str | None = None) -> None:
     """Set process-wide defaults (over the environment); ``None`` leaves a setting unchanged.
 
     Args:
@@ -434,9 +449,12 @@ def reset_config() -> None:
 
 
 @contextlib.contextmanager
-def config_context(*, backend=None, stream=None, memory_budget=None, dist_timeout=None,
-                   dist_backend=None, cache_dir=None, traceback=None, num_threads=None,
-                   cpu_screen=None):
+def config_context(*, backend: object = None, stream: str | bool | None = None,
+                   memory_budget: int | None = None, dist_timeout: float | None = None,
+                   dist_backend: str | None = None,
+                   cache_dir: str | os.PathLike[str] | None = None,
+                   traceback: bool | None = None, num_threads: int | None = None,
+                   cpu_screen: str | None = None) -> Iterator[Config]:
     """Override settings inside a ``with`` block (this thread / task only); ``None`` leaves a
     setting as it is. Arguments as :func:`set_config`.
 

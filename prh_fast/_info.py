@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
+from typing import Any, TextIO
 
 
 def _version(dist: str):
@@ -13,7 +14,7 @@ def _version(dist: str):
         return None
 
 
-def collect() -> dict:
+def collect() -> dict[str, Any]:
     """Describe the build and the runtime (the one place that queries CUDA).
 
     Returns:
@@ -77,7 +78,7 @@ def collect() -> dict:
     return out
 
 
-def info(file=None) -> dict:
+def info(file: TextIO | None = None) -> dict[str, Any]:
     """Print what prh_fast was built with and what it can use here.
 
     Args:

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from typing import TypeVar
 
 from prh_fast.errors import DestinationLocked
 
@@ -187,6 +188,9 @@ def release(held: _Held) -> None:
     held.release()
 
 
+_Self = TypeVar("_Self", bound="HoldsLock")
+
+
 class HoldsLock:
     """Base class of writers that hold their destination's lock while open.
 
@@ -215,10 +219,10 @@ class HoldsLock:
         if held is not None:
             release(held)
 
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> bool:
         self.close()
         return False
 

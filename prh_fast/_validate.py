@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -34,7 +37,17 @@ __all__ = [
     "check_memory_budget",
     "resolve_memory_budget",
     "compute_dtype",
+    "Features",
+    "Layers",
+    "StrPath",
 ]
+
+#: One ``[N, D]`` matrix of features, as the public entry points accept it.
+Features: TypeAlias = "torch.Tensor | np.ndarray"
+#: One model's layers: a ``[N, L, D]`` tensor or array, or a sequence of ``[N, D_l]`` ones.
+Layers: TypeAlias = "torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]"
+#: A file or folder name.
+StrPath: TypeAlias = "str | os.PathLike[str]"
 
 
 def as_tensor(x, name: str, *, detach: bool = True) -> torch.Tensor:

@@ -35,10 +35,11 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -67,6 +68,14 @@ from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.metrics._ties import tie_warning
 from prh_fast.prepare import prepare_features
 
+if TYPE_CHECKING:
+    from prh_fast._validate import Layers, StrPath
+    from prh_fast.knn import AnnParams
+
+    #: The models of one side of a grid: name -> feature file, store folder, features or
+    #: record dict; or a list of feature files (name = file stem).
+    Models: TypeAlias = "Mapping[str, StrPath | Layers | Mapping[str, Any]] | Sequence[StrPath]"
+
 __all__ = ["align_models", "GridResult", "Alignment", "GridSpec", "output_stem"]
 
 logger = logging.getLogger(__name__)
@@ -76,7 +85,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 4 * 2**30
 
 
-def output_stem(metric: str, topk) -> str:
+def output_stem(metric: str, topk: object) -> str:
     """The reference's file name (without ``.npy``): ``<metric>_k<topk>`` when the metric's
     name contains "knn" (cknna included), else ``<metric>``."""
     return f"{metric}_k{topk}" if "knn" in metric else metric
@@ -458,7 +467,7 @@ class GridResult:
     def stem(self) -> str:
         return output_stem(self.metric, self.topk)
 
-    def best(self, x_name: str, y_name: str):
+    def best(self, x_name: str, y_name: str) -> tuple[float, tuple[int, int] | None]:
         """``(score, (i, j) or None)`` of one model pair, as ``compute_score`` returns it."""
         a, b = self.x_names.index(x_name), self.y_names.index(y_name)
         i, j = (int(v) for v in self.indices[a, b])
@@ -507,11 +516,11 @@ class GridResult:
                    options=d.get("options", {}),
                    null=None if null is None else {a: arr(v) for a, v in null.items()})
 
-    def paths(self, output_dir) -> dict:
+    def paths(self, output_dir: StrPath) -> dict[str, str]:
         base = os.path.join(os.fspath(output_dir), self.stem)
         return {"npy": base + ".npy", "json": base + ".json", "csv": base + ".csv"}
 
-    def save(self, output_dir) -> dict:
+    def save(self, output_dir: StrPath) -> dict[str, str]:
         """Write ``<stem>.npy`` (the reference's ``np.save(path, {"scores", "indices"})``, a
         pickled dict; see ``reference_arrays``), ``<stem>.json`` (everything, x-oriented
         indices, ``null`` for no pair) and ``<stem>.csv`` (one row per pair: x, y, score, i, j
@@ -536,7 +545,8 @@ class GridResult:
         return p
 
     @classmethod
-    def load(cls, output_dir, metric: str, topk=10, *, x_names=None, y_names=None,
+    def load(cls, output_dir: StrPath, metric: str, topk: object = 10, *,
+             x_names: Sequence[str] | None = None, y_names: Sequence[str] | None = None,
              trust: bool = False) -> "GridResult":
         """Read a saved grid: the ``.json`` when present, else the reference's ``.npy`` (which
         holds no names: ``x_names`` / ``y_names`` label it, or ``x0, x1, ...``).
@@ -710,8 +720,8 @@ class GridSpec:
             self.cache_bytes = DEFAULT_CACHE_BYTES
 
     @classmethod
-    def from_args(cls, metric: str = "mutual_knn", *, stream_budget=None, memory_budget=None,
-                  **kwargs) -> "GridSpec":
+    def from_args(cls, metric: str = "mutual_knn", *, stream_budget: int | None = None,
+                  memory_budget: int | None = None, **kwargs: Any) -> "GridSpec":
         """The spec of ``align_models(x, y, metric, **kwargs)``: keywords that are not
         fields go to ``metric_kwargs``; ``stream_budget`` is ``memory_budget``'s deprecated
         alias (a ``FutureWarning``; both is an ``InputError``)."""
@@ -730,7 +740,7 @@ class GridSpec:
     def show_progress(self) -> bool:
         return bool(self.progress) and sys.stderr.isatty()
 
-    def existing(self, xm, ym):
+    def existing(self, xm: list[_Model], ym: list[_Model]) -> GridResult | None:
         """The finished output in ``output_dir`` for these models (``load_existing``), or
         None (no ``output_dir``, ``force_remake``, or nothing saved)."""
         if self.output_dir is None or self.force_remake:
@@ -739,7 +749,7 @@ class GridSpec:
                              [m.name for m in ym], trust=self.trust,
                              metric_kwargs=self.metric_kwargs)
 
-    def plan(self, xm, ym) -> GridPlan:
+    def plan(self, xm: list[_Model], ym: list[_Model]) -> GridPlan:
         """Check the models (same N) and the metric's options; list the pairs to score."""
         n = _check_n(xm + ym)
         k, opts = _metric_options(self.metric, n, self.topk, self.metric_kwargs,
@@ -756,14 +766,14 @@ class GridSpec:
                            memory_budget=self.memory_budget,
                            progress=self.show_progress if progress is None else progress)
 
-    def score(self, cache, plan: GridPlan, x, y) -> PairScore:
+    def score(self, cache: _ModelCache, plan: GridPlan, x: _Model, y: _Model) -> PairScore:
         """One model pair's scores (:func:`score_pair`)."""
         return score_pair(cache, x, y, self.metric, plan.k, plan.opts, self.reference_order,
                           self.null_permutations, self.seed)
 
-    def result(self, xm, ym, plan: GridPlan, computed: dict, timings: dict, stream_mode: str,
-               ann: dict | None = None, ties: dict | None = None,
-               **extra_options) -> "GridResult":
+    def result(self, xm: list[_Model], ym: list[_Model], plan: GridPlan, computed: dict,
+               timings: dict, stream_mode: str, ann: dict | None = None,
+               ties: dict | None = None, **extra_options: Any) -> "GridResult":
         """The grid's :class:`GridResult` (``assemble``), with its ``options``; for an
         approximate search ``options["ann"]`` (``ann``: model key -> layer reports); for the
         neighbour metrics ``options["ties"]`` (``ties``: model name -> per-layer diagnostics,
@@ -787,12 +797,16 @@ class GridSpec:
 
 
 @with_threads
-def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normalize: bool = True,
-                 q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
-                 progress: bool = True, backend=None, reference_order: bool = True,
-                 null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, stream=None, memory_budget=None,
-                 stream_budget=None, trust: bool = False, **metric_kwargs) -> GridResult:
+def align_models(x_models: Models, y_models: Models, metric: str = "mutual_knn",
+                 topk: int = 10, normalize: bool = True, q: float | None = None,
+                 exact: bool = False, *, output_dir: StrPath | None = None,
+                 force_remake: bool = False, progress: bool = True,
+                 backend: str | AnnParams | None = None, reference_order: bool = True,
+                 null_permutations: int = 0, seed: int = 0,
+                 device: str | torch.device | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, stream: str | bool | None = None,
+                 memory_budget: int | None = None, stream_budget: int | None = None,
+                 trust: bool = False, **metric_kwargs: Any) -> GridResult:
     """Align every (x model, y model) pair: the reference's ``measure_alignment.py`` grid.
 
     Args:
@@ -981,8 +995,11 @@ class Alignment:
         {'ref': (1.0, (0, 1))}
     """
 
-    def __init__(self, features, *, metric=None, topk=None, data=None, backend=None,
-                 device=None, memory_budget=None, stream_budget=None):
+    def __init__(self, features: StrPath | Sequence[StrPath], *, metric: str | None = None,
+                 topk: int | None = None, data: StrPath | Mapping[str, list] | None = None,
+                 backend: str | AnnParams | None = None,
+                 device: str | torch.device | None = None, memory_budget: int | None = None,
+                 stream_budget: int | None = None) -> None:
         if _is_path(features) and os.path.isdir(features):
             paths = sorted(str(p) for p in Path(features).rglob("*.pt"))
             if not paths:
@@ -1000,15 +1017,16 @@ class Alignment:
         self._caches: dict = {}
 
     @property
-    def models(self) -> list:
+    def models(self) -> list[str]:
         return [m.name for m in self._models]
 
     @property
-    def paths(self) -> dict:
+    def paths(self) -> dict[str, str]:
         return {m.name: m.source for m in self._models}
 
-    def score(self, features, metric=None, topk=None, normalize: bool = True, q=None,
-              **metric_kwargs) -> dict:
+    def score(self, features: StrPath | Layers, metric: str | None = None,
+              topk: int | None = None, normalize: bool = True, q: float | None = None,
+              **metric_kwargs: Any) -> dict[str, tuple[float, tuple[int, int] | None]]:
         """``{model_name: (score, (i, j))}``: ``compute_score(features, model)`` for every
         reference model, ``i`` a layer of ``features`` and ``j`` one of the model's (``None``
         when no score is positive). ``features``: ``[N, L, D]`` tensor, list of ``[N, D_l]``,

@@ -19,12 +19,16 @@ A list of per-layer tensors gets one threshold per layer, as the reference's loo
 from __future__ import annotations
 
 import numbers
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from prh_fast._validate import all_finite, as_features, as_tensor
 from prh_fast.errors import InputError
+
+#: The structures prepare_features gives back as it gets them.
+_LayersT = TypeVar("_LayersT", torch.Tensor, np.ndarray, list, tuple)
 
 __all__ = ["prepare_features", "normalize_rows", "row_norms"]
 
@@ -282,7 +286,7 @@ def _as_3d(feats, name: str) -> torch.Tensor:
     return feats
 
 
-def prepare_features(feats, q: float = 0.95, exact: bool = False):
+def prepare_features(feats: _LayersT, q: float = 0.95, exact: bool = False) -> _LayersT:
     """Clip a model's features to the ``q`` outlier threshold (reference ``prepare_features``).
 
     Args:

@@ -19,6 +19,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +40,10 @@ from prh_fast._validate import as_layers, resolve_memory_budget
 from prh_fast.errors import InputError
 from prh_fast.metrics import SUPPORTED_METRICS
 from prh_fast.prepare import _check_q, prepare_features
+
+if TYPE_CHECKING:
+    from prh_fast._align import AlignmentResult
+    from prh_fast._validate import Layers, StrPath
 
 __all__ = ["Probe"]
 
@@ -115,10 +120,11 @@ class Probe:
     """
 
     @with_threads
-    def __init__(self, reference_feats, metrics: Sequence[str] | Mapping = ("mutual_knn",),
+    def __init__(self, reference_feats: Layers | StrPath,
+                 metrics: Sequence[str] | Mapping[str, Mapping[str, Any]] = ("mutual_knn",),
                  topk: int = 10, normalize: bool = True, q: float | None = None, *,
                  concat: bool = False, backend: str | None = None,
-                 memory_budget: int | None = None, **metric_options):
+                 memory_budget: int | None = None, **metric_options: Any) -> None:
         self.topk, self.normalize, self.concat = topk, bool(normalize), bool(concat)
         self.backend = backend
         self.q = None if q is None else _check_q(q)
@@ -155,7 +161,7 @@ class Probe:
         self._y_bases[r] = layer_bases([], self._ys, r)[1]
 
     @property
-    def metrics(self) -> list:
+    def metrics(self) -> list[str]:
         """The metrics :meth:`score` computes, in order."""
         return list(self._metrics)
 
@@ -180,7 +186,8 @@ class Probe:
             raise InputError(f"{name}: {err}") from None
 
     @with_threads
-    def score(self, feats, *, null_permutations: int = 0, seed: int = 0) -> dict:
+    def score(self, feats: Layers | StrPath, *, null_permutations: int = 0,
+              seed: int = 0) -> dict[str, AlignmentResult]:
         """Score a model's features against the reference, every metric of the probe.
 
         Args:
@@ -243,7 +250,7 @@ class Probe:
             out[m] = res
         return out
 
-    def save(self, folder) -> str:
+    def save(self, folder: StrPath) -> str:
         """Keep the prepared reference in ``folder`` (created if needed) for :meth:`load`.
 
         Writes ``probe.safetensors`` (the prepared layers and the exact neighbour lists) and
@@ -308,7 +315,8 @@ class Probe:
 
     @classmethod
     @with_threads
-    def load(cls, folder, reference_feats=None, *, device=None, **expected) -> Probe:
+    def load(cls, folder: StrPath, reference_feats: Layers | StrPath | None = None, *,
+             device: str | torch.device | None = None, **expected: Any) -> Probe:
         """A probe saved by :meth:`save`, checked against what the caller expects.
 
         Args:

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from prh_fast._names import SUPPORTED_METRICS
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Features
 
 __all__ = [
     "SUPPORTED_METRICS",
@@ -96,7 +101,7 @@ def _check_topk(topk, n: int, lo: int = 1) -> int:
 # --------------------------------------------------------------------------------------------
 # nearest neighbours and the neighbour-set metrics
 # --------------------------------------------------------------------------------------------
-def knn(feats, topk: int) -> torch.Tensor:
+def knn(feats: Features, topk: int) -> torch.Tensor:
     """Neighbour lists: row i lists the ``topk`` rows j != i by decreasing <x_i, x_j>.
 
     As the reference: Gram matrix, diagonal set to -1e8, sort each row descending. The sort is
@@ -128,13 +133,13 @@ def knn(feats, topk: int) -> torch.Tensor:
     return torch.argsort(G, dim=1, descending=True, stable=True)[:, :topk]
 
 
-def _knn_pair(feats_A, feats_B, topk):
+def _knn_pair(feats_A: Features, feats_B: Features, topk):
     A, B = _pair(feats_A, feats_B)
     topk = _check_topk(topk, A.shape[0])
     return knn(A, topk), knn(B, topk), topk
 
 
-def mutual_knn(feats_A, feats_B, topk: int) -> float:
+def mutual_knn(feats_A: Features, feats_B: Features, topk: int) -> float:
     """Mutual kNN: mean_i |set(a_i) ∩ set(b_i)| / topk, via dense N x N 0/1 masks.
 
     Args:
@@ -185,7 +190,7 @@ def mutual_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
     return float(acc.mean())
 
 
-def cycle_knn(feats_A, feats_B, topk: int) -> float:
+def cycle_knn(feats_A: Features, feats_B: Features, topk: int) -> float:
     """Cycle kNN: mean_i [ i ∈ ∪_{j ∈ b_i} a_j ].
 
     Does A's neighbourhood of one of i's B-neighbours lead back to i?
@@ -236,7 +241,7 @@ def cycle_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor) -> float:
     return float(hit.double().mean())
 
 
-def longest_common_subsequence(a, b) -> int:
+def longest_common_subsequence(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common subsequence: the textbook O(len(a) * len(b)) table.
 
     Args:
@@ -262,7 +267,7 @@ def longest_common_subsequence(a, b) -> int:
     return table[len(a)][len(b)]
 
 
-def levenshtein(a, b) -> int:
+def levenshtein(a: Sequence[int], b: Sequence[int]) -> int:
     """Edit distance with unit-cost insert, delete and substitute (Wagner-Fischer table).
 
     Args:
@@ -294,7 +299,7 @@ def levenshtein(a, b) -> int:
     return table[len(a)][len(b)]
 
 
-def lcs_knn(feats_A, feats_B, topk: int, normalize: bool = False) -> float:
+def lcs_knn(feats_A: Features, feats_B: Features, topk: int, normalize: bool = False) -> float:
     """LCS kNN: mean_i LCS(a_i, b_i), the raw mean length in [0, topk] (the reference's quirk).
 
     Args:
@@ -347,7 +352,7 @@ def lcs_knn_from_lists(knn_A: torch.Tensor, knn_B: torch.Tensor, normalize: bool
     return score / topk if normalize else score
 
 
-def edit_distance_knn(feats_A, feats_B, topk: int) -> float:
+def edit_distance_knn(feats_A: Features, feats_B: Features, topk: int) -> float:
     """Edit-distance kNN: 1 - mean_i lev(a_i, b_i) / topk over the ordered lists.
 
     Args:
@@ -483,7 +488,7 @@ def _rbf_kernel(X: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.exp(-sq / (2.0 * sigma**2))
 
 
-def cka(feats_A, feats_B, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
+def cka(feats_A: Features, feats_B: Features, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
         unbiased: bool = False) -> float:
     """CKA: hsic(K, L) / (sqrt(hsic(K, K) · hsic(L, L)) + 1e-6).
 
@@ -530,7 +535,7 @@ def cka(feats_A, feats_B, kernel_metric: str = "ip", rbf_sigma: float = 1.0,
     return _ratio(hsic(K, L), hsic(K, K), hsic(L, L))
 
 
-def unbiased_cka(*args, **kwargs) -> float:
+def unbiased_cka(*args: Any, **kwargs: Any) -> float:
     """Unbiased CKA: :func:`cka` with ``unbiased=True``.
 
     Args:
@@ -565,8 +570,9 @@ def _topk_mask(P: torch.Tensor, topk: int, exclude_self: bool) -> torch.Tensor:
     return mask
 
 
-def cknna(feats_A, feats_B, topk=None, distance_agnostic: bool = False,
-          unbiased: bool = True, exclude_self=None) -> float:
+def cknna(feats_A: Features, feats_B: Features, topk: int | None = None,
+          distance_agnostic: bool = False,
+          unbiased: bool = True, exclude_self: bool | None = None) -> float:
     """Centred kernel nearest-neighbour alignment.
 
     With K = A Aᵀ, L = B Bᵀ, for a kernel pair (P, Q): M = M_P ∘ M_Q (topk masks),
@@ -633,7 +639,7 @@ def _inv_sqrt(C: torch.Tensor) -> torch.Tensor:
     return V @ torch.diag(w.rsqrt()) @ V.T
 
 
-def svcca(feats_A, feats_B, cca_dim: int = 10) -> float:
+def svcca(feats_A: Features, feats_B: Features, cca_dim: int = 10) -> float:
     """SVCCA with an exact SVD.
 
     1. Standardise each column: (x - mean) / (unbiased std + 1e-8).
@@ -687,7 +693,7 @@ def svcca(feats_A, feats_B, cca_dim: int = 10) -> float:
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
-def measure(metric: str, *args, **kwargs) -> float:
+def measure(metric: str, *args: Any, **kwargs: Any) -> float:
     """Call the oracle metric named ``metric`` with the other arguments.
 
     Args:

@@ -65,7 +65,8 @@ def _generator(seed: int, device=None) -> torch.Generator:
 
 
 def paired_features(n: int, d_a: int, d_b: int, *, latent: int = 8, noise: float = 0.1,
-                    seed: int = 0, dtype: torch.dtype = torch.float32):
+                    seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views ``A [n, d_a]`` and ``B [n, d_b]`` of one latent ``Z [n, latent]``.
 
     ``A = tanh(Z W1) W2`` and ``B`` is a sin / relu / square mixture of ``Z W3`` mapped by
@@ -119,7 +120,8 @@ def paired_features(n: int, d_a: int, d_b: int, *, latent: int = 8, noise: float
 
 
 def independent_features(n: int, d_a: int, d_b: int, *, seed: int = 0,
-                         dtype: torch.dtype = torch.float32):
+                         dtype: torch.dtype = torch.float32,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two unrelated Gaussian feature matrices: the chance baseline of every metric.
 
     Args:
@@ -182,7 +184,7 @@ def integer_features(n: int, d: int, *, seed: int = 0, low: int = -3, high: int 
 
 
 def with_duplicates(n: int, d: int, *, n_unique: int | None = None, seed: int = 0,
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n, d]`` integer-valued rows that repeat: every row has exact duplicates.
 
     Row ``i`` copies unique row ``perm[i] % n_unique``, so there are ties at distance 0 and ties
@@ -216,7 +218,8 @@ def with_duplicates(n: int, d: int, *, n_unique: int | None = None, seed: int = 
 
 
 def latent(n: int, rank: int, *, clusters: int = 0, spread: float = 1.0, seed: int = 0,
-           generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+           generator: torch.Generator | None = None,
+           device: str | torch.device | None = None) -> torch.Tensor:
     """``[n, rank]`` float32 latent codes: the structure that every layer built on them shares.
 
     With ``clusters = 0`` the codes are standard Gaussian rows. Otherwise each row is one of

@@ -58,6 +58,7 @@ Example:
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,6 +75,10 @@ from prh_fast.metrics import cknna, cycle_knn, mutual_knn
 from prh_fast.metrics._kernel import cka_ratio
 from prh_fast.metrics._ties import check_ties
 from prh_fast.store._moments import _pair_hsic, _self_hsic, _svcca_basis
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Features
+    from prh_fast.knn import AnnParams
 
 __all__ = ["MutualKNN", "CycleKNN", "CKNNA", "CKA", "UnbiasedCKA", "SVCCA"]
 
@@ -121,7 +126,8 @@ class _Moments(_Base):
     _unbiased = False
 
     def __init__(self, dim_x: int | None = None, dim_y: int | None = None, *,
-                 center_x=None, center_y=None, **kwargs):
+                 center_x: Features | None = None, center_y: Features | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         dims = (None if dim_x is None else check_positive_int(dim_x, "dim_x"),
                 None if dim_y is None else check_positive_int(dim_y, "dim_y"))
@@ -146,7 +152,7 @@ class _Moments(_Base):
         # an undeclared dimension has a 0-sized state until the first batch
         return (self.gx.shape[0] or self._dims[0], self.gy.shape[0] or self._dims[1])
 
-    def update(self, x, y) -> None:
+    def update(self, x: Features, y: Features) -> None:
         """Add one batch of paired features.
 
         Args:
@@ -255,7 +261,8 @@ class CKA(_Moments):
     """
 
     def __init__(self, dim_x: int | None = None, dim_y: int | None = None, *,
-                 kernel_metric: str = "ip", center_x=None, center_y=None, **kwargs):
+                 kernel_metric: str = "ip", center_x: Features | None = None,
+                 center_y: Features | None = None, **kwargs: Any) -> None:
         if kernel_metric != "ip":
             raise InputError(f"kernel_metric: {kernel_metric!r} has no moment form; the "
                              f"streaming CKA supports 'ip' (linear) only")
@@ -323,7 +330,8 @@ class SVCCA(_Moments):
     """
 
     def __init__(self, cca_dim: int = 10, dim_x: int | None = None, dim_y: int | None = None,
-                 *, center_x=None, center_y=None, **kwargs):
+                 *, center_x: Features | None = None, center_y: Features | None = None,
+                 **kwargs: Any) -> None:
         r = check_positive_int(cca_dim, "cca_dim")
         super().__init__(dim_x, dim_y, center_x=center_x, center_y=center_y, **kwargs)
         self.cca_dim = r
@@ -351,12 +359,12 @@ class SVCCA(_Moments):
 class _Held(_Base):
     """Concatenated paired features (``"cat"`` states)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("x", default=[], dist_reduce_fx="cat")
         self.add_state("y", default=[], dist_reduce_fx="cat")
 
-    def update(self, x, y) -> None:
+    def update(self, x: Features, y: Features) -> None:
         """Keep one batch of paired features.
 
         Args:
@@ -410,7 +418,8 @@ class MutualKNN(_Held):
         1.0
     """
 
-    def __init__(self, topk: int = 10, *, ties: str = "rule", backend=None, **kwargs):
+    def __init__(self, topk: int = 10, *, ties: str = "rule",
+                 backend: str | AnnParams | None = None, **kwargs: Any) -> None:
         k, t = check_positive_int(topk, "topk"), check_ties(ties)
         super().__init__(**kwargs)
         self.topk, self.ties, self.backend = k, t, backend
@@ -446,7 +455,8 @@ class CycleKNN(_Held):
         0.967
     """
 
-    def __init__(self, topk: int = 10, *, backend=None, **kwargs):
+    def __init__(self, topk: int = 10, *, backend: str | AnnParams | None = None,
+                 **kwargs: Any) -> None:
         k = check_positive_int(topk, "topk")
         super().__init__(**kwargs)
         self.topk, self.backend = k, backend
@@ -488,8 +498,8 @@ class CKNNA(_Held):
     """
 
     def __init__(self, topk: int | None = 10, distance_agnostic: bool = False,
-                 unbiased: bool = True, *, backend=None, exclude_self: bool | None = None,
-                 **kwargs):
+                 unbiased: bool = True, *, backend: str | AnnParams | None = None,
+                 exclude_self: bool | None = None, **kwargs: Any) -> None:
         k = None if topk is None else check_positive_int(topk, "topk", minimum=2)
         super().__init__(**kwargs)
         self.topk = k

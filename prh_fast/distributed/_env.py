@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def world(group=None) -> tuple:
+def world(group: Any = None) -> tuple[int, int]:
     """``(rank, world_size)`` in ``group`` (default group); ``(0, 1)`` without a process group.
 
     Example:
@@ -151,7 +152,8 @@ def _pick_backend(backend):
     return name
 
 
-def init_from_env(backend=None, timeout=None) -> bool:
+def init_from_env(backend: str | None = None,
+                  timeout: float | datetime.timedelta | None = None) -> bool:
     """Initialise the default process group from the environment (``torchrun``'s ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 

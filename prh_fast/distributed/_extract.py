@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from prh_fast import _lock
 from prh_fast.distributed._env import (
@@ -32,10 +34,13 @@ from prh_fast.distributed._env import (
 from prh_fast.distributed._store import merge_parts
 from prh_fast.errors import InputError
 
+if TYPE_CHECKING:
+    from prh_fast._validate import StrPath
+
 __all__ = ["run_sharded", "part_path"]
 
 
-def part_path(out_path, start: int, stop: int) -> str:
+def part_path(out_path: StrPath, start: int, stop: int) -> str:
     """Where rows ``[start, stop)`` of ``out_path`` are written before the merge.
 
     Args:
@@ -56,8 +61,9 @@ def part_path(out_path, start: int, stop: int) -> str:
     return os.path.join(out_path + ".ranges", f"rows-{start:012d}-{stop:012d}{ext}")
 
 
-def run_sharded(n: int, extract_range, out_path, *, merge=None, meta=None,
-                keep_parts: bool = False):
+def run_sharded(n: int, extract_range: Callable[[int, int, str], object], out_path: StrPath,
+                *, merge: Callable[[list[str], StrPath], object] | None = None,
+                meta: dict[str, Any] | None = None, keep_parts: bool = False) -> StrPath:
     """Run ``extract_range(start, stop, part_path)`` on each rank's sample range, then merge.
 
     An existing ``out_path`` is returned at once (delete it to extract again). Without a

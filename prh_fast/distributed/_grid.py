@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +39,13 @@ from prh_fast.distributed._env import (
     world,
 )
 from prh_fast.grid import PairScore, plan_pairs
+
+if TYPE_CHECKING:
+    import torch
+
+    from prh_fast._validate import StrPath
+    from prh_fast.grid import GridResult, Models
+    from prh_fast.knn import AnnParams
 
 __all__ = ["align_models", "plan_pairs"]
 
@@ -92,12 +100,16 @@ def _save_part(path, fingerprint, a, b, x, y, ps: PairScore):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def align_models(x_models, y_models, metric: str = "mutual_knn", topk=10, normalize: bool = True,
-                 q=None, exact: bool = False, *, output_dir=None, force_remake: bool = False,
-                 progress: bool = True, backend=None, reference_order: bool = True,
-                 null_permutations: int = 0, seed: int = 0, device=None,
-                 cache_bytes: int | None = None, stream=None, memory_budget=None,
-                 stream_budget=None, trust: bool = False, **metric_kwargs):
+def align_models(x_models: Models, y_models: Models, metric: str = "mutual_knn",
+                 topk: int = 10, normalize: bool = True, q: float | None = None,
+                 exact: bool = False, *, output_dir: StrPath | None = None,
+                 force_remake: bool = False, progress: bool = True,
+                 backend: str | AnnParams | None = None, reference_order: bool = True,
+                 null_permutations: int = 0, seed: int = 0,
+                 device: str | torch.device | None = None, cache_bytes: int | None = None,
+                 stream: str | bool | None = None, memory_budget: int | None = None,
+                 stream_budget: int | None = None, trust: bool = False,
+                 **metric_kwargs: Any) -> GridResult:
     """``prh_fast.grid.align_models`` with the model pairs split over the ranks.
 
     Same arguments and the same ``GridResult`` (returned on every rank); without a process

@@ -54,7 +54,8 @@ _MODES = ("auto", "ring", "allgather")
 _GATHER = ("all", "rank0", "none")
 
 
-def shard(X, rank: int | None = None, world_size: int | None = None):
+def shard(X: torch.Tensor, rank: int | None = None,
+          world_size: int | None = None) -> torch.Tensor:
     """This rank's rows of a matrix every rank holds in full: ``X[start:stop]`` with
     ``shard_range(len(X), rank, world_size)`` (defaults: this process's rank and world).
 
@@ -198,8 +199,10 @@ def _visit_keys(mode, Q, sizes, offs, rank, P, D, dtype, cdev, work_dev, fn):
         cur, nxt = nxt, cur
 
 
-def knn(X, k: int, *, gather: str = "all", mode: str = "auto", memory_budget: int | None = None,
-        backend: str | None = None, return_scores: bool = False):
+def knn(X: torch.Tensor, k: int, *, gather: str = "all", mode: str = "auto",
+        memory_budget: int | None = None, backend: str | None = None,
+        return_scores: bool = False,
+        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """Exact ``k`` nearest neighbours of the rows of a matrix split over the ranks.
 
     Call on every rank of the default process group (``torch.distributed``; gloo or nccl).

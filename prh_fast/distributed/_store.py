@@ -8,10 +8,15 @@ Only the store's public API is used: ``open_store(path)`` with ``.n``, ``.num_la
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from prh_fast.errors import InputError
+
+if TYPE_CHECKING:
+    from prh_fast._validate import StrPath
 
 __all__ = ["merge_parts"]
 
@@ -81,7 +86,8 @@ def _merge_store(parts, out_path, meta):
     return out_path
 
 
-def merge_parts(parts, out_path, meta=None):
+def merge_parts(parts: Sequence[StrPath], out_path: StrPath,
+                meta: dict[str, Any] | None = None) -> StrPath:
     """Concatenate row-range parts, in order, into one feature file or store.
 
     ``.pt`` parts become one reference ``.pt`` file (per-sample tensors such as ``mask`` are

@@ -60,7 +60,8 @@ import json
 import logging
 import numbers
 import os
-from typing import Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -126,7 +127,8 @@ class PairedDataset:
         True
     """
 
-    def __init__(self, name: str, meta: dict, captions: Sequence[str], image_fn, ids):
+    def __init__(self, name: str, meta: dict, captions: Sequence[str],
+                 image_fn: Callable[[int], Any] | None, ids: Sequence[Any]) -> None:
         self.name = name
         self.meta = dict(meta)
         self._captions = list(captions)
@@ -159,7 +161,7 @@ class PairedDataset:
     def ids(self) -> list:
         return list(self._ids)
 
-    def captions(self, idx) -> list:
+    def captions(self, idx: Iterable[int]) -> list[str]:
         """The captions of some pairs.
 
         Args:
@@ -170,7 +172,7 @@ class PairedDataset:
         """
         return [self._captions[i] for i in self._index(idx)]
 
-    def images(self, idx) -> list:
+    def images(self, idx: Iterable[int]) -> list[Any]:
         """The images of some pairs, read from disk on each call.
 
         Args:
@@ -708,7 +710,8 @@ def _as_rgb(value, root: str, where: str):
 
 # ----------------------------------------------------------------------------- entry point
 
-def load_pairs(source, *, split=None, n=None, caption_level=None, seed=0,
+def load_pairs(source: str | os.PathLike[str], *, split: str | None = None,
+               n: int | None = None, caption_level: str | None = None, seed: int = 0,
                image_column: Optional[str] = None,
                caption_column: Optional[str] = None) -> PairedDataset:
     """Image-caption pairs from ``source`` (see the module docstring for sources and rules).

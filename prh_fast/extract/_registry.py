@@ -13,6 +13,7 @@ a hub (there is none from this machine). The vision names were checked against
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prh_fast.errors import InputError
 from prh_fast.extract._packages import package_dir as _package_dir
@@ -143,7 +144,7 @@ def model_set_kind(name: str) -> str:
     return SET_KINDS[_set_key(name)]
 
 
-def check_available(names, kind: str) -> tuple:
+def check_available(names: Iterable[str], kind: str) -> tuple:
     """Which of ``names`` load here without a download.
 
     Reads no weights and makes no network request.

@@ -24,11 +24,18 @@ import math
 import os
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from prh_fast.errors import InputError
 from prh_fast.extract._writer import STORAGE_DTYPES, PtWriter
+
+if TYPE_CHECKING:
+    from prh_fast._validate import StrPath
+    from prh_fast.extract._data import PairedDataset
+    from prh_fast.extract._text import TextEncoder
+    from prh_fast.extract._vision import ImageEncoder
 
 __all__ = ["extract_text", "extract_images", "extract_sharded", "feature_path", "safe_name",
            "TEXT_POOLINGS", "release_cached_model"]
@@ -55,7 +62,7 @@ def safe_name(name: str) -> str:
     return s.lstrip(".") or "model"
 
 
-def feature_path(features_dir, data_name: str, model_name: str, pool: str,
+def feature_path(features_dir: StrPath, data_name: str, model_name: str, pool: str,
                  prompt: bool = False) -> str:
     """Where a model's features are written, in the reference's feature-file layout.
 
@@ -291,10 +298,13 @@ def _load_data(data, caption_level=None, split=None):
     return data
 
 
-def extract_text(model, data, *, pool: str = "avg", features_dir="./results/features",
-                 out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
-                 storage_dtype: str = "float32", caption_level=None, split=None,
-                 force: bool = False, progress: bool = True, rows=None) -> str:
+def extract_text(model: str | TextEncoder, data: str | PairedDataset, *, pool: str = "avg",
+                 features_dir: StrPath = "./results/features", out: StrPath | None = None,
+                 n: int | None = None, batch_size: int = 32,
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 storage_dtype: str = "float32", caption_level: str | None = None,
+                 split: str | None = None, force: bool = False, progress: bool = True,
+                 rows: tuple[int, int] | None = None) -> str:
     """Hidden states of a language model for the captions of ``data``, written to a file.
 
     The file also records the mean next-token loss (nats per predicted token) and bits per
@@ -414,10 +424,13 @@ def _rows(rows, n: int, out) -> tuple:
     return lo, hi
 
 
-def extract_images(model, data, *, pool: str = "cls", features_dir="./results/features",
-                   out=None, n=None, batch_size: int = 32, device="cpu", dtype=None,
-                   storage_dtype: str = "float32", split=None, force: bool = False,
-                   progress: bool = True, rows=None) -> str:
+def extract_images(model: str | ImageEncoder, data: str | PairedDataset, *,
+                   pool: str = "cls", features_dir: StrPath = "./results/features",
+                   out: StrPath | None = None, n: int | None = None, batch_size: int = 32,
+                   device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                   storage_dtype: str = "float32", split: str | None = None,
+                   force: bool = False, progress: bool = True,
+                   rows: tuple[int, int] | None = None) -> str:
     """Per-layer features of a vision model for the images of ``data``, written to a file.
 
     Samples with the same image id (``data.meta["ids"]``) share one encoding; the progress bar
@@ -509,9 +522,11 @@ def _meta(enc, ds, n, pool, storage_dtype, fingerprint, seconds) -> dict:
     }
 
 
-def extract_sharded(kind: str, model, data, *, pool=None, features_dir="./results/features",
-                    out=None, n=None, caption_level=None, split=None, force: bool = False,
-                    **kwargs) -> str:
+def extract_sharded(kind: str, model: Any, data: str | PairedDataset, *,
+                    pool: str | None = None, features_dir: StrPath = "./results/features",
+                    out: StrPath | None = None, n: int | None = None,
+                    caption_level: str | None = None, split: str | None = None,
+                    force: bool = False, **kwargs: Any) -> str:
     """:func:`extract_text` or :func:`extract_images` with the samples split over ranks.
 
     Under ``torchrun`` each rank extracts ``shard_range(n, rank, world_size)`` into its own

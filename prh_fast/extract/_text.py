@@ -49,8 +49,9 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -364,7 +365,9 @@ def _max_positions(config, tok) -> Optional[int]:
     return v if isinstance(v, int) and 0 < v < 10 ** 8 else None
 
 
-def load_text_model(name_or_path, *, device="cpu", dtype=None, trust_remote_code: bool = False,
+def load_text_model(name_or_path: str | os.PathLike[str], *,
+                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                    trust_remote_code: bool = False,
                     hub: Optional[bool] = None, padding_side: str = "right") -> "TextEncoder":
     """Load a transformers causal LM or encoder for :meth:`TextEncoder.encode`.
 
@@ -471,8 +474,8 @@ class TextEncoder:
         (31, (2, 576))
     """
 
-    def __init__(self, model, tokenizer, *, name: str, source: str, causal: bool,
-                 padding_side: str = "right"):
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, source: str, causal: bool,
+                 padding_side: str = "right") -> None:
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
         import inspect
@@ -523,7 +526,7 @@ class TextEncoder:
             mask[i, sl] = 1
         return input_ids, mask
 
-    def token_lengths(self, texts, pool: str = "avg") -> list:
+    def token_lengths(self, texts: Sequence[str], pool: str = "avg") -> list[int]:
         """How many tokens :meth:`encode` would give each text (special tokens included).
 
         Args:
@@ -551,7 +554,7 @@ class TextEncoder:
         return [len(x) for x in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
     @torch.inference_mode()
-    def encode(self, texts, pool: str = "avg") -> TextBatch:
+    def encode(self, texts: Sequence[str], pool: str = "avg") -> TextBatch:
         """Pooled hidden states and loss terms of some texts.
 
         Args:

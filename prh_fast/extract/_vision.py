@@ -54,7 +54,8 @@ import json
 import logging
 import os
 import re
-from typing import Optional
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -162,10 +163,12 @@ class ImageEncoder:
         True
     """
 
-    def __init__(self, model, *, name: str, source: str, kind: str, preprocess, data_config,
+    def __init__(self, model: Any, *, name: str, source: str, kind: str, preprocess: Any,
+                 data_config: Any,
                  pool: str, device: torch.device, dtype: torch.dtype,
                  has_class_token: bool = False, num_prefix_tokens: int = 0,
-                 patch_size=None, cnn_options: Optional[dict] = None):
+                 patch_size: int | tuple[int, int] | None = None,
+                 cnn_options: Optional[dict] = None) -> None:
         self.model = model
         self.name = name
         self.source = source
@@ -288,7 +291,7 @@ class ImageEncoder:
         ph, pw = (p, p) if isinstance(p, int) else tuple(p)
         return (x.shape[-2] // ph) * (x.shape[-1] // pw)
 
-    def encode(self, images) -> list:
+    def encode(self, images: Sequence[Any]) -> list[torch.Tensor]:
         """Per-layer pooled features of some images.
 
         Args:
@@ -638,8 +641,11 @@ def _timm_cached_file(name: str) -> Optional[str]:
     return _timm_cached(cfg) if cfg is not None else None
 
 
-def load_vision_model(name_or_path, *, device="cpu", dtype=None, pool: str = "cls",
-                      checkpoint=None, hub: Optional[bool] = None) -> ImageEncoder:
+def load_vision_model(name_or_path: str | os.PathLike[str], *,
+                      device: str | torch.device = "cpu",
+                      dtype: str | torch.dtype | None = None, pool: str = "cls",
+                      checkpoint: str | os.PathLike[str] | None = None,
+                      hub: Optional[bool] = None) -> ImageEncoder:
     """Load a vision model for per-layer feature extraction (see the module docstring).
 
     Args:

@@ -42,6 +42,8 @@ streamed and distributed searches and of the neighbour-set step after them:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal, overload
+
 import torch
 
 from prh_fast._threads import with_threads
@@ -56,17 +58,61 @@ from prh_fast.errors import InputError
 from prh_fast.knn._backends import ANN_BACKENDS, resolve
 from prh_fast.knn._faiss_ann import AnnParams, AnnReport
 
+if TYPE_CHECKING:
+    from prh_fast._validate import Features
+
 __all__ = ["knn", "DEFAULT_MEMORY_BUDGET", "AnnParams", "AnnReport"]
 
 #: Bytes of scratch memory a search may use for score tiles (not counting inputs/outputs).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
+@overload
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, keys: Features | None = None, exact: bool = True,
+        precision: str | None = None, include_self: bool = False,
+        return_scores: Literal[False] = False, return_report: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, keys: Features | None = None, exact: bool = True,
+        precision: str | None = None, include_self: bool = False,
+        return_scores: Literal[True], return_report: Literal[False] = False,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, keys: Features | None = None, exact: bool = True,
+        precision: str | None = None, include_self: bool = False,
+        return_scores: Literal[False] = False, return_report: Literal[True],
+) -> tuple[torch.Tensor, AnnReport | None]: ...
+
+
+@overload
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, keys: Features | None = None, exact: bool = True,
+        precision: str | None = None, include_self: bool = False,
+        return_scores: Literal[True], return_report: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor, AnnReport | None]: ...
+
+
+@overload
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, keys: Features | None = None, exact: bool = True,
+        precision: str | None = None, include_self: bool = False,
+        return_scores: bool = False, return_report: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
+
+
 @with_threads
-def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = None,
-        return_scores: bool = False, keys=None, exact: bool = True,
-        precision: str | None = None, return_report: bool = False,
-        include_self: bool = False):
+def knn(X: Features, k: int, *, backend: str | AnnParams | None = None,
+        memory_budget: int | None = None, return_scores: bool = False,
+        keys: Features | None = None, exact: bool = True, precision: str | None = None,
+        return_report: bool = False,
+        include_self: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Indices ``[N, k]`` (int64, on ``X``'s device) of each row's ``k`` nearest other rows.
 
     The exact backends rank by the fixed-order float64 inner product (``prh_fast.knn._exact``):
@@ -121,7 +167,7 @@ def knn(X, k: int, *, backend: str | None = None, memory_budget: int | None = No
     idx, vals, report, cd = _search(X, k, backend=backend, memory_budget=memory_budget,
                                     keys=keys, exact=exact, precision=precision,
                                     include_self=include_self)
-    res = (idx,)
+    res: tuple[torch.Tensor, ...] = (idx,)
     if return_scores:
         out = vals.to(cd)
         if bool(torch.isinf(out).any()) and not bool(torch.isinf(vals).any()):

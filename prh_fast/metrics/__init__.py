@@ -17,6 +17,8 @@ a metric here is the ``1 x 1`` case of its grid.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
 import torch
 
 from prh_fast._names import SUPPORTED_METRICS
@@ -29,6 +31,15 @@ from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
 from prh_fast.metrics._neighbours import neighbour_scores
 from prh_fast.metrics._svcca import svcca_scores
 from prh_fast.metrics._ties import NeighbourTies, check_ties, expected_mutual, neighbour_ties
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Features
+    from prh_fast.knn import AnnParams
+
+    #: A neighbour backend: a name or spec string, an ``AnnParams``, or None (the setting).
+    BackendSpec: TypeAlias = "str | AnnParams | None"
+
+T = TypeVar("T")
 
 __all__ = [
     "SUPPORTED_METRICS",
@@ -54,7 +65,7 @@ KNN_KINDS = {"mutual_knn": "mutual", "cycle_knn": "cycle", "lcs_knn": "lcs",
 
 
 
-def knn_value(metric: str, raw, topk: int, normalize_lcs: bool = False):
+def knn_value(metric: str, raw: T, topk: int, normalize_lcs: bool = False) -> T:
     """A neighbour metric's value from ``neighbour_scores``' raw per-row mean (a float or a
     tensor of them): ``mutual_knn`` divides by ``topk``, ``edit_distance_knn`` is
     ``1 - raw / topk``, ``lcs_knn`` divides by ``topk`` only with ``normalize_lcs``.
@@ -85,7 +96,8 @@ def _knn_metric(metric, feats_A, feats_B, topk, backend, normalize_lcs=False) ->
 
 
 @with_threads
-def mutual_knn(feats_A, feats_B, topk, *, ties="rule", backend=None) -> float:
+def mutual_knn(feats_A: Features, feats_B: Features, topk: int, *, ties: str = "rule",
+               backend: BackendSpec = None) -> float:
     """Mean over samples of ``|knn_A(i) ∩ knn_B(i)| / topk``.
 
     ``ties="rule"`` (default, the reference's number): each list breaks exact ties by the lower
@@ -128,7 +140,8 @@ def mutual_knn(feats_A, feats_B, topk, *, ties="rule", backend=None) -> float:
 
 
 @with_threads
-def cycle_knn(feats_A, feats_B, topk, *, backend=None) -> float:
+def cycle_knn(feats_A: Features, feats_B: Features, topk: int, *,
+              backend: BackendSpec = None) -> float:
     """Share of samples ``i`` found among the A-neighbours of one of their B-neighbours.
 
     Args:
@@ -153,7 +166,8 @@ def cycle_knn(feats_A, feats_B, topk, *, backend=None) -> float:
 
 
 @with_threads
-def lcs_knn(feats_A, feats_B, topk, *, normalize=False, backend=None) -> float:
+def lcs_knn(feats_A: Features, feats_B: Features, topk: int, *, normalize: bool = False,
+            backend: BackendSpec = None) -> float:
     """Mean length of the longest common subsequence of the ordered neighbour lists.
 
     As the reference, the raw mean length (0..topk) by default; ``normalize=True`` divides by
@@ -182,7 +196,8 @@ def lcs_knn(feats_A, feats_B, topk, *, normalize=False, backend=None) -> float:
 
 
 @with_threads
-def edit_distance_knn(feats_A, feats_B, topk, *, backend=None) -> float:
+def edit_distance_knn(feats_A: Features, feats_B: Features, topk: int, *,
+                      backend: BackendSpec = None) -> float:
     """``1 - mean_i(levenshtein(knn_A(i), knn_B(i))) / topk``.
 
     Args:
@@ -207,8 +222,9 @@ def edit_distance_knn(feats_A, feats_B, topk, *, backend=None) -> float:
 
 
 @with_threads
-def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
-        memory_budget=None) -> float:
+def cka(feats_A: Features, feats_B: Features, kernel_metric: str = "ip",
+        rbf_sigma: float = 1.0, unbiased: bool = False, *,
+        memory_budget: int | None = None) -> float:
     """Centred kernel alignment ``hsic(K,L) / (sqrt(hsic(K,K) hsic(L,L)) + 1e-6)``.
 
     The ``1 x 1`` case of ``prh_fast.metrics._kernel.cka_scores`` (the scorer of
@@ -249,7 +265,7 @@ def cka(feats_A, feats_B, kernel_metric="ip", rbf_sigma=1.0, unbiased=False, *,
 
 
 @with_threads
-def unbiased_cka(*args, **kwargs) -> float:
+def unbiased_cka(*args: Any, **kwargs: Any) -> float:
     """``cka(..., unbiased=True)``: CKA with the unbiased HSIC estimator (needs ``N >= 4``).
 
     Args:
@@ -270,8 +286,9 @@ def unbiased_cka(*args, **kwargs) -> float:
 
 
 @with_threads
-def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *,
-          backend=None, exclude_self=None) -> float:
+def cknna(feats_A: Features, feats_B: Features, topk: int | None = None,
+          distance_agnostic: bool = False, unbiased: bool = True, *,
+          backend: BackendSpec = None, exclude_self: bool | None = None) -> float:
     """CKA restricted to mutual k-nearest neighbours (CKNNA).
 
     ``M = M_K ∘ M_L`` with ``M_P[i, j] = 1`` for ``j`` among the ``topk`` largest entries of
@@ -327,7 +344,7 @@ def cknna(feats_A, feats_B, topk=None, distance_agnostic=False, unbiased=True, *
 
 
 @with_threads
-def svcca(feats_A, feats_B, cca_dim=10) -> float:
+def svcca(feats_A: Features, feats_B: Features, cca_dim: int = 10) -> float:
     """Mean of the ``cca_dim`` canonical correlations between the top-``cca_dim`` singular
     subspaces of the standardised features.
 
@@ -373,7 +390,7 @@ _FUNCS = {
 
 
 @with_threads
-def measure(metric, *args, **kwargs) -> float:
+def measure(metric: str, *args: Any, **kwargs: Any) -> float:
     """One metric by name: ``measure('mutual_knn', A, B, topk=10)`` is
     ``mutual_knn(A, B, topk=10)``.
 

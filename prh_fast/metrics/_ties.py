@@ -48,6 +48,7 @@ Which neighbour metrics have a closed expected form under independent uniform ti
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ from prh_fast.knn import DEFAULT_MEMORY_BUDGET
 from prh_fast.knn._exact import margins, search_exponent
 from prh_fast.knn._merge import fixed_dots
 from prh_fast.prepare import row_norms
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Features
 
 __all__ = ["NeighbourTies", "neighbour_ties", "expected_mutual", "TIES_MODES", "check_ties",
            "distinct_rows", "list_ties", "tie_warning", "relabel_ties", "TIE_WARN_FRACTION"]
@@ -188,7 +192,7 @@ def _block_rows(n: int, budget: int) -> int:
     return max(1, min(n, budget // (32 * max(1, n))))
 
 
-def neighbour_ties(X, k: int, *, memory_budget=None) -> NeighbourTies:
+def neighbour_ties(X: Features, k: int, *, memory_budget: int | None = None) -> NeighbourTies:
     """The tie structure at the boundary of each row's ``k`` nearest neighbours.
 
     The rows are taken as given (the caller normalises; float64 stays float64, other dtypes

@@ -16,8 +16,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prh_fast.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from prh_fast._validate import StrPath
 from prh_fast.store import _pt
 from prh_fast.store._convert import pt_to_store, store_to_pt
 from prh_fast.store._pt import save_features
@@ -41,7 +48,7 @@ _LAZY = {"stream_knn": "_stream", "clip_thresholds": "_stream", "StreamPrep": "_
          "kernel_scores": "_moments"}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
@@ -49,7 +56,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'prh_fast.store' has no attribute {name!r}")
 
 
-def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
+def load_features(path: StrPath, *, map_location: str | torch.device | None = "cpu",
+                  trust: bool = False) -> dict[str, Any]:
     """Read a reference feature file, or a store folder as the same record.
 
     For ``.pt`` files see :func:`prh_fast.store._pt.load_features`. A store folder gives
@@ -87,7 +95,7 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
     return _pt.load_features(path, map_location=map_location, trust=trust)
 
 
-def feature_info(path, *, trust: bool = False) -> dict:
+def feature_info(path: StrPath, *, trust: bool = False) -> dict[str, Any]:
     """Summary of a feature file, a loaded record, or a store folder (no features read).
 
     Args:
@@ -111,7 +119,7 @@ def feature_info(path, *, trust: bool = False) -> dict:
     return _pt.feature_info(path, trust=trust)
 
 
-def check_same_samples(paths_or_dicts) -> int:
+def check_same_samples(paths_or_dicts: Sequence[StrPath | Mapping[str, Any]]) -> int:
     """Check that every model has the same number of samples ``N``.
 
     Args:

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from prh_fast.errors import InputError
+
+if TYPE_CHECKING:
+    from prh_fast._validate import StrPath
 from prh_fast.store import _pt
 from prh_fast.store._sharded import StoreWriter, _dtype_name, _load_index, is_store, open_store
 
 __all__ = ["pt_to_store", "store_to_pt"]
 
 
-def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = None,
+def pt_to_store(pt_path: StrPath, store_path: StrPath, *,
+                dtype: str | torch.dtype | None = None, shard_rows: int | None = None,
                 overwrite: bool = False, trust: bool = False, progress: bool = False) -> str:
     """Write the reference feature file ``pt_path`` as a store folder ``store_path``.
 
@@ -76,7 +81,7 @@ def pt_to_store(pt_path, store_path, *, dtype=None, shard_rows: int | None = Non
     return w.finish(extra)
 
 
-def store_to_pt(store_path, pt_path) -> str:
+def store_to_pt(store_path: StrPath, pt_path: StrPath) -> str:
     """Write a store folder as one reference ``.pt`` file (features in memory once).
 
     Args:

@@ -33,6 +33,9 @@ per group.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from prh_fast.errors import InputError
@@ -65,7 +68,7 @@ class TensorSource:
         (5, [3, 4], (2, 4))
     """
 
-    def __init__(self, layers, name: str = "features"):
+    def __init__(self, layers: Sequence[torch.Tensor], name: str = "features") -> None:
         self.layers = list(layers)
         self.name = name
         self.n = int(self.layers[0].shape[0])
@@ -159,9 +162,10 @@ def _plan(dx, dy, budget, chunk_bytes, what):
     return out
 
 
-def kernel_scores(x_src, y_src, metric: str, *, unbiased: bool | None = None,
+def kernel_scores(x_src: Any, y_src: Any, metric: str, *, unbiased: bool | None = None,
                   cca_dim: int = 10, memory_budget: int | None = None,
-                  progress: bool = False, device=None) -> torch.Tensor:
+                  progress: bool = False, device: str | torch.device | None = None,
+                  ) -> torch.Tensor:
     """``[Lx, Ly]`` float64 scores of ``metric`` between every layer of two row sources.
 
     Args:

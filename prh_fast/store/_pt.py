@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from prh_fast._io import atomic_write
 from prh_fast.errors import InputError
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Layers, StrPath
 
 __all__ = ["load_features", "save_features", "feature_info"]
 # check_same_samples lives in prh_fast.store (it also reads store folders).
@@ -136,7 +140,8 @@ def _first_global(err: Exception) -> str:
     return f"unsupported global {m.group(1)}" if m else "unsupported type"
 
 
-def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
+def load_features(path: StrPath, *, map_location: str | torch.device | None = "cpu",
+                  trust: bool = False) -> dict[str, Any]:
     """Read a reference feature file ``torch.save({"feats": ..., "num_params": ..., ...})``.
 
     Args:
@@ -168,7 +173,7 @@ def load_features(path, *, map_location="cpu", trust: bool = False) -> dict:
     return obj
 
 
-def feature_info(path, *, trust: bool = False) -> dict:
+def feature_info(path: StrPath, *, trust: bool = False) -> dict[str, Any]:
     """Summary of a feature file (or of an already-loaded record dict).
 
     Files in the zip format are memory-mapped, so the features are not read into memory.
@@ -221,7 +226,7 @@ def _compact(t):
     return t
 
 
-def save_features(path, feats, **extra) -> None:
+def save_features(path: StrPath, feats: Layers, **extra: Any) -> None:
     """Write ``{"feats": feats, **extra}`` in the reference format, atomically.
 
     The record goes to a temporary file in the target's folder, is flushed and fsynced, then

@@ -38,7 +38,9 @@ import shutil
 import struct
 import threading
 import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +48,9 @@ import torch
 from prh_fast import _lock
 from prh_fast._io import atomic_write, confined
 from prh_fast.errors import InputError, StoreError
+
+if TYPE_CHECKING:
+    from prh_fast._validate import Layers, StrPath
 
 __all__ = ["StoreWriter", "FeatureStore", "open_store", "is_store", "StoreError",
            "INDEX_NAME", "STORE_DTYPES", "DEFAULT_SHARD_BYTES"]
@@ -73,7 +78,7 @@ DEFAULT_SHARD_BYTES = 128 * 2**20
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
 
 
-def is_store(path) -> bool:
+def is_store(path: StrPath) -> bool:
     """Whether ``path`` is a folder holding a store index.
 
     Args:
@@ -246,9 +251,10 @@ class StoreWriter(_lock.HoldsLock):
         (30, [8, 8], 2, 1000)
     """
 
-    def __init__(self, path, *, layers: int | None = None, dims=None, dtype=None,
+    def __init__(self, path: StrPath, *, layers: int | None = None,
+                 dims: Sequence[int] | None = None, dtype: str | torch.dtype | None = None,
                  meta: dict | None = None, shard_rows: int | None = None,
-                 layout: str | None = None, overwrite: bool = False):
+                 layout: str | None = None, overwrite: bool = False) -> None:
         self.path = os.fspath(path)
         self._index_path = os.path.join(self.path, INDEX_NAME)
         if dims is not None:
@@ -401,7 +407,7 @@ class StoreWriter(_lock.HoldsLock):
         return bool(self._index and self._index["complete"])
 
     @property
-    def dims(self):
+    def dims(self) -> list[int] | None:
         return None if self._index is None else list(self._index["dims"])
 
     def _write_index(self):
@@ -409,7 +415,7 @@ class StoreWriter(_lock.HoldsLock):
         atomic_write(self._index_path, lambda f: f.write(text.encode()))
 
     # -- appending -------------------------------------------------------------------------------
-    def append(self, layers) -> None:
+    def append(self, layers: Layers) -> None:
         """Append one batch of rows.
 
         Args:
@@ -743,7 +749,8 @@ class FeatureStore:
         True
     """
 
-    def __init__(self, path, *, mmap: bool = False, allow_partial: bool = False):
+    def __init__(self, path: StrPath, *, mmap: bool = False,
+                 allow_partial: bool = False) -> None:
         self.path = os.fspath(path)
         idx = _load_index(self.path)
         if not idx["complete"] and not allow_partial:
@@ -872,7 +879,7 @@ class FeatureStore:
         return t
 
     # -- public reading --------------------------------------------------------------------------
-    def layer(self, l: int, rows=None) -> torch.Tensor:
+    def layer(self, l: int, rows: slice | None = None) -> torch.Tensor:
         """Rows of one layer, reading only those rows.
 
         With ``mmap=True`` a range inside one shard comes back as a zero-copy (copy-on-write)
@@ -904,13 +911,15 @@ class FeatureStore:
             pos += r1 - r0
         return out
 
-    def rows(self, rows=None, layers=None) -> list:
+    def rows(self, rows: slice | None = None,
+             layers: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Rows ``rows`` of every layer (or of ``layers``): a list of ``[r, D_l]`` tensors."""
         ls = range(self.num_layers) if layers is None else layers
         return [self.layer(l, rows) for l in ls]
 
-    def iter_rows(self, chunk: int | None = None, layers=None, *, start: int = 0,
-                  stop: int | None = None, prefetch: bool = True):
+    def iter_rows(self, chunk: int | None = None, layers: Sequence[int] | None = None, *,
+                  start: int = 0, stop: int | None = None,
+                  prefetch: bool = True) -> Iterator[tuple[int, list[torch.Tensor]]]:
         """Iterate over consecutive row chunks.
 
         Args:
@@ -965,7 +974,7 @@ class FeatureStore:
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise StoreError(f"{full}: corrupt extras file ({err})") from None
 
-    def feats(self):
+    def feats(self) -> torch.Tensor | list[torch.Tensor]:
         """All features in memory: ``[N, L, D]`` (layout ``"tensor"``) or a list of layers."""
         layers = [self.layer(l) for l in range(self.num_layers)]
         if self.layout == "tensor":
@@ -1050,7 +1059,7 @@ class FeatureStore:
                              f"{os.path.realpath(folder)}); remove it")
         return os.path.join(folder, name)
 
-    def cache_load(self, name: str, expect: dict):
+    def cache_load(self, name: str, expect: dict) -> dict[str, torch.Tensor] | None:
         """Tensors of cache file ``name`` when its metadata matches ``expect`` (and this
         store's content), else None. A damaged cache file is ignored (and recomputed)."""
         full = self.cache_path(name)
@@ -1083,7 +1092,8 @@ class FeatureStore:
         atomic_write(self.cache_path(name), lambda f: f.write(data))
 
 
-def open_store(path, *, mmap: bool = False, allow_partial: bool = False) -> FeatureStore:
+def open_store(path: StrPath, *, mmap: bool = False,
+               allow_partial: bool = False) -> FeatureStore:
     """Open a store folder for reading.
 
     Args:
