@@ -70,7 +70,8 @@ def test_every_name_is_declared_once():
         assert b.name == name
         assert b.setops is None or b.setops in _backend.SETOPS
     assert not _backend.BACKENDS["faiss-ivf"].exact and _backend.BACKENDS["cpu"].exact
-    assert {n for n, b in _backend.BACKENDS.items() if b.streams} == {"cpu", "torch"}
+    assert {n for n, b in _backend.BACKENDS.items() if b.streams} == {
+        "cpu", "torch", "faiss-ivf", "faiss-ivfpq", "faiss-hnsw"}  # prh_fast.store._ann
     assert _backend.BACKENDS["cuda"].setops == "cuda"
     assert _backend.BACKENDS["cuda"].search == "triton"
 

@@ -126,6 +126,22 @@ def test_equal_in_memory_chunked(tmp_path, name):
     _same_report(rep, s_rep)
 
 
+def test_equal_in_memory_out_of_range(tmp_path):
+    """Rows that are not normalised, with inner products beyond float32: searched scaled by a
+    power of two, as in memory (same lists, scores scaled back)."""
+    path = str(tmp_path / "big")
+    write_store(path, [x * 1e20 for x in structured(700, [16], seed=9)], shard_rows=100)
+    X = in_memory_layers(path, normalize=False)[0]
+    spec = SPECS["faiss-ivf"]
+    from prh_fast.knn import _search
+    from prh_fast.store._stream import _stream_knn
+
+    idx, vals, _, _ = _search(X, K, backend=spec)  # float64 scores, scaled back
+    s_idx, s_vals, _ = _stream_knn(path, 0, K, backend=spec, normalize=False, cache=False)
+    assert torch.equal(idx, s_idx)
+    assert torch.equal(vals, s_vals)
+
+
 def test_hnsw_chunked_adds_recall(tmp_path):
     """HNSW rows added in several batches (the budget does not hold them all): the graph
     differs from the one-batch graph, so only the recall is compared."""

@@ -107,6 +107,11 @@ class AnnPlan:
         row_bytes: scratch bytes of a row in flight (raw read, cast, prepared, FAISS's copy).
         key_block: key rows per block of the exact sample search.
         hnsw_batches: HNSW adds every row in one batch (``chunk >= N``): the in-memory graph.
+
+    Example:
+        >>> p = AnnParams("faiss-hnsw", ef_search=32).resolved(1000, 8, 5)
+        >>> ann_plan(p, 1000, 8, 5, 4, 2**20).hnsw_batches
+        True
     """
 
     n: int

@@ -48,6 +48,10 @@ from the store:
   torch merge of ``TopK``), tile shapes from ``torch_tiles``; a panel of query blocks stays on
   the device while key tiles stream past it.
 
+Approximate backends (``faiss-ivf``, ``faiss-ivfpq``, ``faiss-hnsw``) go to
+``prh_fast.store._ann``: the in-memory approximate search with the same parameters and seed,
+its index built from rows streamed from the store and cached there with its lists.
+
 ``memory_budget`` bounds the scratch: score tiles, the query panel, the key blocks in flight
 and their raw reads. The result itself (``[N, k]`` indices and scores, kept for the running
 merge) is not counted: it is the output. Results are cached in the store, keyed on the layer,
@@ -496,7 +500,7 @@ class StreamPrep:
 # ------------------------------------------------------------------------------------------------
 # neighbours
 # ------------------------------------------------------------------------------------------------
-def _resolve_backend(backend, device: torch.device):
+def _resolve_choice(backend, device: torch.device):
     """The streamed search the backend registry picks
     (``prh_fast.knn._backends.resolve(..., stream=True)``): a ``Choice`` whose ``search`` is
     ``cpu`` (native), ``torch`` or an approximate FAISS search (with its ``params``). A backend
@@ -505,6 +509,12 @@ def _resolve_backend(backend, device: torch.device):
     from prh_fast.knn._backends import resolve
 
     return resolve(backend, device, stream=True)
+
+
+def _resolve_backend(backend, device: torch.device) -> str:
+    """The name of the streamed search (:func:`_resolve_choice`): ``cpu``, ``torch`` or an
+    approximate FAISS search."""
+    return _resolve_choice(backend, device).search
 
 
 def knn_plan(n: int, d: int, k: int, *, backend: str, compute_dtype: torch.dtype,
@@ -564,7 +574,12 @@ class _Scaled:
         self.device = prep.device
 
     def rows(self, l: int, a: int, b: int) -> torch.Tensor:
-        x = self.prep.rows(l, a, b)
+        return self._scale(self.prep.rows(l, a, b))
+
+    def take(self, l: int, ids: torch.Tensor) -> torch.Tensor:
+        return self._scale(self.prep.take(l, ids))
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.e == 0:
             return x
         return torch.ldexp(x, torch.tensor(-self.e, device=x.device)).to(x.dtype)
@@ -805,7 +820,7 @@ def _stream_knn_report(store, layer, k, *, q=None, exact=False, normalize=True, 
         raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    choice = _resolve_backend(backend, dev)
+    choice = _resolve_choice(backend, dev)
     name = choice.search
     prep = StreamPrep(st, q=q, exact=exact, normalize=normalize, device=dev,
                       memory_budget=budget, progress=progress, cache=cache)
