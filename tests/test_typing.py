@@ -108,10 +108,11 @@ def test_pending_list_names_real_api():
 def test_py_typed_ships_with_the_package():
     pkg = Path(prh_fast.__file__).resolve().parent
     assert (pkg / "py.typed").is_file()
-    import tomllib
-
-    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "py.typed" in conf["tool"]["setuptools"]["package-data"]["prh_fast"]
+    # package data of the wheel, and the sdist's manifest (read as text: tomllib is 3.11+)
+    conf = (ROOT / "pyproject.toml").read_text()
+    section = conf.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^prh_fast = \[[^\]]*"py\.typed"', section, re.MULTILINE), section
+    assert "include prh_fast/py.typed" in (ROOT / "MANIFEST.in").read_text().splitlines()
 
 
 # The wrong uses: each line marked "# wrong" must be reported by mypy, and nothing else.
