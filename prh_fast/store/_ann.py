@@ -403,10 +403,12 @@ def _rescore(src, l: int, Q: torch.Tensor, I: torch.Tensor, budget: int) -> torc
     return out
 
 
-def _dots64(src, l: int, rows: torch.Tensor, I: torch.Tensor, budget: int) -> torch.Tensor:
+def _dots64(src, l: int, rows: torch.Tensor, I: torch.Tensor, budget: int,
+            Q: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 inner products ``[b, c]`` of the rows ``rows`` with their listed keys ``I``
     (``-1``: none -> ``-inf``), both read from the store (the in-memory ``_dots64``'s
-    arithmetic), in row blocks within the memory budget."""
+    arithmetic), in row blocks within the memory budget. ``Q``: the rows' float32 values when
+    already in hand."""
     b, c = I.shape
     d = src.dims[l]
     out = torch.empty((b, c), dtype=torch.float64)
@@ -416,7 +418,7 @@ def _dots64(src, l: int, rows: torch.Tensor, I: torch.Tensor, budget: int) -> to
     for r0 in range(0, b, step):
         r1 = min(b, r0 + step)
         ii = I[r0:r1]
-        q = _take32(src, l, rows[r0:r1]).double()
+        q = (_take32(src, l, rows[r0:r1]) if Q is None else Q[r0:r1]).double()
         cand = _take32(src, l, ii.clamp_min(0).reshape(-1)).double().view(r1 - r0, c, d)
         s = torch.einsum("bd,bcd->bc", q, cand)
         out[r0:r1] = s.masked_fill(ii < 0, float("-inf"))
@@ -628,10 +630,10 @@ def stream_ann(prep, l: int, k: int, params: AnnParams, budget: int, *, cache: b
     t0 = time.perf_counter()
     sample = sample_rows(n, p.recall_sample, p.seed)
     ex_i = _exact_rows(src, l, sample, k, plan, scratch)[0]
-    kth = _dots64(src, l, sample, ex_i[:, -1:], scratch).view(-1)
+    Qs = _take32(src, l, sample)
+    kth = _dots64(src, l, sample, ex_i[:, -1:], scratch, Qs).view(-1)
     timings["report"] = time.perf_counter() - t0
     target = p.target_recall
-    Qs = _take32(src, l, sample)
 
     def search_sample(q: AnnParams) -> torch.Tensor:
         set_query_params(index, q)
@@ -641,7 +643,8 @@ def stream_ann(prep, l: int, k: int, params: AnnParams, budget: int, *, cache: b
 
     t0 = time.perf_counter()
     p, tuning = tune_query(p, search_sample, ex_i, k, n_keys=n,
-                           scores=lambda lists: _dots64(src, l, sample, lists, scratch), kth=kth)
+                           scores=lambda lists: _dots64(src, l, sample, lists, scratch, Qs),
+                           kth=kth)
     timings["tune"] = time.perf_counter() - t0
     set_query_params(index, p)
 
@@ -660,14 +663,14 @@ def stream_ann(prep, l: int, k: int, params: AnnParams, budget: int, *, cache: b
     rows_c = torch.cat(short_all) if short_all else torch.empty(0, dtype=torch.int64)
     completed = _complete(src, l, torch.arange(n), out_i, out_v, rows_c, k, plan, scratch)
     timings["search"] = time.perf_counter() - t0
-    index = Qs = None  # only the lists are kept
+    index = None  # only the lists are kept
 
     ap_i = out_i[sample]
     rep = AnnReport(backend=p.backend, params=p.to_dict(), n=n, n_keys=n, d=d, k=k,
                     sample=sample, approx=ap_i, exact=ex_i, recall=0.0, rows_equal=0.0,
                     rows_completed=completed, device="cpu", timings=timings,
                     target_recall=target, tuning=tuning,
-                    approx_scores=_dots64(src, l, sample, ap_i, scratch), kth=kth,
+                    approx_scores=_dots64(src, l, sample, ap_i, scratch, Qs), kth=kth,
                     _grow=_grower(src, l, out_i, k, plan, scratch))
     log.warning(rep.summary())
     vals = out_v.to(torch.float64)
