@@ -220,7 +220,7 @@ def test_cache_hits_and_invalidation(tmp_path, events):
     events.clear()
     full = os.path.join(path, "cache", index_file[0])
     data = bytearray(open(full, "rb").read())
-    data[-5] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # inside the payload
     open(full, "wb").write(bytes(data))
     stream_knn(path, 0, K - 1, backend=spec)
     assert events["ann_index_builds"] == 1

@@ -26,9 +26,10 @@ names the budget and suggests ``faiss-ivfpq`` (compressed codes) -- the index ty
 changed behind the user's back.
 
 Cache (the store's ``cache/`` folder, like the exact lists): the trained and filled index,
-serialised by FAISS (``faiss.serialize_index``) inside our own file format -- a magic line, a
-JSON header (the settings it was built with, the store's ``content_id``, the payload's length
-and SHA-256) and the payload -- written atomically under a writer lock (no pickle anywhere);
+serialised by FAISS (``faiss.write_index`` / ``read_index`` through a callback, streamed: the
+index is never held twice) inside our own file format -- a magic line, a JSON header (the
+settings it was built with, the store's ``content_id``), the payload and a trailer with its
+length and SHA-256 -- written atomically under a writer lock (no pickle anywhere);
 and the final lists with their report (safetensors). The index is keyed on the layer, the
 preparation, the build-time parameters and the store's content; the lists also on ``k``, the
 query-time parameters and the target, so a grid's second metric on the same layer searches
@@ -216,14 +217,37 @@ def _header(st, settings: dict) -> dict:
             "content_id": str(st.content_id)}
 
 
+_TRAILER = struct.Struct("<Q32s")  # payload length, SHA-256 of the payload
+
+
+class _Hashing:
+    """A file writer that hashes and counts what goes through it (FAISS writes the payload
+    through it piece by piece: the serialised index is never held twice in memory)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.size += len(b)
+        return len(b)
+
+
 def _load_index(faiss, st, name: str, settings: dict):
-    """The cached index of ``settings`` (None when missing, stale or damaged)."""
+    """The cached index of ``settings`` (None when missing, stale or damaged).
+
+    The file: ``_MAGIC``, the header's length (8 bytes), the JSON header (settings, the store's
+    ``content_id``, format version, FAISS version), FAISS's serialisation of the index, and a
+    trailer (the payload's length and SHA-256). The payload is checked (streamed through the
+    hash) before FAISS reads it, piece by piece, from the file."""
     if not st.complete:
         return None
     full = st.cache_path(name)
     if not os.path.isfile(full):
         return None
     try:
+        size = os.path.getsize(full)
         with open(full, "rb") as f:
             if f.read(len(_MAGIC)) != _MAGIC:
                 raise ValueError("not a prh_fast index file")
@@ -235,36 +259,60 @@ def _load_index(faiss, st, name: str, settings: dict):
             if head.get("settings") != want["settings"] or \
                     head.get("content_id") != want["content_id"]:
                 return None
-            payload = f.read()
-        if len(payload) != int(head["bytes"]) or \
-                hashlib.sha256(payload).hexdigest() != head["sha256"]:
-            raise ValueError("the index payload is truncated or damaged")
-        return faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+            start = len(_MAGIC) + 8 + hlen
+            nbytes = size - start - _TRAILER.size
+            f.seek(size - _TRAILER.size)
+            plen, digest = _TRAILER.unpack(f.read(_TRAILER.size))
+            if nbytes < 0 or plen != nbytes:
+                raise ValueError("the index payload is truncated")
+            f.seek(start)
+            sha = hashlib.sha256()
+            left = nbytes
+            while left:
+                b = f.read(min(left, 1 << 24))
+                if not b:
+                    raise ValueError("the index payload is truncated")
+                sha.update(b)
+                left -= len(b)
+            if sha.digest() != digest:
+                raise ValueError("the index payload is damaged (SHA-256 mismatch)")
+            f.seek(start)
+            left = [nbytes]
+
+            def read(want: int) -> bytes:
+                b = f.read(min(want, left[0]))
+                left[0] -= len(b)
+                return b
+
+            return faiss.read_index(faiss.PyCallbackIOReader(read))
     except Exception as err:  # noqa: BLE001 - any damage means "not cached"
         log.warning("prh_fast.store: ignoring unreadable index file %s (%s)", full, err)
         return None
 
 
 def _save_index(faiss, st, name: str, settings: dict, index) -> None:
-    """Write the index atomically, holding the file's writer lock; a store we may not write
-    to, or a writer already writing this file, just leaves it uncached."""
+    """Write the index atomically (:func:`_load_index`'s format), holding the file's writer
+    lock; a store we may not write to, or a writer already writing this file, just leaves it
+    uncached."""
     from prh_fast._io import atomic_write
     from prh_fast._lock import exclusive_lock
 
     if not st.complete:
         return
-    payload = faiss.serialize_index(index)
     head = _header(st, settings)
     head.update(format="prh_fast faiss index", version=_INDEX_VERSION,
-                faiss=faiss.__version__, bytes=int(payload.nbytes),
-                sha256=hashlib.sha256(payload.data).hexdigest())
+                faiss=faiss.__version__)
     hb = json.dumps(head, sort_keys=True).encode()
 
     def write(f):
         f.write(_MAGIC)
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        f.write(payload.data)
+        h = _Hashing(f)
+        w = faiss.PyCallbackIOWriter(h.write)
+        faiss.write_index(index, w)
+        del w  # flushes FAISS's buffer into the file
+        f.write(_TRAILER.pack(h.size, h.sha.digest()))
 
     full = st.cache_path(name)
     try:
