@@ -131,7 +131,8 @@ class StreamPolicy:
         if not _knn_backend_streams(self.backend):
             if self.mode == "on" and self.backend is not None:
                 raise InputError(f"backend: {self.backend!r} has no streaming search; with "
-                                 f"stream=True use 'auto', 'cpu' or 'torch'")
+                                 f"stream=True use 'auto', 'cpu', 'torch' or an approximate "
+                                 f"search ('faiss-ivf', 'faiss-ivfpq', 'faiss-hnsw')")
             return False
         if self.mode == "on":
             return True
