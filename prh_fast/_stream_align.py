@@ -20,6 +20,8 @@ in-memory path (an error when streaming was forced with ``stream=True``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,7 +34,7 @@ __all__ = ["stream_mode", "STREAM_AUTO_BYTES", "StreamPolicy"]
 #: kernel metrics (and on a GPU for the neighbour metrics too); smaller ones are loaded.
 STREAM_AUTO_BYTES = 1 << 30
 
-def stream_mode(stream=None) -> str:
+def stream_mode(stream: bool | str | None = None) -> str:
     """``"auto"``, ``"on"`` or ``"off"``: the ``stream`` argument, else the configured mode
     (``config_context(stream=...)``, ``set_config``, ``PRH_FAST_STREAM``), else ``"auto"``.
 
@@ -83,8 +85,10 @@ class StreamPolicy:
     """Which models of a grid stream, and the streamed data itself (prepared-row sources per
     model, neighbour data, kernel scores)."""
 
-    def __init__(self, *, stream=None, budget=None, q=None, exact=False, normalize=True,
-                 backend=None, device=None, progress=False):
+    def __init__(self, *, stream: bool | str | None = None, budget: int | None = None,
+                 q: float | None = None, exact: bool = False, normalize: bool = True,
+                 backend: object = None, device: str | torch.device | None = None,
+                 progress: bool = False) -> None:
         from prh_fast._validate import check_memory_budget
         from prh_fast.store._stream import DEFAULT_STREAM_BUDGET
 
@@ -103,12 +107,12 @@ class StreamPolicy:
         self.reports: dict = {}
 
     @staticmethod
-    def is_store(m) -> bool:
+    def is_store(m: Any) -> bool:
         from prh_fast import store
 
         return isinstance(m.source, str) and store.is_store(m.source)
 
-    def prep(self, m):
+    def prep(self, m: Any) -> Any:
         """The model's :class:`StreamPrep` (one per model: the threshold is found once)."""
         from prh_fast.store._stream import StreamPrep
 
@@ -125,7 +129,7 @@ class StreamPolicy:
         return prepared_bytes(m.source) > STREAM_AUTO_BYTES
 
     # -- neighbour metrics ---------------------------------------------------------------------
-    def streams_knn(self, m) -> bool:
+    def streams_knn(self, m: Any) -> bool:
         if self.mode == "off" or not self.is_store(m):
             return False
         if not _knn_backend_streams(self.backend):
@@ -140,7 +144,7 @@ class StreamPolicy:
         # bounded memory and a cache; on a GPU the fused in-memory kernel is faster when it fits
         return self.device.type == "cpu" or self._large(m)
 
-    def knn_side(self, m, metric: str, k: int, opts: dict):
+    def knn_side(self, m: Any, metric: str, k: int, opts: dict) -> Any:
         """The model's neighbour data in the form ``prh_fast._align._knn_side`` (a
         ``NeighbourSide``; distinct rows are not counted from a stream) or ``_cknna_side``
         (``(lists, self_sims)``) returns it."""
@@ -187,13 +191,14 @@ class StreamPolicy:
         return lists, [cknna_sim(n, x, x, opts.get("unbiased", True), self.backend)
                        for x in lists]
 
-    def stand_ins(self, m) -> list:
+    def stand_ins(self, m: Any) -> list:
         """``[N, 0]`` tensors, one per layer: what the grid scorers read (N, L, device)."""
         p = self.prep(m)
         return [torch.empty((p.n, 0), device=self.device) for _ in range(p.store.num_layers)]
 
     # -- kernel metrics ------------------------------------------------------------------------
-    def streams_kernel(self, a, b, metric: str, opts: dict, null_permutations: int) -> bool:
+    def streams_kernel(self, a: Any, b: Any, metric: str, opts: dict,
+                       null_permutations: int) -> bool:
         from prh_fast.store._moments import KERNEL_METRICS
 
         if self.mode == "off" or not (self.is_store(a) or self.is_store(b)):
@@ -214,7 +219,8 @@ class StreamPolicy:
             return True
         return any(self.is_store(m) and self._large(m) for m in (a, b))
 
-    def kernel_matrix(self, a, b, metric: str, opts: dict, layers_of, timings: dict):
+    def kernel_matrix(self, a: Any, b: Any, metric: str, opts: dict,
+                      layers_of: Callable[[Any], list], timings: dict) -> torch.Tensor:
         """``[La, Lb]`` float64 scores; ``layers_of(m)``: a model's prepared layers in memory
         (used for a model that is not a store)."""
         from prh_fast.store._moments import TensorSource, kernel_scores

@@ -43,7 +43,9 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -587,8 +589,11 @@ def _scaled_source(prep, l: int, block: int, scaled_cls, max_norm):
     return (scaled_cls(prep, e), e) if e else (prep, 0)
 
 
-def stream_ann(prep, l: int, k: int, params: AnnParams, budget: int, *, cache: bool = True,
-               progress: bool = False, note=None, scaled_cls=None, max_norm=None):
+def stream_ann(prep: Any, l: int, k: int, params: AnnParams, budget: int, *,
+               cache: bool = True, progress: bool = False,
+               note: Callable[..., None] | None = None, scaled_cls: type | None = None,
+               max_norm: Callable[..., float] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, AnnReport]:
     """Approximate lists of layer ``l`` of a store: ``(idx [N, k] int64, vals [N, k] float64,
     report)``, equal to ``prh_fast.knn.knn(X, k, backend=params)`` on the layer prepared in
     memory (self excluded; CPU tensors).

@@ -63,6 +63,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -94,7 +95,7 @@ _BITS = {torch.float16: (torch.int16, 16, 0x7C00),
          torch.float64: (torch.int64, 64, 0x7FF0000000000000)}
 
 
-def as_store(store, arg: str = "store") -> FeatureStore:
+def as_store(store: str | os.PathLike | FeatureStore, arg: str = "store") -> FeatureStore:
     """An open :class:`FeatureStore` (a path is opened; unfinished stores are refused)."""
     if isinstance(store, FeatureStore):
         return store
@@ -291,7 +292,8 @@ def _approx_thresholds(st: FeatureStore, q: float, budget: int, progress: bool,
     return out
 
 
-def clip_thresholds(store, q: float, exact: bool = False, *, device=None,
+def clip_thresholds(store: str | os.PathLike | FeatureStore, q: float, exact: bool = False, *,
+                    device: str | torch.device | None = None,
                     memory_budget: int | None = None, progress: bool = False,
                     cache: bool = True) -> list:
     """The clipping threshold of every layer, as ``prepare_features(feats, q, exact)`` finds it
@@ -367,9 +369,10 @@ class StreamPrep:
                 [0.0000, 1.0000]])
     """
 
-    def __init__(self, store, *, q=None, exact: bool = False, normalize: bool = True,
-                 device=None, memory_budget: int | None = None, progress: bool = False,
-                 cache: bool = True):
+    def __init__(self, store: str | os.PathLike | FeatureStore, *, q: float | None = None,
+                 exact: bool = False, normalize: bool = True,
+                 device: str | torch.device | None = None, memory_budget: int | None = None,
+                 progress: bool = False, cache: bool = True) -> None:
         from prh_fast.prepare import _check_q
 
         self.store = as_store(store)
@@ -730,8 +733,9 @@ def _self_scores(prep: StreamPrep, l: int, block: int) -> torch.Tensor:
                       for a in range(0, prep.n, block)])
 
 
-def stream_knn(store, layer: int, k: int, *, q: float | None = None, exact: bool = False,
-               normalize: bool = True, device: str | torch.device | None = None,
+def stream_knn(store: str | os.PathLike | FeatureStore, layer: int, k: int, *,
+               q: float | None = None, exact: bool = False, normalize: bool = True,
+               device: str | torch.device | None = None,
                backend: str | AnnParams | None = None, memory_budget: int | None = None,
                return_scores: bool = False, progress: bool = False, cache: bool = True,
                include_self: bool = False, return_report: bool = False
@@ -878,7 +882,7 @@ def _stream_ann_lists(prep: StreamPrep, l: int, k: int, params, budget: int,
     return idx.to(dev), vals.to(dev), prep.dtype, report
 
 
-def prepared_bytes(store, normalize: bool = True) -> int:
+def prepared_bytes(store: str | os.PathLike | FeatureStore, normalize: bool = True) -> int:
     """Bytes the prepared layers of a store take in memory (compute dtype)."""
     st = as_store(store)
     return st.n * sum(st.dims) * torch.empty((), dtype=_compute_dtype(st)).element_size()
