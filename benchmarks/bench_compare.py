@@ -47,16 +47,17 @@ import sys
 import time
 from pathlib import Path
 
-# prh_fast before torch: importing it first lets it choose the OpenMP runtime's wait policy
-# (idle threads sleep) before torch loads the runtime; the reference runs in the same process
-# and gets the same policy
+# Before torch loads the OpenMP runtime, ask for sleeping idle threads (as the prh-fast command
+# does); the reference runs in the same process and gets the same policy
 import prh_fast
+
+prh_fast.prefer_passive_wait()
 
 # isort: split
 
-import torch
+import torch  # noqa: E402  (after prefer_passive_wait)
 
-from benchmarks._harness import environment, interleaved, loadavg, write_json
+from benchmarks._harness import environment, interleaved, loadavg, write_json  # noqa: E402
 
 SECTIONS = ("reference", "grid", "knn", "cka")
 REFERENCE_METRICS = ("cycle_knn", "mutual_knn", "lcs_knn", "edit_distance_knn", "cka",

@@ -8,8 +8,9 @@ it loads, so a policy can only be compared across processes), first on the idle 
 while ``--busy`` processes that spin forever (started and stopped by this benchmark) compete
 for the same cores. Two ways of starting the child are compared side by side:
 
-- ``prh_fast first``: the child imports prh_fast before torch, as the CLI does; prh_fast sets
-  ``OMP_WAIT_POLICY=PASSIVE`` before the runtime loads (``prh_fast._threads``);
+- ``prh_fast first``: the child calls ``prh_fast.prefer_passive_wait()`` before importing
+  torch, as the CLI does: ``OMP_WAIT_POLICY=PASSIVE`` before the runtime loads
+  (``prh_fast._threads``);
 - ``torch first``: torch is imported first, so the runtime keeps GNU OpenMP's default (idle
   threads spin for a while before they sleep).
 
@@ -35,6 +36,7 @@ import json, os, sys, time
 first = sys.argv[1]
 if first == "prh_fast":
     import prh_fast
+    prh_fast.prefer_passive_wait()
     import torch
 else:
     import torch
