@@ -307,3 +307,19 @@ def test_stream_on_with_spec_string(store_dir):
     res = prh_fast.align(store_dir, store_dir, "mutual_knn", topk=K,
                          backend=AnnParams.parse(SPECS["faiss-hnsw"]), stream=True)
     assert res.ann_report is not None and res.ann_report["recall_min"] >= 0.95
+
+
+def test_grid_second_metric_searches_nothing(tmp_path, events):
+    """A grid's second neighbour metric on the same stores reads every layer's lists from the
+    store's cache (no index built, no search)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    write_store(a, structured(600, [16, 12], seed=1), shard_rows=150)
+    write_store(b, structured(600, [10], seed=2), shard_rows=150)
+    spec = SPECS["faiss-hnsw"]
+    first = prh_fast.align_models([a], [b], "mutual_knn", topk=K, backend=spec, progress=False)
+    assert events["ann_index_builds"] == 3 and events["ann_searches"] == 3
+    events.clear()
+    second = prh_fast.align_models([a], [b], "cknna", topk=K, backend=spec, progress=False)
+    assert events["ann_cache_hits"] == 3
+    assert events["ann_searches"] == 0 and events["ann_index_builds"] == 0
+    assert first.options["ann"]["models"] == second.options["ann"]["models"]
