@@ -75,7 +75,9 @@ def index_bytes(p: AnnParams, n: int, d: int) -> int:
 
     IVF-Flat: the float32 vectors and int64 ids plus the centroids; IVF-PQ: the codes and ids
     plus the centroids and the PQ codebooks; HNSW: the vectors plus about ``3·M`` int32 links
-    per point (``2·M`` at level 0, the upper levels' share) and the per-point offsets.
+    per point (``2·M`` at level 0, the upper levels' share) and the per-point offsets. An
+    estimate of the content: FAISS's inverted lists grow like ``std::vector`` (capacity up to
+    twice the content while rows are added), which this does not count.
 
     Args:
         p: resolved parameters (``AnnParams.resolved``).
