@@ -763,7 +763,8 @@ def _gpu_faiss(faiss, device: torch.device) -> bool:
             and faiss.get_num_gpus() > 0)
 
 
-def exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
+def exact_rows(Q: torch.Tensor, ids: torch.Tensor | None, K: torch.Tensor, k: int,
+               budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact float32 lists of query rows ``Q`` against all keys ``K`` (ties by the lower
     index). ``ids``: the rows' own indices among the keys (self search; excluded) or None."""
     from prh_fast.knn._torch import knn_torch
@@ -782,7 +783,8 @@ def exact_rows(Q: torch.Tensor, ids, K: torch.Tensor, k: int, budget: int):
     return idx[keep].view(-1, kk - 1)[:, :k], vals[keep].view(-1, kk - 1)[:, :k]
 
 
-def build_index(faiss, p: AnnParams, x_keys: np.ndarray, gpu_device, timings):
+def build_index(faiss: Any, p: AnnParams, x_keys: np.ndarray, gpu_device: torch.device | None,
+                timings: dict) -> tuple[Any, Any]:
     """Train (IVF) and fill the index; returns ``(index, gpu_resources or None)``."""
     d = x_keys.shape[1]
     ip = faiss.METRIC_INNER_PRODUCT
