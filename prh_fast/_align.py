@@ -28,11 +28,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from prh_fast._threads import map_layers, with_threads
 from prh_fast._validate import (
+    Layers,
+    StrPath,
     as_layer_pair,
     as_layers,
     check_memory_budget,
@@ -44,6 +47,7 @@ from prh_fast._validate import (
 from prh_fast.errors import InputError
 from prh_fast.knn import DEFAULT_MEMORY_BUDGET, knn
 from prh_fast.knn._backends import ANN_BACKENDS, resolve, resolve_setops_backend
+from prh_fast.knn._faiss_ann import AnnParams
 from prh_fast.metrics import KNN_KINDS, SUPPORTED_METRICS, knn_value
 from prh_fast.metrics._cknna import cknna_excludes_self, cknna_lists, cknna_sim, cknna_values
 from prh_fast.metrics._kernel import check_cka_options, cka_ratio, cka_scores
@@ -465,10 +469,11 @@ def set_path_runner(fn) -> None:
 
 
 @with_threads
-def align(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10, normalize: bool = True,
-          *, concat: bool = False, backend: str | None = None, null_permutations: int = 0,
+def align(x_feats: Layers | StrPath, y_feats: Layers | StrPath, metric: str = "mutual_knn",
+          topk: int = 10, normalize: bool = True, *, concat: bool = False,
+          backend: str | AnnParams | None = None, null_permutations: int = 0,
           seed: int = 0, memory_budget: int | None = None, stream_budget: int | None = None,
-          **metric_kwargs) -> AlignmentResult:
+          **metric_kwargs: Any) -> AlignmentResult:
     """Score every layer pair of two models' features with one metric.
 
     Args:
@@ -891,8 +896,8 @@ def _no_extra(metric, extra):
 
 
 @with_threads
-def compute_score(x_feats, y_feats, metric: str = "mutual_knn", topk: int = 10,
-                  normalize: bool = True):
+def compute_score(x_feats: Layers, y_feats: Layers, metric: str = "mutual_knn", topk: int = 10,
+                  normalize: bool = True) -> tuple[float, tuple[int, int] | None]:
     """The reference's ``compute_score``: ``(best_score, (i, j))`` over all layer pairs.
 
     ``topk`` is passed to exactly the metrics whose name contains "knn" (cknna included), as

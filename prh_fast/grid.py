@@ -934,23 +934,34 @@ def _grid_timings(times: dict, counts: dict, computed: dict, plan: GridPlan, t_a
 
 def _ann_grid(reports, xm, ym, metric, k, opts) -> dict:
     """``options["ann"]`` of a grid searched approximately: each model's per-layer recall and,
-    per model pair, ``ann_pair_report``'s errors (x-oriented ``[Lx][Ly]``)."""
-    models = {m.name: [r.to_dict() for r in reports[m.key]] for m in xm + ym
-              if m.key in reports}
+    per model pair, ``ann_pair_report``'s errors (x-oriented ``[Lx][Ly]``) with their 95%
+    intervals and whether each is resolved. The pairs come first: a pair whose error is not
+    resolved grows every layer's sample, and the models' entries then describe the grown
+    samples. The reports' searches are released at the end (results hold no features)."""
     pairs = []
+    sizes = []
     for x in xm:
         for y in ym:
             if x.key in reports and y.key in reports:
                 rep = ann_pair_report(metric, k, reports[x.key], reports[y.key],
                                       normalize_lcs=opts.get("normalize_lcs", False))
+                sizes.append(rep["sample_size"])
                 pairs.append({"x": x.name, "y": y.name, "recall_min": rep["recall_min"],
-                              **{f"{a}_error": v["error"] for a, v in rep["metrics"].items()},
-                              **{f"{a}_error_max": v["error_max"]
-                                 for a, v in rep["metrics"].items()}})
+                              "sample_size": rep["sample_size"], "resolved": rep["resolved"],
+                              **{f"{a}_{f}": v[f] for a, v in rep["metrics"].items()
+                                 for f in ("error", "error_max", "error_ci", "error_bound_max",
+                                           "resolved_all") if f in v}})
+    models = {m.name: [r.to_dict() for r in reports[m.key]] for m in xm + ym
+              if m.key in reports}
+    for rs in reports.values():
+        for r in rs:
+            r.release()
     first = next(iter(reports.values()))[0]
     out = {"backend": first.backend, "params": first.params, "k": first.k,
-           "sample_size": int(first.sample.numel()), "models": models, "pairs": pairs,
+           "sample_size": min(sizes) if sizes else int(first.sample.numel()),
+           "models": models, "pairs": pairs,
            "recall_min": min(r["recall"] for v in models.values() for r in v),
+           "resolved": all(p["resolved"] for p in pairs),
            "mutual_knn_error_max": max((p["mutual_knn_error_max"] for p in pairs),
                                        default=None)}
     logger.warning("prh_fast: %s approximate lists on %d sampled rows: recall@%d >= %.4f, "

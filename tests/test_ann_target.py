@@ -393,6 +393,19 @@ def test_released_reports_do_not_grow_and_say_so(pair):
 
 
 @needs_faiss
+def test_pickled_report_keeps_the_sample_not_the_search(pair):
+    import pickle
+
+    A, _ = pair
+    rep = knn_report(A, "faiss-ivf:nprobe=12,recall_sample=200")[1]
+    assert rep.can_grow
+    back = pickle.loads(pickle.dumps(rep))  # what torch.distributed's object gathers do
+    assert not back.can_grow and rep.can_grow
+    assert torch.equal(back.sample, rep.sample) and torch.equal(back.approx, rep.approx)
+    assert back.to_dict() == rep.to_dict()
+
+
+@needs_faiss
 def test_align_reports_resolution_and_sample(pair):
     A, B = pair
     res = align([A, A.flip(1)], [B], metric="mutual_knn", topk=K,

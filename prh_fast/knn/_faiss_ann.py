@@ -484,6 +484,13 @@ class AnnReport:
         """Drop what ``grow`` needs (the search's features and lists); the sample stays."""
         self._grow = None
 
+    def __getstate__(self) -> dict:
+        # A pickled report (torch.distributed's object gathers) carries the measured sample,
+        # not the search: the copy cannot grow.
+        state = dict(self.__dict__)
+        state["_grow"] = None
+        return state
+
     def to_dict(self) -> dict:
         """JSON-ready summary (no lists)."""
         return {"backend": self.backend, "params": dict(self.params), "n": self.n,
