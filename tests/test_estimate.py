@@ -186,3 +186,23 @@ def test_concurrent_first_calls_measure_once(monkeypatch):
 def test_real_probe_is_a_positive_rate():
     rate = est._probe_gemm()
     assert math.isfinite(rate) and rate > 1e8
+
+
+def test_grid_warns_once_per_shape(probe, caplog, monkeypatch):
+    import prh_fast
+
+    calls, state = probe
+    state["rate"] = 1e6
+    monkeypatch.setattr(est, "SLOW_SEARCH_SECONDS", 1.0)
+    monkeypatch.setattr(est, "FLOOR_FLOPS_PER_THREAD", 1e3)
+    a1, b1 = paired_features(240, 16, 12, seed=7)
+    a2, b2 = paired_features(240, 16, 12, seed=8)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        res = prh_fast.align([a1, a2], [b1, b2], "mutual_knn", topk=5, backend="torch")
+    assert res.scores.shape == (2, 2)
+    msgs = _warnings(caplog)
+    # two layer shapes (D = 16 and D = 12), each warned about once, whatever the layer count
+    assert len(msgs) == 2
+    assert any("D = 16" in m for m in msgs) and any("D = 12" in m for m in msgs)
+    assert all("'torch'" in m for m in msgs)
+    assert len(calls) == 1
