@@ -63,7 +63,14 @@ import torch
 from benchmarks._harness import environment, finish, loadavg, write_json
 from prh_fast.knn import AnnParams, knn
 from prh_fast.knn._estimate import estimate_seconds, gemm_rate
-from prh_fast.knn._faiss_ann import ANN_BACKENDS, exact_rows, mean_ci, recall_at_k, sample_rows
+from prh_fast.knn._faiss_ann import (
+    ANN_BACKENDS,
+    AnnReport,
+    exact_rows,
+    mean_ci,
+    recall_at_k,
+    sample_rows,
+)
 from prh_fast.metrics._cknna import cknna_sim, cknna_values
 from prh_fast.metrics._kernel import cka_ratio, hsic_from_sums
 from prh_fast.metrics._neighbours import neighbour_scores
@@ -125,7 +132,7 @@ def cknna_of(n: int, a: tuple, b: tuple) -> float:
                      cknna_sim(n, pb, pb, True))
 
 
-def mutual_error(ra, rb, n: int) -> dict:
+def mutual_error(ra: AnnReport, rb: AnnReport, n: int) -> dict:
     """The paired per-row difference of mutual_knn (approximate minus exact) on the shared
     sample rows of two layers' reports: mean, se, 95% CI, resolved."""
     d_rows = recall_at_k(ra.approx, rb.approx) - recall_at_k(ra.exact, rb.exact)
@@ -134,7 +141,8 @@ def mutual_error(ra, rb, n: int) -> dict:
             "rows": int(d_rows.numel()), "rows_differing": int((d_rows != 0).sum())}
 
 
-def _mutual_rows(LA, VA, LB, VB, rows):
+def _mutual_rows(LA: torch.Tensor, VA: torch.Tensor, LB: torch.Tensor, VB: torch.Tensor,
+                 rows: torch.Tensor) -> tuple:
     """For ``rows``: layer a's lists, which of their entries are in layer b's list too (the
     CKNNA mask ``M``), and the masked row sums of ``P = M∘K`` and ``Q = M∘L``."""
     a, b = LA[rows], LB[rows]
@@ -145,7 +153,8 @@ def _mutual_rows(LA, VA, LB, VB, rows):
     return a, in_a, row_p, row_q
 
 
-def cknna_row_terms(S: torch.Tensor, LA, VA, LB, VB, Xb: torch.Tensor) -> torch.Tensor:
+def cknna_row_terms(S: torch.Tensor, LA: torch.Tensor, VA: torch.Tensor, LB: torch.Tensor,
+                    VB: torch.Tensor, Xb: torch.Tensor) -> torch.Tensor:
     """``[S, 5]``: each row's share of the five sums of ``sim(P, Q)``
     (``Σ P_ij Q_ji, 1ᵀP1, 1ᵀQ1, 1ᵀPQ1, 1ᵀQP1``, ``prh_fast.metrics._cknna.cknna_terms``); the
     shares of all rows add up to the sums. Row ``i``'s share reads the lists of ``i`` and of
