@@ -790,38 +790,52 @@ def exact_rows(Q: torch.Tensor, ids: torch.Tensor | None, K: torch.Tensor, k: in
     return idx[keep].view(-1, kk - 1)[:, :k], vals[keep].view(-1, kk - 1)[:, :k]
 
 
-def build_index(faiss: Any, p: AnnParams, x_keys: np.ndarray, gpu_device: torch.device | None,
-                timings: dict) -> tuple[Any, Any]:
-    """Train (IVF) and fill the index; returns ``(index, gpu_resources or None)``."""
-    d = x_keys.shape[1]
+def new_index(faiss: Any, p: AnnParams, d: int) -> Any:
+    """An empty, seeded index of the resolved params ``p`` for ``d``-dimensional rows (IVF:
+    untrained). The one place the three index types are made (in memory and from a store)."""
     ip = faiss.METRIC_INNER_PRODUCT
-    res = None
-    t0 = time.perf_counter()
     if p.backend == "faiss-hnsw":
         index = faiss.IndexHNSWFlat(d, p.hnsw_m, ip)
         index.hnsw.efConstruction = p.ef_construction
         index.hnsw.rng = faiss.RandomGenerator(p.seed)
+        return index
+    quantizer = faiss.IndexFlatIP(d)
+    if p.backend == "faiss-ivf":
+        index = faiss.IndexIVFFlat(quantizer, d, p.nlist, ip)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_nbits, ip)
+        index.pq.cp.seed = p.seed
+    index.cp.seed = p.seed  # (faiss's wrapper keeps the quantiser alive with the index)
+    return index
+
+
+def training_rows(n: int, p: AnnParams) -> torch.Tensor | None:
+    """The sorted rows of ``range(n)`` the IVF quantisers train on (``None``: all rows), from
+    ``(n, p.train_size, p.seed)`` alone, so a store's build trains on the rows an in-memory
+    build of the same features does."""
+    if p.train_size >= n:
+        return None
+    rng = np.random.default_rng([p.seed, 0x7A1])
+    return torch.from_numpy(np.sort(rng.choice(n, p.train_size, replace=False)).astype(np.int64))
+
+
+def build_index(faiss: Any, p: AnnParams, x_keys: np.ndarray, gpu_device: torch.device | None,
+                timings: dict) -> tuple[Any, Any]:
+    """Train (IVF) and fill the index; returns ``(index, gpu_resources or None)``."""
+    d = x_keys.shape[1]
+    res = None
+    t0 = time.perf_counter()
+    index = new_index(faiss, p, d)
+    if p.backend == "faiss-hnsw":
         timings["train"] = 0.0
     else:
-        quantizer = faiss.IndexFlatIP(d)
-        if p.backend == "faiss-ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, p.nlist, ip)
-        else:
-            index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_nbits, ip)
-            index.pq.cp.seed = p.seed
-        index.cp.seed = p.seed  # (faiss's wrapper keeps the quantiser alive with the index)
         if gpu_device is not None:
             res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(res, gpu_device.index or 0, index)
             if hasattr(index, "cp"):
                 index.cp.seed = p.seed
-        n = x_keys.shape[0]
-        if p.train_size < n:
-            rng = np.random.default_rng([p.seed, 0x7A1])
-            sel = np.sort(rng.choice(n, p.train_size, replace=False))
-            train = np.ascontiguousarray(x_keys[sel])
-        else:
-            train = x_keys
+        sel = training_rows(x_keys.shape[0], p)
+        train = x_keys if sel is None else np.ascontiguousarray(x_keys[sel.numpy()])
         index.train(train)
         del train
         timings["train"] = time.perf_counter() - t0

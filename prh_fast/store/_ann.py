@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from prh_fast.errors import DestinationLocked, InputError
-from prh_fast.knn._faiss_ann import AnnParams, AnnReport
+from prh_fast.knn._faiss_ann import AnnParams, AnnReport, new_index, training_rows
 
 log = logging.getLogger(__name__)
 
@@ -346,39 +346,12 @@ def _take32(src, l: int, ids: torch.Tensor) -> torch.Tensor:
     return src.take(l, ids).to(torch.float32).cpu().contiguous()
 
 
-def _new_index(faiss, p: AnnParams, d: int):
-    """An empty index of ``p``, seeded as ``prh_fast.knn._faiss_ann.build_index`` seeds it."""
-    ip = faiss.METRIC_INNER_PRODUCT
-    if p.backend == "faiss-hnsw":
-        index = faiss.IndexHNSWFlat(d, p.hnsw_m, ip)
-        index.hnsw.efConstruction = p.ef_construction
-        index.hnsw.rng = faiss.RandomGenerator(p.seed)
-        return index
-    quantizer = faiss.IndexFlatIP(d)
-    if p.backend == "faiss-ivf":
-        index = faiss.IndexIVFFlat(quantizer, d, p.nlist, ip)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, d, p.nlist, p.pq_m, p.pq_nbits, ip)
-        index.pq.cp.seed = p.seed
-    index.cp.seed = p.seed
-    return index
-
-
-def _training_rows(n: int, p: AnnParams) -> torch.Tensor | None:
-    """The rows the quantisers train on (``None``: all rows), as the in-memory build draws
-    them."""
-    if p.train_size >= n:
-        return None
-    rng = np.random.default_rng([p.seed, 0x7A1])
-    return torch.from_numpy(np.sort(rng.choice(n, p.train_size, replace=False)).astype(np.int64))
-
-
 def _build(faiss, src, l: int, p: AnnParams, plan: AnnPlan, timings: dict, progress: bool):
     n, d = src.n, src.dims[l]
-    index = _new_index(faiss, p, d)
+    index = new_index(faiss, p, d)
     t0 = time.perf_counter()
     if p.backend != "faiss-hnsw":
-        sel = _training_rows(n, p)
+        sel = training_rows(n, p)
         m = n if sel is None else int(sel.numel())
         train = np.empty((m, d), dtype=np.float32)
         step = max(1, plan.chunk)
