@@ -206,3 +206,23 @@ def test_grid_warns_once_per_shape(probe, caplog, monkeypatch):
     assert any("D = 16" in m for m in msgs) and any("D = 12" in m for m in msgs)
     assert all("'torch'" in m for m in msgs)
     assert len(calls) == 1
+
+
+def test_streamed_store_search_warns(probe, caplog, monkeypatch, tmp_path):
+    from prh_fast.store import StoreWriter, stream_knn
+
+    calls, state = probe
+    state["rate"] = 1e6
+    X, _ = paired_features(300, 16, 12, seed=7)
+    w = StoreWriter(tmp_path / "s", dtype="float32", shard_rows=97)
+    w.append([X])
+    w.finish()
+    plain = stream_knn(tmp_path / "s", 0, 5, backend="cpu", cache=False)[0]
+    assert calls == []
+    monkeypatch.setattr(est, "SLOW_SEARCH_SECONDS", 1.0)
+    monkeypatch.setattr(est, "FLOOR_FLOPS_PER_THREAD", 1e3)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        again = stream_knn(tmp_path / "s", 0, 5, backend="cpu", cache=False)[0]
+    assert torch.equal(again, plain)  # the warning changes nothing in the search
+    msgs = _warnings(caplog)
+    assert len(msgs) == 1 and "N = 300 rows at D = 16" in msgs[0], msgs

@@ -254,8 +254,9 @@ class Backend:
                                      "'triton' for keys="))
         if request.stream and not self.streams:
             out.append((UNSUPPORTED, "it has no streaming search from a store (use 'auto', "
-                                     "'cpu' or 'torch', or load the layer and use "
-                                     "prh_fast.knn.knn)"))
+                                     "'cpu', 'torch' or an approximate faiss-ivf / "
+                                     "faiss-ivfpq / faiss-hnsw, or load the layer and "
+                                     "use prh_fast.knn.knn)"))
         if request.distributed and not self.distributed:
             what = repr(self.name) if self.exact else f"the approximate {self.name!r}"
             why = "its tie order differs" if self.exact else "the distributed search is exact"

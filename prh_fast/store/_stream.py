@@ -503,15 +503,17 @@ class StreamPrep:
 # ------------------------------------------------------------------------------------------------
 # neighbours
 # ------------------------------------------------------------------------------------------------
-def _resolve_choice(backend, device: torch.device):
+def _resolve_choice(backend, device: torch.device, n: int | None = None,
+                    dim: int | None = None):
     """The streamed search the backend registry picks
     (``prh_fast.knn._backends.resolve(..., stream=True)``): a ``Choice`` whose ``search`` is
     ``cpu`` (native), ``torch`` or an approximate FAISS search (with its ``params``). A backend
     passed here that has no streaming form raises; a configured one (``PRH_FAST_BACKEND``,
-    ``config_context``) falls back to ``auto`` with a log line."""
+    ``config_context``) falls back to ``auto`` with a log line. ``n`` / ``dim``: the layer's
+    rows and width, for the registry's estimate of a long exact search."""
     from prh_fast.knn._backends import resolve
 
-    return resolve(backend, device, stream=True)
+    return resolve(backend, device, stream=True, n=n, dim=dim)
 
 
 def _resolve_backend(backend, device: torch.device) -> str:
@@ -824,7 +826,7 @@ def _stream_knn_report(store, layer, k, *, q=None, exact=False, normalize=True, 
         raise InputError(f"include_self: expected True or False, got {include_self!r}")
     budget = check_memory_budget(memory_budget, DEFAULT_STREAM_BUDGET)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    choice = _resolve_choice(backend, dev)
+    choice = _resolve_choice(backend, dev, n=st.n, dim=st.dims[l])
     name = choice.search
     prep = StreamPrep(st, q=q, exact=exact, normalize=normalize, device=dev,
                       memory_budget=budget, progress=progress, cache=cache)
