@@ -44,7 +44,7 @@ def use_align() -> None:
     again: prh_fast.AlignmentResult = prh_fast.AlignmentResult.from_dict(as_dict)
     np_res: prh_fast.AlignmentResult = prh_fast.align(x.numpy(), y.numpy(), "cka",
                                                       null_permutations=3, seed=1)
-    one: float = prh_fast.compute_score(x, y, "cka")
+    one: tuple[float, tuple[int, int] | None] = prh_fast.compute_score(x, y, "cka")
     print(scores, best, pair, metric, topk, timings, null, again, np_res, one)
 
 
