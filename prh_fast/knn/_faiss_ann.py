@@ -860,19 +860,65 @@ def _dots64(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> t
     return out
 
 
-def _rescore(Q: torch.Tensor, K: torch.Tensor, I: torch.Tensor, budget: int) -> torch.Tensor:
+def _rescore(Q: torch.Tensor, take: Callable[[torch.Tensor], torch.Tensor], I: torch.Tensor,
+             budget: int) -> torch.Tensor:
     """Exact float32 inner products of each query row with its candidates ``I`` (``-1``:
-    none -> ``-inf``), in row blocks that keep the gathered ``[rows, c, D]`` within budget."""
+    none -> ``-inf``), in row blocks that keep the gathered ``[rows, c, D]`` within budget.
+    ``take(ids)``: the float32 key rows ``[len(ids), D]`` (from memory or a store)."""
     b, c = I.shape
-    rows = max(1, budget // max(1, c * K.shape[1] * 4 * 2))
+    d = Q.shape[1]
+    rows = max(1, budget // max(1, c * d * 4 * 2))
     out = torch.empty((b, c), dtype=torch.float32)
     for r0 in range(0, b, rows):
         r1 = min(b, r0 + rows)
         ii = I[r0:r1]
-        cand = K[ii.clamp_min(0)]
+        cand = take(ii.clamp_min(0).reshape(-1)).view(r1 - r0, c, d)
         s = torch.einsum("bd,bcd->bc", Q[r0:r1], cand)
         out[r0:r1] = s.masked_fill(ii < 0, float("-inf"))
     return out
+
+
+def search_lists(index: Any, p: AnnParams, Q: torch.Tensor, own: torch.Tensor | None, k: int,
+                 n_keys: int, take: Callable[[torch.Tensor], torch.Tensor], budget: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The index's lists of the float32 CPU query rows ``Q``: ``(idx [r, k] int64, vals
+    [r, k] float32, short)``, ``short`` the positions of rows with fewer than ``k`` results
+    (the caller completes them exactly). ``own``: each query row's own index among the
+    ``n_keys`` keys, excluded from its list (a self search), or ``None`` (a cross search).
+    IVF-PQ widens the candidate list by ``p.refine`` and re-scores it exactly from the key
+    rows ``take(ids)``; the index's query-time parameters are used as they are set. The one
+    search loop of the in-memory and the store-backed searches."""
+    from prh_fast.knn._torch import _canonical
+
+    r = Q.shape[0]
+    # k + 1 results for a self search (the row itself is normally among them)
+    want = k + 1 if own is not None else k
+    kk = min(n_keys, want * (p.refine if p.backend == "faiss-ivfpq" else 1))
+    rows = max(1, min(max(1, r), budget // max(1, kk * 12 * 4)))
+    out_i = torch.empty((r, k), dtype=torch.int64)
+    out_v = torch.empty((r, k), dtype=torch.float32)
+    short = []
+    xq = Q.numpy()
+    for r0 in range(0, r, rows):
+        r1 = min(r, r0 + rows)
+        D, I = index.search(xq[r0:r1], kk)
+        I = torch.from_numpy(I).to(torch.int64)
+        if p.backend == "faiss-ivfpq":
+            D = _rescore(Q[r0:r1], take, I, budget)  # PQ scores are approximate
+        else:
+            D = torch.from_numpy(D)
+        bad = I < 0
+        if own is not None:
+            bad |= I == own[r0:r1].view(-1, 1)
+        D = D.masked_fill(bad, float("-inf"))
+        I = I.masked_fill(bad, -1)
+        D, I = _canonical(D, I)  # score desc, index asc; missing (-inf) last
+        D, I = D[:, :k], I[:, :k]
+        s = (I < 0).any(dim=1)
+        if bool(s.any()):
+            short.append(s.nonzero().flatten() + r0)
+        out_i[r0:r1], out_v[r0:r1] = I, D
+    return out_i, out_v, (torch.cat(short) if short else torch.empty(0, dtype=torch.int64))
 
 
 def search_index(index: Any, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Tensor, k: int,
@@ -881,47 +927,17 @@ def search_index(index: Any, p: AnnParams, x_cpu: torch.Tensor, k_cpu: torch.Ten
     """Search the float32 CPU query rows ``x_cpu`` in a built index of ``k_cpu``:
     ``(idx [N, k] int64, vals [N, k] float32, rows completed exactly)``. ``ids``: the query
     rows' own indices among the keys (a self search of some rows; default ``0..N-1``).
-    ``p.refine`` (IVF-PQ) widens the candidate list; the index's query-time parameters are
-    used as they are set."""
-    from prh_fast.knn._torch import _canonical
-
-    n, m = x_cpu.shape[0], k_cpu.shape[0]
-    xq = x_cpu.numpy()
-    # k + 1 results for a self search (the row itself is normally among them); IVF-PQ widens
-    # the candidate list by ``refine`` and re-scores it exactly.
-    want = k + 1 if self_search else k
-    kk = min(m, want * (p.refine if p.backend == "faiss-ivfpq" else 1))
-    rows = max(1, min(n, budget // max(1, kk * 12 * 4)))
-    out_i = torch.empty((n, k), dtype=torch.int64)
-    out_v = torch.empty((n, k), dtype=torch.float32)
-    incomplete = []
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        D, I = index.search(xq[r0:r1], kk)
-        I = torch.from_numpy(I).to(torch.int64)
-        if p.backend == "faiss-ivfpq":
-            D = _rescore(x_cpu[r0:r1], k_cpu, I, budget)  # PQ scores are approximate
-        else:
-            D = torch.from_numpy(D)
-        bad = I < 0
-        if self_search:
-            own = torch.arange(r0, r1) if ids is None else ids[r0:r1]
-            bad |= I == own.view(-1, 1)
-        D = D.masked_fill(bad, float("-inf"))
-        I = I.masked_fill(bad, -1)
-        D, I = _canonical(D, I)  # score desc, index asc; missing (-inf) last
-        D, I = D[:, :k], I[:, :k]
-        short = (I < 0).any(dim=1)
-        if bool(short.any()):
-            incomplete.append(short.nonzero().flatten() + r0)
-        out_i[r0:r1], out_v[r0:r1] = I, D
-    if not incomplete:
+    :func:`search_lists`, then an exact search of the rows with fewer than ``k`` results."""
+    own = None
+    if self_search:
+        own = torch.arange(x_cpu.shape[0]) if ids is None else ids
+    out_i, out_v, short = search_lists(index, p, x_cpu, own, k, k_cpu.shape[0],
+                                       lambda ii: k_cpu[ii], budget)
+    if short.numel() == 0:
         return out_i, out_v, 0
-    rows_c = torch.cat(incomplete)
-    own = rows_c if ids is None else ids[rows_c]
-    ii, vv = exact_rows(x_cpu[rows_c], own if self_search else None, k_cpu, k, budget)
-    out_i[rows_c], out_v[rows_c] = ii, vv
-    return out_i, out_v, int(rows_c.numel())
+    ii, vv = exact_rows(x_cpu[short], None if own is None else own[short], k_cpu, k, budget)
+    out_i[short], out_v[short] = ii, vv
+    return out_i, out_v, int(short.numel())
 
 
 def knn_ann(X: torch.Tensor, k: int, params: AnnParams, budget: int,

@@ -51,7 +51,13 @@ import numpy as np
 import torch
 
 from prh_fast.errors import DestinationLocked, InputError
-from prh_fast.knn._faiss_ann import AnnParams, AnnReport, new_index, training_rows
+from prh_fast.knn._faiss_ann import (
+    AnnParams,
+    AnnReport,
+    new_index,
+    search_lists,
+    training_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -411,23 +417,6 @@ def _exact_rows(src, l: int, ids: torch.Tensor, k: int, plan: AnnPlan, budget: i
     return idx[keep].view(-1, kk - 1)[:, :k], vals[keep].view(-1, kk - 1)[:, :k]
 
 
-def _rescore(src, l: int, Q: torch.Tensor, I: torch.Tensor, budget: int) -> torch.Tensor:
-    """Exact float32 inner products of each query row with its candidates ``I`` (``-1``:
-    none -> ``-inf``), the candidate rows read from the store, in row blocks that keep the
-    gathered ``[rows, c, D]`` within budget (the in-memory re-score's arithmetic)."""
-    b, c = I.shape
-    d = Q.shape[1]
-    rows = max(1, budget // max(1, c * d * 4 * 2))
-    out = torch.empty((b, c), dtype=torch.float32)
-    for r0 in range(0, b, rows):
-        r1 = min(b, r0 + rows)
-        ii = I[r0:r1]
-        cand = _take32(src, l, ii.clamp_min(0).reshape(-1)).view(r1 - r0, c, d)
-        s = torch.einsum("bd,bcd->bc", Q[r0:r1], cand)
-        out[r0:r1] = s.masked_fill(ii < 0, float("-inf"))
-    return out
-
-
 def _dots64(src, l: int, rows: torch.Tensor, I: torch.Tensor, budget: int,
             Q: torch.Tensor | None = None) -> torch.Tensor:
     """Float64 inner products ``[b, c]`` of the rows ``rows`` with their listed keys ``I``
@@ -452,37 +441,9 @@ def _dots64(src, l: int, rows: torch.Tensor, I: torch.Tensor, budget: int,
 
 def _search_rows(index, p: AnnParams, src, l: int, Q: torch.Tensor, ids: torch.Tensor, k: int,
                  budget: int):
-    """Lists ``(idx [r, k], vals [r, k] float32, short rows)`` of the float32 query rows ``Q``
-    (store rows ``ids``, excluded from their own lists) in the index, as
-    ``prh_fast.knn._faiss_ann.search_index`` finds them; ``short``: positions of rows with
-    fewer than ``k`` results (their lists are completed by the caller)."""
-    from prh_fast.knn._torch import _canonical
-
-    n, r = src.n, Q.shape[0]
-    kk = min(n, (k + 1) * (p.refine if p.backend == "faiss-ivfpq" else 1))
-    rows = max(1, min(max(1, r), budget // max(1, kk * 12 * 4)))
-    out_i = torch.empty((r, k), dtype=torch.int64)
-    out_v = torch.empty((r, k), dtype=torch.float32)
-    short = []
-    xq = Q.numpy()
-    for r0 in range(0, r, rows):
-        r1 = min(r, r0 + rows)
-        D, I = index.search(xq[r0:r1], kk)
-        I = torch.from_numpy(I).to(torch.int64)
-        if p.backend == "faiss-ivfpq":
-            D = _rescore(src, l, Q[r0:r1], I, budget)
-        else:
-            D = torch.from_numpy(D)
-        bad = (I < 0) | (I == ids[r0:r1].view(-1, 1))
-        D = D.masked_fill(bad, float("-inf"))
-        I = I.masked_fill(bad, -1)
-        D, I = _canonical(D, I)
-        D, I = D[:, :k], I[:, :k]
-        s = (I < 0).any(dim=1)
-        if bool(s.any()):
-            short.append(s.nonzero().flatten() + r0)
-        out_i[r0:r1], out_v[r0:r1] = I, D
-    return out_i, out_v, (torch.cat(short) if short else torch.empty(0, dtype=torch.int64))
+    """``prh_fast.knn._faiss_ann.search_lists`` of the float32 query rows ``Q`` (store rows
+    ``ids``, excluded from their own lists), IVF-PQ candidates re-scored from store rows."""
+    return search_lists(index, p, Q, ids, k, src.n, lambda ii: _take32(src, l, ii), budget)
 
 
 def _complete(src, l, ids, out_i, out_v, short, k, plan, budget) -> int:
