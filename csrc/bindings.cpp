@@ -155,6 +155,64 @@ void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array 
 }
 
 template <typename T>
+void topk_scatter_typed(const py::array& scores, const py::array_t<int64_t>& ids,
+                        const py::array_t<int64_t>& targets, py::array& vals, py::array& idx) {
+  check_dtype<T>(vals, "vals", sizeof(T) == 4 ? "float32 (same as scores)"
+                                              : "float64 (same as scores)");
+  const int64_t rows = scores.shape(0), cols = scores.shape(1), k = vals.shape(1);
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if (cols > 1 && scores.strides(1) != item)
+    fail("scores: rows must be contiguous (unit column stride)");
+  if (scores.strides(0) % item || scores.strides(0) < 0)
+    fail("scores: the row stride must be a non-negative multiple of the item size");
+  const int64_t* t = targets.data();
+  const int64_t R = vals.shape(0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (t[r] < 0 || t[r] >= R)
+      fail("targets: list row " + std::to_string(t[r]) + " out of range [0, " +
+           std::to_string(R) + ")");
+  const T* s = static_cast<const T*>(scores.data());
+  T* v = static_cast<T*>(vals.mutable_data());
+  int64_t* ix = static_cast<int64_t*>(idx.mutable_data());
+  int64_t nans;
+  {
+    py::gil_scoped_release release;
+    nans = topk_scatter_cpu<T>(s, rows, cols, scores.strides(0) / item, ids.data(), t, v, ix,
+                               static_cast<int>(k));
+  }
+  if (nans) fail("scores: contains " + std::to_string(nans) + " NaN value(s)");
+}
+
+void topk_scatter(const py::array& scores, const py::array& ids, const py::array& targets,
+                  py::array vals, py::array idx) {
+  check_ndim(scores, 2, "scores", "[rows, cols]");
+  check_ndim(vals, 2, "vals", "[R, k]");
+  check_ndim(idx, 2, "idx", "[R, k]");
+  check_dtype<int64_t>(idx, "idx", "int64");
+  check_c_contiguous(vals, "vals");
+  check_c_contiguous(idx, "idx");
+  if (!vals.writeable() || !idx.writeable()) fail("vals, idx: must be writeable");
+  if (vals.shape(0) != idx.shape(0) || vals.shape(1) != idx.shape(1))
+    fail("vals and idx: must have the same shape, got " + shape_str(vals) + " and " +
+         shape_str(idx));
+  if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
+  auto ii = lists_arg(ids, 1, "ids", "[cols] of key ids");
+  auto tt = lists_arg(targets, 1, "targets", "[rows] of list rows");
+  if (ii.shape(0) != scores.shape(1))
+    fail("ids: expected one id per column of scores (" + std::to_string(scores.shape(1)) +
+         "), got " + shape_str(ii));
+  if (tt.shape(0) != scores.shape(0))
+    fail("targets: expected one list row per row of scores (" +
+         std::to_string(scores.shape(0)) + "), got " + shape_str(tt));
+  if (scores.dtype().is(py::dtype::of<float>()))
+    topk_scatter_typed<float>(scores, ii, tt, vals, idx);
+  else if (scores.dtype().is(py::dtype::of<double>()))
+    topk_scatter_typed<double>(scores, ii, tt, vals, idx);
+  else
+    fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
+}
+
+template <typename T>
 py::array_t<double> pair_dots_typed(const py::array& x, const py::array& y,
                                     const py::array_t<int64_t>& i, const py::array_t<int64_t>& j) {
   const char* tn = sizeof(T) == 4 ? "float32 (same as x)" : "float64 (same as x)";
@@ -336,6 +394,12 @@ PYBIND11_MODULE(_C, m) {
         "index asc; empty slots hold -inf / -1. Keys must arrive in increasing index order.\n"
         "With q [rows, D], keys [cols, D] (the tile's rows) and fixed [rows, k] float64, every\n"
         "entry that enters a list also gets its fixed-order float64 inner product in fixed.");
+  m.def("topk_scatter", &topk_scatter, py::arg("scores"), py::arg("ids"), py::arg("targets"),
+        py::arg("vals"), py::arg("idx"),
+        "Merge row r of a [rows, cols] score tile (unit column stride) into running top-k list\n"
+        "targets[r] of vals / idx [R, k], in place; column c is key ids[c] (any order). Lists\n"
+        "are sorted by score desc, ties by id asc, empty slots -inf / -1 last, whatever the\n"
+        "order keys arrive in. targets must be distinct (rows are merged in parallel).");
   m.def("pair_dots", &pair_dots, py::arg("x"), py::arg("y"), py::arg("i"), py::arg("j"),
         "float64 [P]: out[p] = <x[i[p]], y[j[p]]> accumulated in float64 in one fixed order\n"
         "that depends on D only (equal rows give bit-equal results wherever they sit).");

@@ -1,5 +1,5 @@
-// Streaming top-k selection over score tiles, and fixed-order re-scoring (CPU, OpenMP over
-// query rows).
+// Streaming top-k selection over score tiles, scattered top-k merges (IVF cells), and
+// fixed-order re-scoring (CPU, OpenMP over query rows).
 //
 // The tile product itself is BLAS (torch.mm on the Python side); this kernel merges a
 // [rows, cols] tile, read through arbitrary strides, into each row's running top-k. Most scores
@@ -121,6 +121,48 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
   return nans;
 }
 
+// Tie-aware order of list entries: higher score first, then lower key id; an empty slot
+// (id < 0) ranks after every entry.
+template <typename T>
+inline bool ranks_before(T s, int64_t j, T vs, int64_t vj) {
+  return s > vs || (s == vs && (vj < 0 || j < vj));
+}
+
+template <typename T>
+int64_t topk_scatter_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
+                         const int64_t* ids, const int64_t* targets, T* vals, int64_t* idx,
+                         int k) {
+  int64_t nans = 0;
+#pragma omp parallel for schedule(static) reduction(+ : nans)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* v = vals + targets[r] * k;
+    int64_t* ix = idx + targets[r] * k;
+    const T* srow = scores + r * stride_r;
+    T worst = v[k - 1];
+    int64_t wid = ix[k - 1];
+    for (int64_t c = 0; c < cols; ++c) {
+      const T s = srow[c];
+      if (!(s >= worst)) {
+        if (s != s) ++nans;
+        continue;
+      }
+      const int64_t j = ids[c];
+      if (!ranks_before(s, j, worst, wid)) continue;
+      int pos = k - 1;
+      while (pos > 0 && ranks_before(s, j, v[pos - 1], ix[pos - 1])) {
+        v[pos] = v[pos - 1];
+        ix[pos] = ix[pos - 1];
+        --pos;
+      }
+      v[pos] = s;
+      ix[pos] = j;
+      worst = v[k - 1];
+      wid = ix[k - 1];
+    }
+  }
+  return nans;
+}
+
 template <typename T>
 void pair_dots_cpu(const T* x, int64_t x_stride, const T* y, int64_t y_stride, int64_t d,
                    const int64_t* i, const int64_t* j, int64_t pairs, double* out) {
@@ -135,6 +177,11 @@ template int64_t topk_update_cpu<float>(const float*, int64_t, int64_t, int64_t,
 template int64_t topk_update_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t,
                                          int64_t, int64_t, double*, int64_t*, int, bool,
                                          const FixedRows<double>&);
+template int64_t topk_scatter_cpu<float>(const float*, int64_t, int64_t, int64_t,
+                                         const int64_t*, const int64_t*, float*, int64_t*, int);
+template int64_t topk_scatter_cpu<double>(const double*, int64_t, int64_t, int64_t,
+                                          const int64_t*, const int64_t*, double*, int64_t*,
+                                          int);
 template void pair_dots_cpu<float>(const float*, int64_t, const float*, int64_t, int64_t,
                                    const int64_t*, const int64_t*, int64_t, double*);
 template void pair_dots_cpu<double>(const double*, int64_t, const double*, int64_t, int64_t,

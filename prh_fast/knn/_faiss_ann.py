@@ -886,8 +886,11 @@ def search_lists(index: Any, p: AnnParams, Q: torch.Tensor, own: torch.Tensor | 
     (the caller completes them exactly). ``own``: each query row's own index among the
     ``n_keys`` keys, excluded from its list (a self search), or ``None`` (a cross search).
     IVF-PQ widens the candidate list by ``p.refine`` and re-scores it exactly from the key
-    rows ``take(ids)``; the index's query-time parameters are used as they are set. The one
-    search loop of the in-memory and the store-backed searches."""
+    rows ``take(ids)``; a CPU IVF-Flat index is searched by ``IvfFlatScan`` (the queries
+    grouped by cell, one matrix product per cell; lists independent of the row blocks); the
+    index's query-time parameters are used as they are set. The one search loop of the
+    in-memory and the store-backed searches."""
+    from prh_fast.knn._ivf_scan import IvfFlatScan
     from prh_fast.knn._torch import _canonical
 
     r = Q.shape[0]
@@ -895,18 +898,22 @@ def search_lists(index: Any, p: AnnParams, Q: torch.Tensor, own: torch.Tensor | 
     want = k + 1 if own is not None else k
     kk = min(n_keys, want * (p.refine if p.backend == "faiss-ivfpq" else 1))
     rows = max(1, min(max(1, r), budget // max(1, kk * 12 * 4)))
+    scan = IvfFlatScan.of(index) if p.backend == "faiss-ivf" else None
+    if scan is not None:  # IVF-Flat on the CPU: the grouped matrix-product scan
+        rows = max(1, min(max(1, r), scan.block_rows(index.nprobe, kk, budget)))
     out_i = torch.empty((r, k), dtype=torch.int64)
     out_v = torch.empty((r, k), dtype=torch.float32)
     short = []
     xq = Q.numpy()
     for r0 in range(0, r, rows):
         r1 = min(r, r0 + rows)
-        D, I = index.search(xq[r0:r1], kk)
-        I = torch.from_numpy(I).to(torch.int64)
+        if scan is not None:
+            D, I = scan.search(Q[r0:r1], index.nprobe, kk, budget)
+        else:
+            D, I = index.search(xq[r0:r1], kk)
+            D, I = torch.from_numpy(D), torch.from_numpy(I).to(torch.int64)
         if p.backend == "faiss-ivfpq":
             D = _rescore(Q[r0:r1], take, I, budget)  # PQ scores are approximate
-        else:
-            D = torch.from_numpy(D)
         bad = I < 0
         if own is not None:
             bad |= I == own[r0:r1].view(-1, 1)
