@@ -154,40 +154,40 @@ void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array 
     fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
 }
 
-template <typename T>
-void topk_scatter_typed(const py::array& scores, const py::array_t<int64_t>& ids,
-                        const py::array_t<int64_t>& targets, py::array& vals, py::array& idx) {
-  check_dtype<T>(vals, "vals", sizeof(T) == 4 ? "float32 (same as scores)"
-                                              : "float64 (same as scores)");
-  const int64_t rows = scores.shape(0), cols = scores.shape(1), k = vals.shape(1);
-  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
-  if (cols > 1 && scores.strides(1) != item)
-    fail("scores: rows must be contiguous (unit column stride)");
-  if (scores.strides(0) % item || scores.strides(0) < 0)
-    fail("scores: the row stride must be a non-negative multiple of the item size");
-  const int64_t* t = targets.data();
-  const int64_t R = vals.shape(0);
-  for (int64_t r = 0; r < rows; ++r)
-    if (t[r] < 0 || t[r] >= R)
-      fail("targets: list row " + std::to_string(t[r]) + " out of range [0, " +
-           std::to_string(R) + ")");
-  const T* s = static_cast<const T*>(scores.data());
-  T* v = static_cast<T*>(vals.mutable_data());
-  int64_t* ix = static_cast<int64_t*>(idx.mutable_data());
-  int64_t nans;
-  {
-    py::gil_scoped_release release;
-    nans = topk_scatter_cpu<T>(s, rows, cols, scores.strides(0) / item, ids.data(), t, v, ix,
-                               static_cast<int>(k));
-  }
-  if (nans) fail("scores: contains " + std::to_string(nans) + " NaN value(s)");
+// A 2-D float32 array with contiguous rows (unit column stride); its row stride in items.
+int64_t f32_rows_arg(const py::array& a, const char* name, const char* what) {
+  check_ndim(a, 2, name, what);
+  check_dtype<float>(a, name, "float32");
+  if (a.shape(1) > 1 && a.strides(1) != 4)
+    fail(std::string(name) + ": rows must be contiguous (unit column stride)");
+  if (a.strides(0) % 4 || a.strides(0) < 0)
+    fail(std::string(name) + ": the row stride must be a non-negative multiple of 4 bytes");
+  return a.strides(0) / 4;
 }
 
-void topk_scatter(const py::array& scores, const py::array& ids, const py::array& targets,
+void topk_scatter(const py::array& scores, const py::array& q, const py::array& keys,
+                  const py::array& margin, const py::array& ids, const py::array& targets,
                   py::array vals, py::array idx) {
-  check_ndim(scores, 2, "scores", "[rows, cols]");
+  const int64_t ss = f32_rows_arg(scores, "scores", "[rows, cols] of tile scores");
+  const int64_t qs = f32_rows_arg(q, "q", "[rows, D] of query rows");
+  const int64_t ks = f32_rows_arg(keys, "keys", "[cols, D] of key rows");
+  const int64_t rows = scores.shape(0), cols = scores.shape(1);
+  if (q.shape(0) != rows || keys.shape(0) != cols)
+    fail("q, keys: expected " + std::to_string(rows) + " query rows and " +
+         std::to_string(cols) + " key rows (the tile's shape), got " + shape_str(q) + " and " +
+         shape_str(keys));
+  if (q.shape(1) != keys.shape(1))
+    fail("q, keys: must have the same number of columns, got " + shape_str(q) + " and " +
+         shape_str(keys));
+  check_ndim(margin, 1, "margin", "[rows] of rounding bounds");
+  check_dtype<double>(margin, "margin", "float64");
+  check_c_contiguous(margin, "margin");
+  if (margin.shape(0) != rows)
+    fail("margin: expected one bound per row of scores (" + std::to_string(rows) + "), got " +
+         shape_str(margin));
   check_ndim(vals, 2, "vals", "[R, k]");
   check_ndim(idx, 2, "idx", "[R, k]");
+  check_dtype<double>(vals, "vals", "float64");
   check_dtype<int64_t>(idx, "idx", "int64");
   check_c_contiguous(vals, "vals");
   check_c_contiguous(idx, "idx");
@@ -198,18 +198,32 @@ void topk_scatter(const py::array& scores, const py::array& ids, const py::array
   if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
   auto ii = lists_arg(ids, 1, "ids", "[cols] of key ids");
   auto tt = lists_arg(targets, 1, "targets", "[rows] of list rows");
-  if (ii.shape(0) != scores.shape(1))
-    fail("ids: expected one id per column of scores (" + std::to_string(scores.shape(1)) +
-         "), got " + shape_str(ii));
-  if (tt.shape(0) != scores.shape(0))
-    fail("targets: expected one list row per row of scores (" +
-         std::to_string(scores.shape(0)) + "), got " + shape_str(tt));
-  if (scores.dtype().is(py::dtype::of<float>()))
-    topk_scatter_typed<float>(scores, ii, tt, vals, idx);
-  else if (scores.dtype().is(py::dtype::of<double>()))
-    topk_scatter_typed<double>(scores, ii, tt, vals, idx);
-  else
-    fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
+  if (ii.shape(0) != cols)
+    fail("ids: expected one id per column of scores (" + std::to_string(cols) + "), got " +
+         shape_str(ii));
+  if (tt.shape(0) != rows)
+    fail("targets: expected one list row per row of scores (" + std::to_string(rows) +
+         "), got " + shape_str(tt));
+  const int64_t* t = tt.data();
+  const int64_t R = vals.shape(0);
+  for (int64_t r = 0; r < rows; ++r)
+    if (t[r] < 0 || t[r] >= R)
+      fail("targets: list row " + std::to_string(t[r]) + " out of range [0, " +
+           std::to_string(R) + ")");
+  const double* m = static_cast<const double*>(margin.data());
+  for (int64_t r = 0; r < rows; ++r)
+    if (!(m[r] >= 0.0)) fail("margin: must be >= 0 (and not NaN)");
+  int64_t nans;
+  {
+    py::gil_scoped_release release;
+    nans = topk_scatter_cpu(static_cast<const float*>(scores.data()), rows, cols, ss,
+                            static_cast<const float*>(q.data()), qs,
+                            static_cast<const float*>(keys.data()), ks, q.shape(1), m,
+                            ii.data(), t, static_cast<double*>(vals.mutable_data()),
+                            static_cast<int64_t*>(idx.mutable_data()),
+                            static_cast<int>(vals.shape(1)));
+  }
+  if (nans) fail("scores: contains " + std::to_string(nans) + " NaN value(s)");
 }
 
 template <typename T>
@@ -394,12 +408,13 @@ PYBIND11_MODULE(_C, m) {
         "index asc; empty slots hold -inf / -1. Keys must arrive in increasing index order.\n"
         "With q [rows, D], keys [cols, D] (the tile's rows) and fixed [rows, k] float64, every\n"
         "entry that enters a list also gets its fixed-order float64 inner product in fixed.");
-  m.def("topk_scatter", &topk_scatter, py::arg("scores"), py::arg("ids"), py::arg("targets"),
-        py::arg("vals"), py::arg("idx"),
-        "Merge row r of a [rows, cols] score tile (unit column stride) into running top-k list\n"
-        "targets[r] of vals / idx [R, k], in place; column c is key ids[c] (any order). Lists\n"
-        "are sorted by score desc, ties by id asc, empty slots -inf / -1 last, whatever the\n"
-        "order keys arrive in. targets must be distinct (rows are merged in parallel).");
+  m.def("topk_scatter", &topk_scatter, py::arg("scores"), py::arg("q"), py::arg("keys"),
+        py::arg("margin"), py::arg("ids"), py::arg("targets"), py::arg("vals"), py::arg("idx"),
+        "Merge row r of a [rows, cols] float32 tile of scores of query rows q against key rows\n"
+        "keys (column c is key ids[c], any order) into running top-k list targets[r] of\n"
+        "vals (float64) / idx [R, k], in place. Keys are ranked by their fixed-order float64\n"
+        "inner product (see pair_dots), desc, ties by id asc; the tile scores only skip keys\n"
+        "more than margin[r] below the list's last score. targets must be distinct.");
   m.def("pair_dots", &pair_dots, py::arg("x"), py::arg("y"), py::arg("i"), py::arg("j"),
         "float64 [P]: out[p] = <x[i[p]], y[j[p]]> accumulated in float64 in one fixed order\n"
         "that depends on D only (equal rows give bit-equal results wherever they sit).");

@@ -33,15 +33,18 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
                         int64_t stride_c, int64_t row0, int64_t col0, T* vals, int64_t* idx,
                         int k, bool exclude_self, const FixedRows<T>& fx);
 
-// Merge row r of a [rows, cols] score tile (row stride stride_r, unit column stride; column c
-// is key ids[c], in any order) into the running list targets[r] of vals / idx [R, k], in
-// place. Lists are ordered by score desc, ties by key id asc, empty slots (-inf / -1) last;
-// the result does not depend on the order in which keys arrive. targets must be distinct and
-// in 0..R-1. Returns the number of NaN scores met (never inserted).
-template <typename T>
-int64_t topk_scatter_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
-                         const int64_t* ids, const int64_t* targets, T* vals, int64_t* idx,
-                         int k);
+// Merge row r of a [rows, cols] float32 score tile (row stride stride_r, unit column stride;
+// column c is key ids[c], in any order) into the running list targets[r] of vals / idx
+// [R, k] (float64), in place. The tile scores only filter: a key enters when its fixed-order
+// float64 score dot_fixed(q row r, keys row c) ranks before the list's last entry, and a tile
+// score more than margin[r] below that entry's score (the tile product's rounding bound)
+// skips the key. Lists are ordered by fixed score desc, ties by key id asc, empty slots
+// (-inf / -1) last; the result depends neither on the order in which keys arrive nor on the
+// tile's rounding. targets must be distinct and in 0..R-1. Returns the NaN scores met.
+int64_t topk_scatter_cpu(const float* scores, int64_t rows, int64_t cols, int64_t stride_r,
+                         const float* q, int64_t q_stride, const float* keys, int64_t k_stride,
+                         int64_t d, const double* margin, const int64_t* ids,
+                         const int64_t* targets, double* vals, int64_t* idx, int k);
 
 // out[p] = dot_fixed(x row i[p], y row j[p]) (rowops.h), for p < pairs.
 template <typename T>

@@ -123,42 +123,51 @@ int64_t topk_update_cpu(const T* scores, int64_t rows, int64_t cols, int64_t str
 
 // Tie-aware order of list entries: higher score first, then lower key id; an empty slot
 // (id < 0) ranks after every entry.
-template <typename T>
-inline bool ranks_before(T s, int64_t j, T vs, int64_t vj) {
+inline bool ranks_before(double s, int64_t j, double vs, int64_t vj) {
   return s > vs || (s == vs && (vj < 0 || j < vj));
 }
 
-template <typename T>
-int64_t topk_scatter_cpu(const T* scores, int64_t rows, int64_t cols, int64_t stride_r,
-                         const int64_t* ids, const int64_t* targets, T* vals, int64_t* idx,
-                         int k) {
+int64_t topk_scatter_cpu(const float* scores, int64_t rows, int64_t cols, int64_t stride_r,
+                         const float* q, int64_t q_stride, const float* keys, int64_t k_stride,
+                         int64_t d, const double* margin, const int64_t* ids,
+                         const int64_t* targets, double* vals, int64_t* idx, int k) {
   int64_t nans = 0;
 #pragma omp parallel for schedule(static) reduction(+ : nans)
   for (int64_t r = 0; r < rows; ++r) {
-    T* v = vals + targets[r] * k;
+    double* v = vals + targets[r] * k;
     int64_t* ix = idx + targets[r] * k;
-    const T* srow = scores + r * stride_r;
-    T worst = v[k - 1];
-    int64_t wid = ix[k - 1];
-    for (int64_t c = 0; c < cols; ++c) {
-      const T s = srow[c];
-      if (!(s >= worst)) {
+    const float* srow = scores + r * stride_r;
+    const float* qrow = q + r * q_stride;
+    // A key whose tile score is below the list's last fixed score by more than the tile's
+    // rounding bound cannot enter; the others are ranked by their fixed-order score.
+    const double m = margin[r];
+    float cut = std::nextafter(static_cast<float>(v[k - 1] - m), -INFINITY);
+    auto scan_one = [&](const int64_t c) {
+      const float s = srow[c];
+      if (!(s >= cut)) {
         if (s != s) ++nans;
-        continue;
+        return;
       }
+      const double f = dot_fixed(qrow, keys + c * k_stride, d);
       const int64_t j = ids[c];
-      if (!ranks_before(s, j, worst, wid)) continue;
+      if (!ranks_before(f, j, v[k - 1], ix[k - 1])) return;
       int pos = k - 1;
-      while (pos > 0 && ranks_before(s, j, v[pos - 1], ix[pos - 1])) {
+      while (pos > 0 && ranks_before(f, j, v[pos - 1], ix[pos - 1])) {
         v[pos] = v[pos - 1];
         ix[pos] = ix[pos - 1];
         --pos;
       }
-      v[pos] = s;
+      v[pos] = f;
       ix[pos] = j;
-      worst = v[k - 1];
-      wid = ix[k - 1];
+      // rounded down, so the float compare never rejects a key the bound admits
+      cut = std::nextafter(static_cast<float>(v[k - 1] - m), -INFINITY);
+    };
+    int64_t c = 0;
+    for (; c + kScan <= cols; c += kScan) {
+      if (!block_may_enter(srow + c, cut)) continue;
+      for (int64_t e = c; e < c + kScan; ++e) scan_one(e);
     }
+    for (; c < cols; ++c) scan_one(c);
   }
   return nans;
 }
@@ -177,11 +186,6 @@ template int64_t topk_update_cpu<float>(const float*, int64_t, int64_t, int64_t,
 template int64_t topk_update_cpu<double>(const double*, int64_t, int64_t, int64_t, int64_t,
                                          int64_t, int64_t, double*, int64_t*, int, bool,
                                          const FixedRows<double>&);
-template int64_t topk_scatter_cpu<float>(const float*, int64_t, int64_t, int64_t,
-                                         const int64_t*, const int64_t*, float*, int64_t*, int);
-template int64_t topk_scatter_cpu<double>(const double*, int64_t, int64_t, int64_t,
-                                          const int64_t*, const int64_t*, double*, int64_t*,
-                                          int);
 template void pair_dots_cpu<float>(const float*, int64_t, const float*, int64_t, int64_t,
                                    const int64_t*, const int64_t*, int64_t, double*);
 template void pair_dots_cpu<double>(const double*, int64_t, const double*, int64_t, int64_t,

@@ -6,24 +6,30 @@ runs at ~100 GFLOP/s. ``IvfFlatScan`` searches the same index the other way roun
 queries of a block are assigned to their ``nprobe`` nearest centroids, grouped by cell, and
 each cell's queries are scored against the cell's vectors with one matrix product; the native
 ``topk_scatter`` merges those scores into each query's running top-``kk`` list. Same
-candidates, same arithmetic per score (a float32 inner product), ~5-8x less time at N = 1M.
+candidates as FAISS's search; ~4-5x less search time at N = 1M (``benchmarks/bench_ann.py``).
 
-Reproducible lists. A BLAS product sums each score in an order chosen for the product's
-shape: on MKL a ``[M, D] @ [D, n]`` product with ``M < 12`` takes another path than a larger
-one, so a query's score could change with the rows that share its product (a store's search
-chunks, the recall sample searched alone). Every product here has a multiple of ``TILE`` (32)
-query rows, zero-padded, the same shapes for every block, chunk and order of the queries; and
-the lists are ranked by (score desc, key id asc) whatever the order in which keys arrive. So
-an in-memory search and a store's chunked search of the same index give equal lists
-(``tests/test_store_ann.py``), as do the sample rows searched alone and inside all rows
+Reproducible, tie-aware lists. A BLAS product sums each score in an order chosen for the
+product's shape and the score's position in it (on MKL a ``[M, D] @ [D, n]`` product with
+``M < 12`` takes another path than a larger one; two equal keys in one product can score one
+ulp apart). So the product's scores only filter: a key enters a list by its fixed-order float64
+inner product (``dot_fixed``, the score the exact backends rank ties by), ties by the lower key
+id, and the product's score skips a key only when it lies below the list's last score by more
+than the product's rounding bound (``2·γ_D·|q|·max|v|``, ``γ_D = D·u / (1 - D·u)``,
+``u = 2^-24``). The lists are therefore the exact top-``kk`` of the probed cells by those
+scores, whatever the rows that share a product, the order of the cells or the query blocks:
+an in-memory search and a store's chunked search of the same index are equal, exact duplicates
+tie exactly, and the recall sample searched alone equals its rows in the search of all rows
 (``tests/test_ivf_scan.py``, which also checks the candidates against FAISS's own search).
 
-The centroid assignment is the same kind of product (queries x centroids, then the native
-``topk_update``, ties by the lower cell), so it too is independent of the blocking.
+The centroid assignment is a product of queries and centroids merged by the native
+``topk_update`` (ties by the lower cell), computed on tiles of ``TILE`` (32) query rows,
+zero-padded: the same product shapes for every block, so the probed cells do not depend on
+the blocking either.
 
 Used by ``prh_fast.knn._faiss_ann.search_lists`` for CPU ``IndexIVFFlat`` indexes with an
 inner-product flat quantiser (what ``new_index`` builds) when the native module is built; GPU
-indexes, IVF-PQ and HNSW keep FAISS's own search.
+indexes, IVF-PQ and HNSW keep FAISS's own search. The scores returned are the float64
+fixed-order inner products.
 """
 from __future__ import annotations
 
@@ -38,6 +44,8 @@ __all__ = ["TILE", "IvfFlatScan", "tile_mm"]
 
 #: Query rows per product tile: every product has a multiple of this many rows.
 TILE = 32
+#: Unit roundoff of float32.
+_U32 = 2.0**-24
 #: Bytes of centroid scores per product of the assignment (cache-sized: larger tiles were
 #: ~1.4x slower on the 2-core machine, the scores making a round trip through memory).
 _PROBE_TILE_BYTES = 16 * 2**20
@@ -70,8 +78,8 @@ def tile_mm(Q: torch.Tensor, K: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 class IvfFlatScan:
-    """Views of a CPU ``faiss.IndexIVFFlat``'s centroids and inverted lists (no copy; valid
-    while the index lives and is not changed), and a grouped search of them.
+    """Views of a CPU ``faiss.IndexIVFFlat``'s centroids and inverted lists (no copy; the
+    scan keeps the index alive; valid while no rows are added), and a grouped search of them.
 
     Example:
         >>> import faiss  # doctest: +SKIP
@@ -90,6 +98,12 @@ class IvfFlatScan:
         self.ids = ids
         self.nlist = centroids.shape[0]
         self.d = centroids.shape[1]
+        #: the largest row norm of each cell (float64, rounded up), for the rounding bound
+        self.vmax = [0.0 if v is None else float(v.double().norm(dim=1).max()) * (1 + 1e-12)
+                     for v in vecs]
+        u = self.d * _U32
+        self.gamma = 2.0 * u / (1.0 - u)
+        self.index: Any = None
 
     @classmethod
     def of(cls, index: Any) -> IvfFlatScan | None:
@@ -120,7 +134,9 @@ class IvfFlatScan:
             codes = faiss.rev_swig_ptr(inv.get_codes(c), n * d * 4)
             vecs.append(torch.from_numpy(np.frombuffer(codes, dtype=np.float32).reshape(n, d)))
             ids.append(np.frombuffer(faiss.rev_swig_ptr(inv.get_ids(c), n), dtype=np.int64))
-        return cls(torch.from_numpy(cent.reshape(nlist, d)), vecs, ids)
+        scan = cls(torch.from_numpy(cent.reshape(nlist, d)), vecs, ids)
+        scan.index = index  # the views read the index's memory: keep it alive
+        return scan
 
     def block_rows(self, nprobe: int, kk: int, budget: int) -> int:
         """Query rows per block within ``budget`` bytes: the probe lists and their sort
@@ -148,16 +164,18 @@ class IvfFlatScan:
     def search(self, Q: torch.Tensor, nprobe: int, kk: int, budget: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``kk`` best keys of each float32 query row among its ``nprobe`` cells:
-        ``(scores [r, kk] float32, ids [r, kk] int64)``, by score desc, ties by id asc;
-        missing entries (too few vectors probed) ``-inf`` / ``-1``. What FAISS's search of
-        the index returns, up to the order of tied and rounding-close candidates."""
+        ``(scores [r, kk] float64, ids [r, kk] int64)``, by fixed-order score desc, ties by
+        id asc; missing entries (too few vectors probed) ``-inf`` / ``-1``. The candidates
+        of FAISS's search of the index, ranked by exact-tie-aware scores."""
         nat = _native.native()
         Q = Q.to(torch.float32).contiguous()
         r = Q.shape[0]
         nprobe = max(1, min(int(nprobe), self.nlist))
-        vals = np.full((r, kk), -np.inf, dtype=np.float32)
+        vals = np.full((r, kk), -np.inf, dtype=np.float64)
         idx = np.full((r, kk), -1, dtype=np.int64)
         step = self.block_rows(nprobe, kk, budget)
+        # the rounding bound of each query row's products, per unit of key norm
+        qbound = Q.double().norm(dim=1).mul_(self.gamma * (1 + 1e-12))
         for a in range(0, r, step):
             b = min(r, a + step)
             P = self.probes(Q[a:b], nprobe, budget).view(-1)
@@ -167,8 +185,6 @@ class IvfFlatScan:
             cells = counts.nonzero().view(-1).tolist()
             ends = counts.cumsum(0).tolist()
             counts = counts.tolist()
-            pad = torch.empty((-(-max(counts) // TILE) * TILE, self.d), dtype=torch.float32)
-            rows_np = rows.numpy()
             for c in cells:
                 V = self.vecs[c]
                 if V is None:
@@ -176,6 +192,9 @@ class IvfFlatScan:
                 e = ends[c]
                 s = e - counts[c]
                 q = rows[s:e]
-                S = tile_mm(Q.index_select(0, q), V, pad)
-                nat.topk_scatter(S.numpy(), self.ids[c], rows_np[s:e], vals, idx)
+                Qc = Q.index_select(0, q)
+                S = torch.mm(Qc, V.T)
+                margin = qbound.index_select(0, q).mul_(self.vmax[c])
+                nat.topk_scatter(S.numpy(), Qc.numpy(), V.numpy(), margin.numpy(),
+                                 self.ids[c], q.numpy(), vals, idx)
         return torch.from_numpy(vals), torch.from_numpy(idx)
