@@ -251,3 +251,31 @@ def test_of_only_cpu_ivf_flat_inner_product():
     untrained = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 8, faiss.METRIC_INNER_PRODUCT)
     for index in (pq, l2, untrained, faiss.IndexHNSWFlat(16, 8)):
         assert IvfFlatScan.of(index) is None
+
+
+def test_in_memory_and_store_searches_use_the_scan(tmp_path, monkeypatch):
+    """faiss-ivf in memory and from a store goes through the scan, and the two give equal
+    lists and scores (chunked store searches: tests/test_store_ann.py)."""
+    from test_stream import in_memory_layers, structured, write_store
+
+    from prh_fast.knn import knn
+    from prh_fast.store._stream import stream_knn
+
+    calls = []
+    real = IvfFlatScan.search
+
+    def counted(self, Q, nprobe, kk, budget):
+        calls.append(Q.shape[0])
+        return real(self, Q, nprobe, kk, budget)
+
+    monkeypatch.setattr(IvfFlatScan, "search", counted)
+    path = str(tmp_path / "feats")
+    write_store(path, structured(900, [24], seed=5), dtype="float32", shard_rows=97)
+    X = in_memory_layers(path)[0]
+    spec = "faiss-ivf:nlist=16,nprobe=3"
+    idx, vals = knn(X, 6, backend=spec, return_scores=True)
+    n_mem = len(calls)
+    assert n_mem >= 1 and sum(calls) >= 900
+    s_idx, s_vals = stream_knn(path, 0, 6, backend=spec, cache=False, return_scores=True)
+    assert len(calls) > n_mem
+    assert torch.equal(idx, s_idx) and torch.equal(vals, s_vals)

@@ -42,6 +42,12 @@ the search's features and lists until ``AnnReport.release`` (``align`` releases 
 Rows for which the index returned fewer than ``k`` results (an IVF probe that reached too few
 points) are completed by an exact search of those rows; the report counts them.
 
+The IVF-Flat search on the CPU does not use FAISS's per-query list scan: ``IvfFlatScan``
+(``prh_fast.knn._ivf_scan``) groups the queries by probed cell, scores each cell with one
+matrix product and ranks the candidates by fixed-order float64 scores (ties by the lower
+index): the candidates of FAISS's search, 4-5x faster at N = 1M, the lists independent of how
+the rows are blocked (in memory or from a store).
+
 GPU: features on a CUDA device use FAISS's GPU IVF indexes when a faiss build with GPU support
 is installed (``faiss.StandardGpuResources``); HNSW always runs on the CPU (FAISS has no GPU
 HNSW). That path is guarded but has never run: the project's GPU machine has no FAISS and no
