@@ -63,6 +63,45 @@ py::array_t<int64_t> lists_arg(const py::array& a, int nd, const char* name, con
 
 // --------------------------------------------------------------------------------------------
 
+// A 2-D array of rows of dtype T (`tname`) with unit column stride; its row stride in items.
+template <typename T>
+int64_t rows_arg(const py::array& a, const char* name, const char* what, const char* tname) {
+  check_ndim(a, 2, name, what);
+  check_dtype<T>(a, name, tname);
+  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
+  if (a.shape(1) > 1 && a.strides(1) != item)
+    fail(std::string(name) + ": rows must be contiguous (unit column stride)");
+  if (a.strides(0) % item || a.strides(0) < 0)
+    fail(std::string(name) + ": the row stride must be a non-negative multiple of the item size");
+  return a.strides(0) / item;
+}
+
+// The query rows `q` and key rows `keys` behind a [rows, cols] tile.
+void check_tile_rows(const py::array& q, const py::array& keys, int64_t rows, int64_t cols) {
+  if (q.shape(0) != rows || keys.shape(0) != cols)
+    fail("q, keys: expected " + std::to_string(rows) + " query rows and " +
+         std::to_string(cols) + " key rows (the tile's shape), got " + shape_str(q) + " and " +
+         shape_str(keys));
+  if (q.shape(1) != keys.shape(1))
+    fail("q, keys: must have the same number of columns, got " + shape_str(q) + " and " +
+         shape_str(keys));
+}
+
+// Running top-k lists `vals` / `idx` [R, k] updated in place (vals' dtype is checked by the
+// caller): 2-D, C-contiguous, writeable, the same shape, k >= 1.
+void check_running_lists(const py::array& vals, const py::array& idx) {
+  check_ndim(vals, 2, "vals", "[rows, k]");
+  check_ndim(idx, 2, "idx", "[rows, k]");
+  check_dtype<int64_t>(idx, "idx", "int64");
+  check_c_contiguous(vals, "vals");
+  check_c_contiguous(idx, "idx");
+  if (!vals.writeable() || !idx.writeable()) fail("vals, idx: must be writeable");
+  if (vals.shape(0) != idx.shape(0) || vals.shape(1) != idx.shape(1))
+    fail("vals and idx: must have the same shape, got " + shape_str(vals) + " and " +
+         shape_str(idx));
+  if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
+}
+
 // Rows behind a tile for fixed-order scores: `q` [rows, D] and `keys` [cols, D] (row-major,
 // unit column stride, dtype T) and `fixed` [rows, k] float64, or all three None.
 template <typename T>
@@ -76,32 +115,19 @@ FixedRows<T> fixed_rows_arg(const py::object& q, const py::object& keys, const p
   const py::array qa = py::reinterpret_borrow<py::array>(q);
   const py::array ka = py::reinterpret_borrow<py::array>(keys);
   py::array fa = py::reinterpret_borrow<py::array>(fixed);
-  check_ndim(qa, 2, "q", "[rows, D] of query rows");
-  check_ndim(ka, 2, "keys", "[cols, D] of key rows");
+  const int64_t qs = rows_arg<T>(qa, "q", "[rows, D] of query rows", tn);
+  const int64_t ks = rows_arg<T>(ka, "keys", "[cols, D] of key rows", tn);
   check_ndim(fa, 2, "fixed", "[rows, k] of fixed-order scores");
-  check_dtype<T>(qa, "q", tn);
-  check_dtype<T>(ka, "keys", tn);
   check_dtype<double>(fa, "fixed", "float64");
   check_c_contiguous(fa, "fixed");
   if (!fa.writeable()) fail("fixed: must be writeable");
-  if (qa.shape(0) != rows || ka.shape(0) != cols)
-    fail("q, keys: expected " + std::to_string(rows) + " query rows and " +
-         std::to_string(cols) + " key rows (the tile's shape), got " + shape_str(qa) + " and " +
-         shape_str(ka));
-  if (qa.shape(1) != ka.shape(1))
-    fail("q, keys: must have the same number of columns, got " + shape_str(qa) + " and " +
-         shape_str(ka));
+  check_tile_rows(qa, ka, rows, cols);
   if (fa.shape(0) != rows || fa.shape(1) != k)
     fail("fixed: must have the shape of vals, got " + shape_str(fa));
-  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
-  if ((qa.shape(1) > 1 && qa.strides(1) != item) || (ka.shape(1) > 1 && ka.strides(1) != item))
-    fail("q, keys: rows must be contiguous (unit column stride)");
-  if (qa.strides(0) % item || ka.strides(0) % item || qa.strides(0) < 0 || ka.strides(0) < 0)
-    fail("q, keys: row strides must be non-negative multiples of the item size");
   fx.q = static_cast<const T*>(qa.data());
-  fx.q_stride = qa.strides(0) / item;
+  fx.q_stride = qs;
   fx.keys = static_cast<const T*>(ka.data());
-  fx.k_stride = ka.strides(0) / item;
+  fx.k_stride = ks;
   fx.d = qa.shape(1);
   fx.fixed = static_cast<double*>(fa.mutable_data());
   return fx;
@@ -134,17 +160,10 @@ void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array 
                  py::array idx, bool exclude_self, const py::object& q, const py::object& keys,
                  const py::object& fixed) {
   check_ndim(scores, 2, "scores", "[rows, cols]");
-  check_ndim(vals, 2, "vals", "[rows, k]");
-  check_ndim(idx, 2, "idx", "[rows, k]");
-  check_dtype<int64_t>(idx, "idx", "int64");
-  check_c_contiguous(vals, "vals");
-  check_c_contiguous(idx, "idx");
-  if (!vals.writeable() || !idx.writeable()) fail("vals, idx: must be writeable");
-  if (vals.shape(0) != scores.shape(0) || idx.shape(0) != scores.shape(0))
+  check_running_lists(vals, idx);
+  if (vals.shape(0) != scores.shape(0))
     fail("vals, idx: must have one row per row of scores (" + std::to_string(scores.shape(0)) +
          "), got " + shape_str(vals) + " and " + shape_str(idx));
-  if (vals.shape(1) != idx.shape(1)) fail("vals and idx: must have the same shape");
-  if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
   if (row0 < 0 || col0 < 0) fail("row0, col0: must be >= 0");
   if (scores.dtype().is(py::dtype::of<float>()))
     topk_update_typed<float>(scores, row0, col0, vals, idx, exclude_self, q, keys, fixed);
@@ -154,48 +173,22 @@ void topk_update(const py::array& scores, int64_t row0, int64_t col0, py::array 
     fail("scores: expected dtype float32 or float64, got " + std::string(py::str(scores.dtype())));
 }
 
-// A 2-D float32 array with contiguous rows (unit column stride); its row stride in items.
-int64_t f32_rows_arg(const py::array& a, const char* name, const char* what) {
-  check_ndim(a, 2, name, what);
-  check_dtype<float>(a, name, "float32");
-  if (a.shape(1) > 1 && a.strides(1) != 4)
-    fail(std::string(name) + ": rows must be contiguous (unit column stride)");
-  if (a.strides(0) % 4 || a.strides(0) < 0)
-    fail(std::string(name) + ": the row stride must be a non-negative multiple of 4 bytes");
-  return a.strides(0) / 4;
-}
-
 void topk_scatter(const py::array& scores, const py::array& q, const py::array& keys,
                   const py::array& margin, const py::array& ids, const py::array& targets,
                   py::array vals, py::array idx) {
-  const int64_t ss = f32_rows_arg(scores, "scores", "[rows, cols] of tile scores");
-  const int64_t qs = f32_rows_arg(q, "q", "[rows, D] of query rows");
-  const int64_t ks = f32_rows_arg(keys, "keys", "[cols, D] of key rows");
+  const int64_t ss = rows_arg<float>(scores, "scores", "[rows, cols] of tile scores", "float32");
+  const int64_t qs = rows_arg<float>(q, "q", "[rows, D] of query rows", "float32");
+  const int64_t ks = rows_arg<float>(keys, "keys", "[cols, D] of key rows", "float32");
   const int64_t rows = scores.shape(0), cols = scores.shape(1);
-  if (q.shape(0) != rows || keys.shape(0) != cols)
-    fail("q, keys: expected " + std::to_string(rows) + " query rows and " +
-         std::to_string(cols) + " key rows (the tile's shape), got " + shape_str(q) + " and " +
-         shape_str(keys));
-  if (q.shape(1) != keys.shape(1))
-    fail("q, keys: must have the same number of columns, got " + shape_str(q) + " and " +
-         shape_str(keys));
+  check_tile_rows(q, keys, rows, cols);
   check_ndim(margin, 1, "margin", "[rows] of rounding bounds");
   check_dtype<double>(margin, "margin", "float64");
   check_c_contiguous(margin, "margin");
   if (margin.shape(0) != rows)
     fail("margin: expected one bound per row of scores (" + std::to_string(rows) + "), got " +
          shape_str(margin));
-  check_ndim(vals, 2, "vals", "[R, k]");
-  check_ndim(idx, 2, "idx", "[R, k]");
+  check_running_lists(vals, idx);
   check_dtype<double>(vals, "vals", "float64");
-  check_dtype<int64_t>(idx, "idx", "int64");
-  check_c_contiguous(vals, "vals");
-  check_c_contiguous(idx, "idx");
-  if (!vals.writeable() || !idx.writeable()) fail("vals, idx: must be writeable");
-  if (vals.shape(0) != idx.shape(0) || vals.shape(1) != idx.shape(1))
-    fail("vals and idx: must have the same shape, got " + shape_str(vals) + " and " +
-         shape_str(idx));
-  if (vals.shape(1) < 1) fail("k: the running lists must hold at least 1 entry");
   auto ii = lists_arg(ids, 1, "ids", "[cols] of key ids");
   auto tt = lists_arg(targets, 1, "targets", "[rows] of list rows");
   if (ii.shape(0) != cols)
@@ -230,12 +223,8 @@ template <typename T>
 py::array_t<double> pair_dots_typed(const py::array& x, const py::array& y,
                                     const py::array_t<int64_t>& i, const py::array_t<int64_t>& j) {
   const char* tn = sizeof(T) == 4 ? "float32 (same as x)" : "float64 (same as x)";
-  check_dtype<T>(y, "y", tn);
-  const py::ssize_t item = static_cast<py::ssize_t>(sizeof(T));
-  if ((x.shape(1) > 1 && x.strides(1) != item) || (y.shape(1) > 1 && y.strides(1) != item))
-    fail("x, y: rows must be contiguous (unit column stride)");
-  if (x.strides(0) % item || y.strides(0) % item || x.strides(0) < 0 || y.strides(0) < 0)
-    fail("x, y: row strides must be non-negative multiples of the item size");
+  const int64_t xs = rows_arg<T>(x, "x", "[n, D] of rows", tn);
+  const int64_t ys = rows_arg<T>(y, "y", "[m, D] of rows", tn);
   const int64_t pairs = i.shape(0);
   check_indices(i.data(), pairs, x.shape(0), "i");
   check_indices(j.data(), pairs, y.shape(0), "j");
@@ -243,7 +232,7 @@ py::array_t<double> pair_dots_typed(const py::array& x, const py::array& y,
   double* o = out.mutable_data();
   const T* xp = static_cast<const T*>(x.data());
   const T* yp = static_cast<const T*>(y.data());
-  const int64_t xs = x.strides(0) / item, ys = y.strides(0) / item, d = x.shape(1);
+  const int64_t d = x.shape(1);
   {
     py::gil_scoped_release release;
     pair_dots_cpu<T>(xp, xs, yp, ys, d, i.data(), j.data(), pairs, o);

@@ -92,18 +92,21 @@ class IvfFlatScan:
         torch.Size([5, 10])
     """
 
-    def __init__(self, centroids: torch.Tensor, vecs: list, ids: list) -> None:
+    def __init__(self, centroids: torch.Tensor, vecs: list, ids: list, index: Any = None
+                 ) -> None:
         self.centroids = centroids
         self.vecs = vecs
         self.ids = ids
+        self.index = index  # the views read the index's memory: keep it alive
         self.nlist = centroids.shape[0]
         self.d = centroids.shape[1]
-        #: the largest row norm of each cell (float64, rounded up), for the rounding bound
-        self.vmax = [0.0 if v is None else float(v.double().norm(dim=1).max()) * (1 + 1e-12)
-                     for v in vecs]
         u = self.d * _U32
+        #: twice the float32 rounding bound of a length-D inner product, per unit of |q|·|v|
         self.gamma = 2.0 * u / (1.0 - u)
-        self.index: Any = None
+        #: the largest row norm of each cell, an upper bound: a float32 norm is within
+        #: gamma / 2 of the true one, so inflated by gamma it bounds it (as the queries' norms)
+        self.vmax = [0.0 if v is None else float(v.norm(dim=1).max()) * (1.0 + self.gamma)
+                     for v in vecs]
 
     @classmethod
     def of(cls, index: Any) -> IvfFlatScan | None:
@@ -134,9 +137,7 @@ class IvfFlatScan:
             codes = faiss.rev_swig_ptr(inv.get_codes(c), n * d * 4)
             vecs.append(torch.from_numpy(np.frombuffer(codes, dtype=np.float32).reshape(n, d)))
             ids.append(np.frombuffer(faiss.rev_swig_ptr(inv.get_ids(c), n), dtype=np.int64))
-        scan = cls(torch.from_numpy(cent.reshape(nlist, d)), vecs, ids)
-        scan.index = index  # the views read the index's memory: keep it alive
-        return scan
+        return cls(torch.from_numpy(cent.reshape(nlist, d)), vecs, ids, index)
 
     def block_rows(self, nprobe: int, kk: int, budget: int) -> int:
         """Query rows per block within ``budget`` bytes: the probe lists and their sort
@@ -174,8 +175,8 @@ class IvfFlatScan:
         vals = np.full((r, kk), -np.inf, dtype=np.float64)
         idx = np.full((r, kk), -1, dtype=np.int64)
         step = self.block_rows(nprobe, kk, budget)
-        # the rounding bound of each query row's products, per unit of key norm (the float32
-        # norm is within gamma / 2 of the true one: inflated, it bounds it; no float64 copy)
+        # the rounding bound of each query row's products, per unit of key norm (an inflated
+        # float32 norm, as vmax: no float64 copy of the block)
         qbound = Q.norm(dim=1).double().mul_(self.gamma * (1.0 + self.gamma))
         for a in range(0, r, step):
             b = min(r, a + step)
